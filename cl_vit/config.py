@@ -1,0 +1,89 @@
+"""Config checks run before anything is built: a bad value fails with one line naming the key and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cl_vit.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_GROUPS = ("benchmark", "model", "strategy", "trainer", "logger", "experiment")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Unknown options of a config group (``benchmark=nope``) fail in one line listing what exists.
+
+    Hydra would say so too, over several lines; sweeps (``a,b``) are left to Hydra.
+    """
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        is_list = value.startswith("[") and value.endswith("]")
+        if key not in CONFIG_GROUPS or ("," in value and not is_list):  # a sweep: Hydra reports per job
+            continue
+        values = [v.strip() for v in value[1:-1].split(",")] if is_list else [value]
+        for v in values:
+            if v in ("null", "") and key == "experiment":
+                continue
+            if v not in group_options(key):
+                raise ConfigError(key, v, f"one of {group_options(key)} (files in configs/{key}/)")
+
+
+def _get(cfg, key):
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def _int(cfg, key, lo=None, allow_none=False):
+    v = _get(cfg, key)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        raise ConfigError(key, v, f"an integer >= {lo}" + (" or null" if allow_none else ""))
+
+
+def _number(cfg, key, lo=None, positive=False):
+    v = _get(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and v <= 0) or (lo is not None and v < lo):
+        raise ConfigError(key, v, "a number > 0" if positive else f"a number >= {lo}")
+
+
+def _choice(cfg, key, choices):
+    v = _get(cfg, key)
+    if v not in choices:
+        raise ConfigError(key, v, f"one of {list(choices)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the values a run reads; raises :class:`ConfigError` on the first bad one."""
+    from cl_vit.module import LOSSES
+    from cl_vit.strategies import STRATEGIES
+
+    _int(cfg, "seed", 0)
+    _int(cfg, "eval_every", 1)
+    _int(cfg, "trainer.max_epochs", 1)
+    _choice(cfg, "trainer.precision", PRECISIONS)
+    _int(cfg, "data.batch_size", 1)
+    _int(cfg, "data.eval_batch_size", 1)
+    _int(cfg, "data.num_workers", 0)
+    _choice(cfg, "loss.name", LOSSES)
+    _number(cfg, "optimizer.lr", positive=True)
+    _number(cfg, "optimizer.weight_decay", lo=0)
+    from timm.optim import list_optimizers
+
+    _choice(cfg, "optimizer.name", list_optimizers())
+    _choice(cfg, "scheduler.name", ("cosine", "constant"))
+    _number(cfg, "scheduler.warmup_epochs", lo=0)
+    _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
+    _choice(cfg, "benchmark.remainder", ("error", "last"))
+    _choice(cfg, "logger.name", ("tensorboard", "none"))
+    for name in (_get(cfg, "strategy") or {}):
+        if name not in STRATEGIES:
+            raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}")

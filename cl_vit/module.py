@@ -1,0 +1,163 @@
+"""ContinualModule: the LightningModule that holds the math (backbone + head, losses, optimiser, prediction).
+
+Policy lives elsewhere: the runner decides what to train on and when to evaluate; strategies add loss terms and
+state through their hooks (cl_vit.strategies.base).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torchmetrics.classification import MulticlassAccuracy
+
+from cl_vit.strategies.base import ExperienceInfo, Strategy
+
+LOSSES = ("ce", "bce")
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """Loss over the classes in ``mask`` only (task-agnostic class-incremental training).
+
+    ``ce``: softmax cross-entropy with the other logits at -inf. ``bce``: sigmoid binary cross-entropy against the
+    one-hot target over the masked classes (LwF.MC, which Smith et al. 2023 found to reduce task-recency bias).
+    """
+    if kind == "ce":
+        return F.cross_entropy(logits.masked_fill(~mask, float("-inf")), y)
+    if kind == "bce":
+        target = F.one_hot(y, logits.shape[1]).to(logits.dtype)[:, mask]
+        return F.binary_cross_entropy_with_logits(logits[:, mask], target)
+    raise ValueError(f"unknown classification loss {kind!r}: choose from {LOSSES}")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ContinualModule(L.LightningModule):
+    """A timm backbone with one linear head over every class of the benchmark.
+
+    Logits of classes not seen yet are masked out in training and evaluation (``seen_mask``); with
+    ``mask_old_logits`` the training loss covers only the current experience's classes (FT++ of CODA-Prompt).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        n_classes: int,
+        strategies: Sequence[Strategy] = (),
+        loss: str = "ce",
+        mask_old_logits: bool = False,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "strategies"])
+        self.net = net
+        self.n_classes = n_classes
+        self.strategies = list(strategies)
+        self.loss_name = loss
+        self.mask_old_logits = mask_old_logits
+        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+        self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0})
+        self.register_buffer("seen_mask", torch.zeros(n_classes, dtype=torch.bool))
+        self.register_buffer("current_mask", torch.zeros(n_classes, dtype=torch.bool))
+        self.experience: ExperienceInfo | None = None
+        self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
+
+    # -- the stream ------------------------------------------------------------------------------------------------
+
+    def start_experience(self, experience: ExperienceInfo) -> None:
+        self.experience = experience
+        self.current_mask.zero_()
+        self.current_mask[experience.classes] = True
+        self.seen_mask[experience.seen_classes] = True
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_outputs(x)["logits"]
+
+    def forward_outputs(self, x: torch.Tensor) -> dict:
+        """``logits`` and, for timm models, the ``pre_logits`` features; multi-head nets add ``heads``.
+
+        A net may define its own ``forward_outputs`` (distilled and gated models do)."""
+        if hasattr(self.net, "forward_outputs"):
+            return self.net.forward_outputs(x)
+        feats = self.net.forward_features(x)
+        pre = self.net.forward_head(feats, pre_logits=True)
+        head = self.net.get_classifier()
+        return {"logits": head(pre), "pre_logits": pre}
+
+    # -- training --------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        batch = {"x": batch[0], "y": batch[1]}
+        for s in self.strategies:
+            batch = s.before_batch(self, batch)
+        outputs = self.forward_outputs(batch["x"])
+        y = batch["y"]
+        mask = self.current_mask if self.mask_old_logits else self.seen_mask
+        weight = math.prod(s.cls_loss_weight for s in self.strategies)
+        terms = {"cls": weight * classification_loss(outputs["logits"], y, mask, self.loss_name)}
+        for s in self.strategies:
+            for k, v in s.training_loss(self, batch, outputs).items():
+                terms[f"{s.name}/{k}" if k != s.name else k] = v
+        loss = sum(terms.values())
+        bs = y.shape[0]
+        for k, v in terms.items():
+            self.log(f"train/loss/{k}", v.detach(), batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        if y.ndim == 1:  # hard labels (batch-level mixing turns them soft)
+            preds = outputs["logits"].detach().masked_fill(~self.seen_mask, float("-inf")).argmax(1)
+            self.train_acc(preds, y)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        return loss
+
+    def on_fit_start(self) -> None:
+        for s in self.strategies:
+            s.on_fit_start(self)
+
+    def on_after_backward(self) -> None:
+        for s in self.strategies:
+            s.after_backward(self)
+
+    def configure_optimizers(self):
+        cfg = dict(self.optimizer_cfg)
+        opt = create_optimizer_v2(
+            self.net,
+            opt=cfg.pop("name"),
+            lr=cfg.pop("lr"),
+            weight_decay=cfg.pop("weight_decay", 0.0),
+            **{k: v for k, v in cfg.items() if v is not None},
+        )
+        sched = dict(self.scheduler_cfg)
+        name = sched.get("name", "cosine")
+        if name == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = int(sched.get("warmup_epochs", 0) * per_epoch)
+        min_ratio = float(sched.get("min_lr_ratio", 0.0))
+        lam = lambda step: warmup_cosine(step, total, warmup, min_ratio)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        """Task-agnostic predictions over the classes seen so far: the main output and every extra head."""
+        x, y, exp = batch
+        outputs = self.forward_outputs(x)
+        preds = {"main": outputs["logits"].masked_fill(~self.seen_mask, float("-inf")).argmax(1)}
+        for name, logits in outputs.get("heads", {}).items():
+            preds[name] = logits.masked_fill(~self.seen_mask, float("-inf")).argmax(1)
+        return {"y": y, "exp": exp, "preds": preds}

@@ -1,0 +1,233 @@
+"""``python -m cl_vit.run [group=option ...] [key=value ...]``: run a benchmark stream end to end.
+
+    python -m cl_vit.run                                   # split-digits, the offline default
+    python -m cl_vit.run benchmark=split-digits strategy=finetune trainer.max_epochs=2 seed=3
+    python -m cl_vit.run dry_run=true                      # print the stream and the model, train nothing
+    python -m cl_vit.run resume=outputs/split-digits/...   # continue after the last completed experience
+
+The run directory is Hydra's output directory (``hydra.run.dir=PATH``). ``run(cfg, run_dir)`` is the same thing as a
+function, for notebooks and tests.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cl_vit.config import CONFIG_DIR, check_group_choices, validate
+from cl_vit.errors import UserError
+
+log = logging.getLogger("cl_vit")
+
+if not OmegaConf.has_resolver("cl_vit.run_dir"):
+    # a resumed run writes into the directory it resumes; Hydra's own record of the first launch stays untouched
+    OmegaConf.register_new_resolver("cl_vit.run_dir", lambda resume, default: resume if resume else default)
+    OmegaConf.register_new_resolver("cl_vit.hydra_subdir", lambda resume: None if resume else ".hydra")
+
+#: what a resumed run may change: where it runs and how it loads data, never what it computes
+RESUME_OVERRIDABLE = ("trainer.", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+                      "data.eval_batch_size", "data_root", "hydra.", "resume", "logger.")
+
+
+def data_root(cfg) -> str:
+    return str(Path(str(cfg.data_root)).expanduser())
+
+
+def build(cfg: DictConfig, scenario=None):
+    """Source, stream, model and strategies from a config: everything a run needs, nothing trained yet."""
+    from cl_vit.data import build_source
+    from cl_vit.models import build_model
+    from cl_vit.module import ContinualModule
+    from cl_vit.streams import StreamInfo, build_stream
+    from cl_vit.strategies import build_strategies
+
+    b = cfg.benchmark
+    source = None
+    if scenario is None:
+        source = build_source(b.source, data_root=data_root(cfg), **OmegaConf.to_container(b.source_args or {}))
+        class_order = b.class_order
+        if OmegaConf.is_config(class_order):
+            class_order = OmegaConf.to_container(class_order)
+        scenario, info = build_stream(
+            source,
+            n_experiences=b.n_experiences,
+            classes_per_experience=OmegaConf.to_container(b.classes_per_experience)
+            if OmegaConf.is_config(b.classes_per_experience) else b.classes_per_experience,
+            class_order=class_order,
+            seed=cfg.seed,
+            remainder=b.remainder,
+            joint=b.joint,
+        )
+        in_chans, img_size = source.in_chans, source.img_size
+        class_counts = source.train_counts()[np.asarray(info.class_order)].tolist()
+    else:
+        info = StreamInfo.from_scenario(scenario)
+        x = scenario.train_stream[0].dataset[0][0]
+        in_chans, img_size = int(x.shape[0]), int(x.shape[-1])
+        counts = np.zeros(info.n_classes, dtype=np.int64)
+        for e in scenario.train_stream:
+            counts += np.bincount(np.asarray(list(e.dataset.targets)), minlength=info.n_classes)
+        class_counts = counts.tolist()
+    L.seed_everything(cfg.seed, verbose=False)  # the network's initialisation is a function of the seed
+    net = build_model(OmegaConf.to_container(cfg.model), info.n_classes, in_chans, img_size)
+    strategies = build_strategies(OmegaConf.to_container(cfg.strategy) if cfg.get("strategy") else {})
+    module = ContinualModule(
+        net,
+        info.n_classes,
+        strategies,
+        loss=cfg.loss.name,
+        mask_old_logits=cfg.loss.mask_old_logits,
+        optimizer=OmegaConf.to_container(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler),
+    )
+    for s in strategies:
+        s.setup(module)
+    return source, scenario, info, module, class_counts
+
+
+def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
+    """Run (or resume, with ``cfg.resume``) a stream into ``run_dir``; returns the results document.
+
+    ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
+    """
+    from cl_vit import report
+    from cl_vit.data.longtail import shot_groups
+    from cl_vit.results import RunDirectory, StreamResults
+    from cl_vit.runner import ContinualRunner, LoaderConfig, StreamLogger
+    from cl_vit.streams import describe
+
+    validate(cfg)
+    rd = RunDirectory(run_dir)
+    resuming = bool(cfg.get("resume"))
+    if resuming and not rd.config_path.exists():
+        raise UserError(f"resume={rd.path} holds no run (no config.yaml): give the run directory of an earlier run")
+    if not resuming and rd.has_results():
+        raise UserError(f"{rd.path} already holds a run: continue it with resume={rd.path}, or set another hydra.run.dir")
+
+    source, scenario, info, module, class_counts = build(cfg, scenario)
+    n_params = sum(p.numel() for p in module.net.parameters())
+    stream_doc = {**describe(scenario, info), "n_params": int(n_params), "model": cfg.model.name,
+                  "class_order": info.class_order}
+    strategy_names = [s.name for s in module.strategies]
+    log.info("Benchmark %s: %d classes in %d experiences (class order: %s)", cfg.benchmark.name, info.n_classes,
+             len(info.train_classes), info.class_order_rule)
+    log.info("Model %s: %.2fM parameters · strategy %s", cfg.model.name, n_params / 1e6, "+".join(strategy_names))
+    if cfg.dry_run:
+        print(report.format_stream(stream_doc))
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_json("stream.json", stream_doc)
+        print(f"dry run: nothing trained · stream written to {rd.stream_path}")
+        return stream_doc
+
+    meta = {
+        "benchmark": cfg.benchmark.name,
+        "model": cfg.model.name,
+        "strategy": strategy_names,
+        "seed": int(cfg.seed),
+        "n_params": int(n_params),
+        "source": source.meta if source is not None else {"name": "avalanche scenario"},
+        "class_counts": class_counts,
+    }
+    if cfg.benchmark.get("long_tailed"):
+        meta["shot_groups"] = {"definition": "training images per class: many > 100, medium 20-100, few < 20",
+                               "groups": shot_groups(class_counts)}
+
+    results = StreamResults(info=info, meta=meta)
+    logger = None
+    if cfg.logger.name == "tensorboard":
+        logger = StreamLogger(save_dir=str(rd.path), name="tensorboard", version="", default_hp_metric=False)
+    if resuming:
+        doc = rd.read_results()
+        if doc is not None:
+            if doc["class_order"] != info.class_order:
+                raise UserError(f"resume={rd.path}: the stream's class order differs from the saved one; check data_root")
+            results = StreamResults.from_json(doc, info)
+            results.meta = meta
+        if results.completed:
+            state = rd.load_checkpoint(results.completed - 1)
+            for s in module.strategies:
+                s.load_state_dict(state["strategies"].get(s.name, {}))
+            module.load_state_dict(state["module"])
+            if logger is not None:
+                logger.step_offset = int(state.get("global_step", 0))
+        if results.completed >= len(info.train_classes):
+            log.info("%s is already complete", rd.path)
+            print(report.format_results(results.to_json("completed"), rd.path))
+            return results.to_json("completed")
+        log.info("Resuming %s after experience %d of %d", rd.path, results.completed, len(info.train_classes))
+    else:
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        rd.write_json("stream.json", stream_doc)
+
+    runner = ContinualRunner(
+        module,
+        scenario,
+        info,
+        rd,
+        seed=int(cfg.seed),
+        trainer=OmegaConf.to_container(cfg.trainer),
+        loader=LoaderConfig(**OmegaConf.to_container(cfg.data)),
+        logger=logger,
+        eval_every=cfg.eval_every,
+        results=results,
+        class_counts=class_counts,
+    )
+    runner.run()
+    doc = results.to_json("completed")
+    print(report.format_results(doc, rd.path))
+    return doc
+
+
+def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:
+    """The saved config of the run being resumed, with the few overrides a resume may change."""
+    run_dir = Path(str(cfg.resume)).expanduser()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise UserError(f"resume={run_dir} holds no run (no config.yaml): give the run directory of an earlier run")
+    bad = [o for o in task_overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDABLE)]
+    if bad:
+        raise UserError(
+            f"resume continues a run with its saved config; {bad[0]!r} would change what it computes: "
+            "only trainer.*, data loading and data_root may change on resume"
+        )
+    saved = OmegaConf.load(saved_path)
+    OmegaConf.set_struct(saved, False)
+    for o in task_overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key != "resume" and not key.startswith("hydra."):
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    saved.resume = str(run_dir)
+    return saved
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    try:
+        if cfg.get("resume"):
+            cfg = resume_config(cfg, list(hc.overrides.task))
+        run(cfg, hc.runtime.output_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""ContinualRunner: the loop over the experiences of a stream.
+
+For each training experience: seed from (seed, experience index), strategies' ``before_experience``, a Lightning
+``Trainer.fit`` on the experience's data, ``after_experience``, one evaluation pass over the union of the test data
+of every experience seen so far (task-agnostic, predictions grouped by experience), then the run directory is saved
+(results.json, accuracy_matrix.csv, the experience's checkpoint). A run resumed after experience k re-enters the loop
+at k + 1 with exactly the state an uninterrupted run had, so both end with the same results.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from cl_vit import metrics as M
+from cl_vit.module import ContinualModule
+from cl_vit.results import RunDirectory, StreamResults, matrix_csv
+from cl_vit.streams import StreamInfo
+from cl_vit.strategies.base import ExperienceInfo
+
+log = logging.getLogger("cl_vit")
+
+# Small in-memory datasets are fastest in the main process; the suite sets num_workers deliberately.
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def experience_seed(seed: int, index: int) -> int:
+    """The seed of experience ``index``: a function of (seed, index) only, so a resumed run draws the same numbers."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] % (2**31 - 1))
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+
+class StreamLogger(TensorBoardLogger):
+    """TensorBoardLogger whose steps continue across the experiences' Trainers (each starts at step 0)."""
+
+    step_offset = 0
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, None if step is None else step + self.step_offset)
+
+
+class ExperienceProgressBar(TQDMProgressBar):
+    """Lightning's bar, titled with the experience: ``exp 2/5 · epoch 3/10``."""
+
+    def __init__(self, index: int, n_experiences: int):
+        super().__init__()
+        self.index, self.n_experiences = index, n_experiences
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        super().on_train_epoch_start(trainer, pl_module)
+        self.train_progress_bar.set_description(
+            f"exp {self.index + 1}/{self.n_experiences} · epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        )
+
+    def init_predict_tqdm(self):
+        bar = super().init_predict_tqdm()
+        bar.set_description("evaluating")
+        return bar
+
+
+class _SigkillAt(Callback):
+    """Fault injection for the resume test: CL_VIT_TEST_SIGKILL_AT="EXP:BATCH" kills the process there."""
+
+    def __init__(self, index: int, spec: str):
+        exp, batch = (int(v) for v in spec.split(":"))
+        self.active = exp == index
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.active and batch_idx >= self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _WithExperience(Dataset):
+    """Items ``(x, y, j)``: the sample and the evaluation experience it belongs to."""
+
+    def __init__(self, dataset, j: int):
+        self.dataset, self.j = dataset, j
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return item[0], item[1], self.j
+
+
+class ContinualRunner:
+    def __init__(
+        self,
+        module: ContinualModule,
+        scenario,
+        info: StreamInfo,
+        run_dir: RunDirectory,
+        *,
+        seed: int = 0,
+        trainer: dict | None = None,
+        loader: LoaderConfig | None = None,
+        logger: StreamLogger | None = None,
+        eval_every: int = 1,
+        results: StreamResults | None = None,
+        class_counts: Sequence[int] | None = None,
+        on_experience_end=None,
+    ):
+        self.module = module
+        self.scenario = scenario
+        self.info = info
+        self.run_dir = run_dir
+        self.seed = seed
+        self.trainer_kwargs = dict(trainer or {})
+        self.loader = loader or LoaderConfig()
+        self.logger = logger
+        self.eval_every = max(1, int(eval_every))
+        self.results = results or StreamResults(info=info)
+        self.class_counts = list(class_counts) if class_counts is not None else None
+        self.on_experience_end = on_experience_end
+
+    # -- data ------------------------------------------------------------------------------------------------------
+
+    def _loader(self, dataset, train: bool, seed: int | None = None) -> DataLoader:
+        cfg = self.loader
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory,
+            persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+            generator=generator,
+        )
+
+    def _trainer(self, index: int, callbacks=(), **overrides) -> L.Trainer:
+        kwargs = dict(self.trainer_kwargs)
+        kwargs.update(overrides)
+        callbacks = [ExperienceProgressBar(index, len(self.info.train_classes)), *callbacks]
+        if os.environ.get("CL_VIT_TEST_SIGKILL_AT"):
+            callbacks.append(_SigkillAt(index, os.environ["CL_VIT_TEST_SIGKILL_AT"]))
+        return L.Trainer(
+            logger=self.logger if self.logger is not None else False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            **kwargs,
+        )
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def run(self) -> StreamResults:
+        n = len(self.info.train_classes)
+        start = self.results.completed
+        for i, experience in enumerate(self.scenario.train_stream):
+            if i < start:
+                continue
+            t0 = time.perf_counter()
+            L.seed_everything(experience_seed(self.seed, i), workers=True, verbose=False)
+            seen = sorted({c for exp in self.info.train_classes[: i + 1] for c in exp})
+            info = ExperienceInfo(
+                index=i,
+                n_experiences=n,
+                classes=list(self.info.train_classes[i]),
+                seen_classes=seen,
+                n_classes=self.info.n_classes,
+                train_loader=lambda ds=experience.dataset, **kw: self._loader(ds, kw.get("train", True), kw.get("seed")),
+                class_counts=self.class_counts,
+            )
+            log.info(
+                "Experience %d/%d · %d classes %s · %d training images",
+                i + 1, n, len(info.classes), _short(info.classes), len(experience.dataset),
+            )
+            self.module.start_experience(info)
+            for s in self.module.strategies:
+                s.before_experience(self.module, info)
+            trainer = self._trainer(i)
+            trainer.fit(self.module, train_dataloaders=self._loader(experience.dataset, True, experience_seed(self.seed, i)))
+            for s in self.module.strategies:
+                s.after_experience(self.module, info)
+            if self.logger is not None:
+                self.logger.step_offset += trainer.global_step
+            evaluation = None
+            if (i + 1) % self.eval_every == 0 or i == n - 1:
+                evaluation = self.evaluate(i, trainer)
+            self.results.record(i, evaluation, time.perf_counter() - t0)
+            self._save(i, status="completed" if i == n - 1 else "running")
+            if evaluation is not None:
+                self._report(i)
+            if self.on_experience_end is not None:
+                self.on_experience_end(self, i)
+        return self.results
+
+    def evaluate(self, i: int, trainer: L.Trainer | None = None) -> dict[str, dict[int, np.ndarray]]:
+        """One pass over the union of the seen experiences' test data; sparse confusions per head and experience."""
+        seen = self.info.seen_eval_experiences(i)
+        test_stream = self.scenario.test_stream
+        dataset = ConcatDataset([_WithExperience(test_stream[j].dataset, j) for j in seen])
+        trainer = trainer or self._trainer(i)
+        outputs = trainer.predict(self.module, dataloaders=self._loader(dataset, train=False))
+        y = torch.cat([o["y"] for o in outputs]).cpu().numpy()
+        exp = torch.cat([o["exp"] for o in outputs]).cpu().numpy()
+        heads = outputs[0]["preds"].keys()
+        result = {}
+        for head in heads:
+            preds = torch.cat([o["preds"][head] for o in outputs]).cpu().numpy()
+            result[head] = {j: M.confusion_entries(y[exp == j], preds[exp == j]) for j in seen}
+        return result
+
+    # -- saving and reporting --------------------------------------------------------------------------------------
+
+    def checkpoint_state(self, i: int) -> dict:
+        return {
+            "experience": i,
+            "module": self.module.state_dict(),
+            "strategies": {s.name: s.state_dict() for s in self.module.strategies},
+            "global_step": self.logger.step_offset if self.logger is not None else 0,
+            "class_order": self.info.class_order,
+        }
+
+    def _save(self, i: int, status: str) -> None:
+        rd = self.run_dir
+        rd.save_checkpoint(i, self.checkpoint_state(i))
+        rd.write_json("results.json", self.results.to_json(status))
+        rd.write_text("accuracy_matrix.csv", matrix_csv(self.results.accuracy_matrix()))
+
+    def _report(self, i: int) -> None:
+        R = self.results.accuracy_matrix()
+        row = R[i]
+        a_t = float(np.nanmean(row))
+        log.info("  A_%d = %.4f · per experience: %s", i + 1, a_t, " ".join(f"{v:.3f}" for v in row[~np.isnan(row)]))
+        if self.logger is None:
+            return
+        tb = self.logger.experiment
+        for j, v in enumerate(row):
+            if not np.isnan(v):
+                tb.add_scalar(f"eval/acc/exp_{j}", v, i)
+        tb.add_scalar("eval/A_t", a_t, i)
+        from cl_vit.plots import accuracy_matrix_figure
+
+        tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i)
+        tb.flush()
+
+
+def _short(classes: list[int], k: int = 8) -> str:
+    return str(classes) if len(classes) <= k else f"[{', '.join(map(str, classes[:k]))}, ...]"

@@ -1,0 +1,82 @@
+"""The strategy hook protocol: a strategy is a plug-in that overrides only the hooks it needs.
+
+The runner calls, for every training experience::
+
+    setup(module)                                   once, after the model is built (may wrap or grow module.net)
+    load_state_dict(state)                          on resume, before the network weights are restored
+    before_experience(module, experience)           may freeze parameters, snapshot anchors, copy old models
+      -- Lightning fit: per batch --
+      before_batch(module, batch) -> batch          e.g. batch-level augmentation (Mixup/CutMix)
+      training_loss(module, batch, outputs) -> {name: tensor}   extra loss terms, each logged on its own
+      after_backward(module)                        e.g. gradient masking
+    after_experience(module, experience)            e.g. Fisher information, new anchors
+    state_dict() -> dict                            everything a later experience reads (saved per experience)
+
+Several strategies compose in one run; their terms are summed with the classification loss, which is scaled by the
+product of the strategies' ``cls_loss_weight``. A strategy never opens files: data reaches it through
+``experience.train_loader()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cl_vit.module import ContinualModule
+
+
+@dataclass
+class ExperienceInfo:
+    """What a strategy may know about the experience being trained."""
+
+    index: int
+    n_experiences: int
+    #: stream labels of this experience's classes, and of all classes seen up to and including it
+    classes: list[int]
+    seen_classes: list[int]
+    n_classes: int
+    #: a DataLoader over this experience's training data (evaluation transforms are the source's business)
+    train_loader: Callable[..., Any] | None = None
+    #: training images per class (stream labels) of the whole training set, for re-weighting strategies
+    class_counts: list[int] | None = None
+
+
+class Strategy:
+    """Base plug-in: every hook is a no-op, so a strategy overrides only what it needs."""
+
+    #: the key of this strategy under ``strategy.`` in the config and in the logs
+    name: str = "strategy"
+    #: factor on the classification loss (DeiT-LT uses 1 - alpha)
+    cls_loss_weight: float = 1.0
+
+    def setup(self, module: "ContinualModule") -> None:
+        pass
+
+    def on_fit_start(self, module: "ContinualModule") -> None:
+        """Called on the training device at the start of each experience's fit (move held models here)."""
+
+    def before_experience(self, module: "ContinualModule", experience: ExperienceInfo) -> None:
+        pass
+
+    def before_batch(self, module: "ContinualModule", batch: dict) -> dict:
+        return batch
+
+    def training_loss(self, module: "ContinualModule", batch: dict, outputs: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_backward(self, module: "ContinualModule") -> None:
+        pass
+
+    def after_experience(self, module: "ContinualModule", experience: ExperienceInfo) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,225 @@
+"""Sources + a protocol -> an Avalanche class-incremental scenario.
+
+A protocol is data: the class order (a named rule, a list, or a file under ``tasks/``) and how many classes each
+experience takes. Labels are remapped to their position in the class order, so experience ``t`` holds a contiguous
+label range and ``class_order[k]`` names the source label behind stream label ``k`` (recorded in results.json).
+
+Avalanche's ``class_incremental_benchmark`` silently drops classes left over when the count does not divide the
+number of experiences; here that is an error, or, with ``remainder="last"``, the last experience takes them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
+from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, EagerCLStream
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+from torch.utils.data import Dataset
+
+from cl_vit.data.base import Source
+from cl_vit.errors import ConfigError, UserError
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+CLASS_ORDER_RULES = ("identity", "seeded", "coda")
+
+
+@dataclass
+class StreamInfo:
+    """What the runner, the metrics and the results need to know about a stream."""
+
+    n_classes: int
+    #: classes (stream labels) of each training experience
+    train_classes: list[list[int]]
+    #: classes (stream labels) of each evaluation experience; equal to ``train_classes`` except in joint runs
+    eval_classes: list[list[int]]
+    #: source label of each stream label
+    class_order: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    #: how the order was chosen (rule, seed or file), for the record
+    class_order_rule: str = ""
+
+    def seen_eval_experiences(self, i: int) -> list[int]:
+        """Evaluation experiences whose classes are all seen after training experience ``i``."""
+        seen = {c for exp in self.train_classes[: i + 1] for c in exp}
+        return [j for j, cls in enumerate(self.eval_classes) if set(cls) <= seen]
+
+    def to_dict(self) -> dict:
+        return {
+            "n_classes": self.n_classes,
+            "class_order": self.class_order,
+            "class_order_rule": self.class_order_rule,
+            "class_names": self.class_names,
+            "experiences": self.train_classes,
+            "eval_experiences": self.eval_classes,
+        }
+
+    @classmethod
+    def from_scenario(cls, scenario) -> "StreamInfo":
+        """Read the protocol off any Avalanche classification scenario (labels kept as they are)."""
+        train = [sorted(int(c) for c in e.classes_in_this_experience) for e in scenario.train_stream]
+        test = [sorted(int(c) for c in e.classes_in_this_experience) for e in scenario.test_stream]
+        n = 1 + max(c for exp in train + test for c in exp)
+        return cls(n, train, test, list(range(n)), [str(c) for c in range(n)], "scenario")
+
+
+# -- class order -----------------------------------------------------------------------------------------------
+
+
+def load_class_order_file(name: str | Path) -> list[int]:
+    """A class order from ``tasks/<name>`` (or a path): YAML/JSON with a ``class_order`` list, or a bare list."""
+    path = Path(name)
+    if not path.is_absolute() and not path.exists():
+        path = TASKS_DIR / name
+    if not path.exists():
+        raise UserError(f"class order file {name} not found (looked in {TASKS_DIR}): give a path or a file in tasks/")
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict):
+        data = data.get("class_order")
+    if not isinstance(data, list):
+        raise UserError(f"class order file {path} must hold a list of class ids (or a mapping with key class_order)")
+    return [int(c) for c in data]
+
+
+def resolve_class_order(spec, n_classes: int, seed: int) -> tuple[list[int], str]:
+    """``spec``: "identity"; "seeded" (Python ``random.seed(seed); random.shuffle``, as CODA-Prompt shuffles);
+    "coda" (identity for seed 0, seeded otherwise: CODA-Prompt's trials); "file:NAME" (tasks/NAME); or a list."""
+    if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, str)):
+        order, rule = [int(c) for c in spec], "list"
+    elif spec == "identity" or (spec == "coda" and seed == 0):
+        order, rule = list(range(n_classes)), "identity"
+    elif spec in ("seeded", "coda"):
+        order = list(range(n_classes))
+        random.Random(seed).shuffle(order)  # same sequence as random.seed(seed); random.shuffle(order)
+        rule = f"seeded({seed})"
+    elif isinstance(spec, str) and spec.startswith("file:"):
+        order, rule = load_class_order_file(spec[5:]), spec
+    else:
+        raise ConfigError("benchmark.class_order", spec, f"one of {CLASS_ORDER_RULES}, 'file:NAME' or a list of ids")
+    if sorted(order) != list(range(n_classes)):
+        raise UserError(
+            f"class order ({rule}) is not a permutation of the {n_classes} classes of the source: "
+            "fix the list so that every class id appears exactly once"
+        )
+    return order, rule
+
+
+def experience_sizes(n_classes: int, n_experiences=None, classes_per_experience=None, remainder: str = "error"):
+    """Classes per experience; every class is kept (explicit error or remainder rule, never a silent drop)."""
+    if classes_per_experience is not None and not isinstance(classes_per_experience, int):
+        sizes = [int(s) for s in classes_per_experience]
+        if sum(sizes) != n_classes or min(sizes) < 1:
+            raise ConfigError("benchmark.classes_per_experience", sizes, f"positive sizes that sum to {n_classes}")
+        return sizes
+    if classes_per_experience is not None:
+        if classes_per_experience < 1:
+            raise ConfigError("benchmark.classes_per_experience", classes_per_experience, "an integer >= 1")
+        n_experiences, per = None, int(classes_per_experience)
+        full, left = divmod(n_classes, per)
+        sizes = [per] * full
+    else:
+        n = int(n_experiences or 1)
+        if not 1 <= n <= n_classes:
+            raise ConfigError("benchmark.n_experiences", n_experiences, f"an integer from 1 to {n_classes}")
+        per, left = divmod(n_classes, n)
+        sizes = [per] * n
+    if left:
+        if remainder == "error":
+            raise UserError(
+                f"{n_classes} classes do not divide into experiences of {per} classes ({left} left over): set "
+                "benchmark.n_experiences to a divisor, or benchmark.remainder=last to give the leftovers to the last one"
+            )
+        if remainder != "last":
+            raise ConfigError("benchmark.remainder", remainder, "'error' or 'last'")
+        if sizes and n_experiences:
+            sizes[-1] += left
+        else:
+            sizes.append(left)
+    return sizes
+
+
+# -- building the scenario ---------------------------------------------------------------------------------------
+
+
+class RemappedDataset(Dataset):
+    """A view of a dataset whose labels are replaced by their position in the class order."""
+
+    def __init__(self, dataset: Dataset, mapping: np.ndarray):
+        self.dataset = dataset
+        self.mapping = mapping
+        self.targets = mapping[np.asarray(dataset.targets, dtype=np.int64)].tolist()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x = self.dataset[i][0]
+        return x, self.targets[i]
+
+
+def build_stream(
+    source: Source,
+    *,
+    n_experiences: int | None = None,
+    classes_per_experience=None,
+    class_order="identity",
+    seed: int = 0,
+    remainder: str = "error",
+    joint: bool = False,
+) -> tuple[CLScenario, StreamInfo]:
+    """The class-incremental scenario of ``source`` under a protocol.
+
+    ``joint=True`` trains once on all the training data and evaluates per original experience (the upper bound).
+    """
+    n = source.n_classes
+    order, rule = resolve_class_order(class_order, n, seed)
+    sizes = experience_sizes(n, n_experiences, classes_per_experience, remainder)
+    for split, targets in (("train", source.train_targets), ("test", source.test_targets)):
+        missing = sorted(set(range(n)) - set(np.unique(targets).tolist()))
+        if missing:
+            names = [source.classes[c] for c in missing[:5]]
+            raise UserError(f"the {split} split of {source.name} has no samples of classes {names}: check the data")
+    mapping = np.empty(n, dtype=np.int64)
+    mapping[np.asarray(order)] = np.arange(n)
+    train = RemappedDataset(source.train, mapping)
+    test = RemappedDataset(source.test, mapping)
+    identity = list(range(n))
+    if joint:
+        train_sc = class_incremental_benchmark({"train": train}, class_order=identity, num_classes_per_exp=[n])
+        test_sc = class_incremental_benchmark({"test": test}, class_order=identity, num_classes_per_exp=sizes)
+        scenario = CLScenario([train_sc.train_stream, test_sc.test_stream])
+    else:
+        scenario = class_incremental_benchmark(
+            {"train": train, "test": test}, class_order=identity, num_classes_per_exp=sizes
+        )
+    bounds = np.cumsum([0] + sizes)
+    eval_classes = [list(range(bounds[k], bounds[k + 1])) for k in range(len(sizes))]
+    info = StreamInfo(
+        n_classes=n,
+        train_classes=[identity] if joint else eval_classes,
+        eval_classes=eval_classes,
+        class_order=order,
+        class_names=[source.classes[c] for c in order],
+        class_order_rule=rule,
+    )
+    return scenario, info
+
+
+def describe(scenario, info: StreamInfo) -> dict:
+    """Per experience: classes and train/test sizes (what ``dry_run`` prints and writes as stream.json)."""
+    exps = []
+    for k, e in enumerate(scenario.train_stream):
+        exps.append({"classes": info.train_classes[k], "n_train": len(e.dataset)})
+    for k, e in enumerate(scenario.test_stream):
+        if k < len(exps) and info.train_classes[k] == info.eval_classes[k]:
+            exps[k]["n_test"] = len(e.dataset)
+    out = {"experiences": exps}
+    if info.train_classes != info.eval_classes:
+        out["eval_experiences"] = [
+            {"classes": info.eval_classes[k], "n_test": len(e.dataset)} for k, e in enumerate(scenario.test_stream)
+        ]
+    return out
