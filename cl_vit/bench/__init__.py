@@ -1,0 +1,63 @@
+"""Performance benchmarks, measured as ratios against a baseline timed in the same process.
+
+Each benchmark is a module ``cl_vit.bench.<name>`` with ``run(quick: bool = False) -> dict`` returning::
+
+    {"name": str, "device": str, "rows": [{"case": str, "metric": str, "value": float, "baseline": float,
+                                            "ratio": float, "aim": str | None, "meets_aim": bool | None, ...}],
+     "notes": [str, ...]}
+
+``python -m cl_vit.bench [NAME ...] [--quick] [--out FILE]`` runs them, prints a table and writes the JSON.
+Timings are medians over interleaved repetitions (baseline and candidate alternate), so that a busy machine slows
+both alike.
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from typing import Callable
+
+#: benchmark modules, in the order ``python -m cl_vit.bench`` runs them
+BENCHES = ("runner", "avalanche", "refiner", "data", "memory")
+
+
+def available() -> list[str]:
+    out = []
+    for name in BENCHES:
+        try:
+            importlib.import_module(f"cl_vit.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"cl_vit.bench.{name}":
+                raise
+            continue
+        out.append(name)
+    return out
+
+
+def run_bench(name: str, quick: bool = False) -> dict:
+    return importlib.import_module(f"cl_vit.bench.{name}").run(quick=quick)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each callable, alternating them ``repeats`` times after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def row(case: str, metric: str, value: float, baseline: float, aim: str | None = None,
+        higher_is_better: bool = False, target: float | None = None, **extra) -> dict:
+    """One result row; ``ratio = value / baseline``; ``meets_aim`` compares the ratio with ``target``."""
+    ratio = value / baseline if baseline else float("nan")
+    meets = None
+    if target is not None:
+        meets = ratio >= target if higher_is_better else ratio <= target
+    return {"case": case, "metric": metric, "value": value, "baseline": baseline, "ratio": ratio, "aim": aim,
+            "meets_aim": meets, **extra}
