@@ -196,8 +196,11 @@ class ContinualRunner:
             self.module.start_experience(info)
             for s in self.module.strategies:
                 s.before_experience(self.module, info)
-            trainer = self._trainer(i)
-            trainer.fit(self.module, train_dataloaders=self._loader(experience.dataset, True, experience_seed(self.seed, i)))
+            loader = self._loader(experience.dataset, True, experience_seed(self.seed, i))
+            # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
+            every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), len(loader)))
+            trainer = self._trainer(i, log_every_n_steps=every)
+            trainer.fit(self.module, train_dataloaders=loader)
             for s in self.module.strategies:
                 s.after_experience(self.module, info)
             if self.logger is not None:

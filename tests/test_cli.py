@@ -1,0 +1,98 @@
+"""`python -m cl_vit.run` as a user runs it: the command line, one-line errors, and resume after SIGKILL."""
+import hashlib
+import json
+import signal
+
+import pytest
+from conftest import compose, run_cli
+
+FAST = ["trainer.max_epochs=2", "trainer.accelerator=cpu", "logger=none"]
+
+
+def test_the_documented_command_line(tmp_path, data_root):
+    out = tmp_path / "run"
+    proc = run_cli("benchmark=split-digits", "strategy=finetune", "trainer.max_epochs=2", "seed=3",
+                   "trainer.accelerator=cpu", f"hydra.run.dir={out}", data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Experience 3/5" in proc.stdout  # says which experience it is on
+    assert "Accuracy matrix" in proc.stdout and "A_N (final average accuracy" in proc.stdout
+    assert f"run directory: {out}" in proc.stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema_version"] >= 1 and doc["seed"] == 3 and doc["status"] == "completed"
+    for key in ("class_order", "experiences", "accuracy_matrix", "metrics", "confusion", "wall_time", "versions"):
+        assert key in doc
+    assert set(doc["metrics"]) >= {"final_average_accuracy", "global_accuracy", "average_incremental_accuracy",
+                                   "forgetting_max", "forgetting_first_last", "forgetting_consecutive", "bwt"}
+    assert {"torch", "timm", "lightning", "avalanche-lib"} <= set(doc["versions"])
+    assert (out / "accuracy_matrix.csv").read_text().startswith("trained_up_to,exp_0")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"exp_{i:03d}.pt" for i in range(5)]
+    assert "seed: 3" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["trainer.max_epochs=0"], "trainer.max_epochs"),
+        (["optimizer.lr=-1"], "optimizer.lr"),
+        (["loss.name=hinge"], "loss.name"),
+        (["benchmark=nope"], "benchmark"),
+        (["model.name=not_a_model"], "model.name"),
+        (["benchmark.n_experiences=3"], "benchmark.remainder"),
+    ],
+)
+def test_bad_values_fail_in_one_line_before_training(tmp_path, data_root, args, key):
+    out = tmp_path / "run"
+    proc = run_cli(*args, "logger=none", f"hydra.run.dir={out}", data_root=data_root)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], proc.stderr
+    assert not (out / "results.json").exists()
+
+
+def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CL_VIT_DATA", str(tmp_path / "somewhere"))
+    assert compose().data_root == str(tmp_path / "somewhere")
+    monkeypatch.delenv("CL_VIT_DATA")
+    assert compose().data_root == "~/data"
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, data_root):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    proc = run_cli(*FAST, f"hydra.run.dir={ref}", data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # SIGKILL at batch 3 of experience 3 (index 2)
+    proc = run_cli(*FAST, f"hydra.run.dir={cut}", data_root=data_root, env={"CL_VIT_TEST_SIGKILL_AT": "2:3"})
+    assert proc.returncode == -signal.SIGKILL
+    before = json.loads((cut / "results.json").read_text())
+    assert before["status"] == "running" and before["completed_experiences"] == 2
+    kept = {p.name: _digest(p) for p in (cut / "checkpoints").glob("exp_00[01].pt")}
+    assert len(kept) == 2
+
+    proc = run_cli(f"resume={cut}", data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Resuming" in proc.stdout and "Experience 1/5" not in proc.stdout
+    after = json.loads((cut / "results.json").read_text())
+    reference = json.loads((ref / "results.json").read_text())
+    assert after["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert after["metrics"] == reference["metrics"]
+    assert after["confusion"] == reference["confusion"]
+    # nothing completed before the kill was lost or rewritten
+    assert after["accuracy_matrix"][:2] == before["accuracy_matrix"][:2]
+    assert {p: _digest(cut / "checkpoints" / p) for p in kept} == kept
+    assert len(list((cut / "checkpoints").glob("*.pt"))) == 5
+
+
+def test_resume_refuses_to_change_what_the_run_computes(tmp_path, data_root):
+    cut = tmp_path / "cut"
+    proc = run_cli(*FAST, "benchmark.n_experiences=2", f"hydra.run.dir={cut}", data_root=data_root,
+                   env={"CL_VIT_TEST_SIGKILL_AT": "1:0"})
+    assert proc.returncode == -signal.SIGKILL
+    proc = run_cli(f"resume={cut}", "optimizer.lr=0.5", data_root=data_root)
+    assert proc.returncode == 2 and "optimizer.lr=0.5" in proc.stderr
+    proc = run_cli(*FAST, f"hydra.run.dir={cut}", data_root=data_root)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
