@@ -155,3 +155,34 @@ def test_any_timm_model_is_a_backbone(tmp_path, data_root):
     _, _, _, module, _ = build(cfg)
     assert module.net.patch_embed.patch_size == (2, 2) and len(module.net.blocks) == 1
     assert module.net.patch_embed.img_size == (8, 8)  # taken from the benchmark
+
+
+def test_runs_a_ready_avalanche_scenario(tmp_path, data_root):
+    from avalanche.benchmarks import nc_benchmark
+
+    from cl_vit.data import build_source
+
+    digits = build_source("digits", data_root=data_root)
+    scenario = nc_benchmark(digits.train, digits.test, n_experiences=2, task_labels=False, seed=0,
+                            fixed_class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    doc = run(compose(TINY, data_root), tmp_path / "run", scenario=scenario)
+    assert doc["experiences"] == [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
+    assert len(doc["accuracy_matrix"]) == 2 and doc["accuracy_matrix"][0][1] is None
+    n_test = sum(len(e.dataset) for e in scenario.test_stream)
+    assert sum(r[2] for c in doc["confusion"] if c["trained_up_to"] == 1 for r in c["entries"]) == n_test
+
+
+def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path):
+    from cl_vit.results import _atomic_write, atomic_write_json
+
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"a": 1})
+
+    def half_then_fail(f):
+        f.write(b'{"a": ')  # part of the new content reaches the temporary file, then the writer dies
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_write(path, half_then_fail)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
