@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from cl_vit.data.base import ImageFileDataset, Source
+from cl_vit.data.base import Source
 from cl_vit.data.longtail import frequency_order
-from cl_vit.data.transforms import imagenet_eval_pipeline, imagenet_train_pipeline, resolve_normalization
+from cl_vit.data.transforms import imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
 from cl_vit.errors import UserError
 
@@ -104,10 +104,11 @@ def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img
     if skip_corrupt:
         meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
     meta.update(n_train=len(train), n_test=len(test))
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize)
     return Source(
         name=name,
-        train=ImageFileDataset(train, imagenet_train_pipeline(img_size, mean, std)),
-        test=ImageFileDataset(test, imagenet_eval_pipeline(img_size, mean, std, test_resize)),
+        train=train_ds,
+        test=test_ds,
         classes=classes,
         in_chans=3,
         img_size=img_size,

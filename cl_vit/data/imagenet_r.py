@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from cl_vit.data.base import ImageFileDataset, Source, scan_image_folder
-from cl_vit.data.transforms import imagenet_eval_pipeline, imagenet_train_pipeline, resolve_normalization
+from cl_vit.data.base import Source, scan_image_folder
+from cl_vit.data.transforms import imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
 from cl_vit.errors import UserError
 
@@ -171,10 +171,11 @@ def build_imagenet_r(
     test, skipped_test = verify_images(test, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache, name="imagenet-r")
     if skip_corrupt:
         meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize)
     return Source(
         name="imagenet-r",
-        train=ImageFileDataset(train, imagenet_train_pipeline(img_size, mean, std)),
-        test=ImageFileDataset(test, imagenet_eval_pipeline(img_size, mean, std, test_resize)),
+        train=train_ds,
+        test=test_ds,
         classes=classes,
         in_chans=3,
         img_size=img_size,
