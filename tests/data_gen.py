@@ -67,7 +67,7 @@ def make_cifar(data_root: Path, variant: str = "cifar10", train_counts=None, tes
     def batch(counts):
         labels = np.repeat(np.arange(n_classes), counts)
         rng.shuffle(labels)
-        images = np.stack([class_image(int(y), rng, 32, 32) for y in labels]) if len(labels) else np.zeros((0, 32, 32, 3), np.uint8)
+        images = np.stack([class_image(int(y), rng, 32, 32) for y in labels])
         return images.transpose(0, 3, 1, 2).reshape(len(labels), -1).astype(np.uint8), labels.tolist()
 
     x_tr, y_tr = batch(train_counts)

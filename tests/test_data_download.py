@@ -6,7 +6,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import run_cli
 from data_gen import make_cifar
 
 from cl_vit.data import build_source
@@ -125,13 +124,11 @@ def test_leftover_part_restarts_cleanly(tmp_path, cifar_archive, monkeypatch):
     assert (shutil_root / "cifar-10-batches-py").is_dir()
 
 
-def test_checksum_mismatch_is_one_line_and_extracts_nothing(tmp_path, cifar_archive):
+def test_checksum_mismatch_is_one_line_and_extracts_nothing(tmp_path, cifar_archive, capsys):
     data, _ = cifar_archive  # the real published md5 stays registered: the test archive cannot match it
     with Server({"cifar-10-python.tar.gz": data}) as srv:
-        proc = run_cli("cifar10", "--root", tmp_path, "--mirror", srv.url, module="cl_vit.data.download",
-                       timeout=120)
-    assert proc.returncode == 2
-    err = proc.stderr.strip()
+        assert D.main(["cifar10", "--root", str(tmp_path), "--mirror", srv.url]) == 2
+    err = capsys.readouterr().err.strip()
     assert err.startswith("error: cifar-10-python.tar.gz from ") and "\n" not in err
     assert "not the published c58f30108f718f92721af3b95e74349a" in err
     assert not (tmp_path / "cifar-10-batches-py").exists() and not list(tmp_path.glob("*.part"))

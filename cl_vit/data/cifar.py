@@ -123,7 +123,8 @@ def build_cifar(
     name = variant
     if imbalance_ratio is not None:
         if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, (int, float)) or imbalance_ratio < 1:
-            raise UserError(f"benchmark.imbalance_ratio={imbalance_ratio!r} must be a number >= 1 (published: 10, 50, 100)")
+            raise UserError(f"benchmark.imbalance_ratio={imbalance_ratio!r} must be a number >= 1 "
+                            "(published: 10, 50, 100)")
         keep, counts = longtail_subset(y_tr, imbalance_ratio, seed=0)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
         name = f"{variant}-lt"

@@ -55,7 +55,8 @@ DATASETS: dict[str, list[Archive]] = {
     "imagenet-r": [Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
                            "a61312130a589d0ca1a8fca1f2bd3337", provides="imagenet-r")],
     "inat2018": [
-        Archive(_INAT + "train2018.json.tar.gz", "bfa29d89d629cbf04d826a720c0a68b0", "inat2018", "inat2018/train2018.json"),
+        Archive(_INAT + "train2018.json.tar.gz", "bfa29d89d629cbf04d826a720c0a68b0", "inat2018",
+                "inat2018/train2018.json"),
         Archive(_INAT + "val2018.json.tar.gz", "f2ed8bfe3e9901cdefceb4e53cd3775d", "inat2018", "inat2018/val2018.json"),
         Archive(_INAT + "train_val2018.tar.gz", "b1c6952ce38f31868cc50ea72d066cc3", "inat2018",
                 "inat2018/train_val2018"),
@@ -149,7 +150,8 @@ def fetch(url: str, dest: Path, md5: str, retries: int = 5, timeout: float = 60,
                 _transfer(url, part, timeout, progress)
                 break
             except HTTPError as e:
-                raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}; check the URL or try later") from e
+                raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}; check the URL or try "
+                                "later") from e
             except (URLError, HTTPException, OSError) as e:
                 if attempt == retries:
                     raise UserError(f"download of {url} failed after {retries + 1} tries ({e}); run the command again "

@@ -1,4 +1,5 @@
-"""ImageNet-R (Hendrycks et al. 2021): 30,000 renditions of 200 ImageNet classes, ``<data_root>/imagenet-r/<wnid>/*.jpg``.
+"""ImageNet-R (Hendrycks et al. 2021): 30,000 renditions of 200 ImageNet classes, in
+``<data_root>/imagenet-r/<wnid>/*.jpg``.
 
 Two ways to split it into train and test:
 
@@ -68,8 +69,8 @@ def read_split_file(path: Path, root: Path, n_classes: int) -> tuple[list[tuple[
     missing = [(i, p) for i, (p, _) in enumerate(samples) if not Path(p).is_file()]
     if missing:
         i, p = missing[0]
-        raise UserError(f"split file {path.name} entry {i} ({data[i]}) does not exist at {p} ({len(missing)} missing in "
-                        "all): check data_root, or the split file belongs to another copy of ImageNet-R")
+        raise UserError(f"split file {path.name} entry {i} ({data[i]}) does not exist at {p} ({len(missing)} "
+                        "missing in all): check data_root, or the split file belongs to another copy of ImageNet-R")
     return samples, wnids
 
 
@@ -141,7 +142,8 @@ def build_imagenet_r(
     classes = list(wnids) if wnids else all_wnids
     bad = [w for w in classes if w not in all_wnids]
     if bad:
-        raise UserError(f"benchmark.source_args.wnids names {bad[:3]}, not ImageNet-R classes (tasks/imagenet-r-wnids.txt)")
+        raise UserError(f"benchmark.source_args.wnids names {bad[:3]}, not ImageNet-R classes "
+                        "(tasks/imagenet-r-wnids.txt)")
     if not root.is_dir():
         raise missing_dataset_error("imagenet-r", root, LAYOUT, data_root)
     mean, std = resolve_normalization(normalize, mean, std)
@@ -162,8 +164,9 @@ def build_imagenet_r(
     else:
         samples, _ = scan_image_folder(root, classes)
         train, test = own_split(samples, len(classes), train_fraction, split_seed)
-        meta["split"] = {"kind": f"own per-class {train_fraction:g}/{1 - train_fraction:g} split of sorted paths, "
-                                 f"numpy RandomState({split_seed}) permutation", "sha256": split_digest(train, test, root)}
+        kind = (f"own per-class {train_fraction:g}/{1 - train_fraction:g} split of sorted paths, "
+                f"numpy RandomState({split_seed}) permutation")
+        meta["split"] = {"kind": kind, "sha256": split_digest(train, test, root)}
     meta.update(n_train=len(train), n_test=len(test))
     cache = data_root / ".cache" / "cl_vit-verify"
     train, skipped_train = verify_images(train, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache,

@@ -6,12 +6,12 @@ grey). So the sources check every file once, up front, and cache the verdict per
 only ``stat`` the files:
 
 * ``header`` (default): the file is non-empty, starts with a known image signature and, for JPEG and PNG, ends with
-  the end-of-image marker. This reads a few hundred bytes per file (ImageNet-R's 30,000 files in about a second) and
-  catches what actually goes wrong with downloaded datasets: truncated archives, zero-byte files, HTML error pages
-  saved as .jpg.
-* ``decode``: the header check plus a full OpenCV decode of every file (threads; OpenCV releases the GIL). Minutes
-  for ImageNet-R, once; ``skip_corrupt=true`` always uses it, so that every skipped file is known, and counted,
-  before training.
+  the end-of-image marker. This reads a few hundred bytes per file (3,000 files in about 2 s on a busy 2-core
+  machine, 0.06 s once cached) and catches what actually goes wrong with downloaded datasets: truncated archives,
+  zero-byte files, HTML error pages saved as .jpg.
+* ``decode``: the header check plus a full OpenCV decode of every file (threads; OpenCV releases the GIL), about
+  8x slower than ``header``, once; ``skip_corrupt=true`` always uses it, so that every skipped file is known, and
+  counted, before training.
 * ``none``: no pass. A file that still fails to decode mid-run stops the run with one line naming it
   (``read_image`` raises UserError; cl_vit.errors unwraps the DataLoader worker's traceback to that line).
 """
@@ -142,7 +142,8 @@ def verify_images(samples: Sequence[tuple[str, int]], *, mode: str = "header", s
     kept = [s for s in samples if s[0] not in problems]
     skipped = [{"path": p, "problem": problems[p]} for p, _ in samples if p in problems]
     if skipped:
-        log.warning("%s: skipped %d corrupt images (skip_corrupt=true), e.g. %s", name, len(skipped), skipped[0]["path"])
+        log.warning("%s: skipped %d corrupt images (skip_corrupt=true), e.g. %s", name, len(skipped),
+                    skipped[0]["path"])
     return kept, skipped
 
 
