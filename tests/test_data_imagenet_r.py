@@ -93,8 +93,9 @@ def test_random_resized_crop_box_follows_torchvision():
     torch.manual_seed(0)
     rng = random.Random(0)
     ours = np.array([random_resized_crop_box(300, 500, rng=rng) for _ in range(800)], dtype=float)
-    ref = np.array([T.RandomResizedCrop.get_params(torch.zeros(3, 300, 500), (0.08, 1.0), (3 / 4, 4 / 3))
-                    for _ in range(800)], dtype=float)
+    image = torch.zeros(1, 300, 500)
+    ref = np.array([T.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(800)],
+                   dtype=float)
     for boxes in (ours, ref):
         assert (boxes[:, 0] + boxes[:, 2] <= 300).all() and (boxes[:, 1] + boxes[:, 3] <= 500).all()
     stats = lambda b: (np.mean(b[:, 2] * b[:, 3] / 150000), np.mean(np.log(b[:, 3] / b[:, 2])),  # noqa: E731

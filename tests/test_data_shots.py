@@ -45,7 +45,7 @@ def test_long_tailed_run_records_groups_from_the_whole_training_set(tmp_path, da
     from cl_vit.run import run
 
     cfg = compose(TINY + ["benchmark=digits-lt", "benchmark.n_experiences=2", "benchmark.shot_index_cutoffs=[3,7]",
-                          "benchmark.class_order=seeded"], data_root)
+                          "benchmark.class_order=seeded", "data.batch_size=256"], data_root)
     doc = run(cfg, tmp_path / "run")
     counts = doc["class_counts"]
     assert doc["shot_groups"]["count"]["groups"] == shot_groups(counts)
