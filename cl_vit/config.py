@@ -82,6 +82,16 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "scheduler.name", ("cosine", "constant"))
     _number(cfg, "scheduler.warmup_epochs", lo=0)
     _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
+    _choice(cfg, "skip_corrupt", (True, False))
+    _choice(cfg, "data.verify", ("header", "decode", "none"))
+    _choice(cfg, "data.pin_memory", (True, False, "auto"))
+    ratio = _get(cfg, "benchmark.imbalance_ratio")
+    if ratio is not None:
+        _number(cfg, "benchmark.imbalance_ratio", lo=1)
+    cutoffs = _get(cfg, "benchmark.shot_index_cutoffs")
+    if cutoffs is not None and (len(cutoffs) != 2 or not all(isinstance(c, int) and not isinstance(c, bool)
+                                                              for c in cutoffs) or not 0 <= cutoffs[0] <= cutoffs[1]):
+        raise ConfigError("benchmark.shot_index_cutoffs", list(cutoffs), "null or [a, b] with integers 0 <= a <= b")
     _choice(cfg, "benchmark.remainder", ("error", "last"))
     _choice(cfg, "logger.name", ("tensorboard", "none"))
     for name in (_get(cfg, "strategy") or {}):

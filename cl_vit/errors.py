@@ -9,7 +9,13 @@ class UserError(Exception):
     """
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # always one line
+        message = str(message)
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            # re-raised from a DataLoader worker (torch's ExceptionWrapper puts the worker's traceback in the
+            # message): keep the worker's own message, the traceback's last line
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(" ".join(message.split()))  # always one line
 
 
 class ConfigError(UserError):

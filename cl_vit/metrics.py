@@ -53,19 +53,28 @@ def per_class_accuracy(entries, n_classes: int) -> np.ndarray:
         return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 
-def shot_group_accuracy(entries, groups: Sequence[str], order: Sequence[str] = ("many", "medium", "few")) -> dict:
-    """Accuracy over the test samples of each shot group (``groups[c]`` names class ``c``'s group).
+def shot_group_accuracy(entries, groups: Sequence[str], order: Sequence[str] = ("many", "medium", "few"),
+                        average: str = "class") -> dict:
+    """Accuracy of each shot group (``groups[c]`` names class ``c``'s group); groups without test samples are
+    left out.
 
-    Sample-weighted within a group, as the LDAM-DRW / DeiT-LT evaluation code computes it from per-class
-    correct and total counts. Groups without test samples are left out.
+    ``average="class"``: the mean of the per-class accuracies of the group's classes that have test samples, as
+    OLTR's ``shot_acc`` (used by LDAM-DRW-style code) and DeiT-LT's ``engine.evaluate`` compute it.
+    ``"sample"``: correct over total test samples of the group. The two agree on balanced test sets.
     """
     correct, total = per_class_counts(entries, len(groups))
     groups = np.asarray(groups)
     out = {}
     for g in order:
-        sel = groups == g
-        if total[sel].sum():
+        sel = (groups == g) & (total > 0)
+        if not sel.any():
+            continue
+        if average == "class":
+            out[g] = float(np.mean(correct[sel] / total[sel]))
+        elif average == "sample":
             out[g] = float(correct[sel].sum() / total[sel].sum())
+        else:
+            raise ValueError(f"average must be 'class' or 'sample', got {average!r}")
     return out
 
 

@@ -190,6 +190,10 @@ class StreamResults:
                 for (i, j), e in sorted(conf.items())
             ],
         }
+        if self.meta.get("shot_groups"):
+            doc.update(self.long_tail_results())
+            doc["metrics"].update({f"{g}_shot_accuracy": doc["shot_accuracy"].get("main", {}).get("count", {}).get(g)
+                                   for g in ("many", "medium", "few")})
         for head in self.confusions:
             if head != "main":
                 Rh = self.accuracy_matrix(head)
@@ -198,6 +202,16 @@ class StreamResults:
                     "metrics": self.metrics(head),
                 }
         return doc
+
+    def long_tail_results(self) -> dict:
+        """Shot-group accuracy of every head under every group definition in ``meta["shot_groups"]``, and the
+        main head's per-class accuracy, from the last evaluated row (the classes seen so far)."""
+        definitions = {name: d["groups"] for name, d in self.meta["shot_groups"].items()}
+        shot = {head: {name: M.shot_group_accuracy(self.final_entries(head), groups)
+                       for name, groups in definitions.items()}
+                for head in self.confusions}
+        per_class = M.per_class_accuracy(self.final_entries("main"), self.info.n_classes)
+        return {"shot_accuracy": shot, "per_class_accuracy": [_clean(float(v)) for v in per_class]}
 
     @classmethod
     def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":

@@ -31,11 +31,40 @@ if not OmegaConf.has_resolver("cl_vit.run_dir"):
 
 #: what a resumed run may change: where it runs and how it loads data, never what it computes
 RESUME_OVERRIDABLE = ("trainer.", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                      "data.eval_batch_size", "data_root", "hydra.", "resume", "logger.")
+                      "data.eval_batch_size", "data.verify", "data_root", "hydra.", "resume", "logger.")
 
 
 def data_root(cfg) -> str:
     return str(Path(str(cfg.data_root)).expanduser())
+
+
+def source_arguments(cfg: DictConfig) -> dict:
+    """``benchmark.source_args`` plus what the run decides for every source: ``normalize: model`` resolved to the
+    backbone's pretrained mean/std, the corrupt-image policy (``skip_corrupt``, ``data.verify``)."""
+    args = OmegaConf.to_container(cfg.benchmark.source_args or {}, resolve=True)
+    if args.get("normalize") == "model" and not (args.get("mean") and args.get("std")):
+        from cl_vit.data.transforms import model_normalization
+
+        mean, std, _ = model_normalization(OmegaConf.to_container(cfg.model, resolve=True))
+        args.update(mean=list(mean), std=list(std))
+    args.setdefault("skip_corrupt", bool(cfg.get("skip_corrupt", False)))
+    args.setdefault("verify", cfg.data.get("verify", "header"))
+    return args
+
+
+def loader_config(cfg: DictConfig):
+    """The DataLoader settings; ``data.pin_memory: auto`` pins host memory only when training runs on a GPU."""
+    import dataclasses
+
+    import torch
+
+    from cl_vit.runner import LoaderConfig
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    kwargs = {f.name: data[f.name] for f in dataclasses.fields(LoaderConfig) if f.name in data}
+    if kwargs.get("pin_memory") == "auto":
+        kwargs["pin_memory"] = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
+    return LoaderConfig(**kwargs)
 
 
 def build(cfg: DictConfig, scenario=None):
@@ -49,7 +78,7 @@ def build(cfg: DictConfig, scenario=None):
     b = cfg.benchmark
     source = None
     if scenario is None:
-        source = build_source(b.source, data_root=data_root(cfg), **OmegaConf.to_container(b.source_args or {}))
+        source = build_source(b.source, data_root=data_root(cfg), **source_arguments(cfg))
         class_order = b.class_order
         if OmegaConf.is_config(class_order):
             class_order = OmegaConf.to_container(class_order)
@@ -96,9 +125,9 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
     """
     from cl_vit import report
-    from cl_vit.data.longtail import shot_groups
+    from cl_vit.data.longtail import shot_group_record
     from cl_vit.results import RunDirectory, StreamResults
-    from cl_vit.runner import ContinualRunner, LoaderConfig, StreamLogger
+    from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
 
     validate(cfg)
@@ -134,8 +163,13 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         "class_counts": class_counts,
     }
     if cfg.benchmark.get("long_tailed"):
-        meta["shot_groups"] = {"definition": "training images per class: many > 100, medium 20-100, few < 20",
-                               "groups": shot_groups(class_counts)}
+        # groups come from the whole training set, also when a long-tailed stream has several experiences
+        cutoffs = cfg.benchmark.get("shot_index_cutoffs")
+        cutoffs = list(cutoffs) if cutoffs is not None else None
+        if source is not None:
+            meta["shot_groups"] = shot_group_record(source.train_counts(), cutoffs, info.class_order)
+        else:
+            meta["shot_groups"] = shot_group_record(class_counts, cutoffs)
 
     results = StreamResults(info=info, meta=meta)
     logger = None
@@ -172,7 +206,7 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         rd,
         seed=int(cfg.seed),
         trainer=OmegaConf.to_container(cfg.trainer),
-        loader=LoaderConfig(**OmegaConf.to_container(cfg.data)),
+        loader=loader_config(cfg),
         logger=logger,
         eval_every=cfg.eval_every,
         results=results,

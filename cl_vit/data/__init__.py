@@ -8,7 +8,10 @@ from __future__ import annotations
 from typing import Callable
 
 from cl_vit.data.base import ImageFileDataset, Source, TensorImageDataset, scan_image_folder
+from cl_vit.data.cifar import build_cifar10, build_cifar10_lt, build_cifar100, build_cifar100_lt
 from cl_vit.data.digits import build_digits, build_digits_lt
+from cl_vit.data.filelist import build_imagenet_lt, build_inat2018
+from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
 from cl_vit.errors import UserError
 
@@ -16,6 +19,13 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "digits": build_digits,
     "digits-lt": build_digits_lt,
     "synthetic": build_synthetic,
+    "imagenet-r": build_imagenet_r,
+    "cifar10": build_cifar10,
+    "cifar100": build_cifar100,
+    "cifar10-lt": build_cifar10_lt,
+    "cifar100-lt": build_cifar100_lt,
+    "imagenet-lt": build_imagenet_lt,
+    "inat2018": build_inat2018,
 }
 
 

@@ -64,9 +64,11 @@ class TensorImageDataset(Dataset):
         return (self.transform(x) if self.transform is not None else x), self.targets[i]
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array ``[H, W, 3]`` with OpenCV; a clear error names a bad file."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array ``[H, W, 3]`` with OpenCV; a clear error names a bad file.
+
+    ``flags``: ``cv2.IMREAD_REDUCED_COLOR_{2,4,8}`` decode a JPEG at a reduced scale (cl_vit.data.transforms)."""
+    img = cv2.imread(str(path), flags)
     if img is None:
         if not Path(path).exists():
             raise UserError(f"image file {path} does not exist: check data_root and the split file")
@@ -78,19 +80,23 @@ class ImageFileDataset(Dataset):
     """``(path, label)`` samples decoded with OpenCV and transformed with an albumentations pipeline.
 
     ``transform`` takes and returns albumentations' ``image=`` keyword (it must end in ``ToTensorV2``).
+    ``decode(path) -> RGB uint8 array`` replaces the plain ``read_image`` (e.g. a crop decided before decoding, so
+    that a JPEG is decoded at a reduced scale: cl_vit.data.transforms.imagenet_transforms).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None,
+                 decode: Callable | None = None):
         self.samples = [(str(p), int(y)) for p, y in samples]
         self.targets = [y for _, y in self.samples]
         self.transform = transform
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i):
         path, y = self.samples[i]
-        img = read_image(path)
+        img = self.decode(path) if self.decode is not None else read_image(path)
         if self.transform is not None:
             img = self.transform(image=img)["image"]
         else:

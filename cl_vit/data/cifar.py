@@ -1,0 +1,158 @@
+"""CIFAR-10 / CIFAR-100 from the python pickle archives, and their long-tailed versions (LDAM-DRW / DeiT-LT).
+
+Read directly from ``<data_root>/cifar-10-batches-py/`` and ``<data_root>/cifar-100-python/`` (what the official
+archives extract to). torchvision's CIFAR classes would check each file's md5, which a re-pickled or generated copy
+cannot pass; the archive itself is checked by ``python -m cl_vit.data.download``.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cl_vit.data.base import Source
+from cl_vit.data.longtail import longtail_subset
+from cl_vit.data.transforms import cifar_eval_pipeline, cifar_train_pipeline, resolve_normalization
+from cl_vit.errors import UserError
+
+ARCHIVES = {
+    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
+                "test": ["test_batch"], "meta": "batches.meta", "names": "label_names", "labels": "labels",
+                "n_classes": 10},
+    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "test": ["test"], "meta": "meta",
+                 "names": "fine_label_names", "labels": "fine_labels", "n_classes": 100},
+}
+
+
+class ArrayImageDataset(Dataset):
+    """RGB uint8 images ``[N, H, W, 3]`` in memory, augmented with an albumentations pipeline."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], transform=None):
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.transform is not None:
+            return self.transform(image=img)["image"], self.targets[i]
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), self.targets[i]
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        with open(path, "rb") as f:
+            doc = pickle.load(f, encoding="latin1")  # the archives are Python 2 pickles
+    except Exception as e:
+        raise UserError(f"CIFAR file {path} cannot be read ({type(e).__name__}): it is corrupt; delete the folder and "
+                        "download the archive again") from e
+    if not isinstance(doc, dict):
+        raise UserError(f"CIFAR file {path} does not hold a CIFAR batch (a dict): download the archive again")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in doc.items()}
+
+
+def _batches(folder: Path, files: list[str], label_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        doc = _unpickle(path)
+        if "data" not in doc or label_key not in doc:
+            raise UserError(f"CIFAR file {path} lacks 'data' or '{label_key}': is it the right archive?")
+        data = np.asarray(doc["data"], dtype=np.uint8)
+        y = np.asarray(doc[label_key], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(y):
+            raise UserError(f"CIFAR file {path} holds data of shape {data.shape} for {len(y)} labels: expected "
+                            "[N, 3072] uint8 rows (3x32x32, channel-major)")
+        bad = np.flatnonzero((y < 0) | (y >= n_classes))
+        if bad.size:
+            raise UserError(f"CIFAR file {path} has label {int(y[bad[0]])} (record {int(bad[0])}) outside the class "
+                            f"range 0..{n_classes - 1}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(y)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def load_cifar(data_root: str | Path, variant: str):
+    """``(x_train, y_train, x_test, y_test, class_names)`` with images as ``[N, 32, 32, 3]`` uint8 (HWC)."""
+    from cl_vit.data.download import missing_dataset_error
+
+    spec = ARCHIVES[variant]
+    data_root = Path(data_root).expanduser()
+    folder = data_root / spec["folder"]
+    layout = f"<root> with {', '.join(spec['train'] + spec['test'] + [spec['meta']])} (python pickles)"
+    if not folder.is_dir():
+        raise missing_dataset_error(variant, folder, layout, data_root)
+    try:
+        x_tr, y_tr = _batches(folder, spec["train"], spec["labels"], spec["n_classes"])
+        x_te, y_te = _batches(folder, spec["test"], spec["labels"], spec["n_classes"])
+        names = [str(n) for n in _unpickle(folder / spec["meta"])[spec["names"]]]
+    except FileNotFoundError as e:
+        raise UserError(f"CIFAR file {e.args[0]} is missing: expected {layout}; download again with "
+                        f"python -m cl_vit.data.download {variant} --root {data_root}") from None
+    if len(names) != spec["n_classes"]:
+        raise UserError(f"{folder / spec['meta']} names {len(names)} classes, expected {spec['n_classes']}")
+    return x_tr, y_tr, x_te, y_te, names
+
+
+def build_cifar(
+    data_root: str | Path,
+    variant: str = "cifar100",
+    imbalance_ratio: float | None = None,
+    img_size: int = 32,
+    normalize: str = "cifar",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **_,
+) -> Source:
+    """CIFAR-10/100; with ``imbalance_ratio`` the long-tailed training set of LDAM-DRW (the test set stays balanced)."""
+    x_tr, y_tr, x_te, y_te, names = load_cifar(data_root, variant)
+    mean, std = resolve_normalization(normalize, mean, std)
+    meta = {"root": str(Path(data_root).expanduser() / ARCHIVES[variant]["folder"]),
+            "normalization": {"mean": list(mean), "std": list(std)}}
+    name = variant
+    if imbalance_ratio is not None:
+        if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, (int, float)) or imbalance_ratio < 1:
+            raise UserError(f"benchmark.imbalance_ratio={imbalance_ratio!r} must be a number >= 1 "
+                            "(published: 10, 50, 100)")
+        keep, counts = longtail_subset(y_tr, imbalance_ratio, seed=0)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        name = f"{variant}-lt"
+        meta.update(imbalance_ratio=imbalance_ratio, train_counts=counts,
+                    profile="LDAM-DRW exponential profile, per-class indices shuffled by numpy seed 0, first n_i kept")
+    meta.update(n_train=int(len(y_tr)), n_test=int(len(y_te)))
+    return Source(
+        name=name,
+        train=ArrayImageDataset(x_tr, y_tr, cifar_train_pipeline(img_size, mean, std)),
+        test=ArrayImageDataset(x_te, y_te, cifar_eval_pipeline(img_size, mean, std)),
+        classes=names,
+        in_chans=3,
+        img_size=img_size,
+        meta=meta,
+    )
+
+
+def build_cifar10(data_root, **kw) -> Source:
+    return build_cifar(data_root, variant="cifar10", **kw)
+
+
+def build_cifar100(data_root, **kw) -> Source:
+    return build_cifar(data_root, variant="cifar100", **kw)
+
+
+def build_cifar10_lt(data_root, imbalance_ratio: float = 100, **kw) -> Source:
+    return build_cifar(data_root, variant="cifar10", imbalance_ratio=imbalance_ratio, **kw)
+
+
+def build_cifar100_lt(data_root, imbalance_ratio: float = 100, **kw) -> Source:
+    return build_cifar(data_root, variant="cifar100", imbalance_ratio=imbalance_ratio, **kw)

@@ -1,0 +1,186 @@
+"""ImageNet-R (Hendrycks et al. 2021): 30,000 renditions of 200 ImageNet classes, in
+``<data_root>/imagenet-r/<wnid>/*.jpg``.
+
+Two ways to split it into train and test:
+
+* ``split_dir=DIR`` with CODA-Prompt's split files (``DIR/imagenet-r_{train,test}.yaml``, the layout of its
+  ``dataloaders/splits/``): ``data:`` paths like ``data/imagenet-r/<wnid>/<file>.jpg`` and ``targets:`` label ids.
+  Paths are resolved under the dataset folder by the part after ``imagenet-r/``; the file's targets are the source
+  labels, so class order ``identity`` is CODA-Prompt's own label order and ``coda`` reproduces its trials.
+* otherwise the project's own split: per class (in the order of ``tasks/imagenet-r-wnids.txt``), the sorted file
+  paths are permuted by one ``numpy.random.RandomState(split_seed)`` and the first ``round(0.8 n)`` go to training.
+  Reproducible on any machine with the same files; the sha256 of the resulting list is recorded in results.json.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+from cl_vit.data.base import Source, scan_image_folder
+from cl_vit.data.transforms import imagenet_style_datasets, resolve_normalization
+from cl_vit.data.verify import skipped_record, verify_images
+from cl_vit.errors import UserError
+
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+WNIDS_FILE = TASKS_DIR / "imagenet-r-wnids.txt"
+SPLIT_FILES = ("imagenet-r_train.yaml", "imagenet-r_test.yaml")
+LAYOUT = "<root>/<wnid>/<image>.jpg for the 200 wnids of tasks/imagenet-r-wnids.txt"
+
+
+def imagenet_r_wnids() -> list[str]:
+    """The 200 ImageNet-R classes, sorted (the project's own list)."""
+    lines = (ln.strip() for ln in WNIDS_FILE.read_text().splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _yaml_load(path: Path):
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads the 24,000-entry file in ~1 s
+    with open(path) as f:
+        return yaml.load(f, Loader=loader)
+
+
+def read_split_file(path: Path, root: Path, n_classes: int) -> tuple[list[tuple[str, int]], list[str]]:
+    """A CODA-Prompt split file -> ``(path, label)`` samples under ``root`` and the wnid of every entry."""
+    try:
+        doc = _yaml_load(path)
+    except yaml.YAMLError as e:
+        raise UserError(f"split file {path} is not valid YAML ({type(e).__name__}): restore the file") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list) or not isinstance(doc.get("targets"), list):
+        raise UserError(f"split file {path} must hold 'data:' (a list of image paths) and 'targets:' (their labels)")
+    data, targets = doc["data"], doc["targets"]
+    if len(data) != len(targets):
+        raise UserError(f"split file {path} has {len(data)} paths but {len(targets)} targets: they must pair up")
+    samples, wnids = [], []
+    for i, (entry, label) in enumerate(zip(data, targets)):
+        entry = str(entry)
+        if "imagenet-r/" not in entry:
+            raise UserError(f"split file {path} entry {i} ({entry!r}) has no 'imagenet-r/' part to resolve under the "
+                            "dataset folder")
+        rel = entry.split("imagenet-r/", 1)[1]
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_classes:
+            raise UserError(f"split file {path} entry {i} ({entry}) has label {label!r} outside the class range "
+                            f"0..{n_classes - 1}")
+        samples.append((str(root / rel), label))
+        wnids.append(rel.split("/", 1)[0])
+    missing = [(i, p) for i, (p, _) in enumerate(samples) if not Path(p).is_file()]
+    if missing:
+        i, p = missing[0]
+        raise UserError(f"split file {path.name} entry {i} ({data[i]}) does not exist at {p} ({len(missing)} "
+                        "missing in all): check data_root, or the split file belongs to another copy of ImageNet-R")
+    return samples, wnids
+
+
+def _class_names_from_split(wnids_of_entries, labels, n_classes: int, known: Sequence[str], path: Path) -> list[str]:
+    names: dict[int, str] = {}
+    for wnid, label in zip(wnids_of_entries, labels):
+        if names.setdefault(label, wnid) != wnid:
+            raise UserError(f"split file {path} gives label {label} to both {names[label]} and {wnid}: "
+                            "one label per class folder")
+    unknown = sorted(set(names.values()) - set(known))
+    if unknown:
+        raise UserError(f"split file {path} names class folders {unknown[:3]} that are not ImageNet-R wnids "
+                        "(tasks/imagenet-r-wnids.txt)")
+    return [names.get(k, f"label_{k}") for k in range(n_classes)]
+
+
+def own_split(samples: Sequence[tuple[str, int]], n_classes: int, train_fraction: float, split_seed: int):
+    """Per class: sorted paths, one seeded permutation, the first ``round(train_fraction * n)`` to training
+    (at least one image on each side when a class has two or more)."""
+    if not 0 < train_fraction < 1:
+        raise UserError(f"benchmark.source_args.train_fraction={train_fraction} must be between 0 and 1")
+    rng = np.random.RandomState(split_seed)
+    by_class: list[list[str]] = [[] for _ in range(n_classes)]
+    for p, y in samples:
+        by_class[y].append(p)
+    train, test = [], []
+    for y, paths in enumerate(by_class):
+        paths = sorted(paths)
+        perm = rng.permutation(len(paths))
+        n_train = int(round(train_fraction * len(paths)))
+        if len(paths) >= 2:
+            n_train = min(max(n_train, 1), len(paths) - 1)
+        train += [(paths[k], y) for k in sorted(perm[:n_train])]
+        test += [(paths[k], y) for k in sorted(perm[n_train:])]
+    return train, test
+
+
+def split_digest(train, test, root: Path) -> str:
+    """sha256 of the split as ``split<TAB>relative/path<TAB>label`` lines: the same on every machine."""
+    h = hashlib.sha256()
+    for name, samples in (("train", train), ("test", test)):
+        for p, y in samples:
+            h.update(f"{name}\t{Path(p).relative_to(root).as_posix()}\t{y}\n".encode())
+    return h.hexdigest()
+
+
+def build_imagenet_r(
+    data_root: str | Path,
+    root: str | Path | None = None,
+    split_dir: str | Path | None = None,
+    wnids: Sequence[str] | None = None,
+    train_fraction: float = 0.8,
+    split_seed: int = 0,
+    img_size: int = 224,
+    normalize: str = "imagenet",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    test_resize: str = "crop",
+    skip_corrupt: bool = False,
+    verify: str = "header",
+    **_,
+) -> Source:
+    """``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order."""
+    from cl_vit.data.download import missing_dataset_error
+
+    data_root = Path(data_root).expanduser()
+    root = Path(root).expanduser() if root else data_root / "imagenet-r"
+    all_wnids = imagenet_r_wnids()
+    classes = list(wnids) if wnids else all_wnids
+    bad = [w for w in classes if w not in all_wnids]
+    if bad:
+        raise UserError(f"benchmark.source_args.wnids names {bad[:3]}, not ImageNet-R classes "
+                        "(tasks/imagenet-r-wnids.txt)")
+    if not root.is_dir():
+        raise missing_dataset_error("imagenet-r", root, LAYOUT, data_root)
+    mean, std = resolve_normalization(normalize, mean, std)
+    meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize}
+    if split_dir:
+        split_dir = Path(split_dir).expanduser()
+        paths = [split_dir / f for f in SPLIT_FILES]
+        for p in paths:
+            if not p.is_file():
+                raise UserError(f"benchmark.source_args.split_dir={split_dir} lacks {p.name}: expected CODA-Prompt's "
+                                f"{SPLIT_FILES[0]} and {SPLIT_FILES[1]} (dataloaders/splits/)")
+        train, train_wnids = read_split_file(paths[0], root, len(classes))
+        test, test_wnids = read_split_file(paths[1], root, len(classes))
+        classes = _class_names_from_split(train_wnids + test_wnids, [y for _, y in train + test], len(classes),
+                                          all_wnids, paths[0])
+        meta["split"] = {"kind": "CODA-Prompt split files", "split_dir": str(split_dir),
+                         "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}}
+    else:
+        samples, _ = scan_image_folder(root, classes)
+        train, test = own_split(samples, len(classes), train_fraction, split_seed)
+        kind = (f"own per-class {train_fraction:g}/{1 - train_fraction:g} split of sorted paths, "
+                f"numpy RandomState({split_seed}) permutation")
+        meta["split"] = {"kind": kind, "sha256": split_digest(train, test, root)}
+    meta.update(n_train=len(train), n_test=len(test))
+    cache = data_root / ".cache" / "cl_vit-verify"
+    train, skipped_train = verify_images(train, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache,
+                                         name="imagenet-r")
+    test, skipped_test = verify_images(test, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache, name="imagenet-r")
+    if skip_corrupt:
+        meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize)
+    return Source(
+        name="imagenet-r",
+        train=train_ds,
+        test=test_ds,
+        classes=classes,
+        in_chans=3,
+        img_size=img_size,
+        meta=meta,
+    )

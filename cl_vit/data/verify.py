@@ -1,0 +1,152 @@
+"""Find unreadable or corrupt image files before any training starts.
+
+Why a pass before training: images are decoded lazily, in DataLoader workers, hours into a run; a bad file found
+there kills the run mid-stream (and OpenCV decodes a truncated JPEG without complaint, filling the missing rows with
+grey). So the sources check every file once, up front, and cache the verdict per (path, size, mtime), so later runs
+only ``stat`` the files:
+
+* ``header`` (default): the file is non-empty, starts with a known image signature and, for JPEG and PNG, ends with
+  the end-of-image marker. This reads a few hundred bytes per file (3,000 files in about 2 s on a busy 2-core
+  machine, 0.06 s once cached) and catches what actually goes wrong with downloaded datasets: truncated archives,
+  zero-byte files, HTML error pages saved as .jpg.
+* ``decode``: the header check plus a full OpenCV decode of every file (threads; OpenCV releases the GIL), about
+  8x slower than ``header``, once; ``skip_corrupt=true`` always uses it, so that every skipped file is known, and
+  counted, before training.
+* ``none``: no pass. A file that still fails to decode mid-run stops the run with one line naming it
+  (``read_image`` raises UserError; cl_vit.errors unwraps the DataLoader worker's traceback to that line).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+
+from cl_vit.errors import ConfigError, UserError
+
+log = logging.getLogger("cl_vit")
+
+VERIFY_MODES = ("header", "decode", "none")
+_JPEG_TAIL = 1024  # the end marker may be followed by a little padding
+
+
+def header_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable image by its bytes (``None`` when it looks fine)."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "is empty (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if head[:3] == b"\xff\xd8\xff":
+                f.seek(max(0, size - _JPEG_TAIL))
+                return None if b"\xff\xd9" in f.read() else "is truncated (no JPEG end-of-image marker)"
+            if head[:8] == b"\x89PNG\r\n\x1a\n":
+                f.seek(max(0, size - 64))
+                return None if b"IEND" in f.read() else "is truncated (no PNG IEND chunk)"
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head[:6] in (b"GIF87a", b"GIF89a") or head[:2] == b"BM" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return "is not an image (unknown file signature)"
+
+
+def decode_problem(path: str) -> str | None:
+    problem = header_problem(path)
+    if problem is None and cv2.imread(path, cv2.IMREAD_COLOR) is None:
+        problem = "cannot be decoded (corrupt image data)"
+    return problem
+
+
+def _cache_file(cache_dir: Path | None, name: str, mode: str) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir) / f"{name}-{mode}.json"
+
+
+def _load_cache(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a damaged cache is only a cache
+        return {}
+
+
+def _save_cache(path: Path | None, cache: dict) -> None:
+    if path is None:
+        return
+    try:  # temp file + rename (not cl_vit.results' writer: importing that pulls in Avalanche, seconds per process)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only data_root only costs the next run another pass
+        pass
+
+
+def verify_images(samples: Sequence[tuple[str, int]], *, mode: str = "header", skip_corrupt: bool = False,
+                  cache_dir: Path | None = None, name: str = "images", workers: int | None = None,
+                  ) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Check the files of ``samples``; returns the samples to keep and the skipped ones (``path``, ``problem``).
+
+    A bad file raises UserError naming it, unless ``skip_corrupt``. ``skip_corrupt`` implies ``mode="decode"``.
+    """
+    if mode not in VERIFY_MODES:
+        raise ConfigError("data.verify", mode, f"one of {list(VERIFY_MODES)}")
+    if skip_corrupt:
+        mode = "decode"
+    if mode == "none":
+        return list(samples), []
+    check = decode_problem if mode == "decode" else header_problem
+    cache_path = _cache_file(cache_dir, name, mode)
+    cache = _load_cache(cache_path)
+    stats, todo = {}, []
+    for path, _ in samples:
+        try:
+            st = os.stat(path)
+            stats[path] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stats[path] = None
+        if stats[path] is None or cache.get(path) != stats[path]:
+            todo.append(path)
+    problems = {}
+    if todo:
+        desc = f"checking {len(todo)} images ({mode})"
+        log.info("%s: %s", name, desc)
+        workers = workers or min(8, (os.cpu_count() or 1) * 2)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(check, todo, chunksize=64)
+            if len(todo) >= 2000:
+                from tqdm.auto import tqdm
+
+                results = tqdm(results, total=len(todo), desc=desc, leave=False)
+            for path, problem in zip(todo, results):
+                if problem is None:
+                    cache[path] = stats[path]
+                else:
+                    problems[path] = problem
+                    cache.pop(path, None)
+        _save_cache(cache_path, cache)
+    if problems and not skip_corrupt:
+        path = next(p for p, _ in samples if p in problems)
+        more = f" ({len(problems) - 1} more bad files)" if len(problems) > 1 else ""
+        raise UserError(f"image {path} {problems[path]}{more}: replace it (re-download the dataset), or run with "
+                        "skip_corrupt=true to skip and count bad files")
+    kept = [s for s in samples if s[0] not in problems]
+    skipped = [{"path": p, "problem": problems[p]} for p, _ in samples if p in problems]
+    if skipped:
+        log.warning("%s: skipped %d corrupt images (skip_corrupt=true), e.g. %s", name, len(skipped),
+                    skipped[0]["path"])
+    return kept, skipped
+
+
+def skipped_record(skipped: list[dict], limit: int = 50) -> dict:
+    """What results.json records about skipped files: the count and the first ``limit`` of them."""
+    return {"count": len(skipped), "files": skipped[:limit]}

@@ -1,0 +1,226 @@
+"""ImageNet-R: the project's wnid list, CODA-Prompt split files, the own split, class orders, transforms, bad input."""
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import SHARED_REFERENCE, TINY, compose
+from data_gen import WNIDS, make_imagenet_r, write_coda_split, write_jpeg
+
+from cl_vit.data import build_source
+from cl_vit.data.imagenet_r import imagenet_r_wnids
+from cl_vit.data.transforms import (DecodeResizeCenterCrop, imagenet_eval_pipeline, random_resized_crop_box)
+from cl_vit.errors import UserError
+from cl_vit.streams import build_stream, resolve_class_order
+
+TINY_R = ["benchmark=imagenet-r", "model=vit_micro", "model.patch_size=8", "benchmark.source_args.img_size=32",
+          "data.num_workers=0", "data.batch_size=8", "data.persistent_workers=false"]
+
+
+def test_wnid_list_is_the_200_imagenet_r_classes():
+    wnids = imagenet_r_wnids()
+    assert len(wnids) == 200 == len(set(wnids)) and wnids == sorted(wnids)
+    ref = SHARED_REFERENCE / "imagenet-r-wnids.txt"
+    if not ref.exists():
+        pytest.skip("shared reference wnid list not present")
+    assert wnids == [ln.strip() for ln in ref.read_text().splitlines() if ln.strip()]
+
+
+def test_coda_split_files_give_their_labels_and_paths(tmp_path):
+    root = make_imagenet_r(tmp_path, per_class=6)
+    labels = {w: k for k, w in enumerate(reversed(WNIDS))}  # CODA-Prompt's label ids are not the sorted order
+    write_coda_split(tmp_path / "splits", root, labels)
+    src = build_source("imagenet-r", tmp_path, split_dir=tmp_path / "splits", wnids=WNIDS, img_size=32)
+    doc = yaml.safe_load((tmp_path / "splits" / "imagenet-r_train.yaml").read_text())
+    assert [y for _, y in src.train.samples] == doc["targets"]
+    assert [p for p, _ in src.train.samples] == [str(tmp_path / d[len("data/"):]) for d in doc["data"]]
+    assert src.classes == list(reversed(WNIDS))  # label k is the wnid the file gives it
+    assert src.meta["split"]["kind"] == "CODA-Prompt split files"
+
+
+def test_own_split_is_deterministic_stratified_and_hashed(tmp_path):
+    make_imagenet_r(tmp_path, per_class=10)
+    a = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    b = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    c = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32, split_seed=1)
+    assert a.train.samples == b.train.samples and a.meta["split"]["sha256"] == b.meta["split"]["sha256"]
+    assert a.meta["split"]["sha256"] != c.meta["split"]["sha256"]
+    assert np.bincount(a.train_targets).tolist() == [8] * 5 and np.bincount(a.test_targets).tolist() == [2] * 5
+    assert not {p for p, _ in a.train.samples} & {p for p, _ in a.test.samples}
+
+
+def test_coda_class_order_is_identity_then_python_shuffles():
+    assert resolve_class_order("coda", 200, 0)[0] == list(range(200))
+    for seed in (1, 2):
+        expected = list(range(200))
+        random.seed(seed)
+        random.shuffle(expected)  # CODA-Prompt trainer.py
+        assert resolve_class_order("coda", 200, seed) == (expected, f"seeded({seed})")
+
+
+@pytest.mark.skipif(not (SHARED_REFERENCE / "imagenet-r_train.yaml").exists(), reason="no shared CODA-Prompt splits")
+def test_real_coda_split_files_map_every_label_to_one_wnid():
+    from cl_vit.data.imagenet_r import _class_names_from_split, _yaml_load
+
+    names = {}
+    for split in ("train", "test"):
+        doc = _yaml_load(SHARED_REFERENCE / f"imagenet-r_{split}.yaml")
+        wnids = [d.split("imagenet-r/", 1)[1].split("/")[0] for d in doc["data"]]
+        names[split] = _class_names_from_split(wnids, doc["targets"], 200, imagenet_r_wnids(), SHARED_REFERENCE)
+        assert len(doc["data"]) == {"train": 24000, "test": 6000}[split]
+    assert names["train"] == names["test"] and sorted(names["train"]) == imagenet_r_wnids()
+
+
+def test_eval_decode_matches_full_decode_pipeline(tmp_path):
+    """The reduced-decode centre crop equals Resize(256)+CenterCrop(224) on the full image up to resampling."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    img = cv2.resize(coarse, (600, 400), interpolation=cv2.INTER_CUBIC)
+    write_jpeg(tmp_path / "a.jpg", img, quality=95)
+    fast = DecodeResizeCenterCrop(224)(str(tmp_path / "a.jpg")).astype(np.float32)
+    full = imagenet_eval_pipeline(224, (0, 0, 0), (1, 1, 1))(image=cv2.cvtColor(
+        cv2.imread(str(tmp_path / "a.jpg")), cv2.COLOR_BGR2RGB))["image"].permute(1, 2, 0).numpy() * 255
+    assert fast.shape == full.shape == (224, 224, 3)
+    assert np.abs(fast - full).mean() < 4.0
+
+
+def test_random_resized_crop_box_follows_torchvision():
+    """Same distribution of crops as torchvision's RandomResizedCrop.get_params (area fraction, aspect, position)."""
+    import torchvision.transforms as T
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    ours = np.array([random_resized_crop_box(300, 500, rng=rng) for _ in range(800)], dtype=float)
+    image = torch.zeros(1, 300, 500)
+    ref = np.array([T.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(800)],
+                   dtype=float)
+    for boxes in (ours, ref):
+        assert (boxes[:, 0] + boxes[:, 2] <= 300).all() and (boxes[:, 1] + boxes[:, 3] <= 500).all()
+    stats = lambda b: (np.mean(b[:, 2] * b[:, 3] / 150000), np.mean(np.log(b[:, 3] / b[:, 2])),  # noqa: E731
+                       np.mean(b[:, 0] / (300 - b[:, 2] + 1)))
+    assert np.allclose(stats(ours), stats(ref), atol=0.04)
+
+
+def test_imagenet_r_benchmark_runs_with_tiny_model_and_records_order(tmp_path, data_root):
+    from cl_vit.run import run
+
+    make_imagenet_r(data_root, wnids=WNIDS[:4], per_class=5)
+    cfg = compose(TINY + TINY_R + [f"benchmark.source_args.wnids=[{','.join(WNIDS[:4])}]",
+                                   "benchmark.n_experiences=2", "seed=1"], data_root)
+    assert cfg.benchmark.class_order == "coda" and cfg.trainer.max_epochs == 1
+    doc = run(cfg, tmp_path / "run")
+    expected = list(range(4))
+    random.Random(1).shuffle(expected)
+    assert doc["class_order"] == expected and doc["class_order_rule"] == "seeded(1)"
+    assert doc["class_names"] == [WNIDS[c] for c in expected]
+    assert len(doc["source"]["split"]["sha256"]) == 64
+    assert doc["source"]["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # vit_micro's cfg
+
+
+def test_benchmark_brings_the_recommended_setting():
+    cfg = compose(["benchmark=imagenet-r"])
+    assert cfg.model.name == "vit_base_patch16_224" and cfg.model.pretrained is True
+    assert cfg.model.pretrained_tag == "augreg_in21k_ft_in1k"
+    assert (cfg.benchmark.n_experiences, cfg.trainer.max_epochs, cfg.data.batch_size) == (10, 50, 128)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adam", 1e-3, 0.0)
+    assert compose(["benchmark=imagenet-r-5"]).benchmark.n_experiences == 5
+    assert compose(["benchmark=imagenet-r-20"]).benchmark.n_experiences == 20
+
+
+# -- bad input --------------------------------------------------------------------------------------------------------
+
+
+def test_missing_root_names_layout_and_download_command(tmp_path):
+    with pytest.raises(UserError) as e:
+        build_source("imagenet-r", tmp_path)
+    msg = str(e.value)
+    assert "imagenet-r" in msg and "<wnid>" in msg and "python -m cl_vit.data.download imagenet-r --root" in msg
+    assert "\n" not in msg
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    make_imagenet_r(tmp_path, per_class=3)
+    for f in (tmp_path / "imagenet-r" / WNIDS[2]).iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match=f"{WNIDS[2]} holds no images"):
+        build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+
+
+def test_split_entry_missing_and_label_out_of_range_are_named(tmp_path):
+    root = make_imagenet_r(tmp_path, per_class=4)
+    write_coda_split(tmp_path / "s", root, {w: k for k, w in enumerate(WNIDS)})
+    path = tmp_path / "s" / "imagenet-r_train.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["data"][1] = f"data/imagenet-r/{WNIDS[0]}/not_there.jpg"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match=r"entry 1 \(data/imagenet-r/n01443537/not_there.jpg\) does not exist"):
+        build_source("imagenet-r", tmp_path, split_dir=tmp_path / "s", wnids=WNIDS)
+    doc = yaml.safe_load((tmp_path / "s" / "imagenet-r_test.yaml").read_text())
+    doc["targets"][0] = 7
+    (tmp_path / "s" / "imagenet-r_train.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match=r"label 7 outside the class range 0\.\.4"):
+        build_source("imagenet-r", tmp_path, split_dir=tmp_path / "s", wnids=WNIDS)
+
+
+def test_corrupt_image_fails_by_default_and_is_skipped_and_counted_on_request(tmp_path):
+    make_imagenet_r(tmp_path, per_class=5)
+    bad = tmp_path / "imagenet-r" / WNIDS[1] / "art_0.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated download
+    with pytest.raises(UserError) as e:
+        build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    assert str(bad) in str(e.value) and "truncated" in str(e.value) and "skip_corrupt=true" in str(e.value)
+    src = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32, skip_corrupt=True)
+    assert src.meta["skipped_corrupt"]["count"] == 1
+    assert src.meta["skipped_corrupt"]["files"][0]["path"] == str(bad)
+    assert str(bad) not in {p for p, _ in src.train.samples + src.test.samples}
+    assert len(src.train) + len(src.test) == 24
+
+
+def test_corrupt_image_found_mid_run_gives_one_line_from_the_worker(tmp_path):
+    """With the header check off, a file that fails to decode inside a DataLoader worker still ends in one line."""
+    make_imagenet_r(tmp_path, per_class=2)
+    src = build_source("imagenet-r", tmp_path, wnids=WNIDS[:2], img_size=32, verify="none")
+    bad = src.train.samples[0][0]
+    with open(bad, "wb") as f:
+        f.write(b"<html>not found</html>")
+    loader = torch.utils.data.DataLoader(src.train, batch_size=2, num_workers=1)
+    with pytest.raises(UserError) as e:
+        list(loader)
+    assert str(e.value).startswith(f"cannot decode image {bad}") and "Traceback" not in str(e.value)
+
+
+def test_verification_is_cached(tmp_path, monkeypatch):
+    make_imagenet_r(tmp_path, per_class=3)
+    build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    import cl_vit.data.verify as V
+
+    calls = []
+    monkeypatch.setattr(V, "header_problem", lambda p: calls.append(p))
+    build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    assert calls == []  # every file already verified with the same size and mtime
+    (tmp_path / "imagenet-r" / WNIDS[0] / "art_0.jpg").write_bytes(b"\xff\xd8\xff\xe0 changed \xff\xd9")
+    build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    assert calls == [str(tmp_path / "imagenet-r" / WNIDS[0] / "art_0.jpg")]
+
+
+def test_normalisation_follows_the_backbone_or_coda(tmp_path):
+    from cl_vit.run import source_arguments
+
+    cfg = compose(["benchmark=imagenet-r"], tmp_path)
+    args = source_arguments(cfg)
+    assert args["mean"] == [0.5, 0.5, 0.5] and args["std"] == [0.5, 0.5, 0.5]  # augreg ViT-B/16
+    make_imagenet_r(tmp_path, wnids=WNIDS[:2], per_class=2)
+    src = build_source("imagenet-r", tmp_path, wnids=WNIDS[:2], img_size=32, normalize="coda")
+    x = torch.stack([src.test[i][0] for i in range(len(src.test))])
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5  # CODA-Prompt's [0, 1] inputs
+
+
+def test_stream_of_imagenet_r_uses_contiguous_label_ranges(tmp_path):
+    make_imagenet_r(tmp_path, wnids=WNIDS[:4], per_class=3)
+    src = build_source("imagenet-r", tmp_path, wnids=WNIDS[:4], img_size=32)
+    scenario, info = build_stream(src, n_experiences=2, class_order="coda", seed=3)
+    assert info.train_classes == [[0, 1], [2, 3]]
+    first = sorted({int(y) for y in scenario.train_stream[0].dataset.targets})
+    assert first == [0, 1] and info.class_names == [WNIDS[c] for c in info.class_order]
