@@ -84,7 +84,7 @@ def accuracy_matrices_figure(matrices: Mapping[str, np.ndarray], ncols: int = 3)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
     side = max((np.asarray(R).shape[1] for R in matrices.values()), default=1)
-    fig = Figure(figsize=(ncols * (1.6 + 0.5 * side), nrows * (1.2 + 0.45 * side)), dpi=100)
+    fig = Figure(figsize=(ncols * (2.6 + 0.5 * side), nrows * (1.6 + 0.45 * side)), dpi=100)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (label, R) in zip(axes, matrices.items()):
         accuracy_matrix_figure(R, title=label, ax=ax)
@@ -148,10 +148,11 @@ def forgetting_figure(values: Mapping[str, Mapping[str, Sequence[float]]], title
 
 def _count_axis(ax, counts: np.ndarray) -> None:
     """Training-set sizes spanning a decade or more on a log axis, labelled with plain numbers."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     if counts.size and counts.min() > 0 and counts.max() / counts.min() >= 5:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training images of the class")
@@ -213,21 +214,26 @@ def shot_accuracy_figure(values: Mapping[str, Mapping[str, float]], title: str =
     return fig
 
 
-def expert_comparison_figure(counts: Sequence[int], a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("cls", "dist"),
-                             groups: Sequence[str] | None = None, title: str = "", ax=None) -> Figure:
+def expert_comparison_figure(counts: Sequence[int], a: np.ndarray, b: np.ndarray,
+                             names: tuple[str, str] = ("cls", "dist"), groups: Sequence[str] | None = None,
+                             title: str = "", ax=None) -> Figure:
     """Per-class accuracy of head ``b`` minus head ``a`` (points) against training images: where each expert wins
     (DeiT-LT: the DIST head should win on the tail, the CLS head on the head classes)."""
     counts = np.asarray(counts, dtype=float)
     diff = (np.asarray(b, dtype=float) - np.asarray(a, dtype=float)) * 100
     ok = ~np.isnan(diff)
     fig, ax = _axes(ax, (6.0, 3.2))
-    colors = [SHOT_COLORS.get(g, "gray") for g in groups] if groups is not None else ["C0"] * len(diff)
-    ax.scatter(counts[ok], diff[ok], s=14, c=[c for c, o in zip(colors, ok) if o])
+    groups = np.asarray(groups) if groups is not None else np.full(len(diff), "class")
+    for g in dict.fromkeys(groups):
+        sel = ok & (groups == g)
+        ax.scatter(counts[sel], diff[sel], s=14, color=SHOT_COLORS.get(g, "C0"), label=g)
     ax.axhline(0, color="black", lw=0.6)
+    if len(set(groups)) > 1:
+        ax.legend(fontsize=7)
     _count_axis(ax, counts)
     ax.set_ylabel(f"{names[1]} − {names[0]} accuracy (points)")
     ax.grid(alpha=0.3)
-    ax.set_title(title or f"{names[1]} vs {names[0]} per class (colour: shot group)", fontsize=9)
+    ax.set_title(title or f"{names[1]} vs {names[0]} per class", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -381,7 +387,8 @@ def attention_summary_figure(maps: Sequence[Mapping[str, np.ndarray | None]], vi
     return fig
 
 
-def attention_figures(model, image: torch.Tensor, view: str = "cls", blocks: Sequence[int] | None = None) -> list[Figure]:
+def attention_figures(model, image: torch.Tensor, view: str = "cls",
+                      blocks: Sequence[int] | None = None) -> list[Figure]:
     """Figures of the raw and refined attention of ``model`` (anything with ``get_attention_maps``, or a module
     holding such a net) on one image: one per block (per head), in block order."""
     maps = attention_maps(model, image)

@@ -149,7 +149,8 @@ def format_markdown(rows: list[dict], legend: str = "") -> str:
     ident += ["seeds", "runs", "status"]
     keys = _columns(rows)
     header = ident + [COLUMNS[k][0] for k in keys]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if h in ident else " ---: " for h in header) + "|"]
+    align = "|".join(" --- " if h in ident else " ---: " for h in header)
+    lines = ["| " + " | ".join(header) + " |", f"|{align}|"]
     for r in rows:
         cells = [str(r[c]).replace("|", "\\|") for c in ident] + [_cell(k, r[k]) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")

@@ -256,7 +256,8 @@ def _float_array(values) -> np.ndarray:
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"optimizer": {"lr": 0.1}}`` -> ``{"optimizer.lr": 0.1}``; an empty mapping stays a value (``strategy.finetune``)."""
+    """``{"optimizer": {"lr": 0.1}}`` -> ``{"optimizer.lr": 0.1}``; an empty mapping stays one value
+    (``strategy.finetune``)."""
     out = {}
     for k, v in cfg.items():
         key = f"{prefix}{k}"
@@ -285,7 +286,8 @@ class ShotGroups:
 
 @dataclass(frozen=True)
 class Head:
-    """One output of a run's model: ``main`` (what the model predicts) or an extra head (DeiT-LT's ``cls``, ``dist``)."""
+    """One output of a run's model: ``main`` (what the model predicts) or an extra head (DeiT-LT's ``cls``,
+    ``dist``)."""
 
     name: str
     #: ``R[i, j]``: accuracy on evaluation experience j after training experience i (nan: not evaluated)

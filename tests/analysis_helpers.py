@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -90,8 +89,8 @@ def make_multirun(root: Path) -> None:
     Hydra sweep, with TensorBoard."""
     from conftest import run_cli
 
-    run_cli("-m", "strategy=finetune,ftpp", "seed=0,1", *FAST, "benchmark.n_experiences=2", f"hydra.sweep.dir={root / 'sweep'}",
-            data_root=root, check=True, timeout=600)
+    run_cli("-m", "strategy=finetune,ftpp", "seed=0,1", *FAST, "benchmark.n_experiences=2",
+            f"hydra.sweep.dir={root / 'sweep'}", data_root=root, check=True, timeout=600)
 
 
 def make_killed_run(root: Path) -> None:

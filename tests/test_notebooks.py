@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from analysis_helpers import attention_run, killed, lt_run, sweep  # noqa: F401  (fixtures)
+from analysis_helpers import attention_run, killed, lt_run, sweep  # noqa: F401  (fixtures; registers test nets)
 from conftest import REPO_ROOT, cli_env
 from nbclient import NotebookClient
 
@@ -80,15 +80,14 @@ def test_02_long_tail(kernel, lt_run, sweep, tmp_path):
 def test_03_attention(kernel, attention_run, sweep, tmp_path):
     out = execute("03_attention.ipynb", kernel, [attention_run, sweep / "0"], tmp_path)
     text = _text(out)
-    assert "attnmaps_micro_patch2_8 · finetune · seed 0: 2 blocks, 2 heads, 17 tokens, checkpoint after experience 5" in text
+    assert ("attnmaps_micro_patch2_8 · finetune · seed 0: 2 blocks, 2 heads, 17 tokens, "
+            "checkpoint after experience 5") in text
     assert "model vit_micro_patch2_8 has no get_attention_maps(x)" in text
     assert _images(out) == 3  # two blocks, then the summary
 
 
 def test_attention_figures_draw_what_get_attention_maps_returns():
-    import analysis_helpers  # noqa: F401  (registers the stand-in)
-
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the stand-in model is registered by importing analysis_helpers
     net = timm.create_model("attnmaps_micro_patch2_8", num_classes=10).train()
     image = torch.randn(1, 8, 8)
     figs = plots.attention_figures(net, image)

@@ -84,7 +84,8 @@ def test_report_shows_unfinished_runs_apart(sweep, killed, capsys):
 
 def test_report_errors_are_one_line(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'} does not exist: give a run directory or a Hydra multirun folder\n"
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'nope'} does not exist: give a run directory or a Hydra multirun folder\n"
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith(f"error: no cl_vit run directory under {tmp_path / 'empty'}")

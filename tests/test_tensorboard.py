@@ -50,6 +50,7 @@ def test_hparams_hold_the_config_and_final_metrics(attention_run):
     doc = results(attention_run)
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert {"seed", "model.name", "strategy", "optimizer.lr", "benchmark.n_experiences"} <= set(start.hparams)
     assert start.hparams["model.name"].string_value == "attnmaps_micro_patch2_8"
     assert start.hparams["strategy"].string_value == "finetune"
     assert start.hparams["seed"].number_value == 0
