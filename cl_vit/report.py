@@ -1,6 +1,14 @@
-"""Readable tables of runs: the end-of-run summary (accuracy matrix and headline metrics) and the stream."""
+"""Readable tables of runs: the end-of-run summary (accuracy matrix and headline metrics), the stream, and the
+side-by-side report of many runs::
+
+    python -m cl_vit.report RUN_DIR [RUN_DIR ...]        # Markdown; runs differing only by seed -> mean ± std
+    python -m cl_vit.report multirun/2025-01-01/12-00-00 # a Hydra multirun folder: every job in it
+    python -m cl_vit.report RUN_DIR ... --csv            # CSV for scripts and spreadsheets
+"""
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +81,222 @@ def format_stream(stream: dict) -> str:
         lines.append(f"eval {k + 1:<6} {'':>8} {e['n_test']:>7}  {e['classes']}")
     lines.append(f"model {stream.get('model', '?')}: {stream['n_params']:,} parameters")
     return "\n".join(lines)
+
+
+# -- the side-by-side report of runs: python -m cl_vit.report RUN_DIR [RUN_DIR ...] -------------------------------
+
+#: report columns: summary key -> (Markdown header, CSV header)
+COLUMNS = {
+    "final_average_accuracy": ("A_N", "final_average_accuracy"),
+    "global_accuracy": ("global acc.", "global_accuracy"),
+    "average_incremental_accuracy": ("avg. inc. acc.", "average_incremental_accuracy"),
+    "forgetting_max": ("F max", "forgetting_max"),
+    "forgetting_first_last": ("F first-last", "forgetting_first_last"),
+    "forgetting_consecutive": ("F consec.", "forgetting_consecutive"),
+    "bwt": ("BWT", "bwt"),
+    "many_shot_accuracy": ("many", "many_shot_accuracy"),
+    "medium_shot_accuracy": ("medium", "medium_shot_accuracy"),
+    "few_shot_accuracy": ("few", "few_shot_accuracy"),
+    "wall_time": ("wall time", "wall_time_s"),
+}
+SHOT_COLUMNS = ("many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy")
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "—"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def summary_rows(groups, head: str = "main", shots: str = "count") -> list[dict]:
+    """One row per group of runs (``cl_vit.results.group_runs``): identity columns, then every ``COLUMNS`` key as
+    ``(mean, std)`` (std None for a single run, both None where undefined)."""
+    rows = []
+    for g in groups:
+        row = {
+            "benchmark": g.benchmark,
+            "model": g.model,
+            "strategy": g.strategy,
+            "settings": ", ".join(f"{k}={v}" for k, v in g.settings.items()),
+            "seeds": ",".join(str(s) for s in g.seeds),
+            "runs": len(g.runs),
+            "status": g.state,
+            "paths": [str(r.path) for r in g.runs],
+        }
+        for key in COLUMNS:
+            row[key] = g.mean_std(key, head, shots)
+        rows.append(row)
+    return rows
+
+
+def _cell(key: str, mean_std) -> str:
+    mean, std = mean_std
+    if mean is None:
+        return "—"
+    if key == "wall_time":
+        return _duration(mean) + (f" ± {_duration(std)}" if std is not None else "")
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """Shot-group columns only when some run has shot groups."""
+    return [k for k in COLUMNS if k not in SHOT_COLUMNS or any(r[k][0] is not None for r in rows)]
+
+
+def format_markdown(rows: list[dict], legend: str = "") -> str:
+    ident = ["benchmark", "model", "strategy"] + (["settings"] if any(r["settings"] for r in rows) else [])
+    ident += ["seeds", "runs", "status"]
+    keys = _columns(rows)
+    header = ident + [COLUMNS[k][0] for k in keys]
+    align = "|".join(" --- " if h in ident else " ---: " for h in header)
+    lines = ["| " + " | ".join(header) + " |", f"|{align}|"]
+    for r in rows:
+        cells = [str(r[c]).replace("|", "\\|") for c in ident] + [_cell(k, r[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n{legend}" if legend else "")
+
+
+def format_csv(rows: list[dict]) -> str:
+    """Machine-readable: fractions (not %), seconds, ``<column>_std`` beside every value, the run directories."""
+    import csv
+    import io
+
+    keys = _columns(rows)
+    header = ["benchmark", "model", "strategy", "settings", "seeds", "runs", "status"]
+    for k in keys:
+        header += [COLUMNS[k][1], COLUMNS[k][1] + "_std"]
+    header.append("run_dirs")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    fmt = lambda v: "" if v is None else repr(float(v))  # noqa: E731
+    for r in rows:
+        line = [r["benchmark"], r["model"], r["strategy"], r["settings"], r["seeds"], r["runs"], r["status"]]
+        for k in keys:
+            line += [fmt(r[k][0]), fmt(r[k][1])]
+        line.append(";".join(r["paths"]))
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def legend(runs, head: str = "main", shots: str = "count", grouped: bool = True) -> str:
+    parts = ["Accuracies and forgettings in %" + (", mean ± sample standard deviation over seeds" if grouped else "")
+             + ". A_N: mean accuracy over the experiences after the last; global acc.: over all seen test samples; "
+               "avg. inc. acc.: mean of A_t; forgetting F: max-based (Chaudhry et al. 2018), first-minus-last "
+               "(Avalanche), consecutive-drop (CODA-Prompt); BWT (GEM)."]
+    definition = next((g.definition for r in runs if (g := r.shot_groups(shots)) is not None), None)
+    if definition:
+        parts.append(f"Shot groups ({shots}): {definition}.")
+    if head != "main":
+        parts.append(f"Head: {head}.")
+    return " ".join(parts)
+
+
+def markdown_table(runs, group: bool = True, head: str = "main", shots: str = "count") -> str:
+    """The report of runs (``Run`` objects, or paths of run directories / Hydra multirun folders) as Markdown."""
+    from cl_vit.results import Run, group_runs, load_runs
+
+    if isinstance(runs, (str, Path)) or not all(isinstance(r, Run) for r in runs):
+        runs = load_runs(runs)
+    return format_markdown(summary_rows(group_runs(runs, by_seed=group), head, shots),
+                           legend(runs, head, shots, group))
+
+
+def shot_table(runs, shots: str = "count") -> str:
+    """Markdown: overall and per-shot-group accuracy (%) of every head of every long-tailed run."""
+    lines = ["| run | head | overall | many | medium | few |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in runs:
+        if r.shot_groups(shots) is None:
+            continue
+        for h in r.head_names:
+            acc = r.shot_accuracy(h, shots)
+            overall = r.head(h).metrics.get("global_accuracy")
+            lines.append(f"| {r.label} | {h} | {_pct(overall).strip()} | "
+                         + " | ".join(_pct(acc.get(g)).strip() for g in ("many", "medium", "few")) + " |")
+    return "\n".join(lines)
+
+
+# -- the end of a run ----------------------------------------------------------------------------------------------
+
+
+def hparams_of(run) -> dict:
+    """The run's config flattened to TensorBoard hparams values (numbers, strings, booleans)."""
+    from cl_vit.results import flatten_config
+
+    out = {"strategy": run.strategy}
+    for k, v in flatten_config(run.config).items():
+        out[k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+    return out
+
+
+def log_hparams(writer, run, step: int) -> dict:
+    """Final metrics as scalars ``final/<key>`` at ``step`` and the hparams plugin's records of the run in the same
+    event stream, so that TensorBoard's HPARAMS tab lists the run's config next to its results."""
+    from torch.utils.tensorboard.summary import hparams
+
+    metrics = {f"final/{k}": v for k, v in run.summary().items() if v is not None}
+    for k, v in metrics.items():
+        writer.add_scalar(k, v, step)
+    file_writer = writer._get_file_writer()
+    for summary in hparams(hparams_of(run), metrics) if file_writer is not None else ():
+        file_writer.add_summary(summary)
+    return metrics
+
+
+def finish_run(run_dir: str | Path, writer=None) -> list[Path]:
+    """End of a run: its figures as PNG files in the run directory and, given a TensorBoard ``SummaryWriter``, as
+    images ``figures/<name>`` together with the hyper-parameters and final metrics. Returns the PNG paths."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from cl_vit import plots
+    from cl_vit.results import load_run
+
+    if rank_zero_only.rank != 0:  # every DDP rank runs the stream; one draws
+        return []
+    run = load_run(run_dir)
+    step = max(run.completed_experiences - 1, 0)
+    paths = []
+    for name, fig in plots.run_figures(run).items():
+        paths.append(plots.save_png(fig, run.path / f"{name}.png"))
+        if writer is not None:
+            writer.add_figure(f"figures/{name}", fig, step)
+    if writer is not None:
+        log_hparams(writer, run, step)
+        writer.flush()
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from cl_vit.errors import UserError
+    from cl_vit.results import group_runs, load_runs
+
+    p = argparse.ArgumentParser(
+        prog="python -m cl_vit.report",
+        description="Side-by-side table of cl_vit runs. Runs that differ only by seed are grouped (mean ± sample "
+                    "std); runs that did not finish are shown with their state.",
+    )
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories or Hydra multirun folders")
+    p.add_argument("--csv", action="store_true", help="CSV (fractions, seconds, a _std column per value)")
+    p.add_argument("--no-group", action="store_true", help="one row per run instead of grouping seeds")
+    p.add_argument("--head", default="main", help="report this head's accuracies (e.g. cls, dist of DeiT-LT runs)")
+    p.add_argument("--shots", default="count", choices=("count", "index"),
+                   help="shot-group definition: count (training images) or index (DeiT-LT's class-index cut-offs)")
+    args = p.parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+        rows = summary_rows(group_runs(runs, by_seed=not args.no_group), args.head, args.shots)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.csv:
+        sys.stdout.write(format_csv(rows))
+    else:
+        print(format_markdown(rows, legend(runs, args.head, args.shots, not args.no_group)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,18 +19,22 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import yaml
 
 from cl_vit import metrics as M
-from cl_vit.streams import StreamInfo
+from cl_vit.errors import UserError
+
+if TYPE_CHECKING:  # reading results back needs no Avalanche import
+    from cl_vit.streams import StreamInfo
 
 SCHEMA_VERSION = 1
 
@@ -51,6 +55,10 @@ def _atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -234,17 +242,102 @@ def matrix_csv(R: np.ndarray) -> str:
     return buf.getvalue()
 
 
+
+
 # -- reading runs back -------------------------------------------------------------------------------------------
+#
+# The public, typed view of run directories for the report command, the notebooks and the tests:
+# load_run(path) -> Run; load_runs(paths) also expands Hydra multirun folders; group_runs(runs) -> [RunGroup], the
+# runs of one setting that differ only by seed. Nothing here needs the code that made a run, except Run.restore.
+
+SHOT_GROUP_NAMES = ("many", "medium", "few")
+#: the summary of a run: the headline metrics, shot-group accuracies (when the run has shot groups), wall time
+SHOT_KEYS = tuple(f"{g}_shot_accuracy" for g in SHOT_GROUP_NAMES)
+SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, "wall_time")
+
+#: config keys that say where and how a run was executed, not what it computed: runs that differ only in these and in
+#: the seed are repetitions of one setting
+EXECUTION_KEYS = ("seed", "resume", "data_root", "dry_run", "logger", "trainer.accelerator", "data.num_workers",
+                  "data.pin_memory", "data.persistent_workers", "data.eval_batch_size")
+
+
+class NotARunError(UserError, FileNotFoundError):
+    """A path that holds no cl_vit run directory."""
+
+
+def _float_array(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer": {"lr": 0.1}}`` -> ``{"optimizer.lr": 0.1}``; an empty mapping stays one value
+    (``strategy.finetune``)."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_execution_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
+
+
+@dataclass(frozen=True)
+class ShotGroups:
+    """The shot group ("many", "medium" or "few") of every class (stream labels) under one definition."""
+
+    kind: str
+    definition: str
+    groups: tuple[str, ...]
+
+    def classes(self, group: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.groups) == group)
+
+
+@dataclass(frozen=True)
+class Head:
+    """One output of a run's model: ``main`` (what the model predicts) or an extra head (DeiT-LT's ``cls``,
+    ``dist``)."""
+
+    name: str
+    #: ``R[i, j]``: accuracy on evaluation experience j after training experience i (nan: not evaluated)
+    accuracy_matrix: np.ndarray
+    metrics: dict
+
+    @property
+    def average_accuracy(self) -> np.ndarray:
+        """``A_t`` after every experience (nan where the stream was not evaluated)."""
+        return M.average_accuracy(self.accuracy_matrix) if len(self.accuracy_matrix) else np.zeros(0)
+
+
+@dataclass
+class Restored:
+    """A run rebuilt from its config and one checkpoint: the trained module and the stream it ran on."""
+
+    module: Any
+    scenario: Any
+    info: StreamInfo
+    source: Any
+    experience: int
 
 
 @dataclass
 class Run:
-    """A run directory read back: config, status, the accuracy matrix and the headline metrics."""
+    """A run directory read back: config, status, accuracy matrices per head, metrics, shot groups, timings."""
 
     path: Path
     config: dict
     results: dict
     stream: dict | None
+    #: Hydra's record of the launch (``.hydra/hydra.yaml``): the config-group choices (``strategy: ftpp``)
+    choices: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- what ran ------------------------------------------------------------------------------------------------
 
     @property
     def status(self) -> str:
@@ -255,10 +348,72 @@ class Run:
         return self.status == "completed"
 
     @property
+    def completed_experiences(self) -> int:
+        return int(self.results.get("completed_experiences", 0))
+
+    @property
+    def n_experiences(self) -> int | None:
+        n = self.results.get("n_experiences")
+        if n is None and self.stream:
+            n = len(self.stream.get("experiences", []))
+        return n
+
+    @property
+    def state(self) -> str:
+        """``completed``, ``unfinished (k/N)`` (stopped or still running after k experiences) or ``not started``."""
+        if self.finished:
+            return "completed"
+        if "completed_experiences" not in self.results:
+            return "not started"
+        return f"unfinished ({self.completed_experiences}/{self.n_experiences or '?'})"
+
+    def config_value(self, key: str, default=None):
+        node = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def benchmark(self) -> str:
+        return self.results.get("benchmark") or self.config_value("benchmark.name", "?")
+
+    @property
+    def model(self) -> str:
+        return self.results.get("model") or self.config_value("model.name", "?")
+
+    @property
+    def strategy(self) -> str:
+        """The strategy as it was chosen on the command line (``ftpp``), else the strategies that ran (``l2+lwf``)."""
+        choice = self.choices.get("strategy")
+        if choice:
+            return "+".join(choice) if isinstance(choice, list) else str(choice)
+        names = self.results.get("strategy") or list(self.config_value("strategy", {}) or {})
+        return "+".join(names) or "?"
+
+    @property
+    def seed(self):
+        return self.results.get("seed", self.config_value("seed"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.benchmark} · {self.model} · {self.strategy} · seed {self.seed}"
+
+    @property
+    def wall_time(self) -> float | None:
+        return (self.results.get("wall_time") or {}).get("total")
+
+    def setting_key(self) -> str:
+        """What the run computed, the seed aside: equal for runs that repeat one setting with other seeds."""
+        flat = {k: v for k, v in flatten_config(self.config).items() if not _is_execution_key(k)}
+        return json.dumps(flat, sort_keys=True, default=str)
+
+    # -- results -------------------------------------------------------------------------------------------------
+
+    @property
     def accuracy_matrix(self) -> np.ndarray:
-        return np.array(
-            [[np.nan if v is None else v for v in row] for row in self.results.get("accuracy_matrix", [])], dtype=float
-        ).reshape(-1, len(self.results.get("eval_experiences", [])))
+        return self.head("main").accuracy_matrix
 
     @property
     def metrics(self) -> dict:
@@ -266,22 +421,265 @@ class Run:
 
     @property
     def average_accuracy(self) -> np.ndarray:
-        return np.array([np.nan if v is None else v for v in self.results.get("average_accuracy_per_experience", [])])
+        return self.head("main").average_accuracy
+
+    @property
+    def head_names(self) -> list[str]:
+        return ["main", *self.results.get("heads", {})]
+
+    def head(self, name: str = "main") -> Head:
+        if name == "main":
+            doc = self.results
+        elif name in self.results.get("heads", {}):
+            doc = self.results["heads"][name]
+        else:
+            raise KeyError(f"{self.path} has no head {name!r}: its heads are {self.head_names}")
+        n_cols = len(self.results.get("eval_experiences", []))
+        R = np.array([_float_array(row) for row in doc.get("accuracy_matrix", [])], dtype=float).reshape(-1, n_cols)
+        return Head(name, R, dict(doc.get("metrics", {})))
+
+    @property
+    def heads(self) -> dict[str, Head]:
+        return {h: self.head(h) for h in self.head_names}
 
     def confusions(self, head: str = "main") -> dict[tuple[int, int], np.ndarray]:
-        return {
-            (c["trained_up_to"], c["evaluated"]): np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
-            for c in self.results.get("confusion", [])
-            if c["head"] == head
-        }
+        key = ("confusions", head)
+        if key not in self._cache:  # parsed once: results.json of a large benchmark holds many entries
+            self._cache[key] = {
+                (c["trained_up_to"], c["evaluated"]): np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
+                for c in self.results.get("confusion", [])
+                if c["head"] == head
+            }
+        return dict(self._cache[key])
+
+    def final_entries(self, head: str = "main") -> np.ndarray:
+        """The pooled sparse confusion of the last evaluation: every test sample of the seen classes once."""
+        conf = self.confusions(head)
+        if not conf:
+            return np.zeros((0, 3), dtype=np.int64)
+        last = max(i for i, _ in conf)
+        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+
+    # -- classes and the long tail -------------------------------------------------------------------------------
+
+    @property
+    def n_classes(self) -> int:
+        order = self.results.get("class_order") or (self.stream or {}).get("class_order") or []
+        return len(order)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.results.get("class_names") or [])
+
+    @property
+    def class_counts(self) -> np.ndarray | None:
+        """Training images of every class (stream labels), when the run recorded them."""
+        counts = self.results.get("class_counts")
+        return None if counts is None else np.asarray(counts, dtype=np.int64)
+
+    def per_class_accuracy(self, head: str = "main") -> np.ndarray:
+        """Accuracy of every class (stream labels) at the last evaluation; nan for classes not evaluated."""
+        return M.per_class_accuracy(self.final_entries(head), self.n_classes)
+
+    @property
+    def shot_group_kinds(self) -> list[str]:
+        sg = self.results.get("shot_groups") or {}
+        if "groups" in sg:  # the single definition by training-set size
+            return ["count"]
+        return [k for k, v in sg.items() if isinstance(v, dict) and "groups" in v]
+
+    def shot_groups(self, kind: str = "count") -> ShotGroups | None:
+        """Shot groups of the classes: ``count`` (many > 100, medium 20-100, few < 20 training images) or ``index``
+        (DeiT-LT's cut-offs on the frequency-sorted classes); None when the run has none (not long-tailed)."""
+        sg = self.results.get("shot_groups") or {}
+        entry = sg if "groups" in sg and kind == "count" else sg.get(kind)
+        if not isinstance(entry, dict) or "groups" not in entry:
+            return None
+        return ShotGroups(kind, str(entry.get("definition", "")), tuple(entry["groups"]))
+
+    def shot_accuracy(self, head: str = "main", kind: str = "count") -> dict[str, float]:
+        """Accuracy per shot group at the last evaluation, as recorded, else from the confusions; {} without groups."""
+        stored = ((self.results.get("shot_accuracy") or {}).get(head) or {}).get(kind)
+        if not stored and kind == "count" and head in self.head_names:  # flat metrics: the count definition
+            metrics = self.head(head).metrics
+            stored = {g: metrics.get(f"{g}_shot_accuracy") for g in SHOT_GROUP_NAMES}
+        if isinstance(stored, dict) and any(v is not None for v in stored.values()):
+            return {g: float(stored[g]) for g in SHOT_GROUP_NAMES if stored.get(g) is not None}
+        groups = self.shot_groups(kind)
+        if groups is None:
+            return {}
+        return M.shot_group_accuracy(self.final_entries(head), groups.groups)
+
+    def summary(self, head: str = "main", shots: str = "count") -> dict[str, float | None]:
+        """``SUMMARY_KEYS`` -> value (None where undefined): what the report shows for one run."""
+        key = ("summary", head, shots)
+        if key not in self._cache:
+            self._cache[key] = self._summary(head, shots)
+        return dict(self._cache[key])
+
+    def _summary(self, head: str, shots: str) -> dict:
+        metrics = self.head(head).metrics if head in self.head_names else {}
+        out = {k: metrics.get(k) for k in M.METRIC_KEYS}
+        shot = self.shot_accuracy(head, shots) if head in self.head_names else {}
+        out.update({f"{g}_shot_accuracy": shot.get(g) for g in SHOT_GROUP_NAMES})
+        out["wall_time"] = self.wall_time
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def checkpoint_path(self, experience: int = -1) -> Path:
+        """The checkpoint after ``experience`` (negative: counted from the last completed one)."""
+        if experience < 0:
+            experience += self.completed_experiences
+        return RunDirectory(self.path).checkpoint_path(experience)
+
+    def restore(self, experience: int = -1, data_root: str | Path | None = None) -> Restored:
+        """Rebuild the run's source, stream and module from config.yaml and load the checkpoint after ``experience``.
+
+        ``data_root`` overrides where the dataset is (the run's own is used otherwise). Custom timm models must be
+        registered (their module imported) first.
+        """
+        from omegaconf import OmegaConf
+
+        from cl_vit.run import build
+
+        path = self.checkpoint_path(experience)
+        if not path.exists():
+            raise UserError(f"{self.path} has no checkpoint {path.name} ({self.completed_experiences} experiences "
+                            "completed): choose an experience that was completed")
+        cfg = OmegaConf.create(self.config)
+        if data_root is not None:
+            cfg.data_root = str(data_root)
+        source, scenario, info, module, _ = build(cfg)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for s in module.strategies:  # before the weights: a strategy may regrow the network
+            s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
+        module.load_state_dict(state["module"])
+        module.eval()
+        return Restored(module, scenario, info, source, int(state.get("experience", experience)))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / ".hydra" / "config.yaml").is_file()
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run directory (finished or not). Raises FileNotFoundError when it holds no run."""
+    """Read a run directory, finished or not (a Hydra job that never started reads as ``not started``).
+
+    Raises :class:`NotARunError` (a ``UserError`` and a ``FileNotFoundError``) when the path holds no run."""
     rd = RunDirectory(path)
-    if not rd.config_path.exists():
-        raise FileNotFoundError(f"{rd.path} is not a cl_vit run directory (no config.yaml)")
-    config = yaml.safe_load(rd.config_path.read_text())
+    config_path = rd.config_path if rd.config_path.exists() else rd.path / ".hydra" / "config.yaml"
+    if not config_path.exists():
+        raise NotARunError(f"{rd.path} is not a cl_vit run directory (no config.yaml): give a run directory or a "
+                           "Hydra multirun folder")
+    config = yaml.safe_load(config_path.read_text()) or {}
     results = rd.read_results() or {"status": "not started", "schema_version": SCHEMA_VERSION}
     stream = json.loads(rd.stream_path.read_text()) if rd.stream_path.exists() else None
-    return Run(path=rd.path, config=config, results=results, stream=stream)
+    hydra_path = rd.path / ".hydra" / "hydra.yaml"
+    choices = {}
+    if hydra_path.exists():
+        choices = ((yaml.safe_load(hydra_path.read_text()) or {}).get("hydra", {}).get("runtime", {})
+                   .get("choices") or {})
+    return Run(path=rd.path, config=config, results=results, stream=stream, choices=dict(choices))
+
+
+def _natural(path: Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """The run directories at or under ``path`` (a run directory, a Hydra multirun folder, an outputs tree), in
+    natural order (job 10 after job 9)."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a run directory or a Hydra multirun folder")
+    if is_run_dir(path):
+        return [path]
+    found = []
+    for child in sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural):
+        found += find_runs(child)
+    return found
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
+    """Every run at or under the given paths (run directories or Hydra multirun folders)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    runs = []
+    for p in paths:
+        found = find_runs(p)
+        if not found:
+            raise NotARunError(f"no cl_vit run directory under {Path(p).expanduser().resolve()}: give run "
+                               "directories (with config.yaml) or Hydra multirun folders")
+        runs += [load_run(f) for f in found]
+    return runs
+
+
+@dataclass
+class RunGroup:
+    """Runs of one setting that differ only by seed (finished runs), or a single run."""
+
+    runs: list[Run]
+    #: config values (dotted keys) that tell this group apart from groups with the same benchmark, model and strategy
+    settings: dict = field(default_factory=dict)
+
+    benchmark = property(lambda self: self.runs[0].benchmark)
+    model = property(lambda self: self.runs[0].model)
+    strategy = property(lambda self: self.runs[0].strategy)
+    seeds = property(lambda self: [r.seed for r in self.runs])
+    finished = property(lambda self: all(r.finished for r in self.runs))
+
+    @property
+    def state(self) -> str:
+        return self.runs[0].state if len(self.runs) == 1 else "completed" if self.finished else "mixed"
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        seeds = f"seed {self.seeds[0]}" if len(self.runs) == 1 else f"{len(self.runs)} seeds"
+        return f"{self.strategy}" + (f" ({extra})" if extra else "") + f" · {self.model} · {seeds}"
+
+    def values(self, key: str, head: str = "main", shots: str = "count") -> np.ndarray:
+        """One value per run of a ``SUMMARY_KEYS`` entry (nan where undefined)."""
+        return _float_array([r.summary(head, shots).get(key) for r in self.runs])
+
+    def mean_std(self, key: str, head: str = "main", shots: str = "count") -> tuple[float | None, float | None]:
+        """Mean and sample standard deviation (ddof 1) over the runs that define ``key``; std is None for one run."""
+        v = self.values(key, head, shots)
+        v = v[~np.isnan(v)]
+        if v.size == 0:
+            return None, None
+        return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+    def accuracy_matrix(self, head: str = "main") -> np.ndarray:
+        """The accuracy matrix averaged over the runs."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # cells no run evaluated stay nan
+            return np.nanmean(np.stack([r.head(head).accuracy_matrix for r in self.runs]), 0)
+
+    def average_accuracies(self, head: str = "main") -> np.ndarray:
+        """``A_t`` of every run: shape [runs, experiences]."""
+        return np.stack([r.head(head).average_accuracy for r in self.runs])
+
+
+def group_runs(runs: Sequence[Run], by_seed: bool = True) -> list[RunGroup]:
+    """Finished runs that differ only by seed (and ``EXECUTION_KEYS``) form one group; an unfinished run is never
+    averaged with others. Groups keep the order of their first run."""
+    buckets: dict[str, list[Run]] = {}
+    for r in runs:
+        key = r.setting_key() if by_seed and r.finished else f"path:{r.path}"
+        buckets.setdefault(key, []).append(r)
+    groups = [RunGroup(rs) for rs in buckets.values()]
+    same_label: dict[tuple, list[RunGroup]] = {}
+    for g in groups:
+        same_label.setdefault((g.benchmark, g.model, g.strategy), []).append(g)
+    for gs in same_label.values():
+        if len(gs) < 2:
+            continue
+        flats = [{k: v for k, v in flatten_config(g.runs[0].config).items() if not _is_execution_key(k)} for g in gs]
+        keys = sorted({k for f in flats for k in f if len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
+        for g, f in zip(gs, flats):
+            g.settings = {k: f.get(k) for k in keys}
+    return groups

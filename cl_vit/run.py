@@ -213,6 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         class_counts=class_counts,
     )
     runner.run()
+    report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
     doc = results.to_json("completed")
     print(report.format_results(doc, rd.path))
     return doc

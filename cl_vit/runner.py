@@ -261,9 +261,10 @@ class ContinualRunner:
             if not np.isnan(v):
                 tb.add_scalar(f"eval/acc/exp_{j}", v, i)
         tb.add_scalar("eval/A_t", a_t, i)
-        from cl_vit.plots import accuracy_matrix_figure
+        from cl_vit.plots import accuracy_matrix_figure, log_attention_maps
 
         tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i)
+        log_attention_maps(tb, self.module, self.scenario, i)  # models with get_attention_maps (Refiner-ViT)
         tb.flush()
 
 
