@@ -89,6 +89,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("trainer.precision", _get(cfg, "trainer.precision"),
                               "32-true or bf16-mixed with optimizer.sam_rho (SAM's two passes cannot run under a "
                               "16-bit gradient scaler)")
+        if rho and (_get(cfg, "trainer.accumulate_grad_batches") or 1) > 1:
+            raise ConfigError("trainer.accumulate_grad_batches", _get(cfg, "trainer.accumulate_grad_batches"),
+                              "1 with optimizer.sam_rho (SAM re-evaluates one batch per step)")
     _number(cfg, "scheduler.warmup_epochs", lo=0)
     _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
     _choice(cfg, "benchmark.remainder", ("error", "last"))
