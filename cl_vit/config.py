@@ -68,6 +68,8 @@ def validate(cfg: DictConfig) -> None:
 
     _int(cfg, "seed", 0)
     _int(cfg, "eval_every", 1)
+    if _get(cfg, "epoch_eval") is not None:
+        _int(cfg, "epoch_eval", 0)
     _int(cfg, "trainer.max_epochs", 1)
     _choice(cfg, "trainer.precision", PRECISIONS)
     _int(cfg, "data.batch_size", 1)
@@ -79,7 +81,17 @@ def validate(cfg: DictConfig) -> None:
     from timm.optim import list_optimizers
 
     _choice(cfg, "optimizer.name", list_optimizers())
-    _choice(cfg, "scheduler.name", ("cosine", "constant"))
+    _choice(cfg, "scheduler.name", ("cosine", "constant", "multistep"))
+    rho = _get(cfg, "optimizer.sam_rho")
+    if rho is not None:
+        _number(cfg, "optimizer.sam_rho", lo=0)
+        if rho and str(_get(cfg, "trainer.precision")).startswith("16"):
+            raise ConfigError("trainer.precision", _get(cfg, "trainer.precision"),
+                              "32-true or bf16-mixed with optimizer.sam_rho (SAM's two passes cannot run under a "
+                              "16-bit gradient scaler)")
+        if rho and (_get(cfg, "trainer.accumulate_grad_batches") or 1) > 1:
+            raise ConfigError("trainer.accumulate_grad_batches", _get(cfg, "trainer.accumulate_grad_batches"),
+                              "1 with optimizer.sam_rho (SAM re-evaluates one batch per step)")
     _number(cfg, "scheduler.warmup_epochs", lo=0)
     _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
     _choice(cfg, "skip_corrupt", (True, False))

@@ -27,11 +27,20 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     one-hot target over the masked classes (LwF.MC, which Smith et al. 2023 found to reduce task-recency bias).
     """
     if kind == "ce":
+        if y.ndim == 2:  # soft targets (Mixup/CutMix): drop the masked columns, since 0 * log(0) would give nan
+            return F.cross_entropy(logits[:, mask], y[:, mask])
         return F.cross_entropy(logits.masked_fill(~mask, float("-inf")), y)
     if kind == "bce":
         target = F.one_hot(y, logits.shape[1]).to(logits.dtype)[:, mask]
         return F.binary_cross_entropy_with_logits(logits[:, mask], target)
     raise ValueError(f"unknown classification loss {kind!r}: choose from {LOSSES}")
+
+
+def warmup_multistep(step: int, warmup: int, milestones: Sequence[int], gamma: float) -> float:
+    """Learning-rate factor: linear warm-up, then ``gamma`` per milestone passed (LDAM-DRW's step schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return gamma ** sum(step >= m for m in milestones)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -132,6 +141,7 @@ class ContinualModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = dict(self.optimizer_cfg)
+        sam_rho = cfg.pop("sam_rho", None)
         opt = create_optimizer_v2(
             self.net,
             opt=cfg.pop("name"),
@@ -139,6 +149,10 @@ class ContinualModule(L.LightningModule):
             weight_decay=cfg.pop("weight_decay", 0.0),
             **{k: v for k, v in cfg.items() if v is not None},
         )
+        if sam_rho:  # sharpness-aware minimisation around the chosen optimiser (two passes per step)
+            from cl_vit.optim.sam import SAM
+
+            opt = SAM(opt, rho=float(sam_rho))
         sched = dict(self.scheduler_cfg)
         name = sched.get("name", "cosine")
         if name == "constant":
@@ -148,6 +162,10 @@ class ContinualModule(L.LightningModule):
         warmup = int(sched.get("warmup_epochs", 0) * per_epoch)
         min_ratio = float(sched.get("min_lr_ratio", 0.0))
         lam = lambda step: warmup_cosine(step, total, warmup, min_ratio)  # noqa: E731
+        if name == "multistep":
+            milestones = [int(m * per_epoch) for m in sched.get("milestones") or ()]
+            gamma = float(sched.get("gamma", 0.1))
+            lam = lambda step: warmup_multistep(step, warmup, milestones, gamma)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

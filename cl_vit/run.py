@@ -114,6 +114,7 @@ def build(cfg: DictConfig, scenario=None):
         optimizer=OmegaConf.to_container(cfg.optimizer),
         scheduler=OmegaConf.to_container(cfg.scheduler),
     )
+    module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
     for s in strategies:
         s.setup(module)
     return source, scenario, info, module, class_counts
@@ -211,6 +212,9 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         eval_every=cfg.eval_every,
         results=results,
         class_counts=class_counts,
+        # every checkpoint can rebuild its network alone (cl_vit.models.teachers.load_teacher)
+        checkpoint_meta={"model": OmegaConf.to_container(cfg.model, resolve=True), "input_size": list(module.input_size)},
+        epoch_eval=int(cfg.get("epoch_eval") or 0) if cfg.benchmark.get("long_tailed") else 0,
     )
     runner.run()
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams

@@ -124,6 +124,8 @@ class ContinualRunner:
         results: StreamResults | None = None,
         class_counts: Sequence[int] | None = None,
         on_experience_end=None,
+        checkpoint_meta: dict | None = None,
+        epoch_eval: int = 0,
     ):
         self.module = module
         self.scenario = scenario
@@ -137,6 +139,11 @@ class ContinualRunner:
         self.results = results or StreamResults(info=info)
         self.class_counts = list(class_counts) if class_counts is not None else None
         self.on_experience_end = on_experience_end
+        #: stored in every checkpoint beside the class names and counts (run.py: the model config and input size),
+        #: so that a checkpoint rebuilds its network alone (a DeiT-LT teacher file)
+        self.checkpoint_meta = dict(checkpoint_meta or {})
+        #: every k epochs, overall and shot-group test accuracy of each head to TensorBoard (long-tailed runs); 0: off
+        self.epoch_eval = int(epoch_eval)
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -188,6 +195,7 @@ class ContinualRunner:
                 n_classes=self.info.n_classes,
                 train_loader=lambda ds=experience.dataset, **kw: self._loader(ds, kw.get("train", True), kw.get("seed")),
                 class_counts=self.class_counts,
+                class_names=list(self.info.class_names) or None,
             )
             log.info(
                 "Experience %d/%d · %d classes %s · %d training images",
@@ -199,7 +207,7 @@ class ContinualRunner:
             loader = self._loader(experience.dataset, True, experience_seed(self.seed, i))
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), len(loader)))
-            trainer = self._trainer(i, log_every_n_steps=every)
+            trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every)
             trainer.fit(self.module, train_dataloaders=loader)
             for s in self.module.strategies:
                 s.after_experience(self.module, info)
@@ -216,11 +224,23 @@ class ContinualRunner:
                 self.on_experience_end(self, i)
         return self.results
 
+    def _fit_callbacks(self, i: int) -> list:
+        if not (self.epoch_eval and self.logger is not None and self.class_counts is not None):
+            return []
+        from cl_vit.epoch_eval import ShotGroupEpochEval
+
+        # a fixed generator: building the loader's iterator must not draw from the training RNG
+        loader = self._loader(self._eval_dataset(i), train=False, seed=0)
+        return [ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval)]
+
+    def _eval_dataset(self, i: int) -> ConcatDataset:
+        test_stream = self.scenario.test_stream
+        return ConcatDataset([_WithExperience(test_stream[j].dataset, j) for j in self.info.seen_eval_experiences(i)])
+
     def evaluate(self, i: int, trainer: L.Trainer | None = None) -> dict[str, dict[int, np.ndarray]]:
         """One pass over the union of the seen experiences' test data; sparse confusions per head and experience."""
         seen = self.info.seen_eval_experiences(i)
-        test_stream = self.scenario.test_stream
-        dataset = ConcatDataset([_WithExperience(test_stream[j].dataset, j) for j in seen])
+        dataset = self._eval_dataset(i)
         trainer = trainer or self._trainer(i)
         outputs = trainer.predict(self.module, dataloaders=self._loader(dataset, train=False))
         y = torch.cat([o["y"] for o in outputs]).cpu().numpy()
@@ -241,6 +261,9 @@ class ContinualRunner:
             "strategies": {s.name: s.state_dict() for s in self.module.strategies},
             "global_step": self.logger.step_offset if self.logger is not None else 0,
             "class_order": self.info.class_order,
+            "class_names": list(self.info.class_names),
+            "class_counts": self.class_counts,
+            **self.checkpoint_meta,
         }
 
     def _save(self, i: int, status: str) -> None:

@@ -9,9 +9,11 @@ import torch.nn as nn
 
 from cl_vit.errors import UserError
 from cl_vit.models import micro  # noqa: F401  (registers vit_micro_patch2_8)
+from cl_vit.models import teachers  # noqa: F401  (registers resnet32_cifar, resnet50_ldam)
+from cl_vit.models import distilled  # noqa: E402  (last: registers <backbone>_distilled for the suite's backbones)
 
 #: model config keys that are not timm keyword arguments
-RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag")
+RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag", "distilled")
 
 
 def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict, optional: dict) -> nn.Module:
@@ -39,6 +41,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     Every key of the group other than ``RESERVED`` that is not null is a timm keyword argument; ``img_size`` and
     ``in_chans`` default to the benchmark's. ``model.checkpoint=PATH`` loads local weights after creation;
     ``model.pretrained=true`` uses timm's own download and fails offline with a line saying how to give weights.
+    ``model.distilled=true`` gives the backbone a DIST token and head (cl_vit.models.distilled); timm's
+    ``deit_*_distilled`` models are students as they come.
     """
     cfg = dict(cfg)
     name = cfg.get("name")
@@ -63,6 +67,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
                 "elsewhere and pass model.checkpoint=PATH (.safetensors, .pth or .bin)"
             ) from e
         raise
+    if cfg.get("distilled") or distilled.is_distilled(model):
+        model = distilled.distill(model)
     if cfg.get("checkpoint"):
         load_checkpoint(model, cfg["checkpoint"])
     return model

@@ -30,4 +30,7 @@ def build_strategies(cfg: Mapping) -> list[Strategy]:
     return out
 
 
+# strategy modules register themselves with @register_strategy on import
+from cl_vit.strategies import deit_lt, ldam  # noqa: E402,F401
+
 __all__ = ["ExperienceInfo", "Strategy", "STRATEGIES", "register_strategy", "build_strategies"]

@@ -41,6 +41,8 @@ class ExperienceInfo:
     train_loader: Callable[..., Any] | None = None
     #: training images per class (stream labels) of the whole training set, for re-weighting strategies
     class_counts: list[int] | None = None
+    #: class name of every stream label (None for a foreign Avalanche scenario), e.g. to match a teacher's classes
+    class_names: list[str] | None = None
 
 
 class Strategy:

@@ -1,0 +1,1 @@
+"""Studies that chain several runs into one table (``python -m cl_vit.experiments.<name>``)."""

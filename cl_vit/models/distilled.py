@@ -1,0 +1,202 @@
+"""CLS + DIST students (DeiT, Touvron et al. 2021; DeiT-LT, Rangwani et al. 2024): a ViT with a second, distillation
+token read by its own head. Training gives the two heads different targets (the CLS head the labels, the DIST head the
+teacher); inference averages their logits, and ``forward_outputs`` also returns each head so that evaluation stores a
+CLS-only and a DIST-only confusion beside the averaged one.
+
+Two routes to a student, both ending in the same interface:
+
+- timm's own ``deit_*_distilled_*`` models (``VisionTransformerDistilled``) already carry the token and head;
+- ``distill(model)`` gives any timm ``VisionTransformer``-like model (``cls_token``, ``num_prefix_tokens``,
+  ``_pos_embed``, ``blocks``, ``norm``, ``head``; Refiner-ViT included) a DIST token and head, in place. The model's own
+  token pipeline runs unchanged; the DIST token is inserted right after the class token once the position embedding
+  has been added, so ``pos_embed`` keeps its shape and a checkpoint of the plain model still loads.
+
+``model.distilled=true`` (cl_vit.models.build_model) applies ``distill`` to any backbone; every suite backbone is also
+registered with timm as ``<name>_distilled`` (``timm.create_model("vit_micro_patch2_8_distilled")``).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import register_model
+from timm.models.deit import VisionTransformerDistilled
+
+from cl_vit.errors import UserError
+
+__all__ = ["distill", "is_distilled", "register_distilled", "DistilledMixin"]
+
+#: suite backbones that get a registered ``<name>_distilled`` twin when they exist (see ``register_suite_models``)
+SUITE_BACKBONES = (
+    "vit_micro_patch2_8",
+    "refiner_vit_tiny",
+    "refiner_vit_s",
+    "refiner_vit_m",
+    "refiner_vit_l",
+    "refiner_vit_base_patch16_224",
+)
+
+
+class DistilledMixin:
+    """What every student has on top of its backbone class: the two heads and ``forward_outputs``.
+
+    ``distilled_training`` (as timm's ``set_distilled_training``): while it is on and the model is training,
+    ``forward_outputs(x)["logits"]`` is the CLS head alone, because DeiT-LT's classification loss reads the CLS head
+    only (val-iisc/DeiT-LT losses.py: ``base_criterion(outputs, labels)`` on the CLS output). Otherwise (evaluation,
+    or plain training of both heads) it is the mean of the two heads, as timm's distilled ``forward_head``.
+    """
+
+    distilled_training: bool = False
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    def _head_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls_tok, dist_tok = x[:, 0], x[:, 1]
+        fc_norm = getattr(self, "fc_norm", None)
+        if fc_norm is not None:
+            cls_tok, dist_tok = fc_norm(cls_tok), fc_norm(dist_tok)
+        drop = getattr(self, "head_drop", None)
+        if drop is not None:
+            cls_tok, dist_tok = drop(cls_tok), drop(dist_tok)
+        return cls_tok, dist_tok
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        cls_tok, dist_tok = self._head_tokens(x)
+        if pre_logits:
+            return (cls_tok + dist_tok) / 2
+        return (self.head(cls_tok) + self.head_dist(dist_tok)) / 2
+
+    def forward_outputs(self, x: torch.Tensor) -> dict:
+        cls_tok, dist_tok = self._head_tokens(self.forward_features(x))
+        cls_logits, dist_logits = self.head(cls_tok), self.head_dist(dist_tok)
+        mean = (cls_logits + dist_logits) / 2
+        return {
+            "logits": cls_logits if (self.distilled_training and self.training) else mean,
+            "pre_logits": (cls_tok + dist_tok) / 2,
+            "heads": {"cls": cls_logits, "dist": dist_logits},
+        }
+
+    def get_classifier(self):
+        return self.head, self.head_dist
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool not in (None, "", "token"):
+            raise ValueError("a distilled model reads the class and distillation tokens: global_pool must be 'token'")
+        self.num_classes = num_classes
+        dev = self.dist_token.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        self.head_dist = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        base = super().no_weight_decay() if hasattr(super(), "no_weight_decay") else set()
+        return set(base) | {"dist_token"}
+
+
+class _DistToken(DistilledMixin):
+    """Adds the DIST token to a backbone that has none: inserted after the class token, after position embedding."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = super()._pos_embed(x)
+        # DeiT gives the DIST token its own row of pos_embed; a learned token plus a learned offset is one learned
+        # vector, so the token alone is the same model and leaves pos_embed (and plain checkpoints) untouched.
+        return torch.cat((x[:, :1], self.dist_token.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _student_class(base: type) -> type:
+    """One cached subclass per backbone class, importable from this module (so deep copies and pickling work)."""
+    if base not in _CLASSES:
+        mixin = DistilledMixin if issubclass(base, VisionTransformerDistilled) else _DistToken
+        name = f"{base.__name__}Student" if "Distilled" in base.__name__ else f"Distilled{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_backbone_class": base})
+        setattr(sys.modules[__name__], name, cls)
+        _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def is_distilled(model: nn.Module) -> bool:
+    """A model that already carries a distillation token and head (timm's deit_*_distilled or a ``distill``-ed one)."""
+    return hasattr(model, "dist_token") and hasattr(model, "head_dist")
+
+
+def distill(model: nn.Module) -> nn.Module:
+    """Turn ``model`` into a CLS + DIST student, in place, and return it.
+
+    timm's distilled DeiTs only gain ``forward_outputs``; any other ViT-like model gains a DIST token (truncated
+    normal, std 0.02, as DeiT) and a second linear head initialised as timm initialises heads.
+    """
+    if isinstance(model, DistilledMixin):
+        return model
+    if is_distilled(model):
+        model.__class__ = _student_class(type(model))
+        return model
+    missing = [a for a in ("cls_token", "_pos_embed", "num_prefix_tokens", "head", "embed_dim") if not hasattr(model, a)]
+    if missing or getattr(model, "cls_token", None) is None:
+        raise UserError(
+            f"model {type(model).__name__} cannot take a distillation token (no {missing or ['cls_token']}): "
+            "use a timm ViT, a deit_*_distilled model or Refiner-ViT as the DeiT-LT student"
+        )
+    if getattr(model, "global_pool", "token") != "token":
+        raise UserError(
+            f"a distilled student reads the class and distillation tokens, but {type(model).__name__} pools "
+            f"with global_pool={model.global_pool!r}: set model.global_pool=token"
+        )
+    dev = model.cls_token.device
+    model.dist_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, device=dev))
+    trunc_normal_(model.dist_token, std=0.02)
+    n = getattr(model, "num_classes", 0)
+    model.head_dist = nn.Linear(model.embed_dim, n, device=dev) if n > 0 else nn.Identity()
+    if n > 0:
+        trunc_normal_(model.head_dist.weight, std=0.02)
+        nn.init.zeros_(model.head_dist.bias)
+    model.num_prefix_tokens += 1
+    model.__class__ = _student_class(type(model))
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if cfg:
+        cfg["classifier"] = ("head", "head_dist")
+        model.pretrained_cfg = cfg
+    return model
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """Weights of the backbone (through its own filter) or of a student; a plain backbone's checkpoint leaves the
+    DIST token and head at their initialisation."""
+    base = getattr(type(model), "_backbone_class", type(model))
+    base_filter = getattr(sys.modules.get(base.__module__), "checkpoint_filter_fn", None)
+    if base_filter is not None:
+        state_dict = base_filter(state_dict, model)
+    own = model.state_dict()
+    for key in ("dist_token", "head_dist.weight", "head_dist.bias"):
+        if key in own and key not in state_dict:
+            state_dict[key] = own[key]
+    return state_dict
+
+
+def register_distilled(base_name: str) -> str:
+    """Register ``<base_name>_distilled`` with timm: the backbone made a student by ``distill``."""
+    name = f"{base_name}_distilled"
+
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return distill(timm.create_model(base_name, pretrained=pretrained, **kwargs))
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{base_name} with a DIST token and head (DeiT / DeiT-LT student)."
+    register_model(entrypoint)
+    return name
+
+
+def register_suite_models() -> list[str]:
+    """Register the distilled twin of every suite backbone timm knows (call after the backbones' modules)."""
+    return [register_distilled(b) for b in SUITE_BACKBONES if timm.is_model(b) and not timm.is_model(f"{b}_distilled")]
+
+
+register_suite_models()

@@ -1,0 +1,239 @@
+"""CNN teachers for DeiT-LT, registered with timm, and the loader of a trained teacher.
+
+- ``resnet32_cifar``: the ResNet-32 of LDAM-DRW (kaidic/LDAM-DRW models/resnet_cifar.py, used unchanged by
+  val-iisc/Saddle-LongTail and val-iisc/DeiT-LT teacher_models/resnet_cifar.py): a 3x3 stem to 16 channels, three
+  stages of five basic blocks (16, 32, 64 channels, stride 1, 2, 2) with parameter-free "option A" shortcuts (stride-2
+  subsampling and zero channel padding), global average pooling; ``use_norm=True`` gives the cosine classifier
+  (``NormedLinear``) that the LDAM loss is trained with. About 0.46M parameters at 10 classes.
+- ``resnet50_ldam``: timm's resnet50 with its ``fc`` replaced by ``NormedLinear`` (Saddle-LongTail imnet_train_sam.py
+  swaps torchvision's ``fc`` the same way for LDAM); plain ``resnet50`` is timm's own, for cross-entropy teachers.
+
+``load_teacher(path)`` rebuilds a teacher trained by this suite (``python -m cl_vit.run experiment=teacher-...``) from
+its run directory or one of its ``checkpoints/exp_XXX.pt``: each checkpoint carries the model config, the input size,
+the class list and the per-class training counts, so a distillation strategy can refuse a teacher of other classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from cl_vit.errors import UserError
+
+__all__ = ["NormedLinear", "ResNetCifar", "Teacher", "load_teacher"]
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the normalised feature and each class's normalised weight.
+
+    Stored as ``[in_features, out_features]`` and initialised as LDAM-DRW (uniform(-1, 1), columns renormalised), so
+    that their checkpoints load as they are.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+
+
+class _PadShortcut(nn.Module):
+    """LDAM-DRW's option-A shortcut: subsample by 2 and zero-pad the channels (planes // 4 on each side)."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _PadShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """LDAM-DRW's ``ResNet_s`` with timm's model interface. Attribute names follow theirs (``conv1``, ``layer1..3``,
+    ``linear``) so that a Saddle-LongTail / LDAM-DRW state dict loads without renaming."""
+
+    def __init__(self, depths=(5, 5, 5), widths=(16, 32, 64), num_classes: int = 10, in_chans: int = 3,
+                 use_norm: bool = False, global_pool: str = "avg"):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"ResNetCifar pools by average only (global_pool={global_pool!r})")
+        self.num_classes, self.use_norm = num_classes, use_norm
+        self.num_features = self.head_hidden_size = widths[-1]
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes, layers = widths[0], []
+        for i, (depth, planes) in enumerate(zip(depths, widths)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(BasicBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.linear = self._classifier(num_classes)
+        for m in self.modules():  # LDAM-DRW's _weights_init: Kaiming-normal conv and linear weights
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        return NormedLinear(self.num_features, num_classes) if self.use_norm else nn.Linear(self.num_features, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.linear
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.linear = self._classifier(num_classes)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^conv1|bn1", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise NotImplementedError("ResNetCifar is small enough to train without gradient checkpointing")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean((2, 3))
+        return x if pre_logits else self.linear(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs) -> dict:
+    return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
+            "interpolation": "bicubic", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010),
+            "first_conv": "conv1", "classifier": "linear", **kwargs}
+
+
+# mean/std: the CIFAR statistics of LDAM-DRW and Saddle-LongTail's training transforms
+default_cfgs = generate_default_cfgs({"resnet32_cifar.untrained": _cfg()})
+
+
+@register_model
+def resnet32_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
+    """ResNet-32 for 32x32 inputs (LDAM-DRW); ``use_norm=True`` for the LDAM cosine classifier."""
+    return build_model_with_cfg(ResNetCifar, "resnet32_cifar", pretrained, **dict(dict(depths=(5, 5, 5)), **kwargs))
+
+
+@register_model
+def resnet50_ldam(pretrained: bool = False, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """timm's resnet50 with a ``NormedLinear`` classifier (the LDAM teachers of Saddle-LongTail, 224x224 inputs)."""
+    model = timm.create_model("resnet50", pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if num_classes > 0:
+        model.fc = NormedLinear(model.num_features, num_classes)
+    return model
+
+
+# -- loading a trained teacher -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Teacher:
+    net: nn.Module
+    class_names: list[str]
+    class_counts: list[int]
+    #: (channels, height, width) the teacher was trained on
+    input_size: tuple[int, int, int]
+    model: dict = field(default_factory=dict)
+    path: str = ""
+
+    def state_dict(self) -> dict:
+        """Everything to rebuild the teacher (kept in the student's checkpoints, so that resume needs no file)."""
+        return {"net": self.net.state_dict(), "class_names": self.class_names, "class_counts": self.class_counts,
+                "input_size": list(self.input_size), "model": self.model, "path": self.path}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Teacher":
+        net = _build_net(state["model"], len(state["class_names"]), state["input_size"])
+        net.load_state_dict(state["net"])
+        return cls(_freeze(net), list(state["class_names"]), list(state["class_counts"]),
+                   tuple(state["input_size"]), dict(state["model"]), state.get("path", ""))
+
+
+def _freeze(net: nn.Module) -> nn.Module:
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def _build_net(model_cfg: dict, n_classes: int, input_size) -> nn.Module:
+    from cl_vit.models import build_model
+
+    # the teacher's own weights follow; never fetch or load its initialisation again
+    cfg = {k: v for k, v in model_cfg.items() if k not in ("checkpoint", "pretrained", "pretrained_tag")}
+    return build_model(cfg, n_classes, in_chans=int(input_size[0]), img_size=int(input_size[-1]))
+
+
+def teacher_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file behind ``path``: the file itself, or a run directory's last experience checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("exp_*.pt"))
+        if not found:
+            raise UserError(
+                f"teacher {path} holds no checkpoints/exp_*.pt: give the run directory of a finished teacher run "
+                "(python -m cl_vit.run experiment=teacher-<benchmark>) or its checkpoint file"
+            )
+        return found[-1]
+    if not path.is_file():
+        raise UserError(
+            f"teacher {path} does not exist: give the run directory of a teacher run "
+            "(python -m cl_vit.run experiment=teacher-<benchmark>) or its checkpoints/exp_XXX.pt"
+        )
+    return path
+
+
+def load_teacher(path: str | Path) -> Teacher:
+    """Rebuild a teacher trained by this suite, frozen and in eval mode, with its classes and per-class counts."""
+    file = teacher_checkpoint(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"teacher checkpoint {file} cannot be read ({type(e).__name__}): give a cl_vit run checkpoint") from e
+    needed = ("module", "model", "input_size", "class_names", "class_counts")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise UserError(
+            f"teacher checkpoint {file} is not a cl_vit teacher (it lacks the model config, class list and counts): "
+            "train the teacher with python -m cl_vit.run experiment=teacher-<benchmark>"
+        )
+    names = list(state["class_names"])
+    net = _build_net(state["model"], len(names), state["input_size"])
+    weights = {k[len("net."):]: v for k, v in state["module"].items() if k.startswith("net.")}
+    net.load_state_dict(weights)
+    return Teacher(_freeze(net), names, [int(c) for c in state["class_counts"]], tuple(state["input_size"]),
+                   dict(state["model"]), str(file))
