@@ -30,4 +30,6 @@ def build_strategies(cfg: Mapping) -> list[Strategy]:
     return out
 
 
+from cl_vit.strategies import gcab as _gcab  # noqa: E402,F401  (registers gcab)
+
 __all__ = ["ExperienceInfo", "Strategy", "STRATEGIES", "register_strategy", "build_strategies"]
