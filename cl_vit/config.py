@@ -79,7 +79,7 @@ def validate(cfg: DictConfig) -> None:
     from timm.optim import list_optimizers
 
     _choice(cfg, "optimizer.name", list_optimizers())
-    _choice(cfg, "scheduler.name", ("cosine", "constant"))
+    _choice(cfg, "scheduler.name", ("cosine", "constant", "coda_cosine"))
     _number(cfg, "scheduler.warmup_epochs", lo=0)
     _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
     _choice(cfg, "benchmark.remainder", ("error", "last"))
