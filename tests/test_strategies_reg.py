@@ -373,14 +373,24 @@ def test_closer_look_recipe_composes_and_dry_runs(tmp_path, data_root):
     assert len(doc["experiences"]) == 5
 
 
-def test_multirun_over_strategies_leaves_one_run_directory_per_job(tmp_path, data_root):
+def test_multirun_over_strategies_and_a_composition_leaves_one_run_directory_per_job(tmp_path, data_root):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "strategy=l2,lwf", "seed=0", *FAST, "benchmark.n_experiences=2",
+    proc = run_cli("-m", "strategy=l2,[l2,lwf]", "seed=0", *FAST, "benchmark.n_experiences=1",
                    f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
                    data_root=data_root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(runs) == 2
-    assert sorted(tuple(load_run(r).results["strategy"]) for r in runs) == [("l2",), ("lwf",)]
+    assert sorted(tuple(load_run(r).results["strategy"]) for r in runs) == [("l2",), ("l2", "lwf")]
     assert all(load_run(r).finished for r in runs)
     assert np.isfinite([load_run(r).metrics["final_average_accuracy"] for r in runs]).all()
+
+
+def test_group_choices_accept_lists_and_sweeps_of_lists_and_name_a_bad_member():
+    from cl_vit.config import check_group_choices
+
+    for ok in (["strategy=[l2,lwf]"], ["strategy=[lwf,l2],[lwf,ewc]"], ["strategy=l2,lwf"], ["strategy=featkd"]):
+        check_group_choices(ok)
+    for bad in (["strategy=[l2,nope]"], ["strategy=nope"]):
+        with pytest.raises(ConfigError, match="strategy='nope' is not allowed"):
+            check_group_choices(bad)
