@@ -17,23 +17,29 @@ def group_options(group: str) -> list[str]:
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """Unknown options of a config group (``benchmark=nope``) fail in one line listing what exists.
+    """Unknown options of a config group (``benchmark=nope``, ``strategy=[l2,nope]``) fail in one line listing what
+    exists.
 
-    Hydra would say so too, over several lines; sweeps (``a,b``) are left to Hydra.
+    Hydra would say so too, over several lines; sweeps (``a,b``, ``[a,b],[c]``) are left to Hydra, which parses each
+    argument here too, so that a sweep of lists is not mistaken for one list.
     """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
+        if arg.startswith("-") or "=" not in arg or arg.split("=", 1)[0].lstrip("+~") not in CONFIG_GROUPS:
             continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        is_list = value.startswith("[") and value.endswith("]")
-        if key not in CONFIG_GROUPS or ("," in value and not is_list):  # a sweep: Hydra reports per job
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # malformed: Hydra's own message follows
             continue
-        values = [v.strip() for v in value[1:-1].split(",")] if is_list else [value]
-        for v in values:
-            if v in ("null", "") and key == "experiment":
+        if override.is_sweep_override():  # Hydra reports per job
+            continue
+        key, value = override.key_or_group, override.value()
+        for v in value if isinstance(value, list) else [value]:
+            if v in (None, "null", "") and key == "experiment":
                 continue
-            if v not in group_options(key):
+            if str(v) not in group_options(key):
                 raise ConfigError(key, v, f"one of {group_options(key)} (files in configs/{key}/)")
 
 
@@ -81,7 +87,7 @@ def validate(cfg: DictConfig) -> None:
     from timm.optim import list_optimizers
 
     _choice(cfg, "optimizer.name", list_optimizers())
-    _choice(cfg, "scheduler.name", ("cosine", "constant", "multistep"))
+    _choice(cfg, "scheduler.name", ("cosine", "constant", "multistep", "coda_cosine"))
     rho = _get(cfg, "optimizer.sam_rho")
     if rho is not None:
         _number(cfg, "optimizer.sam_rho", lo=0)

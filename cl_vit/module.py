@@ -43,6 +43,24 @@ def warmup_multistep(step: int, warmup: int, milestones: Sequence[int], gamma: f
     return gamma ** sum(step >= m for m in milestones)
 
 
+def net_outputs(net: nn.Module, x: torch.Tensor) -> dict:
+    """``logits`` and, for timm models, the ``pre_logits`` features of ``net``; multi-head nets add ``heads``.
+
+    A net may define its own ``forward_outputs`` (distilled and gated models do). Strategies call this on the
+    frozen copies they hold (LwF's and feature distillation's previous model)."""
+    if hasattr(net, "forward_outputs"):
+        return net.forward_outputs(x)
+    feats = net.forward_features(x)
+    pre = net.forward_head(feats, pre_logits=True)
+    return {"logits": net.get_classifier()(pre), "pre_logits": pre}
+
+
+def coda_cosine(epoch: int, epochs: int) -> float:
+    """CODA-Prompt's per-epoch learning-rate factor (GT-RIPL/CODA-Prompt utils/schedulers.py CosineSchedule):
+    cos(99 pi e / (200 (K - 1))), a quarter period that ends at 1.6% of the base rate after K epochs."""
+    return math.cos(99 * math.pi * epoch / (200 * max(1, epochs - 1)))
+
+
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
     if step < warmup:
@@ -99,12 +117,7 @@ class ContinualModule(L.LightningModule):
         """``logits`` and, for timm models, the ``pre_logits`` features; multi-head nets add ``heads``.
 
         A net may define its own ``forward_outputs`` (distilled and gated models do)."""
-        if hasattr(self.net, "forward_outputs"):
-            return self.net.forward_outputs(x)
-        feats = self.net.forward_features(x)
-        pre = self.net.forward_head(feats, pre_logits=True)
-        head = self.net.get_classifier()
-        return {"logits": head(pre), "pre_logits": pre}
+        return net_outputs(self.net, x)
 
     # -- training --------------------------------------------------------------------------------------------------
 
@@ -158,14 +171,19 @@ class ContinualModule(L.LightningModule):
         if name == "constant":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = int(sched.get("warmup_epochs", 0) * per_epoch)
-        min_ratio = float(sched.get("min_lr_ratio", 0.0))
-        lam = lambda step: warmup_cosine(step, total, warmup, min_ratio)  # noqa: E731
-        if name == "multistep":
-            milestones = [int(m * per_epoch) for m in sched.get("milestones") or ()]
-            gamma = float(sched.get("gamma", 0.1))
-            lam = lambda step: warmup_multistep(step, warmup, milestones, gamma)  # noqa: E731
+        epochs = max(1, self.trainer.max_epochs or 1)
+        per_epoch = max(1, total // epochs)
+        if name == "coda_cosine":
+            lam = lambda step: coda_cosine(step // per_epoch, epochs)  # noqa: E731
+        else:
+            warmup = int(sched.get("warmup_epochs", 0) * per_epoch)
+            if name == "multistep":
+                milestones = [int(m * per_epoch) for m in sched.get("milestones") or ()]
+                gamma = float(sched.get("gamma", 0.1))
+                lam = lambda step: warmup_multistep(step, warmup, milestones, gamma)  # noqa: E731
+            else:
+                min_ratio = float(sched.get("min_lr_ratio", 0.0))
+                lam = lambda step: warmup_cosine(step, total, warmup, min_ratio)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

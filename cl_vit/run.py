@@ -104,7 +104,7 @@ def build(cfg: DictConfig, scenario=None):
         class_counts = counts.tolist()
     L.seed_everything(cfg.seed, verbose=False)  # the network's initialisation is a function of the seed
     net = build_model(OmegaConf.to_container(cfg.model), info.n_classes, in_chans, img_size)
-    strategies = build_strategies(OmegaConf.to_container(cfg.strategy) if cfg.get("strategy") else {})
+    strategies = build_strategies(OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else {})
     module = ContinualModule(
         net,
         info.n_classes,
@@ -127,6 +127,7 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     """
     from cl_vit import report
     from cl_vit.data.longtail import shot_group_record
+    from cl_vit.models import weights_origin
     from cl_vit.results import RunDirectory, StreamResults
     from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
@@ -157,6 +158,8 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     meta = {
         "benchmark": cfg.benchmark.name,
         "model": cfg.model.name,
+        # "timm:<arch>.<tag>" or "checkpoint:<path>" when the backbone did not start at random (the L2/EWC anchor)
+        "weights": weights_origin(module.net),
         "strategy": strategy_names,
         "seed": int(cfg.seed),
         "n_params": int(n_params),

@@ -1,10 +1,15 @@
 """Backbones. Every model the suite defines is a timm model, registered on import; any timm name works too."""
 from __future__ import annotations
 
+import os
+import socket
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
+import torch
 import torch.nn as nn
 
 from cl_vit.errors import UserError
@@ -14,6 +19,15 @@ from cl_vit.models import distilled  # noqa: E402  (last: registers <backbone>_d
 
 #: model config keys that are not timm keyword arguments
 RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag", "distilled")
+
+#: attribute of a built model recording where its weights came from ("timm:arch.tag", "checkpoint:PATH"); absent
+#: when it was initialised at random. Regularisers anchor at these weights in the first experience.
+WEIGHTS_ATTR = "cl_vit_weights"
+
+
+def weights_origin(net: nn.Module) -> str | None:
+    """Where ``net``'s initial weights came from, or None for a random initialisation."""
+    return getattr(net, WEIGHTS_ATTR, None)
 
 
 def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict, optional: dict) -> nn.Module:
@@ -56,6 +70,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint")
     if pretrained and cfg.get("pretrained_tag"):
         name = f"{name}.{cfg['pretrained_tag']}"
+    if pretrained:
+        check_pretrained_available(name)
     try:
         model = _create(name, pretrained, num_classes, kwargs, optional)
     except UserError:
@@ -71,7 +87,89 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
         model = distilled.distill(model)
     if cfg.get("checkpoint"):
         load_checkpoint(model, cfg["checkpoint"])
+        setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(cfg['checkpoint']).expanduser()}")
+    elif pretrained:
+        pc = getattr(model, "pretrained_cfg", None) or {}
+        arch, tag = pc.get("architecture", name.split(".")[0]), pc.get("tag")
+        setattr(model, WEIGHTS_ATTR, f"timm:{arch}.{tag}" if tag else f"timm:{arch}")
     return model
+
+
+# -- pretrained weights: fail at once, in one line, when they cannot be had ------------------------------------------
+
+_HOW = ("download the weights where the hub is reachable and pass model.checkpoint=PATH (.safetensors, .pth or "
+        ".bin), or point HF_HOME at a Hugging Face cache that holds them")
+
+
+def _hf_cache_dir() -> str:
+    # read at call time: huggingface_hub's constants are frozen when it is imported
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+    return os.path.join(home, "hub")
+
+
+def _hf_cached(repo_id: str, filename: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, n, cache_dir=_hf_cache_dir()), str) for n in names)
+
+
+def _reachable(url: str, timeout: float = 4.0) -> bool:
+    """A TCP connection to ``url``'s host (or the HTTPS proxy) within ``timeout`` seconds, name lookup included:
+    huggingface_hub and urllib retry for minutes when the network is down."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    parsed = urlparse(proxy or url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def check_pretrained_available(name: str) -> None:
+    """Raise a one-line UserError unless timm can load ``name``'s pretrained weights now: they exist in timm, and
+    they are cached locally or their host answers (HF_HUB_OFFLINE=1 means it does not)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as e:  # an unknown tag
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{name.split('.')[0]}.*")]
+        raise UserError(f"model.pretrained_tag of {name!r} is not a timm tag: choose from {tags[:8]}") from e
+    cfg = cfg.to_dict() if cfg is not None else {}
+    hub_id, url, file = cfg.get("hf_hub_id"), cfg.get("url"), cfg.get("file")
+    if not (hub_id or url or file or cfg.get("state_dict")):
+        raise UserError(f"timm has no pretrained weights for {name!r} (model.pretrained=true): pick a tagged model "
+                        f"(timm.list_pretrained('{name.split('.')[0]}*')) or pass model.checkpoint=PATH")
+    if file or cfg.get("state_dict"):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if hub_id:
+        try:
+            if _hf_cached(hub_id, cfg.get("hf_hub_filename")):
+                return
+        except ImportError:  # no huggingface_hub: timm falls back to the URL
+            hub_id = None
+    if not hub_id and url and (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file():
+        return
+    where = f"hf-hub:{hub_id}" if hub_id else url
+    if offline:
+        raise UserError(f"pretrained weights for {name!r} ({where}) are not in the local cache and HF_HUB_OFFLINE is "
+                        f"set: {_HOW}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hub_id else url
+    if not _reachable(endpoint):
+        raise UserError(f"pretrained weights for {name!r} ({where}) are not cached and {urlparse(endpoint).hostname} "
+                        f"cannot be reached: {_HOW}")
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -79,17 +177,33 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (cls,) if isinstance(cls, str) else tuple(cls)
 
 
+def _backbone_state(state: dict) -> dict:
+    """The network's weights from a cl_vit experience checkpoint (``module`` -> ``net.*``) or a Lightning
+    checkpoint (``state_dict`` -> ``net.*``); other files pass through."""
+    if isinstance(state.get("module"), dict):
+        state = state["module"]
+    if any(k.startswith("net.") for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    return state
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load local weights (.safetensors, .pth, .pt, .bin) into ``model``.
 
-    timm's ``load_state_dict`` reads the file (unwrapping ``state_dict``/``model`` keys); the model family's
-    ``checkpoint_filter_fn`` adapts foreign layouts (resampled position embeddings, ViT -> Refiner-ViT); a classifier
+    timm's ``load_state_dict`` reads the file (unwrapping ``state_dict``/``model`` keys, and the ``net.`` prefix of
+    cl_vit and Lightning checkpoints is dropped, so a run's ``checkpoints/exp_XXX.pt`` initialises a new run); the
+    model family's ``checkpoint_filter_fn`` adapts foreign layouts (resampled position embeddings, ViT -> Refiner-ViT); a classifier
     whose shape differs from the benchmark's is left at its initialisation. Anything else missing is an error.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
-    state = timm.models.load_state_dict(str(path))
+    try:
+        state = timm.models.load_state_dict(str(path))
+    except Exception as e:
+        raise UserError(f"model.checkpoint {path.name} could not be read ({type(e).__name__}: {e}): give a "
+                        ".safetensors, .pth or .bin file of model weights") from e
+    state = _backbone_state(state)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)

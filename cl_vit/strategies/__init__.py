@@ -5,9 +5,13 @@ from typing import Mapping
 
 from cl_vit.errors import UserError
 from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.ewc import EWC
+from cl_vit.strategies.featkd import FeatKD
 from cl_vit.strategies.finetune import Finetune
+from cl_vit.strategies.l2 import L2
+from cl_vit.strategies.lwf import LwF
 
-STRATEGIES: dict[str, type[Strategy]] = {"finetune": Finetune}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, L2, EWC, LwF, FeatKD)}
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:

@@ -1,0 +1,40 @@
+"""Feature distillation: lambda * mean squared error between the current and the previous model's pre-logit
+features (the penultimate features, timm's ``forward_head(pre_logits=True)``), on the current experience's data.
+
+As the feature term of the authors' LWF_MC_FEATKD learner ("A Closer Look at Rehearsal-Free Continual Learning",
+shaunak27/data-free-continual-learning learners/kd.py: ``mu * MSELoss(reduction='none')(feat, old_feat).mean()``).
+That learner adds it to LwF.MC: ``strategy=[lwf,featkd] loss.name=bce`` is the same combination here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_vit.errors import UserError
+from cl_vit.strategies.l2 import _number
+from cl_vit.strategies.lwf import PreviousModel
+
+
+def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and feature dimensions of the squared difference."""
+    return F.mse_loss(features, old_features.to(features.dtype))
+
+
+class FeatKD(PreviousModel):
+    name = "featkd"
+
+    def __init__(self, lam: float = 1.0):
+        super().__init__()
+        self.lam = _number(f"strategy.{self.name}.lam", lam)
+
+    def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
+        if self.old_net is None:
+            return {}
+        if "pre_logits" not in outputs:
+            raise UserError(f"strategy=featkd needs pre-logit features, which {type(module.net).__name__}."
+                            "forward_outputs does not return: add 'pre_logits' to its outputs")
+        old = self.old_outputs(batch["x"])["pre_logits"]
+        return {self.name: self.lam * feature_distillation(outputs["pre_logits"], old)}
+
+    def __repr__(self) -> str:
+        return f"FeatKD(lam={self.lam})"
