@@ -127,6 +127,12 @@ def test_benchmark_brings_the_recommended_setting():
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adam", 1e-3, 0.0)
     assert compose(["benchmark=imagenet-r-5"]).benchmark.n_experiences == 5
     assert compose(["benchmark=imagenet-r-20"]).benchmark.n_experiences == 20
+    # L2 on the attention blocks' qkv, only those and the classifier trained (Smith et al. 2023)
+    l2 = compose(["benchmark=imagenet-r"]).strategy
+    assert list(l2) == ["l2"] and l2.l2.params == ["*attn.qkv.*"] and l2.l2.train_only_selected is True
+    # another strategy chosen on the command line is not dragged along with the benchmark's
+    assert list(compose(["benchmark=imagenet-r", "strategy=finetune"]).strategy) == ["finetune"]
+    assert compose(["strategy=l2"]).strategy.l2.train_only_selected is False
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------
