@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from cl_vit.errors import UserError
 from cl_vit.models import micro  # noqa: F401  (registers vit_micro_patch2_8)
+from cl_vit.models import refiner  # noqa: F401  (registers refiner_vit_*)
 
 #: model config keys that are not timm keyword arguments
 RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag")
