@@ -164,6 +164,9 @@ def run(quick: bool = False, device: Optional[str] = None) -> dict:
         _measure(quick, cuda, dev, threads, clock, repeats, warmup, rows)
     finally:
         torch.set_num_threads(saved_threads)
+    if quick:
+        notes.append("--quick is a smoke run: the depth-4 S is dominated by its conv stem; the full run gives the "
+                     "representative ratios")
     timer = "wall time" if cuda else "process CPU time"
     notes.append(f"device {dev}, {threads} intra-op thread(s); {timer}, median of {repeats} interleaved steps after "
                  f"{warmup} warm-up round(s); baseline = timm VisionTransformer of the same depth/width/heads/MLP "

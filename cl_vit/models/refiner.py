@@ -522,7 +522,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerViT)
     pe = "patch_embed.proj.weight"
     if pe in state_dict and state_dict[pe].ndim == 4 and pe in own:
         w, target = state_dict[pe], own[pe]
-        if isinstance(model.patch_embed, ConvStem) and w.shape[1] != target.shape[1] and w.shape[1] < 8:
+        if isinstance(model.patch_embed, ConvStem) and w.shape[1] != target.shape[1]:
             _logger.warning("checkpoint patch embedding %s does not fit the conv stem: left at initialisation",
                             tuple(w.shape))
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("patch_embed.proj.")}
@@ -536,11 +536,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerViT)
     out = vit.checkpoint_filter_fn(state_dict, model)
     for i, blk in enumerate(model.blocks):
         qkv, v = f"blocks.{i}.attn.qkv.", f"blocks.{i}.attn.v."
-        if blk.is_share and f"{qkv}weight" in out:
+        if blk.is_share and f"{qkv}weight" in out and out[f"{qkv}weight"].shape[0] == 3 * model.embed_dim:
             for name in ("weight", "bias"):
                 t = out.pop(qkv + name, None)
                 if t is not None:
-                    out[v + name] = t[-t.shape[0] // 3:]
+                    out[v + name] = t[2 * model.embed_dim:]  # the rows of V in timm's [q; k; v] layout
     fill = (".attn.refiner.", ".attn.adapt_norm.", ".ls1.gamma", ".ls2.gamma", "patch_embed.")
     for k, t in own.items():
         if k not in out and any(f in k for f in fill):
