@@ -17,7 +17,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 # Small models on 2 cores: one intra-op thread per test process avoids oversubscription when several run at once.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 #: the smallest sensible run: one epoch per experience, no TensorBoard unless a test asks for it
 TINY = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none"]

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from cl_vit.errors import UserError
 from cl_vit.models import micro  # noqa: F401  (registers vit_micro_patch2_8)
+from cl_vit.models import refiner  # noqa: F401  (registers refiner_vit_*)
 from cl_vit.models import teachers  # noqa: F401  (registers resnet32_cifar, resnet50_ldam)
 from cl_vit.models import distilled  # noqa: E402  (last: registers <backbone>_distilled for the suite's backbones)
 

@@ -1,0 +1,203 @@
+"""``python -m cl_vit.bench refiner``: Refiner-ViT training steps against a timm ViT of the same depth, width and heads.
+
+Per model, two rows, each a ratio refiner / ViT measured in this process:
+
+* training-step throughput (images/s): forward, cross-entropy, backward and an AdamW step; the two models alternate
+  (``interleaved``) and the median step time counts. Aim: the refiner at >= 0.8x its ViT twin.
+* training-step peak memory (MiB): in a fresh subprocess per model, the peak resident set size (Linux VmHWM, reset
+  through /proc/self/clear_refs after the model, optimizer and batch exist and malloc_trim) during the first training
+  step, minus the resident size before it: activations, gradients, optimizer state and temporaries of one step.
+
+The twin is ``timm.models.vision_transformer.VisionTransformer`` with the refiner's depth, width, heads, MLP ratio,
+patch size and input, and timm's own patch embedding and fused attention; a conv-stem refiner pays for its stem.
+CPU sizes are small (images of 112 pixels instead of 224) so that the run takes minutes: the refiner's cost grows
+with N^2 (N tokens) against the linear layers' N, so its ratio at 224 is lower than at 112; the ``@224`` row says
+by how much. On a GPU the same rows run at 224 with peak memory from ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cl_vit.bench import interleaved, row
+
+THROUGHPUT_AIM = 0.8
+
+
+def _twin_args(name: str, kw: dict) -> dict:
+    """Build arguments of the refiner and its plain timm ViT twin."""
+    import timm
+
+    import cl_vit  # noqa: F401  (registers the refiner models)
+
+    with torch.device("meta"):
+        m = timm.create_model(name, **kw)
+    return dict(img_size=m.patch_embed.img_size, patch_size=m.patch_embed.patch_size, in_chans=m.in_chans,
+                num_classes=m.num_classes, embed_dim=m.embed_dim, depth=len(m.blocks),
+                num_heads=m.blocks[0].attn.num_heads, mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.embed_dim,
+                qkv_bias=True)
+
+
+def _build(spec: dict):
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.optim import create_optimizer_v2
+
+    import cl_vit  # noqa: F401
+
+    torch.manual_seed(0)
+    if spec["kind"] == "vit":
+        model = VisionTransformer(**_twin_args(spec["name"], spec["kw"]))
+    else:
+        model = timm.create_model(spec["name"], **spec["kw"])
+    if spec.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    device = torch.device(spec.get("device", "cpu"))
+    model.to(device).train()
+    opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)  # as cl_vit.module trains
+    g = torch.Generator().manual_seed(0)
+    c, (h, w) = model.in_chans, model.patch_embed.img_size
+    x = torch.randn(spec["batch"], c, h, w, generator=g).to(device)
+    y = torch.randint(0, model.num_classes, (spec["batch"],), generator=g).to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return model, step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _memory_child(spec_json: str) -> None:
+    """Runs in a fresh process: prints the peak memory of one training step above the resident size before it."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec.get("threads", 1))
+    _, step = _build(spec)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what building the model left in malloc's free lists
+    except OSError:
+        pass
+    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    step()
+    print(json.dumps({"peak_bytes": _hwm_bytes() - before}))
+
+
+def _cpu_peak(spec: dict) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = f"from cl_vit.bench.refiner import _memory_child; _memory_child({json.dumps(json.dumps(spec))})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
+
+
+def _cuda_peak(spec: dict) -> float:
+    model, step = _build(spec)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()  # the first step, as on the CPU: activations, gradients, AdamW state
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del model, step
+    torch.cuda.empty_cache()
+    return peak
+
+
+def _cases(quick: bool, cuda: bool) -> list[dict]:
+    big = 224 if cuda else 112
+    if quick:
+        return [
+            dict(case="refiner_vit_tiny @8 b32", name="refiner_vit_tiny", kw={}, batch=32),
+            dict(case="refiner_vit_s d4 @64 b4", name="refiner_vit_s", kw=dict(depth=4, img_size=64), batch=4),
+        ]
+    cases = [
+        dict(case="refiner_vit_tiny @8 b32", name="refiner_vit_tiny", kw={}, batch=32),
+        dict(case=f"refiner_vit_s @{big} b8", name="refiner_vit_s", kw=dict(img_size=big), batch=8),
+        dict(case=f"refiner_vit_s stem=patch @{big} b8", name="refiner_vit_s", kw=dict(img_size=big, stem="patch"),
+             batch=8),
+        dict(case=f"refiner_vit_m @{big} b4", name="refiner_vit_m", kw=dict(img_size=big), batch=4),
+        dict(case=f"refiner_vit_l @{big} b4", name="refiner_vit_l", kw=dict(img_size=big), batch=4),
+        dict(case=f"refiner_vit_base @{big} b4", name="refiner_vit_base_patch16_224", kw=dict(img_size=big),
+             batch=4),
+    ]
+    if not cuda:
+        cases.append(dict(case="refiner_vit_s @224 b2", name="refiner_vit_s", kw=dict(img_size=224), batch=2))
+    return cases
+
+
+def run(quick: bool = False, device: Optional[str] = None) -> dict:
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    dev = "cuda" if cuda else "cpu"
+    repeats, warmup = (2, 1) if quick else (5, 1)
+    rows, notes = [], []
+    # CPU: one thread and process CPU time, which on a machine shared with other jobs still measures this work
+    threads = torch.get_num_threads() if cuda else 1
+    clock = time.perf_counter if cuda else time.process_time
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _measure(quick, cuda, dev, threads, clock, repeats, warmup, rows)
+    finally:
+        torch.set_num_threads(saved_threads)
+    if quick:
+        notes.append("--quick is a smoke run: the depth-4 S is dominated by its conv stem; the full run gives the "
+                     "representative ratios")
+    timer = "wall time" if cuda else "process CPU time"
+    notes.append(f"device {dev}, {threads} intra-op thread(s); {timer}, median of {repeats} interleaved steps after "
+                 f"{warmup} warm-up round(s); baseline = timm VisionTransformer of the same depth/width/heads/MLP "
+                 "ratio/patch/input with its linear patch embedding and fused attention; optimizer: timm adamw")
+    notes.append("peak memory: " + ("torch.cuda.max_memory_allocated during the first training step above the "
+                                    "allocation before it" if cuda else
+                                    "VmHWM of a fresh subprocess during the first training step above its resident "
+                                    "size before it (activations, gradients, AdamW state, temporaries)"))
+    return {"name": "refiner", "device": dev, "rows": rows, "notes": notes}
+
+
+def _measure(quick, cuda, dev, threads, clock, repeats, warmup, rows) -> None:
+    for c in _cases(quick, cuda):
+        spec = dict(name=c["name"], kw=c["kw"], batch=c["batch"], device=dev, threads=threads)
+        ref, ref_step = _build(dict(spec, kind="refiner"))
+        vit, vit_step = _build(dict(spec, kind="vit"))
+        t = interleaved({"vit": vit_step, "refiner": ref_step}, repeats=repeats, warmup=warmup, clock=clock)
+        n_ref = sum(p.numel() for p in ref.parameters())
+        n_vit = sum(p.numel() for p in vit.parameters())
+        del ref, vit, ref_step, vit_step
+        rows.append(row(c["case"], "train images/s", c["batch"] / t["refiner"], c["batch"] / t["vit"],
+                        aim=f">= {THROUGHPUT_AIM}x ViT", higher_is_better=True, target=THROUGHPUT_AIM,
+                        params_refiner=n_ref, params_vit=n_vit))
+        if quick and c["name"] != "refiner_vit_tiny":
+            continue
+        peak = _cuda_peak if cuda else _cpu_peak
+        rows.append(row(c["case"], "train step peak MiB", peak(dict(spec, kind="refiner")),
+                        peak(dict(spec, kind="vit"))))
+    if not quick:
+        spec = dict(name="refiner_vit_s", kw=dict(img_size=224 if cuda else 112), batch=8, device=dev,
+                    threads=threads, kind="refiner")
+        peak = _cuda_peak if cuda else _cpu_peak
+        rows.append(row(f"refiner_vit_s grad ckpt @{spec['kw']['img_size']}", "train step peak MiB",
+                        peak(dict(spec, grad_checkpointing=True)), peak(spec), aim="< 1x without", target=1.0))
