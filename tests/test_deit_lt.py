@@ -239,6 +239,18 @@ def test_alpha_zero_is_plain_training(teacher_dir, tmp_path, data_root):
     assert conf(tmp_path / "alpha0") == conf(tmp_path / "plain")
 
 
+def test_a_distilled_refiner_vit_is_a_deit_lt_student(teacher_dir, tmp_path, data_root):
+    """The suite's own backbone with a DIST token: both heads trained and evaluated, attention maps still readable."""
+    doc = run(_student_cfg(teacher_dir, "model.name=refiner_vit_tiny", data_root=data_root),
+              tmp_path / "run")
+    assert doc["model"] == "refiner_vit_tiny" and set(doc["heads"]) == {"cls", "dist"}
+    assert set(doc["shot_accuracy"]) == {"main", "cls", "dist"}
+    net = build(_student_cfg(teacher_dir, "model.name=refiner_vit_tiny"))[3].net
+    assert net.num_prefix_tokens == 2
+    maps = net.get_attention_maps(torch.randn(1, 1, 8, 8))
+    assert maps[0]["raw"].shape[-1] == 16 + 2  # 4x4 patches, CLS and DIST
+
+
 def test_teacher_sees_the_students_augmented_batch_frozen_and_in_eval_mode(teacher_dir, tmp_path, data_root,
                                                                            monkeypatch):
     seen = {"student": [], "teacher": [], "teacher_training": [], "grad_enabled": []}
