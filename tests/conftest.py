@@ -19,8 +19,10 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 # Small models on 2 cores: one intra-op thread per test process avoids oversubscription when several run at once.
 torch.set_num_threads(1)
 
-#: the smallest sensible run: one epoch per experience, no TensorBoard unless a test asks for it
-TINY = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none"]
+#: one epoch per experience on CPU, no TensorBoard unless a test asks for it, whatever the model
+TINY_ANY_MODEL = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none"]
+#: the smallest sensible run: TINY_ANY_MODEL on the micro ViT (the default backbone is Refiner-ViT-tiny)
+TINY = ["model=vit_micro", *TINY_ANY_MODEL]
 
 
 def compose(overrides=(), data_root: Path | None = None):

@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY, compose
+from conftest import TINY_ANY_MODEL, compose
 from safetensors.torch import save_file
 
 import cl_vit  # noqa: F401  (registers the models)
@@ -84,7 +84,9 @@ def test_timm_interface(name):
     # pretrained_cfg names real modules
     cfg = m.pretrained_cfg
     assert isinstance(m.get_submodule(cfg["first_conv"]), nn.Conv2d)
-    assert m.get_submodule(cfg["classifier"]) is m.get_classifier()
+    names = cfg["classifier"] if isinstance(cfg["classifier"], tuple) else (cfg["classifier"],)
+    heads = m.get_classifier() if isinstance(m.get_classifier(), tuple) else (m.get_classifier(),)
+    assert len(names) == len(heads) and all(m.get_submodule(n) is h for n, h in zip(names, heads))
     # no_weight_decay names parameters that exist
     params = dict(m.named_parameters())
     nwd = [k for k in m.no_weight_decay() if k in params]
@@ -98,7 +100,8 @@ def test_timm_interface(name):
     # reset_classifier(0) gives the pooled features
     m.reset_classifier(0)
     torch.testing.assert_close(m(x), pre)
-    assert m.get_classifier().__class__ is nn.Identity
+    heads = m.get_classifier() if isinstance(m.get_classifier(), tuple) else (m.get_classifier(),)
+    assert all(h.__class__ is nn.Identity for h in heads)
 
 
 @pytest.mark.parametrize("name", REFINER_MODELS)
@@ -377,7 +380,7 @@ def test_bad_options_fail_with_one_line(kw, words):
 def test_model_configs_build_and_train_on_the_default_benchmark(model, data_root):
     from cl_vit.run import build
 
-    over = [f"model={model}", *TINY]
+    over = [f"model={model}", *TINY_ANY_MODEL]
     if model != "refiner_vit_tiny":
         over += ["model.patch_size=2", "+model.depth=2"]  # a 4x4 token grid at 8x8; depth 2 keeps the test cheap
     cfg = compose(over, data_root)
@@ -398,7 +401,7 @@ def test_large_model_on_tiny_images_names_the_fix(data_root):
     from cl_vit.run import build
 
     with pytest.raises(UserError, match=r"model\.patch_size"):
-        build(compose(["model=refiner_vit_s", *TINY], data_root))
+        build(compose(["model=refiner_vit_s", *TINY_ANY_MODEL], data_root))
 
 
 def test_load_checkpoint_of_a_refiner_run(tmp_path):

@@ -17,6 +17,7 @@ registered with timm as ``<name>_distilled`` (``timm.create_model("vit_micro_pat
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 import timm
@@ -99,10 +100,28 @@ class DistilledMixin:
 
 
 class _DistToken(DistilledMixin):
-    """Adds the DIST token to a backbone that has none: inserted after the class token, after position embedding."""
+    """Adds the DIST token to a backbone that has none: inserted after the class token, after position embedding.
+
+    ``num_prefix_tokens`` counts the DIST token (the blocks, heads and ``forward_intermediates`` see it), but
+    ``pos_embed`` has no row for it: everything that resamples ``pos_embed`` (``set_input_size``, dynamic image sizes,
+    checkpoint loading) runs under ``_pos_embed_prefix``, which counts the prefix rows ``pos_embed`` really has.
+    """
+
+    @contextmanager
+    def _pos_embed_prefix(self):
+        self.num_prefix_tokens -= 1
+        try:
+            yield
+        finally:
+            self.num_prefix_tokens += 1
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        with self._pos_embed_prefix():
+            super().set_input_size(*args, **kwargs)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = super()._pos_embed(x)
+        with self._pos_embed_prefix():
+            x = super()._pos_embed(x)
         # DeiT gives the DIST token its own row of pos_embed; a learned token plus a learned offset is one learned
         # vector, so the token alone is the same model and leaves pos_embed (and plain checkpoints) untouched.
         return torch.cat((x[:, :1], self.dist_token.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
@@ -172,7 +191,11 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     base = getattr(type(model), "_backbone_class", type(model))
     base_filter = getattr(sys.modules.get(base.__module__), "checkpoint_filter_fn", None)
     if base_filter is not None:
-        state_dict = base_filter(state_dict, model)
+        if isinstance(model, _DistToken):
+            with model._pos_embed_prefix():
+                state_dict = base_filter(state_dict, model)
+        else:
+            state_dict = base_filter(state_dict, model)
     own = model.state_dict()
     for key in ("dist_token", "head_dist.weight", "head_dist.bias"):
         if key in own and key not in state_dict:
