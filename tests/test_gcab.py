@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import cl_vit.runner as runner_mod
 from cl_vit.errors import UserError
 from cl_vit.models import build_model
-from cl_vit.models.gated import GatedNet, sab_features
+from cl_vit.models.gated import DriftProjector, GatedNet, sab_features
 from cl_vit.results import RunDirectory
 from cl_vit.run import build, run
 from cl_vit.strategies import STRATEGIES, register_strategy
@@ -97,6 +97,41 @@ def test_past_tasks_use_only_the_weights_their_binary_masks_claim():
         i, j = (claimed[name] == 1).nonzero()[0].tolist()
         params[name][i, j] += 1.0
         assert not torch.equal(before[0], net.forward_outputs(x, cascade=False)["tokens"][0])
+
+
+def test_image_projector_norm_is_the_official_joint_layernorm():
+    """projector_norm=image equals main.py's Conv2d 1x1 -> LayerNorm((D, 1, N)) -> ReLU -> Conv2d 1x1 on (B, D, 1, N)."""
+    torch.manual_seed(0)
+    D, N = 8, 5
+    ours = DriftProjector(D, n_tokens=N)
+    with torch.no_grad():  # non-trivial affine weights, so a transposed (token, channel) layout would show
+        ours[1].weight.copy_(torch.rand(N, D) + 0.5)
+        ours[1].bias.copy_(torch.randn(N, D))
+    official = torch.nn.Sequential(torch.nn.Conv2d(D, D, 1), torch.nn.LayerNorm((D, 1, N)), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(D, D, 1))
+    with torch.no_grad():
+        for i in (0, 3):
+            official[i].weight.copy_(ours[i].weight.view(D, D, 1, 1))
+            official[i].bias.copy_(ours[i].bias)
+        official[1].weight.copy_(ours[1].weight.t().reshape(D, 1, N))
+        official[1].bias.copy_(ours[1].bias.t().reshape(D, 1, N))
+    x = torch.randn(3, N, D) * torch.linspace(0.1, 3, N).view(1, N, 1)  # tokens of different norms
+    with torch.no_grad():
+        ref = official(x.permute(0, 2, 1).unsqueeze(2)).squeeze(2).permute(0, 2, 1)  # the official permutes
+        torch.testing.assert_close(ours(x), ref)
+        # the per-token default normalises each token alone: scaling one token leaves the others' outputs unchanged
+        token = DriftProjector(D)
+        y = x.clone()
+        y[:, 0] *= 10
+        assert torch.allclose(token(x)[:, 1:], token(y)[:, 1:], atol=1e-5)
+        assert not torch.allclose(ours(x)[:, 1:], ours(y)[:, 1:], atol=1e-3)
+    # through the strategy: the projectors of a grown GatedNet take the backbone's patch count
+    net = GatedNet(build_model({"name": "vit_micro_patch2_8"}, 4, 1, 8), 4, projector_norm="image")
+    net.add_task([0, 1])
+    net.add_task([2, 3])
+    assert net.projectors[0][1].normalized_shape == (16, net.embed_dim)
+    with pytest.raises(UserError, match="strategy.gcab.projector_norm"):
+        GCAB(projector_norm="channel")
 
 
 def test_non_vit_backbone_and_bad_values_fail_in_one_line():

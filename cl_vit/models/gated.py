@@ -154,14 +154,17 @@ class GatedClassAttentionBlock(nn.Module):
 class DriftProjector(nn.Sequential):
     """P_t: maps the patch features of model t to the feature space of model t-1, token by token.
 
-    Linear(D, D) -> LayerNorm(D) -> ReLU -> Linear(D, D) on each token. The official projector (main.py) is
-    Conv2d 1x1 -> LayerNorm((384, 1, 64)) -> ReLU -> Conv2d 1x1, whose LayerNorm normalises over all 64 tokens of a
-    32-px CIFAR image jointly with token-dependent affine weights; normalising each token on its own makes the
-    projector independent of the number of tokens (any image size or patch size), as the issue asks.
+    Linear(D, D) -> LayerNorm -> ReLU -> Linear(D, D), the linear layers acting on each token. The official
+    projector (main.py) is Conv2d 1x1 -> ``LayerNorm((384, 1, 64))`` -> ReLU -> Conv2d 1x1 on the (B, D, 1, N)
+    tokens: its LayerNorm normalises all 64 tokens of a 32-px CIFAR image jointly, with an affine weight per (channel,
+    token). ``n_tokens=None`` (the default, as the issue asks) normalises each token on its own, so the projector
+    works for any number of tokens; ``n_tokens=N`` is the official joint normalisation over the N tokens of an image
+    (``LayerNorm((N, D))`` on (B, N, D)), which keeps the tokens' relative norms but ties P_t to N tokens.
     """
 
-    def __init__(self, dim: int):
-        super().__init__(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.ReLU(), nn.Linear(dim, dim))
+    def __init__(self, dim: int, n_tokens: int | None = None):
+        norm = nn.LayerNorm(dim) if n_tokens is None else nn.LayerNorm((int(n_tokens), dim))
+        super().__init__(nn.Linear(dim, dim), norm, nn.ReLU(), nn.Linear(dim, dim))
 
 
 class TaskHead(nn.Module):
@@ -207,7 +210,8 @@ class GatedNet(nn.Module):
     ``forward_outputs(x)`` needs no task id: every task token runs and the logits of all heads are concatenated.
     """
 
-    def __init__(self, backbone: nn.Module, n_classes: int, s_max: float = S_MAX, init_from_last_block: bool = True):
+    def __init__(self, backbone: nn.Module, n_classes: int, s_max: float = S_MAX, init_from_last_block: bool = True,
+                 projector_norm: str = "token"):
         super().__init__()
         blocks = getattr(backbone, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) < 1 or not hasattr(
@@ -232,6 +236,15 @@ class GatedNet(nn.Module):
         dp = getattr(getattr(last, "drop_path1", getattr(last, "drop_path", None)), "drop_prob", 0.0)
         eps = getattr(getattr(last, "norm1", None), "eps", 1e-6)
 
+        self.projector_tokens = None  # projector_norm "token": each token normalised on its own
+        if projector_norm == "image":
+            n = getattr(getattr(backbone, "patch_embed", None), "num_patches", None)
+            if not isinstance(n, int) or n < 1:
+                raise UserError(f"strategy.gcab.projector_norm=image needs a backbone with a fixed number of patch "
+                                f"tokens (patch_embed.num_patches); {type(backbone).__name__} has none: use token")
+            self.projector_tokens = n
+        elif projector_norm != "token":
+            raise ValueError(f"projector_norm must be 'token' or 'image', got {projector_norm!r}")
         self.backbone = backbone
         self.embed_dim, self.hidden_dim, self.n_classes = dim, hidden, n_classes
         self.cab = GatedClassAttentionBlock(dim, _num_heads(last, backbone, dim), hidden, qkv_bias, float(dp), eps)
@@ -272,7 +285,7 @@ class GatedNet(nn.Module):
         self.e0.append(nn.Parameter(torch.randn(self.embed_dim, device=device)))
         self.e2.append(nn.Parameter(torch.randn(self.hidden_dim, device=device)))
         if self.n_tasks > 1:
-            self.projectors.append(DriftProjector(self.embed_dim).to(device))
+            self.projectors.append(DriftProjector(self.embed_dim, self.projector_tokens).to(device))
         self.task_classes.append(classes)
         self.class_index = torch.tensor([c for cs in self.task_classes for c in cs], dtype=torch.long, device=device)
 

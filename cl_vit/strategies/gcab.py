@@ -81,6 +81,7 @@ class GCAB(Strategy):
         freeze_cab_norms: bool = True,  # main.py freezes tabs[0].norm* at t > 0 (the issue names the SABs' norms)
         decay_gated_weights: bool = False,
         init_from_last_block: bool = True,
+        projector_norm: str = "token",  # the issue's per-token norm; "image": main.py's LayerNorm((384, 1, 64))
     ):
         if isinstance(s_max, bool) or not isinstance(s_max, (int, float)) or s_max <= 1:
             raise ConfigError("strategy.gcab.s_max", s_max, "a number > 1 (the paper uses 800)")
@@ -90,6 +91,10 @@ class GCAB(Strategy):
         for key, v in (("thres_cosh", thres_cosh), ("thres_emb", thres_emb)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"strategy.gcab.{key}", v, "a number > 0")
+        if projector_norm not in ("token", "image"):
+            raise ConfigError("strategy.gcab.projector_norm", projector_norm,
+                              "token (each token normalised alone) or image (the official joint LayerNorm)")
+        self.projector_norm = projector_norm
         self.s_max = float(s_max)
         self.lambda_mask = float(lambda_mask)
         self.lambda_pfr = float(lambda_pfr)
@@ -110,7 +115,8 @@ class GCAB(Strategy):
     def setup(self, module) -> None:
         self.module = module
         if not isinstance(module.net, GatedNet):
-            module.net = GatedNet(module.net, module.n_classes, self.s_max, self.init_from_last_block)
+            module.net = GatedNet(module.net, module.n_classes, self.s_max, self.init_from_last_block,
+                                  self.projector_norm)
         module.net.decay_gated_weights = self.decay_gated_weights
         if module.loss_name != "bce":
             log.warning("gcab: loss.name=%s; the paper and the official code use bce (configs/strategy/gcab.yaml)",
