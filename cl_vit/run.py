@@ -221,6 +221,8 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     )
     runner.run()
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
+    if logger is not None:
+        logger.close()
     doc = results.to_json("completed")
     print(report.format_results(doc, rd.path))
     return doc

@@ -54,12 +54,26 @@ class LoaderConfig:
 
 
 class StreamLogger(TensorBoardLogger):
-    """TensorBoardLogger whose steps continue across the experiences' Trainers (each starts at step 0)."""
+    """TensorBoardLogger whose steps continue across the experiences' Trainers (each starts at step 0).
+
+    One event file per run: Lightning closes the writer when each experience's ``fit`` ends, and torch's
+    ``SummaryWriter`` then opens a new file on the next write; here a Trainer's ``finalize`` only flushes, and
+    ``close()`` ends the run's writer.
+    """
 
     step_offset = 0
 
     def log_metrics(self, metrics, step=None):
         super().log_metrics(metrics, None if step is None else step + self.step_offset)
+
+    def finalize(self, status: str) -> None:
+        if self._experiment is not None:
+            self.experiment.flush()
+        if status == "success":
+            self.save()
+
+    def close(self) -> None:
+        super().finalize("success")
 
 
 class ExperienceProgressBar(TQDMProgressBar):
