@@ -115,3 +115,21 @@ def validate(cfg: DictConfig) -> None:
     for name in (_get(cfg, "strategy") or {}):
         if name not in STRATEGIES:
             raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}")
+    _check_erasing_once(cfg)
+
+
+def _check_erasing_once(cfg) -> None:
+    """DeiT's random erasing belongs to the train transform (train_transform=deit, augment.re_prob) or, for sources
+    without one, to the deit_lt strategy's batch (random_erasing): never both."""
+    args = _get(cfg, "benchmark.source_args")
+    batch_prob = _get(cfg, "strategy.deit_lt.random_erasing")
+    if not args or args.get("train_transform") != "deit" or not batch_prob:
+        return
+    from cl_vit.data.transforms import deit_augment
+
+    augment = args.get("augment")
+    re_prob = deit_augment(OmegaConf.to_container(augment) if OmegaConf.is_config(augment) else augment)["re_prob"]
+    if re_prob > 0:
+        raise ConfigError("strategy.deit_lt.random_erasing", batch_prob,
+                          f"0 when benchmark.source_args.train_transform=deit already erases in the transform "
+                          f"(augment.re_prob={re_prob}); erase in one place only")
