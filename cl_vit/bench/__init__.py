@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 #: benchmark modules, in the order ``python -m cl_vit.bench`` runs them
-BENCHES = ("runner", "avalanche", "refiner", "data", "memory")
+BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "gpu")
 
 
 def available() -> list[str]:
@@ -32,6 +32,17 @@ def available() -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def compose_config(overrides=()):
+    """The run config exactly as ``python -m cl_vit.run <overrides>`` composes it."""
+    import cl_vit.run  # noqa: F401  (registers the resolvers the config uses)
+    from hydra import compose, initialize_config_dir
+
+    from cl_vit.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def run_bench(name: str, quick: bool = False) -> dict:
