@@ -15,6 +15,7 @@ others wait for it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -237,7 +238,8 @@ class ContinualRunner:
             )
             loader = self._loader(experience.dataset, True, experience_seed(self.seed, i))
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
-            every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), len(loader)))
+            per_process = math.ceil(len(loader) / distributed.world_size())  # DDP shards the batches
+            every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
             trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every)
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
