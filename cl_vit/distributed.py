@@ -110,6 +110,8 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> None:
     strategy = trainer.strategy
     if strategy.launcher is not None and not isinstance(strategy.launcher, _SubprocessScriptLauncher):
         check_strategy("spawn")
+    if strategy.launcher is not None and not strategy.cluster_environment.creates_processes_externally:
+        _check_command_line()
     if strategy.launcher is None:
         strategy.setup_environment()
     else:
@@ -117,6 +119,19 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> None:
     quiet_other_ranks()
     log.info("Distributed run: %d processes (%s, backend %s)", world_size(), type(strategy).__name__,
              dist.get_backend())
+
+
+def _check_command_line() -> None:
+    """Lightning starts the other local processes by re-running this process's command line; that needs one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        raise UserError("a multi-process run (trainer=ddp) starts from the command line: python -m cl_vit.run "
+                        "trainer=ddp ... (Lightning re-runs it once per extra device)")
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # the re-run command line would start the whole sweep again in every child (Lightning issue #11300)
+        raise UserError("trainer=ddp cannot run inside a Hydra sweep (-m): launch each run on its own")
 
 
 # -- collectives -------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch
 from conftest import REPO_ROOT, cli_env, compose
 
 from cl_vit import distributed
+from cl_vit.errors import UserError
 from cl_vit.results import RunDirectory
-from cl_vit.run import build
+from cl_vit.run import build, run
 from cl_vit.runner import ContinualRunner, LoaderConfig, merge_predictions
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -86,6 +87,13 @@ def test_only_rank_zero_writes_the_run_directory(ddp_run):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["exp_000.pt", "exp_001.pt"]
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and len({p.name.split(".")[-2] for p in events}) == 1  # one writing process (pid in the name)
+
+
+def test_ddp_outside_the_command_line_is_one_clear_line(tmp_path, data_root):
+    """From Python (a notebook, a test) Lightning has no command line to re-run for the other processes."""
+    with pytest.raises(UserError, match="starts from the command line: python -m cl_vit.run trainer=ddp"):
+        run(compose(DDP, data_root), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_merge_predictions_rejects_duplicates_and_gaps():
