@@ -96,7 +96,7 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> None:
 
     Call it from the command line's process (``python -m cl_vit.run``): the children re-run that command line.
     """
-    if is_initialized():
+    if is_initialized() or _single_process(trainer_kwargs):
         return
     import lightning as L
 
@@ -119,6 +119,12 @@ def launch(trainer_kwargs: Mapping[str, Any]) -> None:
     quiet_other_ranks()
     log.info("Distributed run: %d processes (%s, backend %s)", world_size(), type(strategy).__name__,
              dist.get_backend())
+
+
+def _single_process(trainer_kwargs: Mapping[str, Any]) -> bool:
+    """Plainly one process (one device, one node): no Trainer needs to be built to know it."""
+    devices = trainer_kwargs.get("devices", "auto")
+    return str(devices) in ("1", "[0]") and int(trainer_kwargs.get("num_nodes", 1)) == 1
 
 
 def _check_command_line() -> None:
