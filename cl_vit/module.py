@@ -12,9 +12,9 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torchmetrics.classification import MulticlassAccuracy
 
+from cl_vit.hardware import create_optimizer
 from cl_vit.strategies.base import ExperienceInfo, Strategy
 
 LOSSES = ("ce", "bce")
@@ -160,9 +160,9 @@ class ContinualModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = dict(self.optimizer_cfg)
         sam_rho = cfg.pop("sam_rho", None)
-        opt = create_optimizer_v2(
+        opt = create_optimizer(
             self.net,
-            opt=cfg.pop("name"),
+            cfg.pop("name"),
             lr=cfg.pop("lr"),
             weight_decay=cfg.pop("weight_decay", 0.0),
             **{k: v for k, v in cfg.items() if v is not None},

@@ -31,7 +31,7 @@ def test_bench_quick_prints_a_table_and_writes_ratios(tmp_path):
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline"])
             assert r["meets_aim"] in (None, True, False)
     runner = results["runner"]["rows"]
-    assert [r["metric"] for r in runner] == ["wall s: suite / bare loop"] * 2
+    assert [r["metric"] for r in runner] == ["wall s: suite / bare loop", "CPU s: suite / bare loop"] * 2
     # the bare loop does the same work: same seeds, batches, loss and optimiser give the same accuracy
     assert runner[0]["accuracy"] == runner[0]["baseline_accuracy"]
     avalanche = results["avalanche"]["rows"]
