@@ -153,3 +153,21 @@ def test_eval_every_k_evaluates_in_one_pass_over_the_seen_test_data(tmp_path, da
         counts[(c["trained_up_to"], c["evaluated"])] = int(np.asarray(c["entries"]).reshape(-1, 3)[:, 2].sum())
     assert counts == {(i, j): test_sizes[j] for i in evaluated for j in range(i + 1)}
     assert doc["metrics"]["final_average_accuracy"] is not None
+
+
+def test_adamw_uses_the_fused_kernel_unless_the_config_says_otherwise(monkeypatch):
+    net = torch.nn.Linear(4, 2)
+    assert hardware.create_optimizer(net, "adamw", lr=1e-3, weight_decay=0.05).defaults["fused"] is True
+    assert not hardware.create_optimizer(net, "adamw", lr=1e-3, foreach=True).defaults.get("fused")
+    assert not hardware.create_optimizer(net, "sgd", lr=1e-3).defaults.get("fused")
+    import timm.optim
+
+    real = timm.optim.create_optimizer_v2
+
+    def no_fused(*args, **kwargs):  # a torch or device without the fused kernel
+        if kwargs.get("fused"):
+            raise RuntimeError("fused=True requires ...")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm.optim, "create_optimizer_v2", no_fused)
+    assert not hardware.create_optimizer(net, "adamw", lr=1e-3).defaults.get("fused")
