@@ -78,6 +78,11 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, "epoch_eval", 0)
     _int(cfg, "trainer.max_epochs", 1)
     _choice(cfg, "trainer.precision", PRECISIONS)
+    if _get(cfg, "compile") not in (None, True, False):
+        raise ConfigError("compile", _get(cfg, "compile"), "true or false")
+    from cl_vit.distributed import check_strategy
+
+    check_strategy(str(_get(cfg, "trainer.strategy") or "auto"))
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.eval_batch_size", 1)
     _int(cfg, "data.num_workers", 0)
