@@ -78,6 +78,11 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, "epoch_eval", 0)
     _int(cfg, "trainer.max_epochs", 1)
     _choice(cfg, "trainer.precision", PRECISIONS)
+    if _get(cfg, "compile") not in (None, True, False):
+        raise ConfigError("compile", _get(cfg, "compile"), "true or false")
+    from cl_vit.distributed import check_strategy
+
+    check_strategy(str(_get(cfg, "trainer.strategy") or "auto"))
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.eval_batch_size", 1)
     _int(cfg, "data.num_workers", 0)
@@ -115,3 +120,21 @@ def validate(cfg: DictConfig) -> None:
     for name in (_get(cfg, "strategy") or {}):
         if name not in STRATEGIES:
             raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}")
+    _check_erasing_once(cfg)
+
+
+def _check_erasing_once(cfg) -> None:
+    """DeiT's random erasing belongs to the train transform (train_transform=deit, augment.re_prob) or, for sources
+    without one, to the deit_lt strategy's batch (random_erasing): never both."""
+    args = _get(cfg, "benchmark.source_args")
+    batch_prob = _get(cfg, "strategy.deit_lt.random_erasing")
+    if not args or args.get("train_transform") != "deit" or not batch_prob:
+        return
+    from cl_vit.data.transforms import deit_augment
+
+    augment = args.get("augment")
+    re_prob = deit_augment(OmegaConf.to_container(augment) if OmegaConf.is_config(augment) else augment)["re_prob"]
+    if re_prob > 0:
+        raise ConfigError("strategy.deit_lt.random_erasing", batch_prob,
+                          f"0 when benchmark.source_args.train_transform=deit already erases in the transform "
+                          f"(augment.re_prob={re_prob}); erase in one place only")

@@ -12,9 +12,9 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torchmetrics.classification import MulticlassAccuracy
 
+from cl_vit.hardware import create_optimizer
 from cl_vit.strategies.base import ExperienceInfo, Strategy
 
 LOSSES = ("ce", "bce")
@@ -98,7 +98,9 @@ class ContinualModule(L.LightningModule):
         self.register_buffer("seen_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("current_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.experience: ExperienceInfo | None = None
-        self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
+        # update() only, computed once per epoch: the per-step forward() and argument checks cost more than the
+        # tiny models' steps (python -m cl_vit.bench runner)
+        self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", validate_args=False)
 
     # -- the stream ------------------------------------------------------------------------------------------------
 
@@ -134,15 +136,31 @@ class ContinualModule(L.LightningModule):
             for k, v in s.training_loss(self, batch, outputs).items():
                 terms[f"{s.name}/{k}" if k != s.name else k] = v
         loss = sum(terms.values())
-        bs = y.shape[0]
-        for k, v in terms.items():
-            self.log(f"train/loss/{k}", v.detach(), batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        if self._logging_step():
+            bs = y.shape[0]
+            for k, v in terms.items():
+                self.log(f"train/loss/{k}", v.detach(), batch_size=bs)
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         if y.ndim == 1:  # hard labels (batch-level mixing turns them soft)
             preds = outputs["logits"].detach().masked_fill(~self.seen_mask, float("-inf")).argmax(1)
-            self.train_acc(preds, y)
-            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+            self.train_acc.update(preds, y)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes step metrics after this step (every ``trainer.log_every_n_steps``).
+
+        Logging only then gives the same TensorBoard curves without the cost of ``self.log`` on every step, which
+        outweighs a small model's step on a CPU (python -m cl_vit.bench runner); the progress bar shows the loss of
+        the last logged step."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
+
+    def on_train_epoch_start(self) -> None:
+        self.train_acc.reset()
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_acc.update_count:  # the metric object: Lightning computes it (synced under DDP) and resets it
+            self.log("train/acc", self.train_acc, prog_bar=True)
 
     def on_fit_start(self) -> None:
         for s in self.strategies:
@@ -155,9 +173,9 @@ class ContinualModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = dict(self.optimizer_cfg)
         sam_rho = cfg.pop("sam_rho", None)
-        opt = create_optimizer_v2(
+        opt = create_optimizer(
             self.net,
-            opt=cfg.pop("name"),
+            cfg.pop("name"),
             lr=cfg.pop("lr"),
             weight_decay=cfg.pop("weight_decay", 0.0),
             **{k: v for k, v in cfg.items() if v is not None},

@@ -16,6 +16,7 @@ leaves each file either as it was or complete. ``load_run`` is the public way to
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -74,6 +75,11 @@ def _json_default(o):
 
 
 def versions() -> dict:
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> dict:  # reading package metadata takes tens of ms; results.json is written every experience
     out = {}
     for pkg in ("torch", "timm", "lightning", "avalanche-lib", "torchmetrics", "albumentations", "hydra-core"):
         try:

@@ -4,6 +4,7 @@
     python -m cl_vit.run benchmark=split-digits strategy=finetune trainer.max_epochs=2 seed=3
     python -m cl_vit.run dry_run=true                      # print the stream and the model, train nothing
     python -m cl_vit.run resume=outputs/split-digits/...   # continue after the last completed experience
+    python -m cl_vit.run trainer=gpu compile=true          # one GPU, bf16; trainer=ddp: every GPU (Lightning DDP)
 
 The run directory is Hydra's output directory (``hydra.run.dir=PATH``). ``run(cfg, run_dir)`` is the same thing as a
 function, for notebooks and tests.
@@ -31,7 +32,7 @@ if not OmegaConf.has_resolver("cl_vit.run_dir"):
 
 #: what a resumed run may change: where it runs and how it loads data, never what it computes
 RESUME_OVERRIDABLE = ("trainer.", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                      "data.eval_batch_size", "data.verify", "data_root", "hydra.", "resume", "logger.")
+                      "data.eval_batch_size", "data.verify", "data_root", "hydra.", "resume", "logger.", "compile")
 
 
 def data_root(cfg) -> str:
@@ -117,6 +118,10 @@ def build(cfg: DictConfig, scenario=None):
     module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
     for s in strategies:
         s.setup(module)
+    if cfg.get("compile"):
+        from cl_vit.hardware import compile_forward
+
+        compile_forward(module)
     return source, scenario, info, module, class_counts
 
 
@@ -125,14 +130,17 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
 
     ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
     """
-    from cl_vit import report
+    from cl_vit import distributed, report
     from cl_vit.data.longtail import shot_group_record
+    from cl_vit.hardware import trainer_kwargs
     from cl_vit.models import weights_origin
     from cl_vit.results import RunDirectory, StreamResults
     from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
 
+    distributed.quiet_other_ranks()
     validate(cfg)
+    trainer_args = trainer_kwargs(OmegaConf.to_container(cfg.trainer))
     rd = RunDirectory(run_dir)
     resuming = bool(cfg.get("resume"))
     if resuming and not rd.config_path.exists():
@@ -155,6 +163,8 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         print(f"dry run: nothing trained · stream written to {rd.stream_path}")
         return stream_doc
 
+    # several processes (trainer=ddp): the others start here, re-running this command line; only rank 0 writes
+    distributed.launch(trainer_args)
     meta = {
         "benchmark": cfg.benchmark.name,
         "model": cfg.model.name,
@@ -195,13 +205,15 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
                 logger.step_offset = int(state.get("global_step", 0))
         if results.completed >= len(info.train_classes):
             log.info("%s is already complete", rd.path)
-            print(report.format_results(results.to_json("completed"), rd.path))
+            if distributed.is_rank_zero():
+                print(report.format_results(results.to_json("completed"), rd.path))
             return results.to_json("completed")
         log.info("Resuming %s after experience %d of %d", rd.path, results.completed, len(info.train_classes))
-    else:
+    elif distributed.is_rank_zero():
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         rd.write_json("stream.json", stream_doc)
+    distributed.barrier()
 
     runner = ContinualRunner(
         module,
@@ -209,7 +221,7 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         info,
         rd,
         seed=int(cfg.seed),
-        trainer=OmegaConf.to_container(cfg.trainer),
+        trainer=trainer_args,
         loader=loader_config(cfg),
         logger=logger,
         eval_every=cfg.eval_every,
@@ -221,8 +233,11 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     )
     runner.run()
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
+    if logger is not None:
+        logger.close()
     doc = results.to_json("completed")
-    print(report.format_results(doc, rd.path))
+    if distributed.is_rank_zero():
+        print(report.format_results(doc, rd.path))
     return doc
 
 

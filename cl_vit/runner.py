@@ -5,10 +5,17 @@ For each training experience: seed from (seed, experience index), strategies' ``
 of every experience seen so far (task-agnostic, predictions grouped by experience), then the run directory is saved
 (results.json, accuracy_matrix.csv, the experience's checkpoint). A run resumed after experience k re-enters the loop
 at k + 1 with exactly the state an uninterrupted run had, so both end with the same results.
+
+Under DDP (``trainer=ddp``) every process runs this loop (cl_vit.distributed): Lightning shards the training data;
+the evaluation pass gives each process a share of the test images without repeats (Lightning's unrepeated sampler
+for ``predict``) and the predictions, gathered with each image's position in the union, are checked to cover every
+image exactly once. Every process then holds the same results; rank 0 alone writes the run directory while the
+others wait for it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -23,6 +30,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from cl_vit import distributed
 from cl_vit import metrics as M
 from cl_vit.module import ContinualModule
 from cl_vit.results import RunDirectory, StreamResults, matrix_csv
@@ -54,20 +62,45 @@ class LoaderConfig:
 
 
 class StreamLogger(TensorBoardLogger):
-    """TensorBoardLogger whose steps continue across the experiences' Trainers (each starts at step 0)."""
+    """TensorBoardLogger whose steps continue across the experiences' Trainers (each starts at step 0).
+
+    One event file per run: Lightning closes the writer when each experience's ``fit`` ends, and torch's
+    ``SummaryWriter`` then opens a new file on the next write; here a Trainer's ``finalize`` only flushes, and
+    ``close()`` ends the run's writer.
+    """
 
     step_offset = 0
 
     def log_metrics(self, metrics, step=None):
         super().log_metrics(metrics, None if step is None else step + self.step_offset)
 
+    def finalize(self, status: str) -> None:
+        if self._experiment is not None:
+            self.experiment.flush()
+        if status == "success":
+            self.save()
+
+    def close(self) -> None:
+        super().finalize("success")
+
 
 class ExperienceProgressBar(TQDMProgressBar):
-    """Lightning's bar, titled with the experience: ``exp 2/5 · epoch 3/10``."""
+    """Lightning's bar, titled with the experience: ``exp 2/5 · epoch 3/10``.
 
-    def __init__(self, index: int, n_experiences: int):
+    It redraws at most every ``min_interval`` seconds (and at the end of an epoch): Lightning redraws it after every
+    batch, which costs more than a small model's step (python -m cl_vit.bench runner)."""
+
+    def __init__(self, index: int, n_experiences: int, min_interval: float = 0.2):
         super().__init__()
         self.index, self.n_experiences = index, n_experiences
+        self.min_interval = min_interval
+        self._drawn = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        if now - self._drawn >= self.min_interval or batch_idx + 1 == self.train_progress_bar.total:
+            self._drawn = now
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_start(self, trainer, pl_module):
         super().on_train_epoch_start(trainer, pl_module)
@@ -95,7 +128,7 @@ class _SigkillAt(Callback):
 
 
 class _WithExperience(Dataset):
-    """Items ``(x, y, j)``: the sample and the evaluation experience it belongs to."""
+    """Items ``(x, y, j)``: the sample and the evaluation experience it belongs to (the epoch-end evaluation)."""
 
     def __init__(self, dataset, j: int):
         self.dataset, self.j = dataset, j
@@ -106,6 +139,24 @@ class _WithExperience(Dataset):
     def __getitem__(self, i):
         item = self.dataset[i]
         return item[0], item[1], self.j
+
+
+class _Indexed(Dataset):
+    """Items ``(x, y, k)``: a sample and its position ``k`` in the dataset (the union of the seen test sets).
+
+    ``predict_step`` passes the third element through as ``"exp"``; the position tells both the experience and,
+    under DDP, that every sample was predicted exactly once.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        item = self.dataset[k]
+        return item[0], item[1], k
 
 
 class ContinualRunner:
@@ -147,16 +198,24 @@ class ContinualRunner:
 
     # -- data ------------------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset, train: bool, seed: int | None = None) -> DataLoader:
+    def _loader(self, dataset, train: bool, seed: int | None = None, shard: bool = False) -> DataLoader:
+        """``shard``: under DDP, this process's part of ``dataset``, every sample once over all processes."""
         cfg = self.loader
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampler = None
+        if shard and distributed.world_size() > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=distributed.world_size(),
+                                                   rank=distributed.rank(), shuffle=train, seed=seed or 0)
         return DataLoader(
             dataset,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=False,
             num_workers=cfg.num_workers,
-            pin_memory=cfg.pin_memory,
+            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
             generator=generator,
         )
@@ -164,7 +223,8 @@ class ContinualRunner:
     def _trainer(self, index: int, callbacks=(), **overrides) -> L.Trainer:
         kwargs = dict(self.trainer_kwargs)
         kwargs.update(overrides)
-        callbacks = [ExperienceProgressBar(index, len(self.info.train_classes)), *callbacks]
+        if kwargs.get("enable_progress_bar", True):
+            callbacks = [ExperienceProgressBar(index, len(self.info.train_classes)), *callbacks]
         if os.environ.get("CL_VIT_TEST_SIGKILL_AT"):
             callbacks.append(_SigkillAt(index, os.environ["CL_VIT_TEST_SIGKILL_AT"]))
         return L.Trainer(
@@ -193,7 +253,8 @@ class ContinualRunner:
                 classes=list(self.info.train_classes[i]),
                 seen_classes=seen,
                 n_classes=self.info.n_classes,
-                train_loader=lambda ds=experience.dataset, **kw: self._loader(ds, kw.get("train", True), kw.get("seed")),
+                train_loader=lambda ds=experience.dataset, **kw: self._loader(
+                    ds, kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
             )
@@ -201,14 +262,19 @@ class ContinualRunner:
                 "Experience %d/%d · %d classes %s · %d training images",
                 i + 1, n, len(info.classes), _short(info.classes), len(experience.dataset),
             )
+            loader = self._loader(experience.dataset, True, experience_seed(self.seed, i))
+            # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
+            per_process = math.ceil(len(loader) / distributed.world_size())  # DDP shards the batches
+            every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
+            trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every)
+            # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
+            device = trainer.strategy.root_device
+            self.module.to(device)
             self.module.start_experience(info)
             for s in self.module.strategies:
                 s.before_experience(self.module, info)
-            loader = self._loader(experience.dataset, True, experience_seed(self.seed, i))
-            # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
-            every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), len(loader)))
-            trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every)
             trainer.fit(self.module, train_dataloaders=loader)
+            self.module.to(device)
             for s in self.module.strategies:
                 s.after_experience(self.module, info)
             if self.logger is not None:
@@ -217,9 +283,16 @@ class ContinualRunner:
             if (i + 1) % self.eval_every == 0 or i == n - 1:
                 evaluation = self.evaluate(i, trainer)
             self.results.record(i, evaluation, time.perf_counter() - t0)
-            self._save(i, status="completed" if i == n - 1 else "running")
-            if evaluation is not None:
-                self._report(i)
+            distributed.assert_consistent(
+                {"the network": self.module.state_dict(),
+                 **{f"the state of strategy {s.name!r}": s.state_dict() for s in self.module.strategies}},
+                when=f"after experience {i + 1}",
+            )
+            if distributed.is_rank_zero():
+                self._save(i, status="completed" if i == n - 1 else "running")
+                if evaluation is not None:
+                    self._report(i)
+            distributed.barrier()  # no process runs ahead of what the run directory holds
             if self.on_experience_end is not None:
                 self.on_experience_end(self, i)
         return self.results
@@ -238,19 +311,21 @@ class ContinualRunner:
         return ConcatDataset([_WithExperience(test_stream[j].dataset, j) for j in self.info.seen_eval_experiences(i)])
 
     def evaluate(self, i: int, trainer: L.Trainer | None = None) -> dict[str, dict[int, np.ndarray]]:
-        """One pass over the union of the seen experiences' test data; sparse confusions per head and experience."""
+        """One pass over the union of the seen experiences' test data; sparse confusions per head and experience.
+
+        Under DDP each process predicts its share; the shares are gathered and every process computes the same
+        confusions from all of them."""
         seen = self.info.seen_eval_experiences(i)
-        dataset = self._eval_dataset(i)
+        test_stream = self.scenario.test_stream
+        parts = [test_stream[j].dataset for j in seen]
+        union = ConcatDataset(parts)
         trainer = trainer or self._trainer(i)
-        outputs = trainer.predict(self.module, dataloaders=self._loader(dataset, train=False))
-        y = torch.cat([o["y"] for o in outputs]).cpu().numpy()
-        exp = torch.cat([o["exp"] for o in outputs]).cpu().numpy()
-        heads = outputs[0]["preds"].keys()
-        result = {}
-        for head in heads:
-            preds = torch.cat([o["preds"][head] for o in outputs]).cpu().numpy()
-            result[head] = {j: M.confusion_entries(y[exp == j], preds[exp == j]) for j in seen}
-        return result
+        outputs = trainer.predict(self.module, dataloaders=self._loader(_Indexed(union), train=False))
+        merged = merge_predictions(distributed.all_gather_object(_stack_predictions(outputs)), len(union))
+        exp = np.repeat(np.asarray(seen), [len(d) for d in parts])
+        y = merged["y"]
+        return {head: {j: M.confusion_entries(y[exp == j], preds[exp == j]) for j in seen}
+                for head, preds in merged["preds"].items()}
 
     # -- saving and reporting --------------------------------------------------------------------------------------
 
@@ -289,6 +364,35 @@ class ContinualRunner:
         tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i)
         log_attention_maps(tb, self.module, self.scenario, i)  # models with get_attention_maps (Refiner-ViT)
         tb.flush()
+
+
+def _stack_predictions(outputs) -> dict:
+    """This process's predictions as numpy arrays: positions, labels and each head's predicted class."""
+    outputs = outputs or []
+    cat = lambda ts: torch.cat(ts).cpu().numpy() if ts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    heads = outputs[0]["preds"].keys() if outputs else ()
+    return {
+        "index": cat([o["exp"] for o in outputs]),
+        "y": cat([o["y"] for o in outputs]),
+        "preds": {h: cat([o["preds"][h] for o in outputs]) for h in heads},
+    }
+
+
+def merge_predictions(shares: list[dict], n: int) -> dict:
+    """The predictions of every process in dataset order; each of the ``n`` samples must appear exactly once."""
+    index = np.concatenate([s["index"] for s in shares]).astype(np.int64)
+    counts = np.bincount(index, minlength=n) if index.size else np.zeros(n, dtype=np.int64)
+    if len(counts) != n or not np.all(counts == 1):
+        raise RuntimeError(
+            f"evaluation must see each of the {n} test images once: {int(np.sum(counts == 0))} missed, "
+            f"{int(np.sum(counts > 1))} seen more than once"
+        )
+    order = np.argsort(index, kind="stable")
+    heads = next((list(s["preds"]) for s in shares if s["preds"]), [])
+    return {
+        "y": np.concatenate([s["y"] for s in shares])[order],
+        "preds": {h: np.concatenate([s["preds"][h] for s in shares if h in s["preds"]])[order] for h in heads},
+    }
 
 
 def _short(classes: list[int], k: int = 8) -> str:

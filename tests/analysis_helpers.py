@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 MICRO = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 #: the smallest runs that still train: one epoch of two batches per experience
-FAST = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.limit_train_batches=2",
+FAST = ["model=vit_micro", "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.limit_train_batches=2",
         "trainer.log_every_n_steps=1"]
 
 

@@ -66,8 +66,11 @@ def test_confusion_entries_and_per_class():
     assert e.tolist() == [[0, 0, 2], [0, 1, 1], [1, 0, 1], [1, 1, 1], [2, 2, 1]]
     acc = M.per_class_accuracy(e, 4)
     assert acc[:3] == pytest.approx([2 / 3, 0.5, 1.0]) and math.isnan(acc[3])
-    # shot groups are sample-weighted: "a" = classes 0 and 1 -> 3 of 5 correct
-    assert M.shot_group_accuracy(e, ["a", "a", "b", "b"], order=("a", "b")) == pytest.approx({"a": 0.6, "b": 1.0})
+    # by default a shot group's accuracy is the mean over its classes (OLTR / DeiT-LT): "a" = (2/3 + 1/2) / 2;
+    # sample-weighted it is 3 of 5 correct
+    groups = ["a", "a", "b", "b"]
+    assert M.shot_group_accuracy(e, groups, order=("a", "b")) == pytest.approx({"a": 7 / 12, "b": 1.0})
+    assert M.shot_group_accuracy(e, groups, order=("a", "b"), average="sample") == pytest.approx({"a": 0.6, "b": 1.0})
 
 
 def test_accuracy_matrix_from_confusions_and_summary():

@@ -139,6 +139,8 @@ def test_tensorboard_holds_losses_accuracies_and_the_matrix(tmp_path, data_root)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run(compose(TINY[:-1] + ["logger=tensorboard"], data_root), tmp_path / "run")
+    # one event file for the whole stream, although each experience's Trainer finalizes the logger
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     scalars = acc.Tags()["scalars"]

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 #: benchmark modules, in the order ``python -m cl_vit.bench`` runs them
-BENCHES = ("runner", "avalanche", "refiner", "data", "memory")
+BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "gpu")
 
 
 def available() -> list[str]:
@@ -34,27 +34,44 @@ def available() -> list[str]:
     return out
 
 
+def compose_config(overrides=()):
+    """The run config exactly as ``python -m cl_vit.run <overrides>`` composes it."""
+    import cl_vit.run  # noqa: F401  (registers the resolvers the config uses)
+    from hydra import compose, initialize_config_dir
+
+    from cl_vit.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def run_bench(name: str, quick: bool = False) -> dict:
     return importlib.import_module(f"cl_vit.bench.{name}").run(quick=quick)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median time of each callable, alternating them ``repeats`` times after ``warmup`` untimed rounds.
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each callable, alternating them ``repeats`` times after ``warmup`` untimed rounds."""
+    return interleaved_clocks(fns, repeats, warmup)[0]
 
-    ``clock``: wall time by default; ``time.process_time`` measures the CPU time this process spends (single-threaded
-    work on a machine shared with other jobs, where wall time mostly measures the other jobs).
-    """
+
+def interleaved_clocks(fns: dict[str, Callable[[], object]], repeats: int = 5,
+                       warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median CPU time of this process (all its threads) of each callable, interleaved.
+
+    On a machine shared with other work the CPU time is the steadier measure: it leaves out the time the
+    process waits for a core."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = clock()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            times[k].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def row(case: str, metric: str, value: float, baseline: float, aim: str | None = None,

@@ -36,12 +36,13 @@ def main(argv=None) -> int:
         print(f"error: unknown benchmark {unknown[0]!r}: choose from {names}", file=sys.stderr)
         return 2
     results = []
+    out = Path(args.out)
     for name in args.names or names:
         print(f"running bench {name} ...", flush=True)
         results.append(run_bench(name, quick=args.quick))
+        print(format_table(results[-1:]), flush=True)
+        atomic_write_json(out, {"results": results})  # what is measured survives a later bench's failure
     print(format_table(results))
-    out = Path(args.out)
-    atomic_write_json(out, {"results": results})
     print(f"written to {out}")
     return 0
 

@@ -16,7 +16,14 @@ from torch.utils.data import Dataset
 
 from cl_vit.data.base import Source
 from cl_vit.data.longtail import longtail_subset
-from cl_vit.data.transforms import cifar_eval_pipeline, cifar_train_pipeline, resolve_normalization
+from cl_vit.data.transforms import (
+    check_pipelines,
+    cifar_eval_pipeline,
+    cifar_train_pipeline,
+    deit_eval_transform,
+    deit_train_transform,
+    resolve_normalization,
+)
 from cl_vit.errors import UserError
 
 ARCHIVES = {
@@ -113,13 +120,22 @@ def build_cifar(
     normalize: str = "cifar",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    train_transform: str = "default",
+    test_transform: str = "default",
+    augment: dict | None = None,
     **_,
 ) -> Source:
-    """CIFAR-10/100; with ``imbalance_ratio`` the long-tailed training set of LDAM-DRW (the test set stays balanced)."""
+    """CIFAR-10/100; with ``imbalance_ratio`` the long-tailed training set of LDAM-DRW (the test set stays balanced).
+
+    ``train_transform``/``test_transform``: ``default`` is LDAM-DRW's pad-crop-flip (albumentations; the image resized
+    to ``img_size`` first when it is not 32); ``deit`` is DeiT-LT's student pipeline on the 32x32 image (timm's
+    RandomResizedCrop to ``img_size``, RandAugment, random erasing; evaluation resize + centre crop), see
+    cl_vit.data.transforms."""
+    transforms = check_pipelines(train_transform, test_transform, augment)
     x_tr, y_tr, x_te, y_te, names = load_cifar(data_root, variant)
     mean, std = resolve_normalization(normalize, mean, std)
     meta = {"root": str(Path(data_root).expanduser() / ARCHIVES[variant]["folder"]),
-            "normalization": {"mean": list(mean), "std": list(std)}}
+            "normalization": {"mean": list(mean), "std": list(std)}, "transforms": transforms}
     name = variant
     if imbalance_ratio is not None:
         if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, (int, float)) or imbalance_ratio < 1:
@@ -131,10 +147,19 @@ def build_cifar(
         meta.update(imbalance_ratio=imbalance_ratio, train_counts=counts,
                     profile="LDAM-DRW exponential profile, per-class indices shuffled by numpy seed 0, first n_i kept")
     meta.update(n_train=int(len(y_tr)), n_test=int(len(y_te)))
+    resize_im = img_size > 32  # build_transform_deit's test: CIFAR at its own size is padded and cropped, not resized
+    if train_transform == "deit":
+        train_tf = deit_train_transform(img_size, mean, std, augment, resize_im=resize_im)
+    else:
+        train_tf = cifar_train_pipeline(img_size, mean, std)
+    if test_transform == "deit":
+        test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im)
+    else:
+        test_tf = cifar_eval_pipeline(img_size, mean, std)
     return Source(
         name=name,
-        train=ArrayImageDataset(x_tr, y_tr, cifar_train_pipeline(img_size, mean, std)),
-        test=ArrayImageDataset(x_te, y_te, cifar_eval_pipeline(img_size, mean, std)),
+        train=ArrayImageDataset(x_tr, y_tr, train_tf),
+        test=ArrayImageDataset(x_te, y_te, test_tf),
         classes=names,
         in_chans=3,
         img_size=img_size,

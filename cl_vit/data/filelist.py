@@ -19,7 +19,7 @@ import numpy as np
 
 from cl_vit.data.base import Source
 from cl_vit.data.longtail import frequency_order
-from cl_vit.data.transforms import imagenet_style_datasets, resolve_normalization
+from cl_vit.data.transforms import check_pipelines, imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
 from cl_vit.errors import UserError
 
@@ -81,7 +81,8 @@ def map_targets(train_labels: Sequence[int], n_classes: int) -> np.ndarray:
 
 
 def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img_size, normalize, mean, std,
-                 test_resize, skip_corrupt, verify, meta) -> Source:
+                 test_resize, skip_corrupt, verify, meta, pipelines) -> Source:
+    meta["transforms"] = check_pipelines(**pipelines, test_resize=test_resize)
     n = len(classes)
     if map_targets_flag:
         class_map = map_targets([y for _, y in train], n)
@@ -104,7 +105,7 @@ def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img
     if skip_corrupt:
         meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
     meta.update(n_train=len(train), n_test=len(test))
-    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize)
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize, **pipelines)
     return Source(
         name=name,
         train=train_ds,
@@ -130,6 +131,9 @@ def build_imagenet_lt(
     test_resize: str = "crop",
     skip_corrupt: bool = False,
     verify: str = "header",
+    train_transform: str = "default",
+    test_transform: str = "default",
+    augment: dict | None = None,
     **_,
 ) -> Source:
     """Lists in ``root`` (default ``<data_root>/imagenet-lt``); images under ``image_root`` (default: ``root``,
@@ -157,7 +161,8 @@ def build_imagenet_lt(
     meta = {"root": str(root), "image_root": str(image_root), "lists": [p.name for p in lists]}
     return _make_source("imagenet-lt", train, test, classes, data_root=data_root, map_targets_flag=map_targets,
                         img_size=img_size, normalize=normalize, mean=mean, std=std, test_resize=test_resize,
-                        skip_corrupt=skip_corrupt, verify=verify, meta=meta)
+                        skip_corrupt=skip_corrupt, verify=verify, meta=meta,
+                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment))
 
 
 def _names_from_paths(samples, n_classes: int) -> list[str]:
@@ -182,6 +187,9 @@ def build_inat2018(
     test_resize: str = "crop",
     skip_corrupt: bool = False,
     verify: str = "header",
+    train_transform: str = "default",
+    test_transform: str = "default",
+    augment: dict | None = None,
     **_,
 ) -> Source:
     """``root`` (default ``<data_root>/inat2018``) holds ``train_val2018/`` and either DeiT-LT's
@@ -217,4 +225,5 @@ def build_inat2018(
     meta = {"root": str(root), "annotations": [p.name for p in files]}
     return _make_source("inat2018", train, test, classes, data_root=data_root, map_targets_flag=map_targets,
                         img_size=img_size, normalize=normalize, mean=mean, std=std, test_resize=test_resize,
-                        skip_corrupt=skip_corrupt, verify=verify, meta=meta)
+                        skip_corrupt=skip_corrupt, verify=verify, meta=meta,
+                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment))

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from cl_vit.data.base import Source, scan_image_folder
-from cl_vit.data.transforms import imagenet_style_datasets, resolve_normalization
+from cl_vit.data.transforms import check_pipelines, imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
 from cl_vit.errors import UserError
 
@@ -131,9 +131,13 @@ def build_imagenet_r(
     test_resize: str = "crop",
     skip_corrupt: bool = False,
     verify: str = "header",
+    train_transform: str = "default",
+    test_transform: str = "default",
+    augment: dict | None = None,
     **_,
 ) -> Source:
-    """``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order."""
+    """``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order. ``train_transform``,
+    ``test_transform``, ``augment``: see cl_vit.data.transforms.imagenet_style_datasets."""
     from cl_vit.data.download import missing_dataset_error
 
     data_root = Path(data_root).expanduser()
@@ -147,7 +151,9 @@ def build_imagenet_r(
     if not root.is_dir():
         raise missing_dataset_error("imagenet-r", root, LAYOUT, data_root)
     mean, std = resolve_normalization(normalize, mean, std)
-    meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize}
+    pipelines = dict(train_transform=train_transform, test_transform=test_transform, augment=augment)
+    meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize,
+            "transforms": check_pipelines(**pipelines, test_resize=test_resize)}
     if split_dir:
         split_dir = Path(split_dir).expanduser()
         paths = [split_dir / f for f in SPLIT_FILES]
@@ -174,7 +180,7 @@ def build_imagenet_r(
     test, skipped_test = verify_images(test, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache, name="imagenet-r")
     if skip_corrupt:
         meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
-    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize)
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize, **pipelines)
     return Source(
         name="imagenet-r",
         train=train_ds,

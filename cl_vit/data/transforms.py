@@ -13,7 +13,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
-from cl_vit.errors import ConfigError
+from cl_vit.errors import ConfigError, UserError
 
 #: named normalisations; "model" is resolved by the run from the backbone's pretrained config (model_normalization)
 NORMALIZATIONS = {
@@ -240,11 +240,140 @@ def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str 
     return DecodeResizeCenterCrop(img_size, test_resize), A.Compose(normalize_to_tensor(mean, std))
 
 
-def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: str = "crop"):
-    """Training and test ImageFileDatasets of ImageNet-like photos (ImageNet-R, ImageNet-LT, iNaturalist)."""
+def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: str = "crop",
+                            train_transform: str = "default", test_transform: str = "default", augment=None):
+    """Training and test ImageFileDatasets of ImageNet-like photos (ImageNet-R, ImageNet-LT, iNaturalist).
+
+    ``default``: the crops decided on the JPEG header (fast). ``deit``: DeiT's pipelines on the fully decoded image
+    (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
     from cl_vit.data.base import ImageFileDataset
 
-    decode, transform = imagenet_transforms(img_size, mean, std, True)
-    train_ds = ImageFileDataset(train, transform, decode=decode)
+    check_pipelines(train_transform, test_transform, augment, test_resize)
+    if train_transform == "deit":
+        train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment))
+    else:
+        decode, transform = imagenet_transforms(img_size, mean, std, True)
+        train_ds = ImageFileDataset(train, transform, decode=decode)
+    if test_transform == "deit":
+        return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std))
     decode, transform = imagenet_transforms(img_size, mean, std, False, test_resize)
     return train_ds, ImageFileDataset(test, transform, decode=decode)
+
+
+# -- DeiT's pipelines: timm's transform factory on PIL images ---------------------------------------------------------
+#
+# DeiT-LT's student (val-iisc/DeiT-LT datasets.py build_transform_deit, ``--student-transform 0`` in every training
+# script) is trained on timm's ``create_transform`` output, the "out-of-distribution" images its teacher is distilled
+# on; Mixup/CutMix follow on the batch (the deit_lt strategy). timm's RandAugment works on PIL images, so these
+# pipelines make a PIL image of the uint8 array the datasets decode and run timm's own transforms. DeiT-LT pinned
+# timm 0.8.15.dev0 (environment.yml); with the same torch and seeds it and timm 1.0.31 gave bit-identical tensors for
+# this pipeline (40 CIFAR-sized images, checked when this was written). Unlike the default pipelines, file sources
+# decode the whole image here: timm's crop interpolates the full-resolution image bicubically, as DeiT's does.
+
+PIPELINES = ("default", "deit")
+
+#: val-iisc/DeiT-LT arguments.py defaults, handed by datasets.py build_transform_deit to timm's create_transform
+DEIT_AUGMENT = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",  # --aa: RandAugment, magnitude 9 (std 0.5), 2 ops, increasing severity
+    "color_jitter": 0.3,         # --color-jitter; timm leaves colour jitter out whenever auto_augment is set
+    "interpolation": "bicubic",  # --train-interpolation (the crop's resize and RandAugment's geometric ops)
+    "re_prob": 0.25,             # --reprob: random erasing, per image, on the normalised tensor, before Mixup/CutMix
+    "re_mode": "pixel",          # --remode: per-pixel normal noise
+    "re_count": 1,               # --recount
+}
+
+
+def deit_augment(augment=None) -> dict:
+    """:data:`DEIT_AUGMENT` updated with ``benchmark.source_args.augment``; an unknown key is an error."""
+    augment = dict(augment or {})
+    unknown = sorted(set(augment) - set(DEIT_AUGMENT))
+    if unknown:
+        raise ConfigError(f"benchmark.source_args.augment.{unknown[0]}", augment[unknown[0]],
+                          f"keys of the DeiT pipeline are {sorted(DEIT_AUGMENT)}")
+    return {**DEIT_AUGMENT, **augment}
+
+
+def check_pipelines(train_transform: str, test_transform: str, augment=None, test_resize: str = "crop") -> dict:
+    """Validate the pipeline choice of a source; returns what ``Source.meta["transforms"]`` records."""
+    for key, value in (("train_transform", train_transform), ("test_transform", test_transform)):
+        if value not in PIPELINES:
+            raise ConfigError(f"benchmark.source_args.{key}", value, f"one of {list(PIPELINES)}")
+    if augment and train_transform != "deit":
+        raise UserError("benchmark.source_args.augment sets the DeiT training pipeline's options: use it with "
+                        "benchmark.source_args.train_transform=deit, or remove it")
+    if test_transform == "deit" and test_resize != "crop":
+        raise UserError(f"benchmark.source_args.test_resize={test_resize!r} applies to test_transform=default; "
+                        "DeiT's evaluation (test_transform=deit) is resize + centre crop")
+    record = {"train": train_transform, "test": test_transform}
+    if train_transform == "deit":
+        record["augment"] = deit_augment(augment)
+        record["train_source"] = "val-iisc/DeiT-LT datasets.py build_transform_deit (timm create_transform)"
+    return record
+
+
+class PILTransform:
+    """A torchvision/timm transform (PIL image in, tensor out) behind the datasets' albumentations call,
+    ``transform(image=RGB uint8 HxWx3) -> {"image": CHW float tensor}``."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, **_):
+        from PIL import Image
+
+        return {"image": self.transform(Image.fromarray(image))}
+
+    def __repr__(self):
+        return f"PILTransform({self.transform})"
+
+
+def posterize(img, bits_to_keep, **_):
+    """timm's RandAugment posterize with the Pillow semantics of DeiT-LT's environment (Pillow 9.5): keeping 0 bits
+    gives a black image. Recent Pillow (13 here) raises instead, which timm's op meets whenever the magnitude noise of
+    ``mstd0.5`` reaches the maximum magnitude (PosterizeIncreasing keeps ``4 - int(4 * m / 10)`` bits)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, int(bits_to_keep))
+    return Image.new(img.mode, img.size)
+
+
+def _pillow_safe(transform):
+    """Swap timm's posterize for :func:`posterize` in every auto-augment op of ``transform``."""
+    from timm.data import auto_augment
+
+    for t in transform.transforms:
+        ops = list(getattr(t, "ops", None) or []) + [op for sub in getattr(t, "policy", None) or [] for op in sub]
+        for op in ops:
+            if isinstance(op, auto_augment.AugmentOp) and op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
+
+
+def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool = True) -> PILTransform:
+    """DeiT's training transform: timm's ``create_transform(is_training=True)`` at the student's input size:
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip, RandAugment, normalisation, random
+    erasing. ``resize_im=False`` (DeiT: ``input_size <= 32``, i.e. CIFAR at its own size) swaps the crop for
+    ``RandomCrop(img_size, padding=4)`` as build_transform_deit does."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    transform = create_transform(input_size=img_size, is_training=True, mean=tuple(mean), std=tuple(std),
+                                 **deit_augment(augment))
+    if not resize_im:
+        transform.transforms[0] = T.RandomCrop(img_size, padding=4)
+    return PILTransform(_pillow_safe(transform))
+
+
+def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True) -> PILTransform:
+    """DeiT's evaluation transform (build_transform_deit, ``is_train=False``): shorter side to
+    ``int(256 / 224 * img_size)`` (bicubic), centre crop; ``resize_im=False`` (CIFAR at 32) leaves the image as is."""
+    from torchvision import transforms as T
+
+    steps = []
+    if resize_im:
+        steps += [T.Resize(int((256 / 224) * img_size), interpolation=T.InterpolationMode.BICUBIC),
+                  T.CenterCrop(img_size)]
+    return PILTransform(T.Compose([*steps, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]))

@@ -18,10 +18,12 @@ Deferred re-weighting (``drw_start_epoch``, main.py ``--drw``): from that epoch 
 weighted by ``class_balanced_weights(counts, beta)`` indexed by the teacher's predicted class (``F.cross_entropy``'s
 ``weight``, as losses.py); the CLS loss stays unweighted (``--weighted-baseloss`` is off in every script).
 
-The batch both networks see: the source's train transform (RandAugment, random erasing: DeiT's
-``create_transform``), then, here in ``before_batch``, optional in-batch random erasing (for in-memory sources without
-a train transform, e.g. digits) and Mixup/CutMix with timm's ``Mixup`` (engine.py ``mixup_fn``), switched off in the
-DRW phase when ``mixup_off_in_drw`` (``--no-mixup-drw``, set by the CIFAR scripts only). The teacher gets exactly that
+The batch both networks see: the source's train transform (``benchmark.source_args.train_transform=deit``: DeiT's
+RandomResizedCrop + flip, RandAugment and per-image random erasing through timm's ``create_transform``, as
+datasets.py build_transform_deit; cl_vit.data.transforms), then, here in ``before_batch``, optional in-batch random
+erasing (``random_erasing``, for sources without that transform, e.g. digits; config validation refuses erasing in
+both places) and Mixup/CutMix with timm's ``Mixup`` (engine.py ``mixup_fn``), switched off in the DRW phase when
+``mixup_off_in_drw`` (``--no-mixup-drw``, set by the CIFAR scripts only). The teacher gets exactly that
 batch, resized to its input size with bicubic interpolation (engine.py ``transforms.Resize(teacher_size,
 interpolation=3)`` on the batch tensor; torchvision 0.15 of their environment.yml does not antialias tensors).
 
@@ -133,7 +135,7 @@ class DeiTLT(Strategy):
         mixup_mode: str = "batch",              # --mixup-mode
         label_smoothing: float = 0.1,           # --smoothing, given to Mixup (main.py)
         mixup_off_in_drw: bool = False,         # --no-mixup-drw (CIFAR scripts only)
-        random_erasing: float = 0.0,            # in-batch erasing; --reprob 0.25 belongs to the train transform
+        random_erasing: float = 0.0,            # in-batch; DeiT's --reprob 0.25 is in the train transform
         teacher_size: int | None = None,        # --teacher-size; None: the size the teacher was trained at
         teacher_interpolation: str = "bicubic",  # engine.py Resize(interpolation=3)
         teacher_antialias: bool = False,        # torchvision 0.15 resizes tensors without antialiasing

@@ -1,0 +1,55 @@
+"""memory: peak resident memory of the default run, each measured in a fresh process.
+
+``python -m cl_vit.run`` with every default (split-digits, 5 experiences, TensorBoard) against a bare PyTorch loop
+over the same stream (cl_vit.bench.runner.bare_run) and against the imports alone. A small wrapper process runs
+each command and reads ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``: the peak of the command's process tree.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cl_vit.bench import row
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)\n"
+)
+
+
+def peak_rss_mib(cmd: list[str]) -> float:
+    """Peak resident memory (MiB) of ``cmd`` and its children, run to completion in a fresh process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env,
+                         cwd=str(PACKAGE_ROOT))
+    maxrss, rc = out.stdout.split()
+    if rc != "0":
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {rc}): {out.stderr[-2000:]}")
+    return int(maxrss) / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def run(quick: bool = False) -> dict:
+    overrides = ["trainer.max_epochs=1"] if quick else []
+    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_memory_"))
+    suite = peak_rss_mib([sys.executable, "-m", "cl_vit.run", *overrides, f"hydra.run.dir={root / 'run'}"])
+    bare = peak_rss_mib([sys.executable, "-c",
+                         f"from cl_vit.bench.runner import bare_run; bare_run({overrides!r})"])
+    imports = peak_rss_mib([sys.executable, "-c", "import cl_vit.run, cl_vit.runner, lightning, timm, avalanche"])
+    case = "default run" + (" (1 epoch)" if quick else "")
+    return {
+        "name": "memory",
+        "device": "cpu",
+        "rows": [
+            row(case, "peak RSS MiB: suite / bare", suite, bare),
+            row(case, "peak RSS MiB: suite / imports", suite, imports),
+        ],
+        "notes": ["python -m cl_vit.run (split-digits, TensorBoard) vs a bare PyTorch loop over the same stream "
+                  "and vs importing the stack; each in a fresh process"],
+    }

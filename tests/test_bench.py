@@ -1,0 +1,81 @@
+"""python -m cl_vit.bench: a --quick smoke run of the CLI (structure of the JSON, never a timing), and its helpers."""
+import io
+import json
+import sys
+from contextlib import redirect_stderr
+
+import pytest
+import torch
+from conftest import run_cli
+
+from cl_vit.bench import __main__ as bench_cli
+from cl_vit.bench import gpu
+from cl_vit.bench.memory import peak_rss_mib
+from cl_vit.models import build_model
+
+ROW_KEYS = {"case", "metric", "value", "baseline", "ratio", "aim", "meets_aim"}
+
+
+def test_bench_quick_prints_a_table_and_writes_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("runner", "avalanche", "gpu", "--quick", "--out", out, module="cl_vit.bench", timeout=900,
+                   check=True)
+    assert "ratio" in proc.stdout and f"written to {out}" in proc.stdout
+    results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(results) == ["runner", "avalanche", "gpu"]
+    for res in results.values():
+        assert {"name", "device", "rows", "notes"} <= set(res)
+        for r in res["rows"]:
+            assert ROW_KEYS <= set(r)
+            assert r["value"] > 0 and r["baseline"] > 0
+            assert r["ratio"] == pytest.approx(r["value"] / r["baseline"])
+            assert r["meets_aim"] in (None, True, False)
+    runner = results["runner"]["rows"]
+    assert [r["metric"] for r in runner] == ["wall s: suite / bare loop", "CPU s: suite / bare loop"] * 2
+    # the bare loop does the same work: same seeds, batches, loss and optimiser give the same accuracy
+    assert runner[0]["accuracy"] == runner[0]["baseline_accuracy"]
+    avalanche = results["avalanche"]["rows"]
+    assert {r["metric"] for r in avalanche} == {"wall s: suite / Naive", "CPU s: suite / Naive", "A_N: suite / Naive"}
+    a_n = next(r for r in avalanche if r["metric"].startswith("A_N"))
+    assert 0 < a_n["value"] <= 1 and 0 < a_n["baseline"] <= 1
+    if not torch.cuda.is_available():
+        assert results["gpu"]["rows"] == [] and "not measured" in results["gpu"]["notes"][0]
+
+
+def test_unknown_bench_is_one_line():
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert bench_cli.main(["nope"]) == 2
+    assert err.getvalue().count("\n") == 1 and "unknown benchmark 'nope'" in err.getvalue()
+
+
+def test_peak_rss_sees_a_known_allocation():
+    base = peak_rss_mib([sys.executable, "-c", "import numpy"])
+    big = peak_rss_mib([sys.executable, "-c", "import numpy; a = numpy.ones(256 * 2**20, dtype=numpy.uint8)"])
+    assert 230 < big - base < 290
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-16GB", None)])
+def test_gpu_peak_table(name, peak):
+    assert gpu.peak_bf16_flops(name) == peak
+
+
+def test_gpu_measurement_runs_on_cpu_with_a_tiny_model():
+    """The GPU bench's code path (suite vs bare loop, FLOP counting) on the CPU, where it can be tested."""
+    m = gpu.measure("vit_micro_patch2_8", img_size=8, in_chans=1, num_classes=10, batch=4, steps=2, warmup=1,
+                    device="cpu")
+    assert m["images_per_s"] > 0 and m["bare_images_per_s"] > 0
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fwd:
+        net(torch.zeros(3, 1, 8, 8))
+    # forward 2*64*10 per image; backward twice that (the input needs no gradient here: only the weight's)
+    assert fwd.get_total_flops() / 3 == 2 * 64 * 10
+    assert gpu.training_flops_per_image(net, torch.zeros(3, 1, 8, 8)) == 2 * 2 * 64 * 10
+    vit = build_model({"name": "vit_micro_patch2_8"}, 10, 1, 8)
+    with FlopCounterMode(display=False) as fwd:
+        vit(torch.zeros(2, 1, 8, 8))
+    # backward ~ twice the forward (a little more for attention, whose backward recomputes the scores)
+    assert 2.5 < m["flops_per_image"] / (fwd.get_total_flops() / 2) < 3.5
