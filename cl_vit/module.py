@@ -151,8 +151,10 @@ class ContinualModule(L.LightningModule):
 
         Logging only then gives the same TensorBoard curves without the cost of ``self.log`` on every step, which
         outweighs a small model's step on a CPU (python -m cl_vit.bench runner); the progress bar shows the loss of
-        the last logged step."""
-        every = self.trainer.log_every_n_steps
+        the last logged step. Without a Trainer (a step called directly) every step logs."""
+        if self._trainer is None:
+            return True
+        every = self._trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
     def on_train_epoch_start(self) -> None:

@@ -106,7 +106,7 @@ def avalanche_run(overrides: list[str], fused: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    overrides = [*OVERRIDES, *(["trainer.max_epochs=1"] if quick else [])]
+    overrides = [*OVERRIDES, *(["trainer.max_epochs=1", "model=vit_micro"] if quick else [])]  # quick: a smoke run
     cfg = compose_config(overrides)
     root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_avalanche_"))
     counter = iter(range(10**6))

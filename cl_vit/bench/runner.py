@@ -94,7 +94,7 @@ def bare_run(overrides: list[str]) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    overrides = [*OVERRIDES, *(["trainer.max_epochs=1"] if quick else [])]
+    overrides = [*OVERRIDES, *(["trainer.max_epochs=1", "model=vit_micro"] if quick else [])]  # quick: a smoke run
     cfg = compose_config(overrides)
     epochs = int(cfg.trainer.max_epochs)
     steps = epochs * math.ceil(1347 / int(cfg.data.batch_size))
