@@ -140,7 +140,7 @@ def run(quick: bool = False) -> dict:
             row(case, "A_N: suite / Naive", a_suite, a_av, aim="equal accuracy"),
         ],
         "notes": [
-            f"vit_micro_patch2_8, AdamW lr {cfg.optimizer.lr} + per-step cosine, batch {cfg.data.batch_size}; "
+            f"{cfg.model.name}, AdamW lr {cfg.optimizer.lr} + per-step cosine, batch {cfg.data.batch_size}; "
             f"torch threads {torch.get_num_threads()}; median of {repeats} interleaved repetitions; CPU = this "
             "process's CPU time",
             "Naive: torch's default AdamW loop, as an Avalanche script gets it; the 'Naive fused AdamW' rows give "

@@ -125,7 +125,7 @@ def run(quick: bool = False) -> dict:
         "device": "cpu",
         "rows": rows,
         "notes": [
-            f"split-digits as one experience (10 classes), vit_micro_patch2_8, batch {cfg.data.batch_size}, "
+            f"split-digits as one experience (10 classes), {cfg.model.name}, batch {cfg.data.batch_size}, "
             f"AdamW + cosine; torch threads {torch.get_num_threads()}; median of "
             f"{1 if quick else 3} interleaved repetitions; CPU = this process's CPU time",
             f"final accuracy: suite {a_suite:.4f}, bare loop {a_bare:.4f}",
