@@ -12,9 +12,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from cl_vit.data.base import Source
+from cl_vit.data.base import Source, TensorImageDataset
 from cl_vit.data.longtail import longtail_subset
 from cl_vit.data.transforms import (
     check_pipelines,
@@ -35,18 +34,8 @@ ARCHIVES = {
 }
 
 
-class ArrayImageDataset(Dataset):
+class ArrayImageDataset(TensorImageDataset):
     """RGB uint8 images ``[N, H, W, 3]`` in memory, augmented with an albumentations pipeline."""
-
-    def __init__(self, images: np.ndarray, targets: Sequence[int], transform=None):
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} targets")
-        self.images = images
-        self.targets = [int(t) for t in targets]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
 
     def __getitem__(self, i):
         img = self.images[i]
