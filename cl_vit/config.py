@@ -70,6 +70,7 @@ def _choice(cfg, key, choices):
 def validate(cfg: DictConfig) -> None:
     """Check the values a run reads; raises :class:`ConfigError` on the first bad one."""
     from cl_vit.module import LOSSES
+    from cl_vit.plugins import TARGET
     from cl_vit.strategies import STRATEGIES
 
     _int(cfg, "seed", 0)
@@ -117,9 +118,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("benchmark.shot_index_cutoffs", list(cutoffs), "null or [a, b] with integers 0 <= a <= b")
     _choice(cfg, "benchmark.remainder", ("error", "last"))
     _choice(cfg, "logger.name", ("tensorboard", "none"))
-    for name in (_get(cfg, "strategy") or {}):
-        if name not in STRATEGIES:
-            raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}")
+    for name, kwargs in (_get(cfg, "strategy") or {}).items():
+        if name not in STRATEGIES and TARGET not in (kwargs or {}):
+            raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}, or strategy.{name}.{TARGET}=module.Class")
     _check_erasing_once(cfg)
 
 

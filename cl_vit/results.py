@@ -547,7 +547,7 @@ class Run:
         """
         from omegaconf import OmegaConf
 
-        from cl_vit.run import build
+        from cl_vit.builder import build
 
         path = self.checkpoint_path(experience)
         if not path.exists():

@@ -15,7 +15,11 @@ from cl_vit.errors import ConfigError, UserError
 from cl_vit.module import ContinualModule, classification_loss, coda_cosine
 from cl_vit.results import RunDirectory, load_run
 from cl_vit.run import build, run
-from cl_vit.strategies import EWC, L2, FeatKD, LwF, build_strategies
+from cl_vit.strategies import build_strategies
+from cl_vit.strategies.ewc import EWC
+from cl_vit.strategies.featkd import FeatKD
+from cl_vit.strategies.l2 import L2
+from cl_vit.strategies.lwf import LwF
 from cl_vit.strategies.base import ExperienceInfo
 from cl_vit.strategies.ewc import diagonal_fisher
 from cl_vit.strategies.l2 import l2_penalty

@@ -1,6 +1,6 @@
 """avalanche: the whole split-digits stream with plain fine-tuning, the suite against avalanche-lib's Naive strategy.
 
-Same model (``cl_vit.run.build``: same initial weights), same optimiser (timm's AdamW with the same parameter
+Same model (``cl_vit.builder.build``: same initial weights), same optimiser (timm's AdamW with the same parameter
 groups, created afresh for every experience as the suite does), same per-step cosine schedule, epochs and batch
 sizes, same stream objects. Avalanche evaluates after every experience on the test sets seen so far, one
 experience at a time (its own loop), with an evaluator that keeps only per-experience accuracy and no loggers; the
@@ -51,7 +51,7 @@ def avalanche_run(overrides: list[str], fused: bool = False) -> dict:
 
     from cl_vit.hardware import create_optimizer
     from cl_vit.module import warmup_cosine
-    from cl_vit.run import build
+    from cl_vit.builder import build
     from cl_vit.runner import experience_seed
 
     cfg = compose_config(overrides)

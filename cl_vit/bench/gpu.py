@@ -71,7 +71,7 @@ def measure(model_name: str, img_size: int = 224, in_chans: int = 3, num_classes
 
     from cl_vit.models import build_model
     from cl_vit.module import ContinualModule
-    from cl_vit.strategies import Finetune
+    from cl_vit.strategies.finetune import Finetune
     from cl_vit.strategies.base import ExperienceInfo
 
     def sync():

@@ -2,7 +2,7 @@
 
 The suite runs ``cl_vit.run.run`` (Lightning Trainer, strategy hooks, evaluation, checkpoint and results.json, the
 default TensorBoard logging) on the one-experience split-digits stream. The bare loop builds the same model and
-data with ``cl_vit.run.build`` and runs the same epochs with the same batches, loss, optimiser and learning-rate
+data with ``cl_vit.builder.build`` and runs the same epochs with the same batches, loss, optimiser and learning-rate
 schedule (the suite's optimiser implementation: torch's fused AdamW), then one evaluation pass over the test set:
 what a hand-written PyTorch script would do.
 """
@@ -52,7 +52,7 @@ def bare_run(overrides: list[str]) -> dict:
     from cl_vit import metrics as M
     from cl_vit.hardware import create_optimizer
     from cl_vit.module import classification_loss, warmup_cosine
-    from cl_vit.run import build
+    from cl_vit.builder import build
     from cl_vit.runner import experience_seed
     from cl_vit.strategies.base import ExperienceInfo
 

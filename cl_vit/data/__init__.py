@@ -14,6 +14,7 @@ from cl_vit.data.filelist import build_imagenet_lt, build_inat2018
 from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
 from cl_vit.errors import UserError
+from cl_vit.plugins import TARGET, resolve_target
 
 SOURCES: dict[str, Callable[..., Source]] = {
     "digits": build_digits,
@@ -38,6 +39,15 @@ def register_source(name: str):
 
 
 def build_source(name: str, data_root: str, **args) -> Source:
+    """The source ``benchmark.source`` names, or a researcher's own one: ``benchmark.source_args._target_`` is a
+    function or class taking ``data_root`` and the other source_args that returns a :class:`Source`."""
+    if args.get(TARGET):
+        target = args.pop(TARGET)
+        source = resolve_target(f"benchmark.source_args.{TARGET}", target)(data_root=data_root, **args)
+        if not isinstance(source, Source):
+            raise UserError(f"benchmark.source_args.{TARGET}={target!r} returned {type(source).__name__}, not a "
+                            "cl_vit.data.Source")
+        return source
     if name not in SOURCES:
         raise UserError(f"benchmark.source={name!r} is not a known source: choose one of {sorted(SOURCES)}")
     return SOURCES[name](data_root=data_root, **args)

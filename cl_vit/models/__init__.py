@@ -13,13 +13,14 @@ import torch
 import torch.nn as nn
 
 from cl_vit.errors import UserError
+from cl_vit.plugins import TARGET, resolve_target
 from cl_vit.models import micro  # noqa: F401  (registers vit_micro_patch2_8)
 from cl_vit.models import refiner  # noqa: F401  (registers refiner_vit_*)
 from cl_vit.models import teachers  # noqa: F401  (registers resnet32_cifar, resnet50_ldam)
 from cl_vit.models import distilled  # noqa: E402  (last: registers <backbone>_distilled for the suite's backbones)
 
 #: model config keys that are not timm keyword arguments
-RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag", "distilled")
+RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag", "distilled", TARGET)
 
 #: attribute of a built model recording where its weights came from ("timm:arch.tag", "checkpoint:PATH"); absent
 #: when it was initialised at random. Regularisers anchor at these weights in the first experience.
@@ -31,12 +32,14 @@ def weights_origin(net: nn.Module) -> str | None:
     return getattr(net, WEIGHTS_ATTR, None)
 
 
-def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict, optional: dict) -> nn.Module:
-    """timm.create_model, offering the benchmark's input geometry only to models that take it (a CNN has no
-    img_size): a TypeError naming an offered keyword drops that keyword and tries again."""
+def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict, optional: dict, factory=None) -> nn.Module:
+    """timm.create_model (or a ``model._target_`` factory), offering the benchmark's input geometry only to models
+    that take it (a CNN has no img_size): a TypeError naming an offered keyword drops that keyword and tries again."""
     optional = dict(optional)
     while True:
         try:
+            if factory is not None:
+                return factory(num_classes=num_classes, **kwargs, **optional)
             return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs, **optional)
         except TypeError as e:
             bad = [k for k in optional if f"'{k}'" in str(e)]
@@ -46,7 +49,7 @@ def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict, optiona
                 continue
             for k in kwargs:
                 if f"'{k}'" in str(e):
-                    raise UserError(f"model.{k} is not accepted by timm model {name!r}: remove it (~model.{k})") from e
+                    raise UserError(f"model.{k} is not accepted by model {name!r}: remove it (~model.{k})") from e
             raise
 
 
@@ -61,20 +64,24 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     """
     cfg = dict(cfg)
     name = cfg.get("name")
-    if not name or not timm.is_model(name):
+    factory = None
+    if cfg.get(TARGET):  # a researcher's own model: a class or function taking num_classes (and img_size, in_chans)
+        factory = resolve_target(f"model.{TARGET}", cfg[TARGET])
+        name = str(cfg[TARGET])
+    elif not name or not timm.is_model(name):
         stem = str(name).split("_")[0] if name else ""
         close = timm.list_models(f"*{stem}*")[:5] if stem else []
         hint = f" (close: {', '.join(close)})" if close else ""
         raise UserError(f"model.name={name!r} is not a timm model{hint}: see timm.list_models() or configs/model/")
     kwargs = {k: v for k, v in cfg.items() if k not in RESERVED and v is not None}
     optional = {k: v for k, v in (("img_size", img_size), ("in_chans", in_chans)) if k not in kwargs}
-    pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint")
+    pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint") and factory is None
     if pretrained and cfg.get("pretrained_tag"):
         name = f"{name}.{cfg['pretrained_tag']}"
     if pretrained:
         check_pretrained_available(name)
     try:
-        model = _create(name, pretrained, num_classes, kwargs, optional)
+        model = _create(name, pretrained, num_classes, kwargs, optional, factory)
     except UserError:
         raise
     except Exception as e:

@@ -82,3 +82,15 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+#: every strategy of the suite, by the name that selects it under ``strategy.`` in the config
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make ``cls`` selectable as ``strategy.<cls.name>``. A file under cl_vit/strategies/ that
+    defines a decorated class is found on its own (no list to edit); a class outside the package is named by
+    ``_target_`` in its config instead."""
+    STRATEGIES[cls.name] = cls
+    return cls

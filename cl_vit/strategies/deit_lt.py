@@ -43,8 +43,7 @@ from timm.data.random_erasing import RandomErasing
 from cl_vit.errors import UserError
 from cl_vit.models.distilled import DistilledMixin, is_distilled
 from cl_vit.models.teachers import Teacher, load_teacher
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 from cl_vit.strategies.ldam import class_balanced_weights
 
 log = logging.getLogger("cl_vit")

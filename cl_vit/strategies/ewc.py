@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from cl_vit.strategies.base import ExperienceInfo
+from cl_vit.strategies.base import ExperienceInfo, register_strategy
 from cl_vit.strategies.l2 import L2, _number, l2_penalty
 from cl_vit.strategies.selection import QKV, to_cpu, to_device
 
@@ -40,6 +40,7 @@ def diagonal_fisher(forward: Callable[[torch.Tensor], torch.Tensor], batches: It
     return {n: f / max(1, n_batches) for n, f in fisher.items()}
 
 
+@register_strategy
 class EWC(L2):
     name = "ewc"
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_vit.errors import UserError
+from cl_vit.strategies.base import register_strategy
 from cl_vit.strategies.l2 import _number
 from cl_vit.strategies.lwf import PreviousModel
 
@@ -20,6 +21,7 @@ def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> 
     return F.mse_loss(features, old_features.to(features.dtype))
 
 
+@register_strategy
 class FeatKD(PreviousModel):
     name = "featkd"
 

@@ -30,8 +30,7 @@ import torch.nn as nn
 
 from cl_vit.errors import ConfigError, UserError
 from cl_vit.models.gated import S_MAX, GatedNet, sab_features
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 
 log = logging.getLogger("cl_vit")
 

@@ -15,7 +15,7 @@ import torch
 
 from cl_vit.errors import ConfigError
 from cl_vit.models import weights_origin
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 from cl_vit.strategies.selection import QKV, freeze_unselected, select_parameters, snapshot, to_cpu, to_device
 
 
@@ -35,6 +35,7 @@ def _number(key: str, value, lo: float = 0.0, hi: float | None = None) -> float:
     return float(value)
 
 
+@register_strategy
 class L2(Strategy):
     name = "l2"
 

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_vit.errors import UserError
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 
 
 def _counts(counts: Sequence[int], what: str) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cl_vit.errors import ConfigError
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 from cl_vit.strategies.l2 import _number
 
 FORMS = ("mc", "kd")
@@ -95,6 +95,7 @@ class PreviousModel(Strategy):
         self.old_net.load_state_dict(state["old_net"])
 
 
+@register_strategy
 class LwF(PreviousModel):
     name = "lwf"
 

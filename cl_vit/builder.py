@@ -1,0 +1,90 @@
+"""A run's parts from its config: source, stream, model, module and strategies, nothing trained yet.
+
+The command line (``cl_vit.run``), ``Run.restore`` (``cl_vit.results``) and the benches build from here, so that the
+run directory never reaches up to the command line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cl_vit.plugins import TARGET
+
+
+def data_root(cfg) -> str:
+    return str(Path(str(cfg.data_root)).expanduser())
+
+
+def source_arguments(cfg: DictConfig) -> dict:
+    """``benchmark.source_args`` plus what the run decides for every source: ``normalize: model`` resolved to the
+    backbone's pretrained mean/std, the corrupt-image policy (``skip_corrupt``, ``data.verify``)."""
+    args = OmegaConf.to_container(cfg.benchmark.source_args or {}, resolve=True)
+    if args.get("normalize") == "model" and not (args.get("mean") and args.get("std")):
+        from cl_vit.data.transforms import model_normalization
+
+        mean, std, _ = model_normalization(OmegaConf.to_container(cfg.model, resolve=True))
+        args.update(mean=list(mean), std=list(std))
+    if TARGET not in args:  # the suite's own sources share the corrupt-image policy
+        args.setdefault("skip_corrupt", bool(cfg.get("skip_corrupt", False)))
+        args.setdefault("verify", cfg.data.get("verify", "header"))
+    return args
+
+
+def build(cfg: DictConfig, scenario=None):
+    """Source, stream, model and strategies from a config: everything a run needs, nothing trained yet."""
+    from cl_vit.data import build_source
+    from cl_vit.models import build_model
+    from cl_vit.module import ContinualModule
+    from cl_vit.streams import StreamInfo, build_stream
+    from cl_vit.strategies import build_strategies
+
+    b = cfg.benchmark
+    source = None
+    if scenario is None:
+        source = build_source(b.source, data_root=data_root(cfg), **source_arguments(cfg))
+        class_order = b.class_order
+        if OmegaConf.is_config(class_order):
+            class_order = OmegaConf.to_container(class_order)
+        scenario, info = build_stream(
+            source,
+            n_experiences=b.n_experiences,
+            classes_per_experience=OmegaConf.to_container(b.classes_per_experience)
+            if OmegaConf.is_config(b.classes_per_experience) else b.classes_per_experience,
+            class_order=class_order,
+            seed=cfg.seed,
+            remainder=b.remainder,
+            joint=b.joint,
+        )
+        in_chans, img_size = source.in_chans, source.img_size
+        class_counts = source.train_counts()[np.asarray(info.class_order)].tolist()
+    else:
+        info = StreamInfo.from_scenario(scenario)
+        x = scenario.train_stream[0].dataset[0][0]
+        in_chans, img_size = int(x.shape[0]), int(x.shape[-1])
+        counts = np.zeros(info.n_classes, dtype=np.int64)
+        for e in scenario.train_stream:
+            counts += np.bincount(np.asarray(list(e.dataset.targets)), minlength=info.n_classes)
+        class_counts = counts.tolist()
+    L.seed_everything(cfg.seed, verbose=False)  # the network's initialisation is a function of the seed
+    net = build_model(OmegaConf.to_container(cfg.model), info.n_classes, in_chans, img_size)
+    strategies = build_strategies(OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else {})
+    module = ContinualModule(
+        net,
+        info.n_classes,
+        strategies,
+        loss=cfg.loss.name,
+        mask_old_logits=cfg.loss.mask_old_logits,
+        optimizer=OmegaConf.to_container(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler),
+    )
+    module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
+    for s in strategies:
+        s.setup(module)
+    if cfg.get("compile"):
+        from cl_vit.hardware import compile_forward
+
+        compile_forward(module)
+    return source, scenario, info, module, class_counts
