@@ -81,7 +81,7 @@ def missing_dataset_error(name: str, root: Path, layout: str, data_root: Path) -
     if key in DATASETS:
         how = f"download it with: python -m cl_vit.data.download {name} --root {data_root}"
     else:
-        how = MANUAL.get(key, "see the README's datasets section").replace("<root>", str(data_root))
+        how = MANUAL.get(key, "see docs/benchmarks.md").replace("<root>", str(data_root))
     return UserError(f"{name} not found at {root}: expected {layout.replace('<root>', str(root))}; {how} "
                      "(or set data_root=...)")
 

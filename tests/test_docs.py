@@ -1,0 +1,87 @@
+"""Every command in README.md and docs/ names configs that exist, and every page the README links to is there."""
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+from conftest import REPO_ROOT
+
+from cl_vit.config import CONFIG_GROUPS, check_group_choices
+from cl_vit.errors import UserError
+
+PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+
+
+def code_lines(text: str) -> list[str]:
+    """Lines of fenced and indented code blocks, continuation lines (trailing backslash) joined."""
+    out, fenced, buf = [], False, ""
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced or line.startswith("    "):
+            buf += line.strip()
+            if buf.endswith("\\"):
+                buf = buf[:-1] + " "
+                continue
+            out.append(buf)
+        buf = ""
+    return out
+
+
+def run_commands(text: str) -> list[list[str]]:
+    """The overrides of each ``python -m cl_vit.run ...`` in the code blocks (comments dropped)."""
+    cmds = []
+    for line in code_lines(text):
+        for m in re.finditer(r"python -m cl_vit\.run\b([^#;&|]*)", line):
+            cmds.append(shlex.split(m.group(1)))
+    return cmds
+
+
+def group_args(args: list[str]) -> list[str]:
+    """Config-group choices of a command, a sweep (``a,b``) split into one choice per value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for a in args:
+        if "=" not in a or a.startswith("-") or a.split("=", 1)[0].lstrip("+~") not in CONFIG_GROUPS:
+            continue
+        o = parser.parse_override(a)
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [a.split("=", 1)[1]]
+        out += [f"{o.key_or_group}={v}" for v in values]
+    return out
+
+
+def test_the_command_parser_finds_commands_and_their_choices():
+    text = "    python -m cl_vit.run -m strategy=finetune,ftpp seed=0,1 benchmark=x \\\n        model=y  # c\n"
+    (cmd,) = run_commands(text)
+    assert cmd == ["-m", "strategy=finetune,ftpp", "seed=0,1", "benchmark=x", "model=y"]
+    assert group_args(cmd) == ["strategy=finetune", "strategy=ftpp", "benchmark=x", "model=y"]
+    with pytest.raises(UserError, match="benchmark"):
+        check_group_choices(["benchmark=x"])
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_documented_command_names_configs_that_exist(page):
+    for cmd in run_commands(page.read_text()):
+        for choice in group_args(cmd):
+            try:
+                check_group_choices([choice])
+            except UserError as e:
+                pytest.fail(f"{page.name}: `python -m cl_vit.run {' '.join(cmd)}`: {e}")
+
+
+def test_the_readme_links_only_to_pages_that_exist():
+    text = (REPO_ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(((?:docs|notebooks|configs|tasks)/[^)#]+)", text)
+    assert any(link.startswith("docs/") for link in links)
+    missing = [link for link in links if not (REPO_ROOT / link).exists()]
+    assert not missing, missing
+
+
+def test_the_docs_pages_mirror_the_package():
+    names = {p.stem for p in (REPO_ROOT / "docs").glob("*.md")}
+    assert {"benchmarks", "models", "strategies", "recipes", "results", "scale", "reliability",
+            "architecture"} <= names
