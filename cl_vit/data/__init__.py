@@ -10,6 +10,7 @@ from typing import Callable
 from cl_vit.data.base import ImageFileDataset, Source, TensorImageDataset, scan_image_folder
 from cl_vit.data.cifar import build_cifar10, build_cifar10_lt, build_cifar100, build_cifar100_lt
 from cl_vit.data.digits import build_digits, build_digits_lt
+from cl_vit.data.fashion_mnist import build_fashion_mnist, build_fashion_mnist_lt
 from cl_vit.data.filelist import build_imagenet_lt, build_inat2018
 from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
@@ -27,6 +28,8 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "cifar100-lt": build_cifar100_lt,
     "imagenet-lt": build_imagenet_lt,
     "inat2018": build_inat2018,
+    "fashion-mnist": build_fashion_mnist,
+    "fashion-mnist-lt": build_fashion_mnist_lt,
 }
 
 

@@ -3,6 +3,7 @@ its published md5, extract it where the source looks for it.
 
     python -m cl_vit.data.download cifar100 --root ~/data          # -> ~/data/cifar-100-python/
     python -m cl_vit.data.download imagenet-r --root ~/data        # -> ~/data/imagenet-r/<wnid>/*.jpg
+    python -m cl_vit.data.download fashion-mnist                   # -> $CL_VIT_DATA (else ~/data)/fashion-mnist/*.gz
 
 An interrupted download leaves ``<archive>.part``; the next run asks the server for the rest (HTTP Range) and
 appends, or starts again from zero when the server ignores the range. A finished archive whose md5 differs from the
@@ -37,6 +38,8 @@ class Archive:
     subdir: str = ""
     #: what exists once it is extracted (relative to --root): the archive is skipped when it does
     provides: str = ""
+    #: False: the file is used as downloaded (kept in ``subdir``), not a tar archive to extract
+    extract: bool = True
 
     @property
     def filename(self) -> str:
@@ -45,7 +48,9 @@ class Archive:
 
 # URLs and md5s: CIFAR from torchvision's CIFAR10/CIFAR100 classes (the same in CODA-Prompt's and LDAM-DRW's code);
 # ImageNet-R from its authors' README (hendrycks/imagenet-r), md5 as torch-uncertainty's ImageNetR dataset;
-# iNaturalist-2018 from visipedia/inat_comp 2018/README.md (AWS Open Data).
+# iNaturalist-2018 from visipedia/inat_comp 2018/README.md (AWS Open Data); Fashion-MNIST's URL and md5s from
+# torchvision's FashionMNIST class (the official S3 site of zalandoresearch/fashion-mnist's README).
+_FMNIST = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _INAT = "https://ml-inat-competition-datasets.s3.amazonaws.com/2018/"
 DATASETS: dict[str, list[Archive]] = {
     "cifar10": [Archive("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -61,8 +66,14 @@ DATASETS: dict[str, list[Archive]] = {
         Archive(_INAT + "train_val2018.tar.gz", "b1c6952ce38f31868cc50ea72d066cc3", "inat2018",
                 "inat2018/train_val2018"),
     ],
+    "fashion-mnist": [Archive(f"{_FMNIST}{name}.gz", md5, "fashion-mnist", f"fashion-mnist/{name}.gz", extract=False)
+                      for name, md5 in (("train-images-idx3-ubyte", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                                        ("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe"),
+                                        ("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79"),
+                                        ("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310"))],
 }
-ALIASES = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "inaturalist2018": "inat2018"}
+ALIASES = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "inaturalist2018": "inat2018",
+           "fashion-mnist-lt": "fashion-mnist", "fmnist": "fashion-mnist"}
 #: datasets that cannot be fetched without an account: what to do instead
 MANUAL = {
     "imagenet-lt": "ImageNet-LT needs ImageNet (ILSVRC-2012, an account at image-net.org) and OLTR's "
@@ -208,9 +219,12 @@ def download(name: str, root: str | Path, mirror: str | None = None, keep_archiv
             out.append(provided)
             continue
         url = f"{mirror.rstrip('/')}/{archive.filename}" if mirror else archive.url
-        dest = root / archive.filename
+        dest = root / (archive.filename if archive.extract else archive.provides)
         print(f"downloading {url}")
         fetch(url, dest, archive.md5, progress=progress)
+        if not archive.extract:
+            out.append(dest)
+            continue
         print(f"md5 ok ({archive.md5}); extracting into {root / archive.subdir}")
         extract(dest, root / archive.subdir)
         if not keep_archive:
@@ -222,7 +236,8 @@ def download(name: str, root: str | Path, mirror: str | None = None, keep_archiv
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cl_vit.data.download", description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="+", metavar="NAME", help=f"datasets: {', '.join(known())}")
-    p.add_argument("--root", required=True, help="data_root: where the datasets go (the runs' data_root)")
+    p.add_argument("--root", default=os.environ.get("CL_VIT_DATA", "~/data"),
+                   help="data_root: where the datasets go (default: the runs' default, $CL_VIT_DATA, else ~/data)")
     p.add_argument("--mirror", default=None, help="base URL serving the same archive file names (a local mirror)")
     p.add_argument("--keep-archive", action="store_true", help="keep the archive after extracting it")
     args = p.parse_args(argv)
