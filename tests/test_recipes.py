@@ -5,7 +5,9 @@ source reads the real layout, the stream follows the protocol and the model is t
 """
 import json
 
+import pytest
 import yaml
+from omegaconf import OmegaConf
 from conftest import REPO_ROOT, compose
 from data_gen import make_cifar, make_imagenet_r
 
@@ -36,3 +38,15 @@ def test_gcab_cifar100_dry_run_uses_the_dytox_order(tmp_path, data_root):
     assert stream["class_order"] == order and sorted(order) == list(range(100))
     assert [len(e["classes"]) for e in stream["experiences"]] == [10] * 10
     assert json.loads((tmp_path / "run" / "stream.json").read_text())["model"] == cfg.model.name
+
+
+@pytest.mark.parametrize("choice", ["benchmark=imagenet-r", "experiment=closer-look-imagenet-r", "strategy=l2",
+                                    "strategy=ewc", "strategy=[lwf,l2]"])
+def test_every_config_resolves_in_place(choice):
+    # what `python -m cl_vit.run ... --cfg job --resolve` does: a list default of oc.select once broke it
+    cfg = compose([choice])
+    OmegaConf.resolve(cfg)
+    for name in ("l2", "ewc"):
+        if name in cfg.strategy:
+            expected = ["*attn.qkv.*"] if "imagenet-r" in choice else ["*"]  # split-digits regularises every weight
+            assert list(cfg.strategy[name].params) == expected
