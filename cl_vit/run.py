@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     from cl_vit import distributed, report
     from cl_vit.data.longtail import shot_group_record
     from cl_vit.hardware import trainer_kwargs
-    from cl_vit.models import weights_origin
+    from cl_vit.models import weights_origin, weights_record
     from cl_vit.results import RunDirectory, StreamResults
     from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
@@ -94,6 +94,8 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         "model": cfg.model.name,
         # "timm:<arch>.<tag>" or "checkpoint:<path>" when the backbone did not start at random (the L2/EWC anchor)
         "weights": weights_origin(module.net),
+        # its timm tag, file and the file's sha256: which bytes the run started from
+        "weights_file": weights_record(module.net),
         "strategy": strategy_names,
         "seed": int(cfg.seed),
         "n_params": int(n_params),

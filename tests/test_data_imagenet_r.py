@@ -116,7 +116,7 @@ def test_imagenet_r_benchmark_runs_with_tiny_model_and_records_order(tmp_path, d
     assert doc["class_order"] == expected and doc["class_order_rule"] == "seeded(1)"
     assert doc["class_names"] == [WNIDS[c] for c in expected]
     assert len(doc["source"]["split"]["sha256"]) == 64
-    assert doc["source"]["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # vit_micro's cfg
+    assert doc["source"]["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}  # CODA-Prompt's [0, 1] pixels
 
 
 def test_benchmark_brings_the_recommended_setting():
@@ -214,7 +214,8 @@ def test_verification_is_cached(tmp_path, monkeypatch):
 def test_normalisation_follows_the_backbone_or_coda(tmp_path):
     from cl_vit.run import source_arguments
 
-    cfg = compose(["benchmark=imagenet-r"], tmp_path)
+    assert source_arguments(compose(["benchmark=imagenet-r"], tmp_path))["normalize"] == "coda"
+    cfg = compose(["benchmark=imagenet-r", "benchmark.source_args.normalize=model"], tmp_path)
     args = source_arguments(cfg)
     assert args["mean"] == [0.5, 0.5, 0.5] and args["std"] == [0.5, 0.5, 0.5]  # augreg ViT-B/16
     make_imagenet_r(tmp_path, wnids=WNIDS[:2], per_class=2)

@@ -5,9 +5,11 @@ source reads the real layout, the stream follows the protocol and the model is t
 """
 import json
 
+import pytest
 import yaml
+from omegaconf import OmegaConf
 from conftest import REPO_ROOT, compose
-from data_gen import make_cifar, make_imagenet_r
+from data_gen import WNIDS, make_cifar, make_imagenet_r
 
 from cl_vit.data.imagenet_r import imagenet_r_wnids
 from cl_vit.run import run
@@ -36,3 +38,122 @@ def test_gcab_cifar100_dry_run_uses_the_dytox_order(tmp_path, data_root):
     assert stream["class_order"] == order and sorted(order) == list(range(100))
     assert [len(e["classes"]) for e in stream["experiences"]] == [10] * 10
     assert json.loads((tmp_path / "run" / "stream.json").read_text())["model"] == cfg.model.name
+
+
+@pytest.mark.parametrize("choice", ["benchmark=imagenet-r", "experiment=closer-look-imagenet-r", "strategy=l2",
+                                    "strategy=ewc", "strategy=[lwf,l2]"])
+def test_every_config_resolves_in_place(choice):
+    # what `python -m cl_vit.run ... --cfg job --resolve` does: a list default of oc.select once broke it
+    cfg = compose([choice])
+    OmegaConf.resolve(cfg)
+    for name in ("l2", "ewc"):
+        if name in cfg.strategy:
+            expected = ["*attn.qkv.*"] if "imagenet-r" in choice else ["*"]  # split-digits regularises every weight
+            assert list(cfg.strategy[name].params) == expected
+
+
+# -- ImageNet-R: the closer-look recipe ---------------------------------------------------------------------------
+
+TINY_R = ["model=vit_micro", "model.patch_size=8", "benchmark.source_args.img_size=32", "data.num_workers=0",
+          "data.batch_size=8", "data.persistent_workers=false", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+          "logger=none"]
+
+
+def _resolved(overrides):
+    cfg = compose(overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_imagenet_r_benchmark_is_the_closer_look_l2_recipe():
+    cfg = _resolved(["benchmark=imagenet-r"])
+    # configs/benchmark/imagenet-r.yaml cites each: CODA-Prompt configs/imnet-r_prompt.yaml, learners/prompt.py,
+    # dataloaders/utils.py, trainer.py; the paper's qkv-only L2
+    assert cfg["loss"] == {"name": "ce", "mask_old_logits": True}
+    assert cfg["benchmark"]["source_args"]["normalize"] == "coda"
+    assert cfg["benchmark"]["source_args"]["test_resize"] == "crop"
+    assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 1e-3, 0.0)
+    assert (cfg["scheduler"]["name"], cfg["trainer"]["max_epochs"], cfg["data"]["batch_size"]) == ("coda_cosine", 50, 128)
+    assert (cfg["benchmark"]["n_experiences"], cfg["benchmark"]["class_order"]) == (10, "coda")
+    assert (cfg["model"]["name"], cfg["model"]["pretrained_tag"]) == ("vit_base_patch16_224", "augreg_in21k_ft_in1k")
+    assert cfg["strategy"] == {"l2": {"lam": 1e-3, "params": ["*attn.qkv.*"], "exclude": [],
+                                      "train_only_selected": True}}
+    # one defines, the other reuses: the experiment is the benchmark
+    assert _resolved(["experiment=closer-look-imagenet-r"]) == cfg
+    for name, n in (("imagenet-r-5", 5), ("imagenet-r-20", 20)):
+        other = _resolved([f"benchmark={name}"])
+        assert (other["benchmark"].pop("name"), other["benchmark"].pop("n_experiences")) == (name, n)
+        assert {k: v for k, v in cfg["benchmark"].items() if k not in ("name", "n_experiences")} == other["benchmark"]
+        assert {k: v for k, v in cfg.items() if k != "benchmark"} == {k: v for k, v in other.items() if k != "benchmark"}
+
+
+def test_imagenet_r_strategies_train_what_l2_trains_and_keep_their_own_loss():
+    for name, key in (("ewc", "train_only_selected"), ("lwf", "train_only"), ("featkd", "train_only")):
+        args = _resolved(["benchmark=imagenet-r", f"strategy={name}"])["strategy"][name]
+        assert args[key] in (True, ["*attn.qkv.*"]) and args.get("params", ["*attn.qkv.*"]) == ["*attn.qkv.*"]
+        assert _resolved([f"strategy={name}"])["strategy"][name][key] in (False, None)  # not outside ImageNet-R
+    # a strategy that needs its loss keeps it; the command line beats both
+    assert _resolved(["benchmark=imagenet-r", "strategy=gcab"])["loss"] == {"name": "bce", "mask_old_logits": False}
+    assert _resolved(["benchmark=imagenet-r", "loss.name=bce"])["loss"]["name"] == "bce"
+    assert _resolved([])["loss"] == {"name": "ce", "mask_old_logits": False}
+
+
+def test_predkd_recipe_is_ewc_mc_with_eps(tmp_path, data_root):
+    import timm
+    import torch
+
+    from cl_vit.data.download import sha256_of
+
+    cfg = _resolved(["experiment=closer-look-imagenet-r-predkd"])
+    # shaunak27/data-free-continual-learning learners/kd.py EWC_MC: BCE with LwF.MC targets + eps L2, mu = 0
+    assert list(cfg["strategy"]) == ["lwf", "l2"] and cfg["loss"] == {"name": "bce", "mask_old_logits": False}
+    assert cfg["strategy"]["lwf"]["form"] == "mc" and cfg["strategy"]["lwf"]["lam"] == 1.0
+    assert cfg["strategy"]["l2"]["lam"] == 1e-3 and cfg["optimizer"]["lr"] == 1e-3
+    # a tiny run on ImageNet-R-shaped data, from a weights file (the L2 anchor of the first experience)
+    make_imagenet_r(data_root, wnids=WNIDS[:4], per_class=4, size=(36, 36))
+    weights = tmp_path / "init.pth"
+    torch.save(timm.create_model("vit_micro_patch2_8", patch_size=8, img_size=32, in_chans=3, num_classes=4)
+               .state_dict(), weights)
+    run_cfg = compose(["experiment=closer-look-imagenet-r-predkd", *TINY_R, f"model.checkpoint={weights}",
+                       f"benchmark.source_args.wnids=[{','.join(WNIDS[:4])}]", "benchmark.n_experiences=2"],
+                      data_root)
+    doc = run(run_cfg, tmp_path / "run")
+    assert doc["strategy"] == ["lwf", "l2"] and doc["completed_experiences"] == 2
+    assert doc["weights_file"] == {"origin": f"checkpoint:{weights}", "tag": None, "file": str(weights),
+                                   "sha256": sha256_of(weights)}
+
+
+def test_train_only_freezes_all_but_qkv_and_head():
+    import timm
+
+    from cl_vit.module import ContinualModule
+    from cl_vit.strategies import build_strategies
+    from cl_vit.strategies.base import ExperienceInfo
+
+    for name, args in (("lwf", {"train_only": ["*attn.qkv.*"]}), ("featkd", {"train_only": ["*attn.qkv.*"]}),
+                       ("ewc", {"train_only_selected": True})):
+        net = timm.create_model("vit_micro_patch2_8", num_classes=4)
+        strategy = build_strategies({name: args})[0]
+        module = ContinualModule(net, 4, [strategy])
+        strategy.setup(module)
+        strategy.before_experience(module, ExperienceInfo(index=0, n_experiences=2, classes=[0, 1],
+                                                          seen_classes=[0, 1], n_classes=4,
+                                                          train_loader=lambda **kw: []))
+        trained = {n for n, p in net.named_parameters() if p.requires_grad}
+        assert trained and all(".attn.qkv." in n or n.startswith("head.") for n in trained), (name, trained)
+        assert {"head.weight", "blocks.0.attn.qkv.weight"} <= trained
+
+
+def test_a_sweep_of_lr_and_seeds_reports_mean_and_std_per_setting(tmp_path, data_root):
+    # the documented multirun (docs/recipes.md) is a grid of these runs; the report groups them by setting
+    from cl_vit.report import markdown_table
+
+    for lr in (1e-3, 3e-3):
+        for seed in (0, 1):
+            cfg = compose(["model=vit_micro", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none",
+                           "strategy=l2", "benchmark.n_experiences=2", "trainer.limit_train_batches=2",
+                           f"optimizer.lr={lr}", f"seed={seed}"],
+                          data_root)
+            run(cfg, tmp_path / "sweep" / f"lr={lr},seed={seed}")
+    table = markdown_table(tmp_path / "sweep")
+    rows = [line for line in table.splitlines() if line.startswith("| split-digits")]
+    assert len(rows) == 2 and all("optimizer.lr=" in r and " ± " in r and "| 0,1 | 2 |" in r for r in rows)

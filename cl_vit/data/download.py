@@ -97,12 +97,20 @@ def missing_dataset_error(name: str, root: Path, layout: str, data_root: Path) -
                      "(or set data_root=...)")
 
 
-def md5_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def md5_of(path: Path) -> str:
+    return file_digest(path, "md5")
+
+
+def sha256_of(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def _human(n: float) -> str:

@@ -84,9 +84,9 @@ TEST_RESIZE = ("crop", "squash")
 
 def imagenet_eval_pipeline(img_size: int, mean, std, test_resize: str = "crop") -> A.Compose:
     """``crop``: shorter side to ``img_size * 256 / 224``, centre crop (Resize(256) + CenterCrop(224) at 224, the
-    ImageNet-R authors' evaluation in hendrycks/imagenet-r eval.py). ``squash``: resize to ``img_size`` squared,
-    ignoring the aspect ratio: what CODA-Prompt's code does for ImageNet-R (dataloaders/utils.py,
-    Resize((224, 224)))."""
+    ImageNet-R authors' evaluation in hendrycks/imagenet-r eval.py, and CODA-Prompt's for ImageNet-R:
+    GT-RIPL/CODA-Prompt dataloaders/utils.py L50-56). ``squash``: resize to ``img_size`` squared, ignoring the aspect
+    ratio (CODA-Prompt's Resize((size, size)) of ImageNet32/84, dataloaders/utils.py L37-40)."""
     if test_resize == "crop":
         geometry = [A.SmallestMaxSize(max_size=int(round(img_size * 256 / 224)), interpolation=cv2.INTER_LINEAR),
                     A.CenterCrop(img_size, img_size)]

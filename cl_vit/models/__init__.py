@@ -118,11 +118,56 @@ def _hf_cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
-def _hf_cached(repo_id: str, filename: str | None) -> bool:
+def _hf_cached_file(repo_id: str, filename: str | None) -> str | None:
+    """The local path of a Hugging Face hub file in the cache, or None."""
     from huggingface_hub import try_to_load_from_cache
 
     names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(repo_id, n, cache_dir=_hf_cache_dir()), str) for n in names)
+    found = (try_to_load_from_cache(repo_id, n, cache_dir=_hf_cache_dir()) for n in names)
+    return next((p for p in found if isinstance(p, str)), None)
+
+
+def _hf_cached(repo_id: str, filename: str | None) -> bool:
+    return _hf_cached_file(repo_id, filename) is not None
+
+
+def weights_file(net: nn.Module) -> Path | None:
+    """The file ``net``'s initial weights were read from: ``model.checkpoint``, or timm's cached download (Hugging
+    Face cache, else torch.hub's checkpoints folder); None for a random initialisation or a file no longer there."""
+    origin = weights_origin(net)
+    if origin is None:
+        return None
+    if origin.startswith("checkpoint:"):
+        path = Path(origin.split(":", 1)[1])
+        return path if path.is_file() else None
+    pc = getattr(net, "pretrained_cfg", None) or {}
+    if pc.get("file"):
+        return Path(pc["file"]) if Path(pc["file"]).is_file() else None
+    if pc.get("hf_hub_id"):
+        try:
+            found = _hf_cached_file(pc["hf_hub_id"], pc.get("hf_hub_filename"))
+        except ImportError:
+            found = None
+        if found:
+            return Path(found)
+    if pc.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pc["url"]).path).name
+        return path if path.is_file() else None
+    return None
+
+
+def weights_record(net: nn.Module) -> dict | None:
+    """What results.json records about the initial weights: origin (``timm:arch.tag`` or ``checkpoint:PATH``), the
+    timm tag, the file and its sha256 (None where the file cannot be found)."""
+    origin = weights_origin(net)
+    if origin is None:
+        return None
+    from cl_vit.data.download import sha256_of
+
+    path = weights_file(net)
+    tag = (getattr(net, "pretrained_cfg", None) or {}).get("tag") if origin.startswith("timm:") else None
+    return {"origin": origin, "tag": tag, "file": str(path) if path else None,
+            "sha256": sha256_of(path) if path else None}
 
 
 def _reachable(url: str, timeout: float = 4.0) -> bool:

@@ -7,6 +7,8 @@ That learner adds it to LwF.MC: ``strategy=[lwf,featkd] loss.name=bce`` is the s
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +27,8 @@ def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> 
 class FeatKD(PreviousModel):
     name = "featkd"
 
-    def __init__(self, lam: float = 1.0):
-        super().__init__()
+    def __init__(self, lam: float = 1.0, train_only: Sequence[str] | str | None = None):
+        super().__init__(train_only)
         self.lam = _number(f"strategy.{self.name}.lam", lam)
 
     def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
@@ -39,4 +41,5 @@ class FeatKD(PreviousModel):
         return {self.name: self.lam * feature_distillation(outputs["pre_logits"], old)}
 
     def __repr__(self) -> str:
-        return f"FeatKD(lam={self.lam})"
+        only = f", train_only={self.train_only}" if self.train_only else ""
+        return f"FeatKD(lam={self.lam}{only})"

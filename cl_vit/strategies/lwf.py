@@ -16,6 +16,7 @@ Two forms, both over the classes seen before the current experience ("old" class
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from cl_vit.errors import ConfigError
 from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 from cl_vit.strategies.l2 import _number
+from cl_vit.strategies.selection import freeze_unselected, select_parameters
 
 FORMS = ("mc", "kd")
 
@@ -60,14 +62,26 @@ def frozen_copy(net: nn.Module) -> nn.Module:
 
 
 class PreviousModel(Strategy):
-    """Holds the network frozen at the end of the previous experience (saved with every checkpoint)."""
+    """Holds the network frozen at the end of the previous experience (saved with every checkpoint).
 
-    def __init__(self):
+    ``train_only``: glob patterns over backbone parameter names; only those and the classifier are trained (the
+    ImageNet-R setting of Smith et al. 2023, qkv projections only, as ``l2``'s ``train_only_selected``)."""
+
+    def __init__(self, train_only: Sequence[str] | str | None = None):
         self.old_net: nn.Module | None = None
         self._net: nn.Module | None = None
+        self.train_only = [train_only] if isinstance(train_only, str) else list(train_only or [])
+        self._trained: list[str] = []
 
     def setup(self, module) -> None:
         self._net = module.net
+        if self.train_only:
+            self._trained = list(select_parameters(module.net, self.train_only,
+                                                   key=f"strategy.{self.name}.train_only"))
+
+    def before_experience(self, module, experience: ExperienceInfo) -> None:
+        if self.train_only:
+            freeze_unselected(module.net, self._trained)
 
     def on_fit_start(self, module) -> None:
         if self.old_net is not None:
@@ -99,8 +113,9 @@ class PreviousModel(Strategy):
 class LwF(PreviousModel):
     name = "lwf"
 
-    def __init__(self, form: str = "mc", lam: float = 1.0, temperature: float = 2.0):
-        super().__init__()
+    def __init__(self, form: str = "mc", lam: float = 1.0, temperature: float = 2.0,
+                 train_only: Sequence[str] | str | None = None):
+        super().__init__(train_only)
         if form not in FORMS:
             raise ConfigError(f"strategy.{self.name}.form", form, f"one of {list(FORMS)}")
         self.form = form
@@ -122,6 +137,7 @@ class LwF(PreviousModel):
         return 0.0 if self.replaces_classification else 1.0
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
+        super().before_experience(module, experience)
         self.old_classes = sorted(set(experience.seen_classes) - set(experience.classes))
 
     def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
@@ -139,4 +155,5 @@ class LwF(PreviousModel):
         return {"kd": self.lam * bce_distillation(logits, old_logits, old)}
 
     def __repr__(self) -> str:
-        return f"LwF(form={self.form!r}, lam={self.lam}, temperature={self.temperature})"
+        only = f", train_only={self.train_only}" if self.train_only else ""
+        return f"LwF(form={self.form!r}, lam={self.lam}, temperature={self.temperature}{only})"
