@@ -304,7 +304,8 @@ class ContinualRunner:
 
         # a fixed generator: building the loader's iterator must not draw from the training RNG
         loader = self._loader(self._eval_dataset(i), train=False, seed=0)
-        return [ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval)]
+        return [ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval,
+                                   shot_groups_record=self.results.meta.get("shot_groups"))]
 
     def _eval_dataset(self, i: int) -> ConcatDataset:
         test_stream = self.scenario.test_stream
