@@ -61,6 +61,9 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     """
     cfg = dict(cfg)
     name = cfg.get("name")
+    if name in refiner.RENAMED:
+        raise UserError(f"model.name={name} is now {refiner.RENAMED[name]}: a ViT twin with every block refined, not "
+                        "an official Refiner-ViT (model=refiner_vit_s, _m, _l are those)")
     if not name or not timm.is_model(name):
         stem = str(name).split("_")[0] if name else ""
         close = timm.list_models(f"*{stem}*")[:5] if stem else []
