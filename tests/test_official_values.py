@@ -25,3 +25,4 @@ def test_deit_lt_recipes_match_the_official_scripts(recipe, batch, gpus, epochs,
     assert cfg.optimizer.lr * cfg.scheduler.min_lr_ratio == pytest.approx(1e-5)  # --min-lr 1e-5
     assert cfg.trainer.max_epochs == epochs and cfg.strategy.deit_lt.drw_start_epoch == drw
     assert cfg.benchmark.imbalance_ratio == ratio
+    assert cfg.data.repeated_aug is True and cfg.data.repeats == 3         # arguments.py L218-220, samplers.py L16
