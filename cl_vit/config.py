@@ -87,6 +87,8 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.eval_batch_size", 1)
     _int(cfg, "data.num_workers", 0)
+    _choice(cfg, "data.repeated_aug", (True, False, None))
+    _int(cfg, "data.repeats", 1, allow_none=True)
     _choice(cfg, "loss.name", LOSSES)
     _number(cfg, "optimizer.lr", positive=True)
     _number(cfg, "optimizer.weight_decay", lo=0)

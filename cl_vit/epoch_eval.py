@@ -7,9 +7,10 @@ Lightning fit, on the test data of the experiences seen so far, and logs
     epoch_eval/<head>/overall, epoch_eval/<head>/many, .../medium, .../few
 
 where ``<head>`` is ``main`` (the model's output: the mean of the two heads for a distilled student) and each extra
-head (``cls``, ``dist``). Shot groups are by training images per class (cl_vit.data.longtail.shot_groups: many > 100,
-medium 20-100, few < 20). The final, stored numbers come from the runner's evaluation (results.json); these curves are
-for watching training.
+head (``cls``, ``dist``). The shot groups are the run's default definition (cl_vit.data.longtail.default_shot_kind: the
+official index cut-offs where the benchmark has them, else by training images per class, many > 100, medium 20-100,
+few < 20); every other definition is logged too, named: ``epoch_eval/<head>/count/many``. The final, stored numbers
+come from the runner's evaluation (results.json); these curves are for watching training.
 """
 from __future__ import annotations
 
@@ -20,13 +21,22 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cl_vit import metrics as M
-from cl_vit.data.longtail import shot_groups
+from cl_vit.data.longtail import default_shot_kind, shot_groups
 
 
 class ShotGroupEpochEval(Callback):
-    def __init__(self, loader, class_counts: Sequence[int], every: int = 1):
+    """``shot_groups``: results.json's record of the run's definitions (cl_vit.data.longtail.shot_group_record);
+    without it, the count groups of ``class_counts``."""
+
+    def __init__(self, loader, class_counts: Sequence[int], every: int = 1, shot_groups_record: dict | None = None):
         self.loader = loader
-        self.groups = shot_groups(class_counts)
+        record = shot_groups_record or {}
+        default = default_shot_kind(record) if record else "count"
+        #: metric prefix ("" for the default definition, "<kind>/" for the others) -> groups of every class
+        self.definitions = {("" if kind == default else f"{kind}/"): d["groups"]
+                            for kind, d in record.items() if isinstance(d, dict) and "groups" in d}
+        if not self.definitions:
+            self.definitions = {"": shot_groups(class_counts)}
         self.every = max(1, int(every))
 
     @torch.no_grad()
@@ -49,8 +59,9 @@ class ShotGroupEpochEval(Callback):
         for head, p in preds.items():
             entries = M.confusion_entries(y, torch.cat(p).numpy())
             metrics[f"{head}/overall"] = M.confusion_accuracy(entries)
-            for group, acc in M.shot_group_accuracy(entries, self.groups).items():
-                metrics[f"{head}/{group}"] = acc
+            for prefix, groups in self.definitions.items():
+                for group, acc in M.shot_group_accuracy(entries, groups).items():
+                    metrics[f"{head}/{prefix}{group}"] = acc
         return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -109,7 +109,7 @@ def _duration(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def summary_rows(groups, head: str = "main", shots: str = "count") -> list[dict]:
+def summary_rows(groups, head: str = "main", shots: str | None = None) -> list[dict]:
     """One row per group of runs (``cl_vit.results.group_runs``): identity columns, then every ``COLUMNS`` key as
     ``(mean, std)`` (std None for a single run, both None where undefined)."""
     rows = []
@@ -180,20 +180,20 @@ def format_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def legend(runs, head: str = "main", shots: str = "count", grouped: bool = True) -> str:
+def legend(runs, head: str = "main", shots: str | None = None, grouped: bool = True) -> str:
     parts = ["Accuracies and forgettings in %" + (", mean ± sample standard deviation over seeds" if grouped else "")
              + ". A_N: mean accuracy over the experiences after the last; global acc.: over all seen test samples; "
                "avg. inc. acc.: mean of A_t; forgetting F: max-based (Chaudhry et al. 2018), first-minus-last "
                "(Avalanche), consecutive-drop (CODA-Prompt); BWT (GEM)."]
-    definition = next((g.definition for r in runs if (g := r.shot_groups(shots)) is not None), None)
-    if definition:
-        parts.append(f"Shot groups ({shots}): {definition}.")
+    found = next((g for r in runs if (g := r.shot_groups(shots)) is not None), None)
+    if found is not None and found.definition:
+        parts.append(f"Shot groups ({found.kind}): {found.definition}.")
     if head != "main":
         parts.append(f"Head: {head}.")
     return " ".join(parts)
 
 
-def markdown_table(runs, group: bool = True, head: str = "main", shots: str = "count") -> str:
+def markdown_table(runs, group: bool = True, head: str = "main", shots: str | None = None) -> str:
     """The report of runs (``Run`` objects, or paths of run directories / Hydra multirun folders) as Markdown."""
     from cl_vit.results import Run, group_runs, load_runs
 
@@ -203,7 +203,7 @@ def markdown_table(runs, group: bool = True, head: str = "main", shots: str = "c
                            legend(runs, head, shots, group))
 
 
-def shot_table(runs, shots: str = "count") -> str:
+def shot_table(runs, shots: str | None = None) -> str:
     """Markdown: overall and per-shot-group accuracy (%) of every head of every long-tailed run."""
     lines = ["| run | head | overall | many | medium | few |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in runs:
@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", action="store_true", help="CSV (fractions, seconds, a _std column per value)")
     p.add_argument("--no-group", action="store_true", help="one row per run instead of grouping seeds")
     p.add_argument("--head", default="main", help="report this head's accuracies (e.g. cls, dist of DeiT-LT runs)")
-    p.add_argument("--shots", default="count", choices=("count", "index"),
-                   help="shot-group definition: count (training images) or index (DeiT-LT's class-index cut-offs)")
+    p.add_argument("--shots", default=None, choices=("count", "index"),
+                   help="shot-group definition: count (training images) or index (DeiT-LT's class-index cut-offs); "
+                        "default: index where the benchmark has official cut-offs, else count")
     args = p.parse_args(argv)
     try:
         runs = load_runs(args.paths)

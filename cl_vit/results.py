@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from cl_vit import metrics as M
+from cl_vit.data.longtail import default_shot_kind
 from cl_vit.errors import UserError
 
 if TYPE_CHECKING:  # reading results back needs no Avalanche import
@@ -206,7 +207,9 @@ class StreamResults:
         }
         if self.meta.get("shot_groups"):
             doc.update(self.long_tail_results())
-            doc["metrics"].update({f"{g}_shot_accuracy": doc["shot_accuracy"].get("main", {}).get("count", {}).get(g)
+            kind = default_shot_kind(self.meta["shot_groups"])  # the flat keys: the official cut-offs if any
+            doc["shot_definition"] = kind
+            doc["metrics"].update({f"{g}_shot_accuracy": doc["shot_accuracy"].get("main", {}).get(kind, {}).get(g)
                                    for g in ("many", "medium", "few")})
         for head in self.confusions:
             if head != "main":
@@ -494,19 +497,28 @@ class Run:
             return ["count"]
         return [k for k, v in sg.items() if isinstance(v, dict) and "groups" in v]
 
-    def shot_groups(self, kind: str = "count") -> ShotGroups | None:
+    @property
+    def default_shot_kind(self) -> str:
+        """``index`` where the run has official cut-offs (what its flat ``*_shot_accuracy`` metrics use), else
+        ``count``; runs written before the cut-offs became the default recorded ``count`` ones."""
+        return self.results.get("shot_definition") or "count"
+
+    def shot_groups(self, kind: str | None = None) -> ShotGroups | None:
         """Shot groups of the classes: ``count`` (many > 100, medium 20-100, few < 20 training images) or ``index``
-        (DeiT-LT's cut-offs on the frequency-sorted classes); None when the run has none (not long-tailed)."""
+        (DeiT-LT's cut-offs on the frequency-sorted classes), None: the run's default; None when the run has none
+        (not long-tailed)."""
+        kind = kind or self.default_shot_kind
         sg = self.results.get("shot_groups") or {}
         entry = sg if "groups" in sg and kind == "count" else sg.get(kind)
         if not isinstance(entry, dict) or "groups" not in entry:
             return None
         return ShotGroups(kind, str(entry.get("definition", "")), tuple(entry["groups"]))
 
-    def shot_accuracy(self, head: str = "main", kind: str = "count") -> dict[str, float]:
+    def shot_accuracy(self, head: str = "main", kind: str | None = None) -> dict[str, float]:
         """Accuracy per shot group at the last evaluation, as recorded, else from the confusions; {} without groups."""
+        kind = kind or self.default_shot_kind
         stored = ((self.results.get("shot_accuracy") or {}).get(head) or {}).get(kind)
-        if not stored and kind == "count" and head in self.head_names:  # flat metrics: the count definition
+        if not stored and kind == self.default_shot_kind and head in self.head_names:  # the flat metrics' definition
             metrics = self.head(head).metrics
             stored = {g: metrics.get(f"{g}_shot_accuracy") for g in SHOT_GROUP_NAMES}
         if isinstance(stored, dict) and any(v is not None for v in stored.values()):
@@ -516,7 +528,7 @@ class Run:
             return {}
         return M.shot_group_accuracy(self.final_entries(head), groups.groups)
 
-    def summary(self, head: str = "main", shots: str = "count") -> dict[str, float | None]:
+    def summary(self, head: str = "main", shots: str | None = None) -> dict[str, float | None]:
         """``SUMMARY_KEYS`` -> value (None where undefined): what the report shows for one run."""
         key = ("summary", head, shots)
         if key not in self._cache:
@@ -645,11 +657,11 @@ class RunGroup:
         seeds = f"seed {self.seeds[0]}" if len(self.runs) == 1 else f"{len(self.runs)} seeds"
         return f"{self.strategy}" + (f" ({extra})" if extra else "") + f" · {self.model} · {seeds}"
 
-    def values(self, key: str, head: str = "main", shots: str = "count") -> np.ndarray:
+    def values(self, key: str, head: str = "main", shots: str | None = None) -> np.ndarray:
         """One value per run of a ``SUMMARY_KEYS`` entry (nan where undefined)."""
         return _float_array([r.summary(head, shots).get(key) for r in self.runs])
 
-    def mean_std(self, key: str, head: str = "main", shots: str = "count") -> tuple[float | None, float | None]:
+    def mean_std(self, key: str, head: str = "main", shots: str | None = None) -> tuple[float | None, float | None]:
         """Mean and sample standard deviation (ddof 1) over the runs that define ``key``; std is None for one run."""
         v = self.values(key, head, shots)
         v = v[~np.isnan(v)]

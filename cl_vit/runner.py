@@ -59,6 +59,10 @@ class LoaderConfig:
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
+    #: DeiT's repeated augmentation (timm RepeatAugSampler, DeiT's RASampler): each image ``repeats`` times per epoch,
+    #: the copies on different processes, the epoch cut to floor(N / 256) * 256 images over all processes
+    repeated_aug: bool = False
+    repeats: int = 3
 
 
 class StreamLogger(TensorBoardLogger):
@@ -198,12 +202,20 @@ class ContinualRunner:
 
     # -- data ------------------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset, train: bool, seed: int | None = None, shard: bool = False) -> DataLoader:
-        """``shard``: under DDP, this process's part of ``dataset``, every sample once over all processes."""
+    def _loader(self, dataset, train: bool, seed: int | None = None, shard: bool = False,
+                repeated: bool = False) -> DataLoader:
+        """``shard``: under DDP, this process's part of ``dataset``, every sample once over all processes.
+        ``repeated``: the experience's training loader with ``data.repeated_aug`` on: this process's part of the
+        repeated epoch (the Trainer then keeps Lightning from replacing the sampler)."""
         cfg = self.loader
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = None
-        if shard and distributed.world_size() > 1:
+        if repeated:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            sampler = RepeatAugSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                       shuffle=True, num_repeats=cfg.repeats)
+        elif shard and distributed.world_size() > 1:
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=distributed.world_size(),
@@ -262,11 +274,14 @@ class ContinualRunner:
                 "Experience %d/%d · %d classes %s · %d training images",
                 i + 1, n, len(info.classes), _short(info.classes), len(experience.dataset),
             )
-            loader = self._loader(experience.dataset, True, experience_seed(self.seed, i))
+            repeated = self.loader.repeated_aug
+            loader = self._loader(experience.dataset, True, experience_seed(self.seed, i), repeated=repeated)
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
-            per_process = math.ceil(len(loader) / distributed.world_size())  # DDP shards the batches
+            per_process = len(loader) if repeated else math.ceil(len(loader) / distributed.world_size())
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
-            trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every)
+            # Lightning would wrap the repeated-augmentation sampler in its own distributed one: it shards already
+            trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every,
+                                    **({"use_distributed_sampler": False} if repeated else {}))
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
             self.module.to(device)
@@ -304,7 +319,8 @@ class ContinualRunner:
 
         # a fixed generator: building the loader's iterator must not draw from the training RNG
         loader = self._loader(self._eval_dataset(i), train=False, seed=0)
-        return [ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval)]
+        return [ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval,
+                                   shot_groups_record=self.results.meta.get("shot_groups"))]
 
     def _eval_dataset(self, i: int) -> ConcatDataset:
         test_stream = self.scenario.test_stream
@@ -320,7 +336,8 @@ class ContinualRunner:
         parts = [test_stream[j].dataset for j in seen]
         union = ConcatDataset(parts)
         trainer = trainer or self._trainer(i)
-        outputs = trainer.predict(self.module, dataloaders=self._loader(_Indexed(union), train=False))
+        # sharded here, not by Lightning: the fit Trainer may have its distributed sampler off (data.repeated_aug)
+        outputs = trainer.predict(self.module, dataloaders=self._loader(_Indexed(union), train=False, shard=True))
         merged = merge_predictions(distributed.all_gather_object(_stack_predictions(outputs)), len(union))
         exp = np.repeat(np.asarray(seen), [len(d) for d in parts])
         y = merged["y"]

@@ -6,7 +6,7 @@ from conftest import TINY, compose
 
 from cl_vit import metrics as M
 from cl_vit.data.longtail import DEIT_LT_CUTOFFS, index_shot_groups, shot_group_record, shot_groups
-from cl_vit.results import StreamResults
+from cl_vit.results import StreamResults, load_run
 from cl_vit.streams import StreamInfo
 
 
@@ -36,7 +36,10 @@ def test_shot_accuracy_for_every_head_and_per_class():
     assert doc["shot_accuracy"]["main"]["count"] == {"many": 1.0, "medium": (0.5 + 0.75) / 2, "few": 0.0}
     assert doc["shot_accuracy"]["dist"]["count"] == {"many": 0.5, "medium": 1.0, "few": 0.5}
     assert doc["shot_accuracy"]["dist"]["index"] == {"many": 0.5, "medium": 1.0, "few": 0.5}
-    assert doc["metrics"]["many_shot_accuracy"] == 1.0 and doc["metrics"]["few_shot_accuracy"] == 0.0
+    # the flat metrics use the official index cut-offs when the benchmark has them: many = {0}, few = {3} again
+    assert doc["shot_definition"] == "index"
+    assert doc["metrics"]["many_shot_accuracy"] == doc["shot_accuracy"]["main"]["index"]["many"] == 1.0
+    assert doc["metrics"]["medium_shot_accuracy"] == doc["shot_accuracy"]["main"]["index"]["medium"]
     assert doc["per_class_accuracy"] == [1.0, 0.5, 0.75, 0.0]
     json.dumps(doc, allow_nan=False)
 
@@ -58,6 +61,20 @@ def test_long_tailed_run_records_groups_from_the_whole_training_set(tmp_path, da
     assert doc["shot_groups"]["index"]["groups"] == [by_source[c] for c in doc["class_order"]]
     assert len(doc["per_class_accuracy"]) == 10
     assert set(doc["shot_accuracy"]["main"]) == {"count", "index"}
-    assert doc["metrics"]["many_shot_accuracy"] == doc["shot_accuracy"]["main"]["count"]["many"]
+    assert doc["metrics"]["many_shot_accuracy"] == doc["shot_accuracy"]["main"]["index"]["many"]
+    assert load_run(tmp_path / "run").shot_groups().kind == "index"  # the report's default follows the run
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["shot_accuracy"] == doc["shot_accuracy"]
+
+
+def test_without_cut_offs_the_count_groups_are_the_default_and_epoch_curves_name_the_others():
+    from cl_vit.epoch_eval import ShotGroupEpochEval
+
+    info = StreamInfo(4, [[0, 1, 2, 3]], [[0, 1, 2, 3]], [0, 1, 2, 3], list("abcd"), "identity")
+    res = StreamResults(info=info, meta={"shot_groups": shot_group_record([200, 50, 50, 3])})
+    y = np.array([0, 1, 2, 3])
+    res.record(0, {"main": {0: M.confusion_entries(y, np.array([0, 0, 2, 3]))}}, 1.0)
+    doc = res.to_json("completed")
+    assert doc["shot_definition"] == "count" and doc["metrics"]["medium_shot_accuracy"] == 0.5
+    both = ShotGroupEpochEval(None, [200, 50, 50, 3], shot_groups_record=shot_group_record([200, 50, 50, 3], (2, 3)))
+    assert both.definitions == {"": ["many", "many", "medium", "few"], "count/": ["many", "medium", "medium", "few"]}

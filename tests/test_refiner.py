@@ -17,7 +17,7 @@ from cl_vit.errors import UserError
 from cl_vit.models import build_model, load_checkpoint
 from cl_vit.models.refiner import RefinerViT, checkpoint_filter_fn
 
-REFINER_MODELS = timm.list_models("refiner_vit*")
+REFINER_MODELS = timm.list_models("refiner_vit*") + timm.list_models("vit_*_patch16_224_refined")
 
 
 def small(name: str, **kw) -> RefinerViT:
@@ -42,7 +42,7 @@ def _seed():
 
 def test_every_expected_model_is_registered():
     assert set(REFINER_MODELS) >= {"refiner_vit_tiny", "refiner_vit_s", "refiner_vit_m", "refiner_vit_l",
-                                   "refiner_vit_base_patch16_224"}
+                                   "vit_base_patch16_224_refined"}
 
 
 @pytest.mark.parametrize("name,millions,depth,dim,heads", [
@@ -59,7 +59,7 @@ def test_official_sizes_match_the_paper(name, millions, depth, dim, heads):
 
 def test_base_is_vit_b16_plus_the_refiners():
     with torch.device("meta"):
-        r = timm.create_model("refiner_vit_base_patch16_224")
+        r = timm.create_model("vit_base_patch16_224_refined")
         v = timm.create_model("vit_base_patch16_224")
     extra = sum(p.numel() for n, p in r.named_parameters() if ".attn.refiner." in n)
     assert extra > 0
@@ -212,7 +212,7 @@ def test_block_output_is_the_refined_map_times_v():
 
 
 @pytest.mark.parametrize("name,refined", [("refiner_vit_tiny", [False, True] * 2),
-                                          ("refiner_vit_base_patch16_224", [True] * 3)])
+                                          ("vit_base_patch16_224_refined", [True] * 3)])
 def test_attention_maps_api(name, refined):
     m = small(name).train()
     x = inputs(m)
@@ -232,7 +232,7 @@ def test_attention_maps_api(name, refined):
 
 
 @pytest.mark.parametrize("name,depth,fused", [
-    ("refiner_vit_s", 3, 1), ("refiner_vit_s", 4, 0), ("refiner_vit_base_patch16_224", 3, 0)])
+    ("refiner_vit_s", 3, 1), ("refiner_vit_s", 4, 0), ("vit_base_patch16_224_refined", 3, 0)])
 def test_fused_attention_where_no_map_is_needed(monkeypatch, name, depth, fused):
     m = small(name, depth=depth).eval()
     x = inputs(m)
@@ -267,7 +267,7 @@ def vit_files(tmp_path_factory):
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_vit_weights_load_by_timms_route_with_identical_logits(vit_files, size):
     vit, path = vit_files[size]
-    r = timm.create_model(f"refiner_vit_{size}_patch16_224", pretrained=True, depth=2, img_size=64,
+    r = timm.create_model(f"vit_{size}_patch16_224_refined", pretrained=True, depth=2, img_size=64,
                           pretrained_cfg_overlay=dict(file=str(path)))
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -282,7 +282,7 @@ def test_vit_weights_load_by_timms_route_with_identical_logits(vit_files, size):
 
 def test_vit_weights_load_by_model_checkpoint(vit_files):
     vit, path = vit_files["base"]
-    cfg = {"name": "refiner_vit_base_patch16_224", "checkpoint": str(path), "depth": 2}
+    cfg = {"name": "vit_base_patch16_224_refined", "checkpoint": str(path), "depth": 2}
     r = build_model(cfg, num_classes=1000, in_chans=3, img_size=64).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
@@ -297,7 +297,7 @@ def test_vit_weights_load_by_model_checkpoint(vit_files):
 def test_vit_weights_resample_to_another_input_size(vit_files):
     vit, path = vit_files["small"]
     kw = dict(pretrained=True, depth=2, img_size=96, pretrained_cfg_overlay=dict(file=str(path)))
-    r = timm.create_model("refiner_vit_small_patch16_224", **kw).eval()
+    r = timm.create_model("vit_small_patch16_224_refined", **kw).eval()
     v = timm.create_model("vit_small_patch16_224", **kw).eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -373,10 +373,27 @@ def test_bad_options_fail_with_one_line(kw, words):
         timm.create_model("refiner_vit_tiny", **kw)
 
 
+@pytest.mark.parametrize("kw,words", [(dict(drop_pathrate=0.1), "model.drop_pathrate is not an argument"),
+                                      (dict(attn_layer="diff"), "model.attn_layer='diff' is not supported"),
+                                      (dict(scale_mlp_norm=True), "model.scale_mlp_norm=true")])
+def test_unknown_or_unsupported_keywords_are_refused_not_swallowed(kw, words):
+    with pytest.raises(UserError, match=words) as err:
+        timm.create_model("refiner_vit_tiny", **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_the_vit_twins_cannot_be_taken_for_the_official_models():
+    from cl_vit.models import build_model
+
+    assert not any(timm.is_model(f"refiner_vit_{s}_patch16_224") for s in ("tiny", "small", "base"))
+    with pytest.raises(UserError, match="now vit_small_patch16_224_refined: a ViT twin"):
+        build_model({"name": "refiner_vit_small_patch16_224"}, 10, 3, 32)
+
+
 # ---- the configs and the default run ----
 
 @pytest.mark.parametrize("model", ["refiner_vit_tiny", "refiner_vit_s", "refiner_vit_m", "refiner_vit_l",
-                                   "refiner_vit_base"])
+                                   "vit_base_patch16_224_refined"])
 def test_model_configs_build_and_train_on_the_default_benchmark(model, data_root):
     from cl_vit.run import build
 

@@ -141,7 +141,7 @@ def _cases(quick: bool, cuda: bool) -> list[dict]:
              batch=8),
         dict(case=f"refiner_vit_m @{big} b4", name="refiner_vit_m", kw=dict(img_size=big), batch=4),
         dict(case=f"refiner_vit_l @{big} b4", name="refiner_vit_l", kw=dict(img_size=big), batch=4),
-        dict(case=f"refiner_vit_base @{big} b4", name="refiner_vit_base_patch16_224", kw=dict(img_size=big),
+        dict(case=f"vit_base_refined @{big} b4", name="vit_base_patch16_224_refined", kw=dict(img_size=big),
              batch=4),
     ]
     if not cuda:

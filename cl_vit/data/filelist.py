@@ -146,9 +146,10 @@ def build_imagenet_lt(
     image_root = Path(image_root).expanduser() if image_root else root
     if test_split not in ("test", "val"):
         raise UserError(f"benchmark.source_args.test_split={test_split!r} must be 'test' or 'val'")
-    lists = [root / "ImageNet_LT_train.txt", root / f"ImageNet_LT_{test_split}.txt"]
-    layout = (f"<root>/ImageNet_LT_train.txt and ImageNet_LT_{test_split}.txt (lines '<path> <label>') and the "
-              "ImageNet images under <root>/train/<wnid>/, <root>/val/<wnid>/ (or image_root=...)")
+    lists = [_imagenet_lt_list(root, "train"), _imagenet_lt_list(root, test_split)]
+    layout = (f"<root>/ImageNet_LT_train.txt and ImageNet_LT_{test_split}.txt (lines '<path> <label>'; DeiT-LT's "
+              "Imagenet_LT_*.txt spelling works too) and the ImageNet images under <root>/train/<wnid>/, "
+              "<root>/val/<wnid>/ (or image_root=...)")
     if not root.is_dir() or not lists[0].is_file():
         raise missing_dataset_error("imagenet-lt", root, layout, data_root)
     if not lists[1].is_file():
@@ -163,6 +164,14 @@ def build_imagenet_lt(
                         img_size=img_size, normalize=normalize, mean=mean, std=std, test_resize=test_resize,
                         skip_corrupt=skip_corrupt, verify=verify, meta=meta,
                         pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment))
+
+
+def _imagenet_lt_list(root: Path, split: str) -> Path:
+    """``ImageNet_LT_<split>.txt`` (OLTR's name), else ``Imagenet_LT_<split>.txt`` (val-iisc/DeiT-LT data_txt/)."""
+    for name in (f"ImageNet_LT_{split}.txt", f"Imagenet_LT_{split}.txt"):
+        if (root / name).is_file():
+            return root / name
+    return root / f"ImageNet_LT_{split}.txt"
 
 
 def _names_from_paths(samples, n_classes: int) -> list[str]:

@@ -47,10 +47,100 @@ def shot_groups(train_counts: Sequence[int], many: int = 100, few: int = 20) -> 
     return ["many" if n > many else "few" if n < few else "medium" for n in train_counts]
 
 
+def numpy1_argsort(values: Sequence[int]) -> np.ndarray:
+    """``np.argsort(values)`` exactly as numpy 1.24 computes it (its default introsort, ``aquicksort_`` in
+    numpy/core/src/npysort/quicksort.cpp), on every numpy version and CPU.
+
+    DeiT-LT's class map (datasets.py L265, L386: ``np.argsort(-counts)``) ran on numpy 1.24.3 (its environment.yml);
+    numpy >= 1.25 may sort 64-bit keys with AVX-512 (x86-simd-sort) and orders equal counts differently, and
+    ImageNet-LT and iNaturalist have many equal counts. A port of the scalar algorithm keeps the official tie order.
+    """
+    v = [int(x) for x in np.asarray(values).reshape(-1)]
+    n = len(v)
+    a = list(range(n))
+    if n < 2:
+        return np.asarray(a, dtype=np.int64)
+    small = 15  # SMALL_QUICKSORT
+
+    def heapsort(lo: int, hi: int) -> None:  # aheapsort_ on a[lo..hi], 1-based as numpy's
+        m = hi - lo + 1
+        at = lambda k: a[lo + k - 1]  # noqa: E731
+
+        def sift(i: int, tmp: int, m: int) -> None:
+            j = i << 1
+            while j <= m:
+                if j < m and v[at(j)] < v[at(j + 1)]:
+                    j += 1
+                if v[tmp] < v[at(j)]:
+                    a[lo + i - 1] = at(j)
+                    i, j = j, j + j
+                else:
+                    break
+            a[lo + i - 1] = tmp
+
+        for k in range(m >> 1, 0, -1):
+            sift(k, at(k), m)
+        while m > 1:
+            tmp = at(m)
+            a[lo + m - 1] = at(1)
+            m -= 1
+            sift(1, tmp, m)
+
+    pl, pr = 0, n - 1
+    stack: list[tuple[int, int, int]] = []
+    cdepth = (n.bit_length() - 1) * 2  # npy_get_msb(num) * 2
+    while True:
+        if cdepth < 0:
+            heapsort(pl, pr)
+        else:
+            while pr - pl > small:
+                pm = pl + ((pr - pl) >> 1)
+                if v[a[pm]] < v[a[pl]]:
+                    a[pm], a[pl] = a[pl], a[pm]
+                if v[a[pr]] < v[a[pm]]:
+                    a[pr], a[pm] = a[pm], a[pr]
+                if v[a[pm]] < v[a[pl]]:
+                    a[pm], a[pl] = a[pl], a[pm]
+                vp = v[a[pm]]
+                pi, pj = pl, pr - 1
+                a[pm], a[pj] = a[pj], a[pm]
+                while True:
+                    pi += 1
+                    while v[a[pi]] < vp:
+                        pi += 1
+                    pj -= 1
+                    while vp < v[a[pj]]:
+                        pj -= 1
+                    if pi >= pj:
+                        break
+                    a[pi], a[pj] = a[pj], a[pi]
+                pk = pr - 1
+                a[pi], a[pk] = a[pk], a[pi]
+                cdepth -= 1
+                if pi - pl < pr - pi:  # the larger part waits on the stack
+                    stack.append((pi + 1, pr, cdepth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, cdepth))
+                    pl = pi + 1
+            for i in range(pl + 1, pr + 1):  # insertion sort
+                vi = a[i]
+                x = v[vi]
+                j = i
+                while j > pl and x < v[a[j - 1]]:
+                    a[j] = a[j - 1]
+                    j -= 1
+                a[j] = vi
+        if not stack:
+            break
+        pl, pr, cdepth = stack.pop()
+    return np.asarray(a, dtype=np.int64)
+
+
 def frequency_order(train_counts: Sequence[int]) -> np.ndarray:
-    """Class ids by descending training frequency, as DeiT-LT's map-targets (``np.argsort(-counts)``, numpy's
-    default sort: ties come out in numpy's order, which ``map_targets`` must reproduce exactly)."""
-    return np.argsort(-np.asarray(train_counts, dtype=np.int64))
+    """Class ids by descending training frequency, as DeiT-LT's map-targets (``np.argsort(-counts)`` under numpy
+    1.24, its environment): ties in the official order, the same on every numpy version (``numpy1_argsort``)."""
+    return numpy1_argsort(-np.asarray(train_counts, dtype=np.int64))
 
 
 def index_shot_groups(train_counts: Sequence[int], cutoffs: Sequence[int]) -> list[str]:
@@ -66,6 +156,12 @@ def index_shot_groups(train_counts: Sequence[int], cutoffs: Sequence[int]) -> li
     rank = np.empty(len(train_counts), dtype=np.int64)
     rank[np.argsort(-np.asarray(train_counts, dtype=np.int64), kind="stable")] = np.arange(len(train_counts))
     return ["many" if r < a else "medium" if r < b else "few" for r in rank]
+
+
+def default_shot_kind(record: dict | None) -> str:
+    """The definition a run reports by default: the official index cut-offs where the benchmark has them (as the
+    papers count), else the count thresholds."""
+    return "index" if isinstance((record or {}).get("index"), dict) else "count"
 
 
 def shot_group_record(train_counts: Sequence[int], cutoffs: Sequence[int] | None = None,

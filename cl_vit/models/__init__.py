@@ -64,6 +64,9 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     """
     cfg = dict(cfg)
     name = cfg.get("name")
+    if name in refiner.RENAMED:
+        raise UserError(f"model.name={name} is now {refiner.RENAMED[name]}: a ViT twin with every block refined, not "
+                        "an official Refiner-ViT (model=refiner_vit_s, _m, _l are those)")
     factory = None
     if cfg.get(TARGET):  # a researcher's own model: a class or function taking num_classes (and img_size, in_chans)
         factory = resolve_target(f"model.{TARGET}", cfg[TARGET])

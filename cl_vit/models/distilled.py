@@ -38,7 +38,7 @@ SUITE_BACKBONES = (
     "refiner_vit_s",
     "refiner_vit_m",
     "refiner_vit_l",
-    "refiner_vit_base_patch16_224",
+    "vit_base_patch16_224_refined",
 )
 
 

@@ -18,7 +18,7 @@ Two layouts:
   unchanged. Blocks use a doubled residual (``x + 2 * f(LN(x / 2))``) and a LayerScale (init 1e-5) on the MLP only.
 * ``layout="every"`` (the paper's description): every block refines its own softmax map, nothing is carried between
   blocks, and the refiner's last norm starts at zero, so a refiner block is exactly a ViT block at initialisation:
-  timm ViT weights load through :func:`checkpoint_filter_fn` with unchanged outputs (refiner_vit_base_patch16_224).
+  timm ViT weights load through :func:`checkpoint_filter_fn` with unchanged outputs (vit_base_patch16_224_refined).
 
 Normalisation inside the refiner (``refiner_norm``; the conv stem follows it unless ``stem_norm`` is given):
 
@@ -37,6 +37,7 @@ Extending: the prefix tokens (class token, and e.g. a distillation token in a su
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -203,11 +204,18 @@ class RefinerBlock(nn.Module):
                  init_values: Optional[float] = None, drop_path: float = 0.0, act_layer=nn.GELU,
                  norm_layer=nn.LayerNorm, mlp_layer=Mlp, depth: int = 0, layout: str = "shared",
                  residual_scale: float = 1.0, mlp_init_values: Optional[float] = None, refiner_args=None,
-                 **unused):
+                 qk_norm: bool = False, scale_attn_norm: bool = False, scale_mlp_norm: bool = False,
+                 attn_layer=None, device=None, dtype=None):
         super().__init__()
-        for k in ("qk_norm", "scale_attn_norm", "scale_mlp_norm"):
-            if unused.get(k):
+        # what timm's VisionTransformer passes every block_fn: options a refined attention cannot honour are refused
+        for k, v in (("qk_norm", qk_norm), ("scale_attn_norm", scale_attn_norm), ("scale_mlp_norm", scale_mlp_norm)):
+            if v:
                 raise UserError(f"model.{k}=true is not supported by Refiner-ViT: remove it")
+        if attn_layer not in (None, "attn", vit.Attention):
+            raise UserError(f"model.attn_layer={getattr(attn_layer, '__name__', attn_layer)!r} is not supported by "
+                            "Refiner-ViT (its attention is RefinerAttention): remove it")
+        if device is not None or dtype is not None:
+            raise UserError("Refiner-ViT is built on the CPU in float32: move or cast the model after creation")
         self.index = depth  # timm passes the block index as `depth`
         share = layout == "shared" and depth % 2 == 1
         self.residual_scale = residual_scale
@@ -252,8 +260,10 @@ class ConvStem(PatchEmbed):
                  in_chans: int = 3, embed_dim: int = 768, norm_layer: Optional[Callable] = None,
                  flatten: bool = True, output_fmt: Optional[str] = None, bias: bool = True,
                  strict_img_size: bool = True, dynamic_img_pad: bool = False, stem_norm: str = "batch",
-                 stem_chs: Tuple[int, int, int] = (32, 64, 128), **unused):
+                 stem_chs: Tuple[int, int, int] = (32, 64, 128), device=None, dtype=None):
         nn.Module.__init__(self)
+        if device is not None or dtype is not None:
+            raise UserError("Refiner-ViT is built on the CPU in float32: move or cast the model after creation")
         p = int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
         if p < 2 or p % 2:
             raise UserError(f"model.patch_size={patch_size} does not fit the conv stem (stride 2 then patch/2): "
@@ -333,6 +343,10 @@ class RefinerViT(vit.VisionTransformer):
         for key in ("block_fn", "embed_layer"):
             if key in kwargs:
                 raise UserError(f"model.{key} is fixed by Refiner-ViT: use model.layout / model.stem instead")
+        unknown = sorted(set(kwargs) - _VIT_KWARGS)
+        if unknown:
+            raise UserError(f"model.{unknown[0]} is not an argument of Refiner-ViT (timm VisionTransformer's or "
+                            f"{sorted(_OWN_KWARGS)}): remove it or check its spelling")
         self.layout, self.stem_type, self.refiner_norm = layout, stem, refiner_norm
         refiner_args = dict(
             expand_ratio=refiner_expand, kernel_size=refiner_kernel_size, norm=refiner_norm,
@@ -468,6 +482,15 @@ def _checkpoint_block(blk: RefinerBlock, x: torch.Tensor, attn: Optional[torch.T
     return checkpoint(run, x, attn)
 
 
+#: names the ViT twins had before: they read as the official Refiner-ViT-S and were not (build_model says so)
+RENAMED = {f"refiner_vit_{size}_patch16_224": f"vit_{size}_patch16_224_refined" for size in ("tiny", "small", "base")}
+
+#: keyword arguments RefinerViT passes on to timm's VisionTransformer, and its own; anything else is refused
+_VIT_KWARGS = set(inspect.signature(vit.VisionTransformer.__init__).parameters) - {"self", "args", "kwargs"}
+_OWN_KWARGS = {"layout", "stem", "refiner_norm", "stem_norm", "refiner_expand", "refiner_kernel_size", "adapt_norm",
+               "zero_init_refiner", "residual_scale", "mlp_init_values"}
+
+
 def _check_grid(img_size, patch_size, dynamic: bool) -> None:
     if img_size is None or dynamic:
         return
@@ -585,9 +608,9 @@ default_cfgs = generate_default_cfgs({
     "refiner_vit_s.untrained": _cfg(crop_pct=0.9),
     "refiner_vit_m.untrained": _cfg(crop_pct=1.0),
     "refiner_vit_l.untrained": _cfg(crop_pct=1.13),
-    **_vit_mirror_cfgs("refiner_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
-    **_vit_mirror_cfgs("refiner_vit_small_patch16_224", "vit_small_patch16_224"),
-    **_vit_mirror_cfgs("refiner_vit_base_patch16_224", "vit_base_patch16_224"),
+    **_vit_mirror_cfgs("vit_tiny_patch16_224_refined", "vit_tiny_patch16_224"),
+    **_vit_mirror_cfgs("vit_small_patch16_224_refined", "vit_small_patch16_224"),
+    **_vit_mirror_cfgs("vit_base_patch16_224_refined", "vit_base_patch16_224"),
 })
 
 
@@ -605,7 +628,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
 # LayerNorm default), doubled residual, LayerScale 1e-5 on the MLP, attend/share block pairs
 _OFFICIAL = dict(patch_size=16, mlp_ratio=3.0, qkv_bias=True, layout="shared", stem="conv", residual_scale=2.0,
                  mlp_init_values=1e-5)
-# ViT geometry, every block refined, identical to timm's ViT at load time
+# the ViT twins vit_{tiny,small,base}_patch16_224_refined: ViT geometry, every block refined, identical to timm's ViT
+# at load time. Named after the ViT they mirror, so that they cannot be taken for the official Refiner-ViT-S/M/L.
 _VIT = dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, layout="every", stem="patch")
 
 
@@ -640,21 +664,24 @@ def refiner_vit_l(pretrained: bool = False, **kwargs) -> RefinerViT:
 
 
 @register_model
-def refiner_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
-    """ViT-Ti/16 geometry with every block refined; loads any vit_tiny_patch16_224 weights with unchanged outputs."""
+def vit_tiny_patch16_224_refined(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """A ViT-Ti/16 twin (not an official Refiner-ViT): timm's vit_tiny_patch16_224 with every block's attention
+    refined (layout "every"); loads any vit_tiny_patch16_224 weights with unchanged outputs."""
     args = dict(_VIT, embed_dim=192, depth=12, num_heads=3)
-    return _create("refiner_vit_tiny_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+    return _create("vit_tiny_patch16_224_refined", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def refiner_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
-    """ViT-S/16 geometry with every block refined; loads any vit_small_patch16_224 weights with unchanged outputs."""
+def vit_small_patch16_224_refined(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """A ViT-S/16 twin (not an official Refiner-ViT): timm's vit_small_patch16_224 with every block's attention
+    refined (layout "every"); loads any vit_small_patch16_224 weights with unchanged outputs."""
     args = dict(_VIT, embed_dim=384, depth=12, num_heads=6)
-    return _create("refiner_vit_small_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+    return _create("vit_small_patch16_224_refined", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def refiner_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
-    """ViT-B/16 geometry with every block refined; loads any vit_base_patch16_224 weights with unchanged outputs."""
+def vit_base_patch16_224_refined(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """A ViT-B/16 twin (not an official Refiner-ViT): timm's vit_base_patch16_224 with every block's attention
+    refined (layout "every"); loads any vit_base_patch16_224 weights with unchanged outputs."""
     args = dict(_VIT, embed_dim=768, depth=12, num_heads=12)
-    return _create("refiner_vit_base_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+    return _create("vit_base_patch16_224_refined", pretrained=pretrained, **dict(args, **kwargs))
