@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose
+from conftest import TINY, compose, interrupt_after, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit import distributed
@@ -204,37 +204,10 @@ def test_slca_slow_backbone_frozen_old_rows_and_alignment(tmp_path, data_root):
     assert all(c.shape == (d, d) and c.dtype == torch.float32 for c in state["covs"].values())
 
 
-def _interrupt_after(monkeypatch, index):
-    from cl_vit.runner import ContinualRunner
-
-    class Stop(Exception):
-        pass
-
-    save = ContinualRunner._save
-
-    def save_then_stop(self, i, status):
-        save(self, i, status)
-        if i == index:
-            raise Stop
-
-    monkeypatch.setattr(ContinualRunner, "_save", save_then_stop)
-    return Stop
-
-
-def _equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, z) for x, z in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("name", ["simplecil", "ranpac", "slca"])
 def test_resume_reproduces_an_uninterrupted_run(name, tmp_path, data_root, monkeypatch):
     whole = run(compose(over(name), data_root), tmp_path / "whole")
-    Stop = _interrupt_after(monkeypatch, 0)
+    Stop = interrupt_after(monkeypatch, 0)
     with pytest.raises(Stop):
         run(compose(over(name), data_root), tmp_path / "cut")
     monkeypatch.undo()
@@ -242,7 +215,7 @@ def test_resume_reproduces_an_uninterrupted_run(name, tmp_path, data_root, monke
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     for i in (0, 1):
         a, b = RunDirectory(tmp_path / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)
-        assert _equal(a["module"], b["module"]) and _equal(a["strategies"], b["strategies"]), i
+        assert state_equal(a["module"], b["module"]) and state_equal(a["strategies"], b["strategies"]), i
     # the strategy state is plain tensors and types: loadable without running code
     torch.load(RunDirectory(tmp_path / "cut").checkpoint_path(1), weights_only=True)
     assert json.loads((tmp_path / "cut" / "results.json").read_text())["completed_experiences"] == 2
