@@ -248,3 +248,31 @@ def test_embeddings_are_gathered_in_dataset_order_across_processes(monkeypatch):
     gathered = experience_embeddings(module, exp)
     torch.testing.assert_close(gathered[0], single[0])
     assert torch.equal(gathered[1], single[1])
+
+
+@pytest.mark.slow
+def test_ddp_statistics_equal_a_one_process_run(tmp_path, data_root):
+    """trainer=ddp on 2 CPU processes (gloo): RanPAC's Gram matrix, ridge choice and classifier, computed from the
+    gathered embeddings, equal those of one process (the runner also checks that both ranks hold the same state)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, cli_env
+
+    args = [*over("ranpac"), "strategy.ranpac.first_session=false"]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "data.num_workers=0", "data.pin_memory=false"]
+    proc = subprocess.run([sys.executable, "-m", "cl_vit.run", *args, *ddp, f"hydra.run.dir={tmp_path / 'ddp'}",
+                           f"data_root={data_root}"], cwd=str(REPO_ROOT), env={**cli_env(), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Distributed run: 2 processes" in (tmp_path / "ddp" / "run.log").read_text()
+    run(compose(args, data_root), tmp_path / "one")
+    for i in (0, 1):
+        a, b = RunDirectory(tmp_path / "ddp").load_checkpoint(i), RunDirectory(tmp_path / "one").load_checkpoint(i)
+        sa, sb = a["strategies"]["ranpac"], b["strategies"]["ranpac"]
+        assert sa["ridges"] == sb["ridges"]
+        torch.testing.assert_close(sa["G"], sb["G"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sa["Q"], sb["Q"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a["module"]["net.head.rp_weight"], b["module"]["net.head.rp_weight"],
+                                   rtol=1e-4, atol=1e-4)
