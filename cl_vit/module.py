@@ -69,6 +69,22 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def scale_learning_rates(opt: torch.optim.Optimizer, net: nn.Module, scales: dict[str, float]):
+    """The optimiser (before its first step) with each parameter group split by learning-rate factor (parameters named in ``scales``
+    get ``lr * factor``, the others keep ``lr``); weight decay and the other settings stay per group."""
+    factor = {id(p): float(scales[n]) for n, p in net.named_parameters() if n in scales}
+    groups = []
+    for g in opt.param_groups:
+        split: dict[float, list] = {}
+        for p in g["params"]:
+            split.setdefault(factor.get(id(p), 1.0), []).append(p)
+        groups += [{**g, "params": ps, "lr": g["lr"] * f} for f, ps in split.items()]
+    opt.param_groups = []
+    for g in groups:
+        opt.add_param_group(g)
+    return opt
+
+
 class ContinualModule(L.LightningModule):
     """A timm backbone with one linear head over every class of the benchmark.
 
@@ -182,6 +198,9 @@ class ContinualModule(L.LightningModule):
             weight_decay=cfg.pop("weight_decay", 0.0),
             **{k: v for k, v in cfg.items() if v is not None},
         )
+        scales = {k: v for s in self.strategies for k, v in s.lr_scales(self).items()}
+        if scales:
+            opt = scale_learning_rates(opt, self.net, scales)
         if sam_rho:  # sharpness-aware minimisation around the chosen optimiser (two passes per step)
             from cl_vit.optim.sam import SAM
 

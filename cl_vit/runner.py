@@ -288,7 +288,8 @@ class ContinualRunner:
             self.module.start_experience(info)
             for s in self.module.strategies:
                 s.before_experience(self.module, info)
-            trainer.fit(self.module, train_dataloaders=loader)
+            if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
+                trainer.fit(self.module, train_dataloaders=loader)
             self.module.to(device)
             for s in self.module.strategies:
                 s.after_experience(self.module, info)

@@ -64,6 +64,35 @@ def run_cli(*args, module: str = "cl_vit.run", cwd: Path | None = None, data_roo
     return proc
 
 
+def interrupt_after(monkeypatch, index):
+    """Make a run stop (raise the returned exception) right after experience ``index`` is saved: a resume test's cut."""
+    from cl_vit.runner import ContinualRunner
+
+    class Stop(Exception):
+        pass
+
+    save = ContinualRunner._save
+
+    def save_then_stop(self, i, status):
+        save(self, i, status)
+        if i == index:
+            raise Stop
+
+    monkeypatch.setattr(ContinualRunner, "_save", save_then_stop)
+    return Stop
+
+
+def state_equal(a, b) -> bool:
+    """Nested checkpoint state (dicts, lists, tensors, plain values) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, z) for x, z in zip(a, b))
+    return a == b
+
+
 @pytest.fixture
 def data_root(tmp_path) -> Path:
     root = tmp_path / "data"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY, compose, run_cli
+from conftest import TINY, compose, interrupt_after, run_cli, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import ConfigError, UserError
@@ -283,38 +283,11 @@ def test_train_only_selected_keeps_every_other_backbone_parameter_bit_identical(
             assert torch.equal(after[f"net.{n}"], v), n
 
 
-def _interrupt_after(monkeypatch, index):
-    from cl_vit.runner import ContinualRunner
-
-    class Stop(Exception):
-        pass
-
-    save = ContinualRunner._save
-
-    def save_then_stop(self, i, status):
-        save(self, i, status)
-        if i == index:
-            raise Stop
-
-    monkeypatch.setattr(ContinualRunner, "_save", save_then_stop)
-    return Stop
-
-
-def _equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, z) for x, z in zip(a, b))
-    return a == b
-
-
 def test_resume_restores_anchors_fisher_and_old_model_exactly(tmp_path, data_root, monkeypatch):
     # LwF.MC with BCE replaces the classification loss: the loss.name=bce path of every strategy runs here
     over = FAST + ["strategy=[l2,ewc,lwf,featkd]", "loss.name=bce", "benchmark.n_experiences=2"]
     whole = run(compose(over, data_root), tmp_path / "whole")
-    Stop = _interrupt_after(monkeypatch, 0)
+    Stop = interrupt_after(monkeypatch, 0)
     with pytest.raises(Stop):
         run(compose(over, data_root), tmp_path / "cut")
     monkeypatch.undo()
@@ -324,9 +297,9 @@ def test_resume_restores_anchors_fisher_and_old_model_exactly(tmp_path, data_roo
     for i in (0, 1):
         a = RunDirectory(tmp_path / "whole").load_checkpoint(i)
         b = RunDirectory(tmp_path / "cut").load_checkpoint(i)
-        assert _equal(a["module"], b["module"])
+        assert state_equal(a["module"], b["module"])
         for name in ("l2", "ewc", "lwf", "featkd"):
-            assert _equal(a["strategies"][name], b["strategies"][name]), (i, name)
+            assert state_equal(a["strategies"][name], b["strategies"][name]), (i, name)
     state = RunDirectory(tmp_path / "whole").load_checkpoint(1)["strategies"]
     fisher = state["ewc"]["fisher"]
     assert all((f >= 0).all() for f in fisher.values()) and any(f.sum() > 0 for f in fisher.values())

@@ -6,6 +6,7 @@ The runner calls, for every training experience::
     load_state_dict(state)                          on resume, before the network weights are restored
     before_experience(module, experience)           may freeze parameters, snapshot anchors, copy old models
       -- Lightning fit: per batch --
+      lr_scales(module) -> {name: factor}           when the optimiser is built (e.g. SLCA's slower backbone)
       before_batch(module, batch) -> batch          e.g. batch-level augmentation (Mixup/CutMix)
       training_loss(module, batch, outputs) -> {name: tensor}   extra loss terms, each logged on its own
       after_backward(module)                        e.g. gradient masking
@@ -64,6 +65,10 @@ class Strategy:
 
     def before_batch(self, module: "ContinualModule", batch: dict) -> dict:
         return batch
+
+    def lr_scales(self, module: "ContinualModule") -> dict[str, float]:
+        """Factors on the learning rate of ``module.net``'s parameters by name (SLCA's slow backbone); {} = none."""
+        return {}
 
     def training_loss(self, module: "ContinualModule", batch: dict, outputs: dict) -> dict[str, torch.Tensor]:
         return {}
