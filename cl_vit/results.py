@@ -225,9 +225,9 @@ class StreamResults:
     wall_time: list[float] = field(default_factory=list)
     completed: int = 0
     meta: dict = field(default_factory=dict)
-    #: the process's peak resident memory after each experience (flat along a long stream; python -m cl_vit.bench
+    #: the process's resident memory after each experience (flat along a long stream: python -m cl_vit.bench
     #: memory); a resumed run continues the list from its own process
-    peak_rss_mib: list[float] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)
 
     @property
     def n_rows(self) -> int:
@@ -255,7 +255,7 @@ class StreamResults:
         """Keep the first ``n`` experiences only (resume from an earlier checkpoint re-trains the rest)."""
         self.confusions = {h: {k: e for k, e in conf.items() if k[0] < n} for h, conf in self.confusions.items()}
         self.wall_time = self.wall_time[:n]
-        self.peak_rss_mib = self.peak_rss_mib[:n]
+        self.rss_mib = self.rss_mib[:n]
         self.completed = n
 
     def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
@@ -298,7 +298,7 @@ class StreamResults:
             "metrics": self.metrics(),
             "heads": {},
             "wall_time": {"per_experience": self.wall_time, "total": float(sum(self.wall_time))},
-            "peak_rss_mib": {"per_experience": [round(v, 1) for v in self.peak_rss_mib]},
+            "rss_mib": {"per_experience": [round(v, 1) for v in self.rss_mib]},
             "versions": versions(),
             "confusion": [
                 {"head": head, "trained_up_to": i, "evaluated": j, "entries": e.tolist()}
@@ -333,7 +333,7 @@ class StreamResults:
     def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":
         res = cls(info=info, wall_time=list(doc["wall_time"]["per_experience"]),
                   completed=int(doc["completed_experiences"]),
-                  peak_rss_mib=list((doc.get("peak_rss_mib") or {}).get("per_experience", [])))
+                  rss_mib=list((doc.get("rss_mib") or {}).get("per_experience", [])))
         res.confusions = {}
         for c in doc.get("confusion", []):
             entries = np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)

@@ -405,7 +405,7 @@ class ContinualRunner:
             )
             if self.stop_signal is not None:
                 raise Interrupted(self.stop_signal, i)
-            self.results.peak_rss_mib.append(peak_rss_mib())
+            self.results.rss_mib.append(rss_mib())
             if distributed.is_rank_zero():
                 self._save(i, status="completed" if i == n - 1 else "running")
                 if evaluation is not None:
@@ -523,12 +523,16 @@ def merge_predictions(shares: list[dict], n: int) -> dict:
     }
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (MiB)."""
-    import sys
+def rss_mib() -> float:
+    """This process's resident memory now (MiB); its peak so far where /proc is missing (macOS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import sys
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
 def _span(numbers: list[int]) -> str:

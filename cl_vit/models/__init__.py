@@ -210,11 +210,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
     try:  # safetensors, or torch.load(weights_only=True): a received file runs no code
         state = timm.models.load_state_dict(str(path), weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "
-                               "values: loading it could run code, so it is refused; give a .safetensors file or "
-                               "a plain state dict") from e
     except Exception as e:
+        if pickle.UnpicklingError in (type(e), type(e.__cause__)):  # timm re-raises weights_only's refusal
+            raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "
+                                   "values: loading it could run code, so it is refused; give a .safetensors file or "
+                                   "a plain state dict") from e
         raise UserError(f"model.checkpoint {path.name} could not be read ({type(e).__name__}: {e}): give a "
                         ".safetensors, .pth or .bin file of model weights") from e
     state = _backbone_state(state)
