@@ -24,3 +24,40 @@ class ConfigError(UserError):
     def __init__(self, key: str, value, allowed: str):
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
         self.key = key
+
+
+class RunStopped(Exception):
+    """A fault during a run (non-finite loss, a signal, a full disk): the run stops at a safe point with one line.
+
+    ``python -m cl_vit.run`` prints the message, records ``status`` and the message in results.json (the completed
+    experiences stay as they were) and exits with ``exit_code``; ``resume=RUN_DIR`` continues the run.
+    """
+
+    status = "failed"
+    exit_code = 1
+
+    def __init__(self, message: str, experience: int | None = None):
+        super().__init__(" ".join(str(message).split()))
+        #: the index of the experience that was under way
+        self.experience = experience
+
+
+class NonFiniteLoss(RunStopped):
+    """A loss term or a gradient became NaN or infinite."""
+
+
+class Interrupted(RunStopped):
+    """SIGINT or SIGTERM: the current step ended, the completed experiences are kept."""
+
+    status = "interrupted"
+
+    def __init__(self, signum: int, experience: int | None = None):
+        import signal
+
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum  # what a shell reports for a process ended by the signal: 130, 143
+        super().__init__(f"{signal.Signals(self.signum).name} received", experience)
+
+
+class DiskFull(RunStopped):
+    """A write into the run directory failed (no space left, file size or quota limit)."""

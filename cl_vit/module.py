@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from cl_vit.errors import NonFiniteLoss
 from cl_vit.hardware import create_optimizer
 from cl_vit.strategies.base import ExperienceInfo, Strategy
 
@@ -152,6 +153,8 @@ class ContinualModule(L.LightningModule):
             for k, v in s.training_loss(self, batch, outputs).items():
                 terms[f"{s.name}/{k}" if k != s.name else k] = v
         loss = sum(terms.values())
+        if not torch.isfinite(loss):  # one scalar; training on would only spread NaN into every weight
+            self._stop_non_finite(terms, batch_idx)
         if self._logging_step():
             bs = y.shape[0]
             for k, v in terms.items():
@@ -172,6 +175,34 @@ class ContinualModule(L.LightningModule):
             return True
         every = self._trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
+
+    def _where(self, batch_idx: int) -> str:
+        i = self.experience.index + 1 if self.experience is not None else "?"
+        return f"experience {i}, epoch {self.current_epoch + 1}, step {batch_idx + 1}"
+
+    def _stop_non_finite(self, terms: dict, batch_idx: int) -> None:
+        bad = [f"{k}={float(v.detach()):g}" for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        raise NonFiniteLoss(
+            f"non-finite loss in {self._where(batch_idx)}: loss term {', '.join(bad) or 'sum'}; lower optimizer.lr, "
+            "set trainer.gradient_clip_val, or train in trainer.precision=32-true",
+            self.experience.index if self.experience is not None else None,
+        )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give a non-finite gradient (an overflow in backward): stop before the step
+        writes it into the weights. fp16 loss scaling produces and skips such steps itself, so it is left alone."""
+        if self._trainer is None or str(self.trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            return
+        name = next(n for n, p in self.net.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+        raise NonFiniteLoss(
+            f"non-finite gradient in {self._where(self.trainer.fit_loop.epoch_loop.batch_idx)}: parameter {name!r} "
+            "(the loss was finite); lower optimizer.lr, set trainer.gradient_clip_val, or train in "
+            "trainer.precision=32-true",
+            self.experience.index if self.experience is not None else None,
+        )
 
     def on_train_epoch_start(self) -> None:
         self.train_acc.reset()

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import yaml
 
+from cl_vit import checkpoints
 from cl_vit import metrics as M
+from cl_vit.checkpoints import DamagedCheckpoint
 from cl_vit.data.longtail import default_shot_kind
 from cl_vit.errors import UserError
 
@@ -41,14 +43,39 @@ if TYPE_CHECKING:  # reading results back needs no Avalanche import
 SCHEMA_VERSION = 1
 
 
+class _Writes:
+    """A file that remembers the first error of a write: torch.save reports a failed write (a full disk) as an
+    unrelated RuntimeError, and the OSError behind it is what the user needs to see."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            writes = _Writes(f)
+            try:
+                write(writes)
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as e:
+                err = writes.error or (e if isinstance(e, OSError) else None)
+                if err is None:
+                    raise
+                raise OSError(err.errno, err.strerror, str(path)) from e  # the file that could not be written
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -122,14 +149,71 @@ class RunDirectory:
 
     def save_checkpoint(self, i: int, state: dict) -> Path:
         path = self.checkpoint_path(i)
+        state = checkpoints.plain(state, f"checkpoint {path.name}")  # loadable with weights_only=True
         _atomic_write(path, lambda f: torch.save(state, f))
         return path
 
     def load_checkpoint(self, i: int) -> dict:
-        return torch.load(self.checkpoint_path(i), map_location="cpu", weights_only=False)
+        """The checkpoint after experience ``i`` (weights_only); ``DamagedCheckpoint`` when it cannot be read."""
+        return checkpoints.load(self.checkpoint_path(i), "checkpoint")
 
     def read_results(self) -> dict | None:
-        return json.loads(self.results_path.read_text()) if self.has_results() else None
+        """results.json, None when there is none yet; ``DamagedResults`` when it cannot be read."""
+        if not self.has_results():
+            return None
+        try:
+            doc = json.loads(self.results_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise DamagedResults(f"{self.results_path} cannot be read ({type(e).__name__}: {e})") from e
+        if not isinstance(doc, dict) or "completed_experiences" not in doc:
+            raise DamagedResults(f"{self.results_path} cannot be read (not a cl_vit results document)")
+        return doc
+
+    def lock(self) -> "RunLock":
+        """Hold this run directory for this process (``RunLock``); a second live process is refused in one line."""
+        return RunLock(self.path)
+
+
+class DamagedResults(UserError):
+    """results.json is truncated or not JSON."""
+
+
+class RunLock:
+    """An advisory lock (``fcntl.flock``) on ``RUN_DIR/.lock`` for as long as one process writes the run.
+
+    The kernel drops the lock when its process ends, however it ends (a SIGKILL leaves no stale lock behind); the
+    file itself stays and says which process held it last."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.file = path / ".lock"
+        self._fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            self._fd = None
+            raise UserError(f"{path} is being written by another process ({holder or 'pid unknown'}): wait for it "
+                            "to end or stop it; one run directory takes one process at a time") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        self.release()
 
 
 @dataclass
@@ -142,6 +226,9 @@ class StreamResults:
     wall_time: list[float] = field(default_factory=list)
     completed: int = 0
     meta: dict = field(default_factory=dict)
+    #: the process's resident memory after each experience (flat along a long stream: python -m cl_vit.bench
+    #: memory); a resumed run continues the list from its own process
+    rss_mib: list[float] = field(default_factory=list)
 
     @property
     def n_rows(self) -> int:
@@ -157,6 +244,20 @@ class StreamResults:
                 self.confusions.setdefault(head, {})[(i, j)] = entries
         self.wall_time.append(float(wall))
         self.completed = i + 1
+
+    def row(self, i: int) -> dict:
+        """What experience ``i`` added (its evaluation and wall time): every checkpoint carries it, so that a damaged
+        results.json is rebuilt from the checkpoints (``recover``)."""
+        evaluation = {head: {j: entries for (r, j), entries in conf.items() if r == i}
+                      for head, conf in self.confusions.items()}
+        return {"evaluation": {h: e for h, e in evaluation.items() if e}, "wall_time": self.wall_time[i]}
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` experiences only (resume from an earlier checkpoint re-trains the rest)."""
+        self.confusions = {h: {k: e for k, e in conf.items() if k[0] < n} for h, conf in self.confusions.items()}
+        self.wall_time = self.wall_time[:n]
+        self.rss_mib = self.rss_mib[:n]
+        self.completed = n
 
     def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
         rows = self.completed if upto is None else upto
@@ -198,6 +299,7 @@ class StreamResults:
             "metrics": self.metrics(),
             "heads": {},
             "wall_time": {"per_experience": self.wall_time, "total": float(sum(self.wall_time))},
+            "rss_mib": {"per_experience": [round(v, 1) for v in self.rss_mib]},
             "versions": versions(),
             "confusion": [
                 {"head": head, "trained_up_to": i, "evaluated": j, "entries": e.tolist()}
@@ -233,13 +335,65 @@ class StreamResults:
     @classmethod
     def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":
         res = cls(info=info, wall_time=list(doc["wall_time"]["per_experience"]),
-                  completed=int(doc["completed_experiences"]))
+                  completed=int(doc["completed_experiences"]),
+                  rss_mib=list((doc.get("rss_mib") or {}).get("per_experience", [])))
         res.confusions = {}
         for c in doc.get("confusion", []):
             entries = np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
             res.confusions.setdefault(c["head"], {})[(c["trained_up_to"], c["evaluated"])] = entries
         res.confusions.setdefault("main", {})
         return res
+
+
+def recover(rd: RunDirectory, info: StreamInfo) -> tuple[StreamResults, dict | None, list[str]]:
+    """Where a resumed run continues: its results so far, the last readable checkpoint and a line per damage found.
+
+    A checkpoint that cannot be read (truncated by a full disk or a killed copy) is passed over for the one before
+    it, and the experiences after that are trained again (each draws its randomness from (seed, index), so they give
+    the same results); a damaged results.json is rebuilt from the checkpoints, which carry their row of results."""
+    notes = []
+    try:
+        doc = rd.read_results()
+    except DamagedResults as e:
+        doc = None
+        notes.append(f"{e}: rebuilding it from the checkpoints")
+    if doc is not None:
+        if doc["class_order"] != info.class_order:
+            raise UserError(f"resume={rd.path}: the stream's class order differs from the saved one; check data_root")
+        results = StreamResults.from_json(doc, info)
+        state, k = None, results.completed - 1
+        while k >= 0 and state is None:
+            try:
+                state = rd.load_checkpoint(k)
+            except (DamagedCheckpoint, FileNotFoundError) as e:
+                notes.append(str(e) if isinstance(e, DamagedCheckpoint) else f"{rd.checkpoint_path(k)} is missing")
+                k -= 1
+        if k + 1 < results.completed:
+            notes.append(f"continuing after experience {k + 1}, the last readable checkpoint; experiences "
+                         f"{k + 2}-{results.completed} are trained again")
+            results.truncate(k + 1)
+        return results, state, notes
+    results, state = StreamResults(info=info), None
+    for k in range(len(info.train_classes)):
+        if not rd.checkpoint_path(k).exists():
+            break
+        try:
+            ckpt = rd.load_checkpoint(k)
+        except DamagedCheckpoint as e:
+            notes.append(str(e))
+            break
+        if "row" not in ckpt or ckpt.get("class_order") != info.class_order:
+            raise UserError(f"{rd.path}: results.json is damaged and {rd.checkpoint_path(k).name} does not hold its "
+                            "row of results (written by an older cl_vit, or another stream): start a new run")
+        row = ckpt["row"]
+        evaluation = {h: {int(j): np.asarray(e, dtype=np.int64).reshape(-1, 3) for j, e in per.items()}
+                      for h, per in row["evaluation"].items()}
+        results.record(k, evaluation, float(row["wall_time"]))
+        state = ckpt
+    if notes:
+        notes.append(f"results.json rebuilt from {results.completed} checkpoints; continuing after experience "
+                     f"{results.completed}")
+    return results, state, notes
 
 
 def matrix_csv(R: np.ndarray) -> str:
@@ -369,11 +523,17 @@ class Run:
 
     @property
     def state(self) -> str:
-        """``completed``, ``unfinished (k/N)`` (stopped or still running after k experiences) or ``not started``."""
+        """``completed``, ``unfinished (k/N)`` (stopped or still running after k experiences), ``failed (k/N)`` or
+        ``interrupted (k/N)`` (stopped by a fault or a signal), ``damaged (...)`` (results.json or config.yaml cannot
+        be read) or ``not started``."""
         if self.finished:
             return "completed"
+        if self.status == "damaged":
+            return f"damaged ({self.results.get('damage')})"
         if "completed_experiences" not in self.results:
             return "not started"
+        if self.status in ("failed", "interrupted"):
+            return f"{self.status} ({self.completed_experiences}/{self.n_experiences or '?'})"
         return f"unfinished ({self.completed_experiences}/{self.n_experiences or '?'})"
 
     def config_value(self, key: str, default=None):
@@ -569,7 +729,7 @@ class Run:
         if data_root is not None:
             cfg.data_root = str(data_root)
         source, scenario, info, module, _ = build(cfg)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoints.load(path, "checkpoint")
         for s in module.strategies:  # before the weights: a strategy may regrow the network
             s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
         module.load_state_dict(state["module"])
@@ -590,9 +750,21 @@ def load_run(path: str | Path) -> Run:
     if not config_path.exists():
         raise NotARunError(f"{rd.path} is not a cl_vit run directory (no config.yaml): give a run directory or a "
                            "Hydra multirun folder")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    results = rd.read_results() or {"status": "not started", "schema_version": SCHEMA_VERSION}
-    stream = json.loads(rd.stream_path.read_text()) if rd.stream_path.exists() else None
+    damage = []
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        config, damage = {}, [f"{config_path.name} cannot be read ({type(e).__name__})"]
+    try:
+        results = rd.read_results() or {"status": "not started", "schema_version": SCHEMA_VERSION}
+    except DamagedResults:
+        results, damage = {"schema_version": SCHEMA_VERSION}, [*damage, "results.json cannot be read"]
+    if damage:  # shown as damaged (Run.state) instead of failing the notebook or the report
+        results.update(status="damaged", damage="; ".join(damage))
+    try:
+        stream = json.loads(rd.stream_path.read_text()) if rd.stream_path.exists() else None
+    except (ValueError, UnicodeDecodeError):
+        stream = None
     hydra_path = rd.path / ".hydra" / "hydra.yaml"
     choices = {}
     if hydra_path.exists():

@@ -12,6 +12,7 @@ function, for notebooks and tests.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_vit.builder import build, data_root, source_arguments  # noqa: F401  (re-exported: run.build, run.run)
 from cl_vit.config import CONFIG_DIR, check_group_choices, validate
-from cl_vit.errors import UserError
+from cl_vit.errors import Interrupted, RunStopped, UserError
 
 log = logging.getLogger("cl_vit")
 
@@ -29,9 +30,20 @@ if not OmegaConf.has_resolver("cl_vit.run_dir"):
     OmegaConf.register_new_resolver("cl_vit.run_dir", lambda resume, default: resume if resume else default)
     OmegaConf.register_new_resolver("cl_vit.hydra_subdir", lambda resume: None if resume else ".hydra")
 
-#: what a resumed run may change: where it runs and how it loads data, never what it computes
-RESUME_OVERRIDABLE = ("trainer.", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                      "data.eval_batch_size", "data.verify", "data_root", "hydra.", "resume", "logger.", "compile")
+#: what a resumed run may change: where it runs, how it loads data, what it logs and shows, never what it computes.
+#: A key or a prefix ending in "."; ``trainer=gpu`` (the group) changes the device keys below only.
+RESUME_DEVICE_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+                      "trainer.precision", "trainer.sync_batchnorm")
+RESUME_OVERRIDABLE = ("trainer", *RESUME_DEVICE_KEYS, "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                      "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size",
+                      "data.verify", "data_root", "logger", "logger.", "epoch_eval", "compile", "hydra.", "resume")
+#: what may also change when the run stopped with status ``failed`` (a non-finite loss): the fix for the next
+#: experiences, recorded in config.yaml under ``resumed_with``
+RESUME_AFTER_FAILURE = ("optimizer.", "scheduler.", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
+
+
+def _matches(key: str, allowed) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed)
 
 
 def loader_config(cfg: DictConfig):
@@ -54,13 +66,9 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
 
     ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
     """
-    from cl_vit import distributed, report
-    from cl_vit.data.longtail import shot_group_record
+    from cl_vit import distributed
     from cl_vit.hardware import trainer_kwargs
-    from cl_vit.models import weights_origin, weights_record
-    from cl_vit.results import RunDirectory, StreamResults
-    from cl_vit.runner import ContinualRunner, StreamLogger
-    from cl_vit.streams import describe
+    from cl_vit.results import RunDirectory
 
     distributed.quiet_other_ranks()
     validate(cfg)
@@ -71,6 +79,23 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         raise UserError(f"resume={rd.path} holds no run (no config.yaml): give the run directory of an earlier run")
     if not resuming and rd.has_results():
         raise UserError(f"{rd.path} already holds a run: continue it with resume={rd.path}, or set another hydra.run.dir")
+    # one live process per run directory (rank 0 of a DDP run; the others never write it)
+    writer = distributed.env_rank() == 0 and os.environ.get("NODE_RANK", "0") in ("", "0") and not cfg.dry_run
+    lock = rd.lock() if writer else None
+    try:
+        return _run(cfg, rd, scenario, resuming, trainer_args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
+    from cl_vit import distributed, report
+    from cl_vit.data.longtail import shot_group_record
+    from cl_vit.models import weights_origin, weights_record
+    from cl_vit.results import StreamResults, recover
+    from cl_vit.runner import ContinualRunner, StreamLogger
+    from cl_vit.streams import describe
 
     source, scenario, info, module, class_counts = build(cfg, scenario)
     n_params = sum(p.numel() for p in module.net.parameters())
@@ -116,14 +141,11 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     if cfg.logger.name == "tensorboard":
         logger = StreamLogger(save_dir=str(rd.path), name="tensorboard", version="", default_hp_metric=False)
     if resuming:
-        doc = rd.read_results()
-        if doc is not None:
-            if doc["class_order"] != info.class_order:
-                raise UserError(f"resume={rd.path}: the stream's class order differs from the saved one; check data_root")
-            results = StreamResults.from_json(doc, info)
-            results.meta = meta
-        if results.completed:
-            state = rd.load_checkpoint(results.completed - 1)
+        results, state, notes = recover(rd, info)  # a damaged checkpoint or results.json: one line each
+        for note in notes:
+            log.warning("%s", note)
+        results.meta = meta
+        if state is not None:
             for s in module.strategies:
                 s.load_state_dict(state["strategies"].get(s.name, {}))
             module.load_state_dict(state["module"])
@@ -157,7 +179,11 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         checkpoint_meta={"model": OmegaConf.to_container(cfg.model, resolve=True), "input_size": list(module.input_size)},
         epoch_eval=int(cfg.get("epoch_eval") or 0) if cfg.benchmark.get("long_tailed") else 0,
     )
-    runner.run()
+    try:
+        runner.run()
+    except RunStopped as e:
+        e.run_dir = rd.path
+        raise
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
     if logger is not None:
         logger.close()
@@ -173,20 +199,45 @@ def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         raise UserError(f"resume={run_dir} holds no run (no config.yaml): give the run directory of an earlier run")
-    bad = [o for o in task_overrides if not o.lstrip("+~").startswith(RESUME_OVERRIDABLE)]
+    status = _saved_status(run_dir)
+    allowed = RESUME_OVERRIDABLE + (RESUME_AFTER_FAILURE if status == "failed" else ())
+    keys = [o.lstrip("+~").partition("=")[0] for o in task_overrides]
+    bad = [o for o, k in zip(task_overrides, keys) if not _matches(k, allowed)]
     if bad:
+        after = ("; after a failed run also optimizer.*, scheduler.* and trainer.gradient_clip_val"
+                 if status != "failed" else " and optimizer.*, scheduler.*, trainer.gradient_clip_val")
         raise UserError(
-            f"resume continues a run with its saved config; {bad[0]!r} would change what it computes: "
-            "only trainer.*, data loading and data_root may change on resume"
+            f"resume continues a run with its saved config; {bad[0]!r} would change what it computes: a resume may "
+            "change the device (trainer=gpu, trainer.devices, trainer.precision), trainer.enable_progress_bar, "
+            f"logger, data loading (data.eval_batch_size, data.num_workers) and data_root{after}"
         )
     saved = OmegaConf.load(saved_path)
     OmegaConf.set_struct(saved, False)
-    for o in task_overrides:
-        key, _, value = o.lstrip("+~").partition("=")
-        if key != "resume" and not key.startswith("hydra."):
-            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    fixes = []
+    for o, key in zip(task_overrides, keys):
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        for k in RESUME_DEVICE_KEYS if key == "trainer" else (key,):  # a trainer preset keeps max_epochs & co.
+            OmegaConf.update(saved, k, OmegaConf.select(cfg, k), merge=False)
+        if _matches(key, RESUME_AFTER_FAILURE):
+            fixes.append(o)
+    if fixes:  # the next experiences train with the fix: config.yaml says so, and so does every later resume
+        from cl_vit.results import atomic_write_text, load_run
+
+        done = load_run(run_dir).completed_experiences
+        saved.resumed_with = [*(saved.get("resumed_with") or []), {"after_experience": done, "overrides": fixes}]
+        atomic_write_text(saved_path, OmegaConf.to_yaml(saved))
     saved.resume = str(run_dir)
     return saved
+
+
+def _saved_status(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -201,6 +252,18 @@ def _main(cfg: DictConfig) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:  # the completed experiences are kept; results.json says status and reason
+        rd = getattr(e, "run_dir", hc.runtime.output_dir)
+        again = f"python -m cl_vit.run resume={rd}"
+        if isinstance(e, Interrupted):
+            k = f" {e.experience + 1}" if e.experience is not None else ""
+            print(f"interrupted during experience{k}: continue with {again}", file=sys.stderr)
+        else:
+            print(f"error: {e}; then continue with {again}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the first experience started: nothing was trained
+        print("interrupted before training started: nothing was trained", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:

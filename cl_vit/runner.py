@@ -14,10 +14,14 @@ others wait for it.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
+import resource
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,11 +31,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cl_vit import distributed
 from cl_vit import metrics as M
+from cl_vit.errors import DiskFull, Interrupted, RunStopped
 from cl_vit.module import ContinualModule
 from cl_vit.results import RunDirectory, StreamResults, matrix_csv
 from cl_vit.streams import StreamInfo
@@ -112,10 +118,20 @@ class ExperienceProgressBar(TQDMProgressBar):
             f"exp {self.index + 1}/{self.n_experiences} · epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
         )
 
-    def init_predict_tqdm(self):
-        bar = super().init_predict_tqdm()
-        bar.set_description("evaluating")
-        return bar
+    #: what the evaluation pass evaluates (set by the runner before ``predict``)
+    predict_text = "evaluating"
+
+    @property
+    def predict_description(self) -> str:
+        return self.predict_text
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        # Lightning's own titles the bar "Predicting DataLoader 0"; the rest is as there
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        self.predict_progress_bar.reset(total=convert_inf(self.total_predict_batches_current_dataloader))
+        self.predict_progress_bar.initial = 0
+        self.predict_progress_bar.set_description(self.predict_text)
 
 
 class _SigkillAt(Callback):
@@ -129,6 +145,41 @@ class _SigkillAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.active and batch_idx >= self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _FileSizeLimitAt(Callback):
+    """Fault injection for the full-disk test: CL_VIT_TEST_FSIZE_AT="EXP:BYTES" limits every file this process
+    writes to BYTES from experience EXP on (RLIMIT_FSIZE: a larger write fails as on a full disk)."""
+
+    def __init__(self, index: int, spec: str):
+        exp, self.limit = (int(v) for v in spec.split(":"))
+        self.active = exp == index
+
+    def on_train_start(self, trainer, pl_module):
+        if self.active:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write instead of a killed process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+class _StopOnSignal(Callback):
+    """Ends training or evaluation after the current step once SIGINT or SIGTERM arrived (``ContinualRunner``)."""
+
+    def __init__(self, runner: "ContinualRunner", index: int):
+        self.runner, self.index = runner, index
+
+    def _check(self):
+        if self.runner.stop_signal is not None:
+            raise Interrupted(self.runner.stop_signal, self.index)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._check()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._check()
+
+
+#: the errors of a write that found no room: the disk, the file-size limit, the quota
+DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class _WithExperience(Dataset):
@@ -237,8 +288,11 @@ class ContinualRunner:
         kwargs.update(overrides)
         if kwargs.get("enable_progress_bar", True):
             callbacks = [ExperienceProgressBar(index, len(self.info.train_classes)), *callbacks]
+        callbacks = [*callbacks, _StopOnSignal(self, index)]
         if os.environ.get("CL_VIT_TEST_SIGKILL_AT"):
             callbacks.append(_SigkillAt(index, os.environ["CL_VIT_TEST_SIGKILL_AT"]))
+        if os.environ.get("CL_VIT_TEST_FSIZE_AT"):
+            callbacks.append(_FileSizeLimitAt(index, os.environ["CL_VIT_TEST_FSIZE_AT"]))
         return L.Trainer(
             logger=self.logger if self.logger is not None else False,
             callbacks=callbacks,
@@ -250,12 +304,71 @@ class ContinualRunner:
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
+    #: SIGINT or SIGTERM received during ``run``: the current step ends, then the run stops (``Interrupted``)
+    stop_signal: int | None = None
+
     def run(self) -> StreamResults:
+        """Train and evaluate every experience after the completed ones. A fault (``RunStopped``: a non-finite loss,
+        a signal, a full disk) ends the run at a safe point: results.json keeps every completed experience, says
+        ``failed`` or ``interrupted`` and why, and ``resume=`` continues after the last completed experience."""
+        self._saved = self.results.to_json("running") if self.results.completed else None
+        with self._signals():
+            try:
+                return self._run()
+            except RunStopped as e:
+                self._stopped(e)
+                raise
+            except OSError as e:
+                if e.errno not in DISK_ERRNOS:
+                    raise
+                stop = DiskFull(f"writing {e.filename or self.run_dir.path} failed ({e.strerror}): free space",
+                                self.results.completed)
+                self._stopped(stop)
+                raise stop from e
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT and SIGTERM (a cluster scheduler's warning before it kills a job) set ``stop_signal``; the
+        callbacks and the loop stop at the next step. A second signal stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.stop_signal = None
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise Interrupted(signum, self.results.completed)
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stopped(self, stop: RunStopped) -> None:
+        """results.json after a fault: the last saved results, with the status and the reason."""
+        if not distributed.is_rank_zero():
+            return
+        doc = dict(self._saved) if self._saved is not None else StreamResults(
+            info=self.info, meta=self.results.meta).to_json("running")
+        doc.update(status=stop.status, reason=str(stop))
+        if stop.experience is not None:
+            doc["stopped_in_experience"] = int(stop.experience) + 1
+        try:
+            self.run_dir.write_json("results.json", doc)
+        except OSError as e:  # the disk is still full: results.json stays as it was (status "running")
+            log.warning("results.json could not be updated (%s)", e.strerror)
+
+    def _run(self) -> StreamResults:
         n = len(self.info.train_classes)
         start = self.results.completed
         for i, experience in enumerate(self.scenario.train_stream):
             if i < start:
                 continue
+            if self.stop_signal is not None:
+                raise Interrupted(self.stop_signal, i)
             t0 = time.perf_counter()
             L.seed_everything(experience_seed(self.seed, i), workers=True, verbose=False)
             seen = sorted({c for exp in self.info.train_classes[: i + 1] for c in exp})
@@ -290,6 +403,8 @@ class ContinualRunner:
                 s.before_experience(self.module, info)
             if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
                 trainer.fit(self.module, train_dataloaders=loader)
+            if self.stop_signal is not None:  # arrived in fit's last step or outside a step
+                raise Interrupted(self.stop_signal, i)
             self.module.to(device)
             for s in self.module.strategies:
                 s.after_experience(self.module, info)
@@ -304,6 +419,9 @@ class ContinualRunner:
                  **{f"the state of strategy {s.name!r}": s.state_dict() for s in self.module.strategies}},
                 when=f"after experience {i + 1}",
             )
+            if self.stop_signal is not None:
+                raise Interrupted(self.stop_signal, i)
+            self.results.rss_mib.append(rss_mib())
             if distributed.is_rank_zero():
                 self._save(i, status="completed" if i == n - 1 else "running")
                 if evaluation is not None:
@@ -337,6 +455,12 @@ class ContinualRunner:
         parts = [test_stream[j].dataset for j in seen]
         union = ConcatDataset(parts)
         trainer = trainer or self._trainer(i)
+        for cb in trainer.callbacks:
+            if isinstance(cb, ExperienceProgressBar):
+                numbers = [j + 1 for j in seen]
+                cb.predict_text = (f"exp {i + 1}/{len(self.info.train_classes)} · evaluating {len(union)} test images "
+                                   f"of experience{'s' if len(seen) > 1 else ''} "
+                                   f"{_span(numbers)}")
         # sharded here, not by Lightning: the fit Trainer may have its distributed sampler off (data.repeated_aug)
         outputs = trainer.predict(self.module, dataloaders=self._loader(_Indexed(union), train=False, shard=True))
         merged = merge_predictions(distributed.all_gather_object(_stack_predictions(outputs)), len(union))
@@ -350,6 +474,8 @@ class ContinualRunner:
     def checkpoint_state(self, i: int) -> dict:
         return {
             "experience": i,
+            # this experience's row of results: a damaged results.json is rebuilt from the checkpoints
+            "row": self.results.row(i),
             "module": self.module.state_dict(),
             "strategies": {s.name: s.state_dict() for s in self.module.strategies},
             "global_step": self.logger.step_offset if self.logger is not None else 0,
@@ -361,8 +487,10 @@ class ContinualRunner:
 
     def _save(self, i: int, status: str) -> None:
         rd = self.run_dir
-        rd.save_checkpoint(i, self.checkpoint_state(i))
-        rd.write_json("results.json", self.results.to_json(status))
+        doc = self.results.to_json(status)
+        rd.save_checkpoint(i, self.checkpoint_state(i))  # first: results.json never names a missing checkpoint
+        rd.write_json("results.json", doc)
+        self._saved = doc
         rd.write_text("accuracy_matrix.csv", matrix_csv(self.results.accuracy_matrix()))
 
     def _report(self, i: int) -> None:
@@ -411,6 +539,25 @@ def merge_predictions(shares: list[dict], n: int) -> dict:
         "y": np.concatenate([s["y"] for s in shares])[order],
         "preds": {h: np.concatenate([s["preds"][h] for s in shares if h in s["preds"]])[order] for h in heads},
     }
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (MiB); its peak so far where /proc is missing (macOS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
+
+
+def _span(numbers: list[int]) -> str:
+    """``[1, 2, 3]`` -> ``1-3``; other lists as they are."""
+    if len(numbers) > 2 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ", ".join(map(str, numbers))
 
 
 def _short(classes: list[int], k: int = 8) -> str:

@@ -10,19 +10,25 @@ number of experiences; here that is an error, or, with ``remainder="last"``, the
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import yaml
-from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
-from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, EagerCLStream
-from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
-from torch.utils.data import Dataset
 
-from cl_vit.data.base import Source
-from cl_vit.errors import ConfigError, UserError
+# avalanche.benchmarks imports its GEM plug-in, which imports qpsolvers, which warns on import when no QP solver is
+# installed; the suite never solves a QP (no GEM), so a normal run's console stays clean
+warnings.filterwarnings("ignore", message=r"no QP solver found", category=UserWarning, module=r"qpsolvers")
+
+from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience  # noqa: E402
+from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, EagerCLStream  # noqa: E402
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from cl_vit.data.base import Source  # noqa: E402
+from cl_vit.errors import ConfigError, UserError  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 CLASS_ORDER_RULES = ("identity", "seeded", "coda")

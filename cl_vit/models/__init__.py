@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -12,6 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from cl_vit.checkpoints import UnsafeCheckpoint
 from cl_vit.errors import UserError
 from cl_vit.plugins import TARGET, resolve_target
 from cl_vit.models import micro  # noqa: F401  (registers vit_micro_patch2_8)
@@ -254,9 +256,13 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
-    try:
-        state = timm.models.load_state_dict(str(path))
+    try:  # safetensors, or torch.load(weights_only=True): a received file runs no code
+        state = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as e:
+        if pickle.UnpicklingError in (type(e), type(e.__cause__)):  # timm re-raises weights_only's refusal
+            raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "
+                                   "values: loading it could run code, so it is refused; give a .safetensors file or "
+                                   "a plain state dict") from e
         raise UserError(f"model.checkpoint {path.name} could not be read ({type(e).__name__}: {e}): give a "
                         ".safetensors, .pth or .bin file of model weights") from e
     state = _backbone_state(state)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from cl_vit import checkpoints
 from cl_vit.errors import UserError
 
 __all__ = ["NormedLinear", "ResNetCifar", "Teacher", "load_teacher"]
@@ -221,10 +222,7 @@ def teacher_checkpoint(path: str | Path) -> Path:
 def load_teacher(path: str | Path) -> Teacher:
     """Rebuild a teacher trained by this suite, frozen and in eval mode, with its classes and per-class counts."""
     file = teacher_checkpoint(path)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"teacher checkpoint {file} cannot be read ({type(e).__name__}): give a cl_vit run checkpoint") from e
+    state = checkpoints.load(file, "teacher checkpoint")  # weights_only: a received file runs no code
     needed = ("module", "model", "input_size", "class_names", "class_counts")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise UserError(

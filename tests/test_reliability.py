@@ -1,0 +1,300 @@
+"""Faults during and after a run (docs/reliability.md): each is injected, and the test asserts the one line, the
+status (results.json, exit code) and that no completed result changed."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY, cli_env, compose, run_cli
+
+from cl_vit import strategies as S
+from cl_vit.checkpoints import DamagedCheckpoint, UnsafeCheckpoint
+from cl_vit.errors import Interrupted, NonFiniteLoss, UserError
+from cl_vit.results import RunDirectory, RunLock, load_run
+from cl_vit.run import resume_config, run
+from cl_vit.strategies.base import Strategy
+
+THREE = [*TINY, "benchmark.n_experiences=3", "benchmark.remainder=last"]
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert lines, "no message"
+    return lines[-1]
+
+
+class Fault(Strategy):
+    """A test plug-in that injects a fault in experience ``at`` (index), step ``step``: a NaN loss term or a signal."""
+
+    name = "fault"
+
+    def __init__(self, at: int = 1, step: int = 2, kind: str = "nan"):
+        self.at, self.step, self.kind = at, step, kind
+        self.steps = 0
+
+    def before_experience(self, module, experience):
+        self.index, self.steps = experience.index, 0
+
+    def training_loss(self, module, batch, outputs):
+        self.steps += 1
+        hit = self.index == self.at and self.steps == self.step
+        if hit and self.kind == "signal":
+            os.kill(os.getpid(), signal.SIGINT)
+        value = float("nan") if hit and self.kind == "nan" else 0.0
+        return {"probe": torch.tensor(value)}
+
+
+@pytest.fixture
+def fault_registered(monkeypatch):
+    monkeypatch.setitem(S.STRATEGIES, "fault", Fault)
+
+
+# -- 5: no code runs from a file ----------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_creates_nothing(tmp_path):
+    from cl_vit.models import build_model, load_checkpoint
+    from cl_vit.models.teachers import load_teacher
+
+    marker = tmp_path / "created_by_unpickling"
+    evil = tmp_path / "checkpoints" / "exp_000.pt"
+    evil.parent.mkdir()
+    torch.save({"module": {"net.w": torch.zeros(1)}, "model": {"name": "vit_micro_patch2_8"}, "input_size": [3, 8, 8],
+                "class_names": ["a"], "class_counts": [1], "payload": _Payload(marker)}, evil)
+    net = build_model({"name": "vit_micro_patch2_8"}, 10, 1, 8)
+    for load in (lambda: RunDirectory(tmp_path).load_checkpoint(0),  # resume, Run.restore
+                 lambda: load_teacher(evil),                         # strategy.deit_lt.teacher=
+                 lambda: load_checkpoint(net, evil)):                # model.checkpoint=
+        with pytest.raises(UnsafeCheckpoint) as e:
+            load()
+        assert "\n" not in str(e.value) and "could run code" in str(e.value) and str(evil) in str(e.value)
+        assert not marker.exists()
+
+
+def test_checkpoints_of_a_run_load_with_weights_only(tmp_path, data_root):
+    run(compose(TINY + ["strategy=l2", "benchmark.n_experiences=2"], data_root), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "exp_001.pt", weights_only=True)
+    assert state["strategies"]["l2"]["anchor"] and state["row"]["evaluation"]["main"]
+
+
+# -- 1: a non-finite loss stops the run -----------------------------------------------------------------------------
+
+
+def test_a_nan_loss_term_stops_the_run_and_resume_continues(tmp_path, data_root, fault_registered):
+    overrides = [*THREE, "+strategy.fault.at=1"]
+    cut = tmp_path / "cut"
+    with pytest.raises(NonFiniteLoss) as e:
+        run(compose(overrides, data_root), cut)
+    msg = str(e.value)
+    assert "experience 2, epoch 1, step 2" in msg and "fault/probe=nan" in msg and "optimizer.lr" in msg
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["status"] == "failed" and doc["reason"] == msg and doc["completed_experiences"] == 1
+    kept = _digest(cut / "checkpoints" / "exp_000.pt")
+    assert not (cut / "checkpoints" / "exp_001.pt").exists()
+    assert load_run(cut).state == "failed (1/3)"
+
+    # the fix: a learning rate may change after a failure, and config.yaml records it for every later resume
+    fixed = [*THREE, "+strategy.fault.at=99"]
+    resumed_cfg = resume_config(compose([*fixed, f"resume={cut}", "optimizer.lr=0.0005"], data_root),
+                                [f"resume={cut}", "optimizer.lr=0.0005"])
+    assert resumed_cfg.optimizer.lr == 0.0005
+    resumed_cfg.strategy.fault.at = 99  # (the injected fault is not part of what a user fixes)
+    out = run(resumed_cfg, cut)
+    assert out["status"] == "completed" and out["completed_experiences"] == 3
+    assert out["accuracy_matrix"][0] == doc["accuracy_matrix"][0]
+    assert _digest(cut / "checkpoints" / "exp_000.pt") == kept
+    assert "resumed_with" in (cut / "config.yaml").read_text()
+
+
+def test_a_nan_loss_exits_non_zero_with_one_line(tmp_path, data_root):
+    proc = run_cli(*TINY, "benchmark.n_experiences=2", "optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'r'}",
+                   data_root=data_root)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = _one_line(proc.stderr)
+    assert line.startswith("error: non-finite") and "experience 1, epoch 1" in line
+    assert f"resume={tmp_path / 'r'}" in line and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "failed"
+
+
+# -- 4: signals -------------------------------------------------------------------------------------------------------
+
+
+def test_sigint_ends_the_step_and_keeps_completed_experiences(tmp_path, data_root, fault_registered):
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted) as e:
+        run(compose([*THREE, "+strategy.fault.kind=signal"], data_root), cut)
+    assert e.value.exit_code == 130 and e.value.experience == 1
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["status"] == "interrupted" and doc["completed_experiences"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_sigterm_prints_how_to_continue_and_exits_143(tmp_path, data_root):
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "cl_vit.run", *TINY, "trainer.max_epochs=2", "benchmark.n_experiences=2",
+           f"hydra.run.dir={cut}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**cli_env(data_root), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shown = []
+    for line in proc.stdout:  # experience 1 is saved and experience 2 starts training (2 epochs, a few seconds)
+        shown.append(line)
+        if line.startswith("Experience 2/2"):
+            break
+    kept = _digest(cut / "checkpoints" / "exp_000.pt")
+    before = json.loads((cut / "results.json").read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    shown.append(out)
+    assert proc.returncode == 143, err[-2000:]
+    assert _one_line(err) == f"interrupted during experience 2: continue with python -m cl_vit.run resume={cut}"
+    after = json.loads((cut / "results.json").read_text())
+    assert after["status"] == "interrupted" and after["accuracy_matrix"] == before["accuracy_matrix"]
+    assert _digest(cut / "checkpoints" / "exp_000.pt") == kept
+    # 9: the evaluation bar says what it evaluates
+    shown = "".join(shown)  # (Lightning's bars write to stdout)
+    assert "exp 1/2 · evaluating" in shown and "Predicting DataLoader" not in shown
+
+
+# -- 2: damaged run directories ---------------------------------------------------------------------------------------
+
+
+def test_a_truncated_checkpoint_and_a_damaged_results_json_are_recovered(tmp_path, data_root, caplog):
+    ref = run(compose(THREE, data_root), tmp_path / "ref")
+    for case in ("checkpoint", "results"):
+        cut = tmp_path / case
+        shutil.copytree(tmp_path / "ref", cut)
+        # a full disk or a killed copy: the last checkpoint cut short; or results.json cut short
+        target = cut / "checkpoints" / "exp_002.pt" if case == "checkpoint" else cut / "results.json"
+        target.write_bytes(target.read_bytes()[:200])
+        if case == "results":
+            (cut / "checkpoints" / "exp_002.pt").unlink()  # killed before its results were written
+        kept = {p.name: _digest(p) for p in (cut / "checkpoints").glob("exp_00[01].pt")}
+        if case == "results":
+            assert load_run(cut).state.startswith("damaged (results.json cannot be read")
+        caplog.clear()
+        out = run(resume_config(compose([*THREE, f"resume={cut}"], data_root), [f"resume={cut}"]), cut)
+        notes = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("cannot be read" in n and "\n" not in n for n in notes), notes
+        assert out["accuracy_matrix"] == ref["accuracy_matrix"] and out["confusion"] == ref["confusion"]
+        assert {p: _digest(cut / "checkpoints" / p) for p in kept} == kept
+        assert load_run(cut).finished
+
+
+def test_restore_of_a_damaged_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "checkpoints" / "exp_000.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DamagedCheckpoint) as e:
+        RunDirectory(tmp_path).load_checkpoint(0)
+    assert "\n" not in str(e.value) and "truncated or damaged" in str(e.value)
+
+
+# -- 3: one process per run directory -------------------------------------------------------------------------------
+
+
+def test_a_live_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, data_root):
+    rd = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cl_vit.results import RunLock\n"
+                               f"lock = RunLock(__import__('pathlib').Path({str(rd)!r}))\nprint('held', flush=True)\n"
+                               "time.sleep(600)"], cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"is being written by another process \\(pid {holder.pid} "):
+            run(compose(TINY, data_root), rd)
+        assert not (rd / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(rd).release()  # the kernel dropped the killed process's lock
+
+
+# -- 6: full disk -----------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_earlier_files(tmp_path, data_root):
+    cut = tmp_path / "cut"
+    # from experience 2 on, no file may grow past 64 KiB: its checkpoint cannot be written
+    proc = run_cli(*TINY, "benchmark.n_experiences=2", f"hydra.run.dir={cut}", data_root=data_root,
+                   env={"CL_VIT_TEST_FSIZE_AT": "1:65536"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = _one_line(proc.stderr)
+    assert line.startswith(f"error: writing {cut / 'checkpoints' / 'exp_001.pt'} failed (File too large)"), line
+    assert f"resume={cut}" in line and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["exp_000.pt"]  # no partial file left
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["completed_experiences"] == 1 and doc["status"] == "failed"
+    assert RunDirectory(cut).load_checkpoint(0)["experience"] == 0
+
+
+# -- 8: what a resume may change --------------------------------------------------------------------------------------
+
+
+def test_resume_accepts_logger_progress_bar_and_eval_batch_size_and_names_a_forbidden_key(tmp_path, data_root):
+    cut = tmp_path / "cut"
+    run(compose([*TINY, "benchmark.n_experiences=2", "logger=tensorboard"], data_root), cut)
+    allowed = [f"resume={cut}", "logger=none", "data.eval_batch_size=64", "+trainer.enable_progress_bar=false",
+               "trainer=cpu"]
+    cfg = resume_config(compose(allowed, data_root), allowed)
+    assert cfg.logger.name == "none" and cfg.data.eval_batch_size == 64 and cfg.trainer.enable_progress_bar is False
+    assert cfg.trainer.max_epochs == 1  # a trainer preset changes the device, not the epochs
+    for bad in ("optimizer.lr=0.5", "trainer.max_epochs=3"):
+        with pytest.raises(UserError) as e:
+            resume_config(compose([f"resume={cut}", bad], data_root), [f"resume={cut}", bad])
+        assert repr(bad) in str(e.value) and "logger" in str(e.value) and "data.eval_batch_size" in str(e.value)
+
+
+# -- 9: a clean console -----------------------------------------------------------------------------------------------
+
+
+def test_no_qpsolvers_warning_when_no_qp_solver_is_installed():
+    import warnings
+
+    import cl_vit.streams  # noqa: F401  (the import that brings avalanche, and with it qpsolvers)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", DeprecationWarning)  # (the suite's filter stays in front)
+        # what qpsolvers/solvers/__init__.py warns on a machine without QP solvers
+        warnings.warn_explicit("no QP solver found on your system, you can install solvers from PyPI by "
+                               "``pip install qpsolvers[open_source_solvers]``", UserWarning, "__init__.py", 1087,
+                               module="qpsolvers.solvers")
+    assert not [w for w in seen if "QP solver" in str(w.message)]
+
+
+# -- 7: long streams stay flat ----------------------------------------------------------------------------------------
+
+
+def test_a_hundred_experiences_keep_memory_and_time_flat(tmp_path, data_root):
+    t0 = time.perf_counter()
+    out = run(compose(["model=vit_micro", "benchmark=synthetic", "benchmark.n_experiences=100",
+                       "benchmark.source_args.n_classes=100", "benchmark.source_args.n_train=4",
+                       "benchmark.source_args.n_test=1", "benchmark.source_args.size=8",
+                       "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none",
+                       "+trainer.enable_progress_bar=false"], data_root), tmp_path / "long")
+    assert out["completed_experiences"] == 100
+    rss, wall = out["rss_mib"]["per_experience"], out["wall_time"]["per_experience"]
+    first, last = sum(rss[:10]) / 10, sum(rss[-10:]) / 10
+    assert last <= first * 1.05, (first, last)
+    assert sum(wall[-10:]) <= 2 * sum(wall[5:15]), wall  # the evaluation set grows to 100 images, no more
+    print(f"100 experiences in {time.perf_counter() - t0:.1f} s; RSS {first:.0f} -> {last:.0f} MiB")
