@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # reading results back needs no Avalanche import
     from cl_vit.streams import StreamInfo
 
 SCHEMA_VERSION = 1
+#: the confusions of the task-incremental predictions (the task id given; CODA-Prompt's "local" accuracy): stored
+#: beside the heads' and reported under results.json "task_incremental", not as a head of the model
+LOCAL = "local"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -211,10 +214,11 @@ class StreamResults:
         for head in self.confusions:
             if head != "main":
                 Rh = self.accuracy_matrix(head)
-                doc["heads"][head] = {
-                    "accuracy_matrix": [[_clean(float(v)) for v in row] for row in Rh],
-                    "metrics": self.metrics(head),
-                }
+                entry = {"accuracy_matrix": [[_clean(float(v)) for v in row] for row in Rh], "metrics": self.metrics(head)}
+                if head == LOCAL:
+                    doc["task_incremental"] = entry
+                else:
+                    doc["heads"][head] = entry
         return doc
 
     def long_tail_results(self) -> dict:
@@ -223,7 +227,7 @@ class StreamResults:
         definitions = {name: d["groups"] for name, d in self.meta["shot_groups"].items()}
         shot = {head: {name: M.shot_group_accuracy(self.final_entries(head), groups)
                        for name, groups in definitions.items()}
-                for head in self.confusions}
+                for head in self.confusions if head != LOCAL}
         per_class = M.per_class_accuracy(self.final_entries("main"), self.info.n_classes)
         return {"shot_accuracy": shot, "per_class_accuracy": [_clean(float(v)) for v in per_class]}
 
@@ -259,7 +263,9 @@ def matrix_csv(R: np.ndarray) -> str:
 SHOT_GROUP_NAMES = ("many", "medium", "few")
 #: the summary of a run: the headline metrics, shot-group accuracies (when the run has shot groups), wall time
 SHOT_KEYS = tuple(f"{g}_shot_accuracy" for g in SHOT_GROUP_NAMES)
-SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, "wall_time")
+#: the task-incremental ("local") A_N and consecutive-drop forgetting (CODA-Prompt's pair), from "task_incremental"
+LOCAL_KEYS = ("task_incremental_accuracy", "task_incremental_forgetting")
+SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, *LOCAL_KEYS, "wall_time")
 
 #: config keys that say where and how a run was executed, not what it computed: runs that differ only in these and in
 #: the seed are repetitions of one setting
@@ -528,6 +534,8 @@ class Run:
         out = {k: metrics.get(k) for k in M.METRIC_KEYS}
         shot = self.shot_accuracy(head, shots) if head in self.head_names else {}
         out.update({f"{g}_shot_accuracy": shot.get(g) for g in SHOT_GROUP_NAMES})
+        local = (self.results.get("task_incremental") or {}).get("metrics", {}) if head == "main" else {}
+        out.update(zip(LOCAL_KEYS, (local.get("final_average_accuracy"), local.get("forgetting_consecutive"))))
         out["wall_time"] = self.wall_time
         return out
 
