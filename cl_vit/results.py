@@ -416,10 +416,18 @@ class Run:
     def wall_time(self) -> float | None:
         return (self.results.get("wall_time") or {}).get("total")
 
-    def setting_key(self) -> str:
-        """What the run computed, the seed aside: equal for runs that repeat one setting with other seeds."""
+    def setting(self) -> dict:
+        """What the run computed, the seed aside: its config without ``EXECUTION_KEYS``, and the train/test split it
+        read (``split``: name and sha256 of the file lists, from results.json), which the config alone does not fix."""
         flat = {k: v for k, v in flatten_config(self.config).items() if not _is_execution_key(k)}
-        return json.dumps(flat, sort_keys=True, default=str)
+        split = (self.results.get("source") or {}).get("split")
+        if isinstance(split, dict) and split.get("sha256"):
+            flat["split"] = f"{split.get('name', '?')}:{split['sha256'][:12]}"
+        return flat
+
+    def setting_key(self) -> str:
+        """Equal for runs that repeat one setting (``setting``) with other seeds."""
+        return json.dumps(self.setting(), sort_keys=True, default=str)
 
     # -- results -------------------------------------------------------------------------------------------------
 
@@ -692,7 +700,7 @@ def group_runs(runs: Sequence[Run], by_seed: bool = True) -> list[RunGroup]:
     for gs in same_label.values():
         if len(gs) < 2:
             continue
-        flats = [{k: v for k, v in flatten_config(g.runs[0].config).items() if not _is_execution_key(k)} for g in gs]
+        flats = [g.runs[0].setting() for g in gs]
         keys = sorted({k for f in flats for k in f if len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
         for g, f in zip(gs, flats):
             g.settings = {k: f.get(k) for k in keys}

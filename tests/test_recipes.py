@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 from conftest import REPO_ROOT, compose
-from data_gen import WNIDS, make_cifar, make_imagenet_r
+from data_gen import WNIDS, make_cifar, make_imagenet_r, write_coda_split
 
 from cl_vit.data.imagenet_r import imagenet_r_wnids
 from cl_vit.run import run
@@ -18,7 +18,9 @@ from cl_vit.run import run
 
 def test_closer_look_imagenet_r_dry_run(tmp_path, data_root):
     wnids = imagenet_r_wnids()
-    make_imagenet_r(data_root, wnids=wnids, per_class=3, size=(24, 20))
+    root = make_imagenet_r(data_root, wnids=wnids, per_class=3, size=(24, 20))
+    # the default split: CODA-Prompt's files where python -m cl_vit.data.download imagenet-r puts them
+    write_coda_split(data_root / "imagenet-r-splits" / "coda", root, {w: k for k, w in enumerate(wnids)})
     # offline: the recipe's pretrained ViT-B/16 cannot be fetched, the architecture is what is checked here
     cfg = compose(["experiment=closer-look-imagenet-r", "model.pretrained=false", "data.num_workers=0",
                    "data.persistent_workers=false", "dry_run=true"], data_root)
@@ -115,6 +117,7 @@ def test_predkd_recipe_is_ewc_mc_with_eps(tmp_path, data_root):
     torch.save(timm.create_model("vit_micro_patch2_8", patch_size=8, img_size=32, in_chans=3, num_classes=4)
                .state_dict(), weights)
     run_cfg = compose(["experiment=closer-look-imagenet-r-predkd", *TINY_R, f"model.checkpoint={weights}",
+                       "benchmark.source_args.split=own",
                        f"benchmark.source_args.wnids=[{','.join(WNIDS[:4])}]", "benchmark.n_experiences=2"],
                       data_root)
     doc = run(run_cfg, tmp_path / "run")
