@@ -37,6 +37,14 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     raise ValueError(f"unknown classification loss {kind!r}: choose from {LOSSES}")
 
 
+def task_local_predictions(logits: torch.Tensor, y: torch.Tensor, task_of_class: torch.Tensor) -> torch.Tensor:
+    """Task-incremental predictions: the argmax over the classes of each sample's own task (``task_of_class[c]``:
+    the task of class c), i.e. with the task id given, as CODA-Prompt's "local" accuracy (GT-RIPL/CODA-Prompt
+    learners/default.py L181-196: ``model.forward(input)[:, task_in]`` against ``target - task_in[0]``)."""
+    same = task_of_class[None, :] == task_of_class[y][:, None]
+    return logits.masked_fill(~same, float("-inf")).argmax(1)
+
+
 def warmup_multistep(step: int, warmup: int, milestones: Sequence[int], gamma: float) -> float:
     """Learning-rate factor: linear warm-up, then ``gamma`` per milestone passed (LDAM-DRW's step schedule)."""
     if step < warmup:
@@ -115,6 +123,9 @@ class ContinualModule(L.LightningModule):
         self.register_buffer("seen_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("current_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.experience: ExperienceInfo | None = None
+        #: the evaluation task of every class (-1: none), set by the runner around its evaluation pass: predict_step
+        #: then adds the task-incremental prediction "local" (task_local_predictions)
+        self.task_of_class: torch.Tensor | None = None
         # update() only, computed once per epoch: the per-step forward() and argument checks cost more than the
         # tiny models' steps (python -m cl_vit.bench runner)
         self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", validate_args=False)
@@ -266,4 +277,6 @@ class ContinualModule(L.LightningModule):
         preds = {"main": outputs["logits"].masked_fill(~self.seen_mask, float("-inf")).argmax(1)}
         for name, logits in outputs.get("heads", {}).items():
             preds[name] = logits.masked_fill(~self.seen_mask, float("-inf")).argmax(1)
+        if self.task_of_class is not None:
+            preds["local"] = task_local_predictions(outputs["logits"], y, self.task_of_class.to(y.device))
         return {"y": y, "exp": exp, "preds": preds}

@@ -63,6 +63,9 @@ def format_results(doc: dict, run_dir: str | Path | None = None) -> str:
     ]
     for head, h in doc.get("heads", {}).items():
         parts += ["", f"head {head}: A_N {_pct(h['metrics'].get('final_average_accuracy'))}"]
+    local = (doc.get("task_incremental") or {}).get("metrics")
+    if local:
+        parts += ["", "Task-incremental (local: each task's own classes, task id given) (%)", format_metrics(local)]
     wall = doc.get("wall_time", {}).get("total")
     if wall is not None:
         parts += ["", f"wall time: {wall:.1f} s"]
@@ -97,9 +100,13 @@ COLUMNS = {
     "many_shot_accuracy": ("many", "many_shot_accuracy"),
     "medium_shot_accuracy": ("medium", "medium_shot_accuracy"),
     "few_shot_accuracy": ("few", "few_shot_accuracy"),
+    "task_incremental_accuracy": ("local A_N", "task_incremental_accuracy"),
+    "task_incremental_forgetting": ("local F consec.", "task_incremental_forgetting"),
     "wall_time": ("wall time", "wall_time_s"),
 }
 SHOT_COLUMNS = ("many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy")
+#: shown only when some run has them
+OPTIONAL_COLUMNS = (*SHOT_COLUMNS, "task_incremental_accuracy", "task_incremental_forgetting")
 
 
 def _duration(s: float | None) -> str:
@@ -140,8 +147,8 @@ def _cell(key: str, mean_std) -> str:
 
 
 def _columns(rows: list[dict]) -> list[str]:
-    """Shot-group columns only when some run has shot groups."""
-    return [k for k in COLUMNS if k not in SHOT_COLUMNS or any(r[k][0] is not None for r in rows)]
+    """Shot-group and task-incremental columns only when some run has them."""
+    return [k for k in COLUMNS if k not in OPTIONAL_COLUMNS or any(r[k][0] is not None for r in rows)]
 
 
 def format_markdown(rows: list[dict], legend: str = "") -> str:
@@ -185,6 +192,9 @@ def legend(runs, head: str = "main", shots: str | None = None, grouped: bool = T
              + ". A_N: mean accuracy over the experiences after the last; global acc.: over all seen test samples; "
                "avg. inc. acc.: mean of A_t; forgetting F: max-based (Chaudhry et al. 2018), first-minus-last "
                "(Avalanche), consecutive-drop (CODA-Prompt); BWT (GEM)."]
+    if head == "main" and any(r.results.get("task_incremental") for r in runs):
+        parts.append("local: task-incremental accuracy (each task's own classes, the task id given; CODA-Prompt's "
+                     "local accuracy) and its consecutive-drop forgetting.")
     found = next((g for r in runs if (g := r.shot_groups(shots)) is not None), None)
     if found is not None and found.definition:
         parts.append(f"Shot groups ({found.kind}): {found.definition}.")

@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # reading results back needs no Avalanche import
     from cl_vit.streams import StreamInfo
 
 SCHEMA_VERSION = 1
+#: the confusions of the task-incremental predictions (the task id given; CODA-Prompt's "local" accuracy): stored
+#: beside the heads' and reported under results.json "task_incremental", not as a head of the model
+LOCAL = "local"
 
 
 class _Writes:
@@ -316,10 +319,11 @@ class StreamResults:
         for head in self.confusions:
             if head != "main":
                 Rh = self.accuracy_matrix(head)
-                doc["heads"][head] = {
-                    "accuracy_matrix": [[_clean(float(v)) for v in row] for row in Rh],
-                    "metrics": self.metrics(head),
-                }
+                entry = {"accuracy_matrix": [[_clean(float(v)) for v in row] for row in Rh], "metrics": self.metrics(head)}
+                if head == LOCAL:
+                    doc["task_incremental"] = entry
+                else:
+                    doc["heads"][head] = entry
         return doc
 
     def long_tail_results(self) -> dict:
@@ -328,7 +332,7 @@ class StreamResults:
         definitions = {name: d["groups"] for name, d in self.meta["shot_groups"].items()}
         shot = {head: {name: M.shot_group_accuracy(self.final_entries(head), groups)
                        for name, groups in definitions.items()}
-                for head in self.confusions}
+                for head in self.confusions if head != LOCAL}
         per_class = M.per_class_accuracy(self.final_entries("main"), self.info.n_classes)
         return {"shot_accuracy": shot, "per_class_accuracy": [_clean(float(v)) for v in per_class]}
 
@@ -416,7 +420,9 @@ def matrix_csv(R: np.ndarray) -> str:
 SHOT_GROUP_NAMES = ("many", "medium", "few")
 #: the summary of a run: the headline metrics, shot-group accuracies (when the run has shot groups), wall time
 SHOT_KEYS = tuple(f"{g}_shot_accuracy" for g in SHOT_GROUP_NAMES)
-SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, "wall_time")
+#: the task-incremental ("local") A_N and consecutive-drop forgetting (CODA-Prompt's pair), from "task_incremental"
+LOCAL_KEYS = ("task_incremental_accuracy", "task_incremental_forgetting")
+SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, *LOCAL_KEYS, "wall_time")
 
 #: config keys that say where and how a run was executed, not what it computed: runs that differ only in these and in
 #: the seed are repetitions of one setting
@@ -573,10 +579,18 @@ class Run:
     def wall_time(self) -> float | None:
         return (self.results.get("wall_time") or {}).get("total")
 
-    def setting_key(self) -> str:
-        """What the run computed, the seed aside: equal for runs that repeat one setting with other seeds."""
+    def setting(self) -> dict:
+        """What the run computed, the seed aside: its config without ``EXECUTION_KEYS``, and the train/test split it
+        read (``split``: name and sha256 of the file lists, from results.json), which the config alone does not fix."""
         flat = {k: v for k, v in flatten_config(self.config).items() if not _is_execution_key(k)}
-        return json.dumps(flat, sort_keys=True, default=str)
+        split = (self.results.get("source") or {}).get("split")
+        if isinstance(split, dict) and split.get("sha256"):
+            flat["split"] = f"{split.get('name', '?')}:{split['sha256'][:12]}"
+        return flat
+
+    def setting_key(self) -> str:
+        """Equal for runs that repeat one setting (``setting``) with other seeds."""
+        return json.dumps(self.setting(), sort_keys=True, default=str)
 
     # -- results -------------------------------------------------------------------------------------------------
 
@@ -700,6 +714,8 @@ class Run:
         out = {k: metrics.get(k) for k in M.METRIC_KEYS}
         shot = self.shot_accuracy(head, shots) if head in self.head_names else {}
         out.update({f"{g}_shot_accuracy": shot.get(g) for g in SHOT_GROUP_NAMES})
+        local = (self.results.get("task_incremental") or {}).get("metrics", {}) if head == "main" else {}
+        out.update(zip(LOCAL_KEYS, (local.get("final_average_accuracy"), local.get("forgetting_consecutive"))))
         out["wall_time"] = self.wall_time
         return out
 
@@ -868,7 +884,7 @@ def group_runs(runs: Sequence[Run], by_seed: bool = True) -> list[RunGroup]:
     for gs in same_label.values():
         if len(gs) < 2:
             continue
-        flats = [{k: v for k, v in flatten_config(g.runs[0].config).items() if not _is_execution_key(k)} for g in gs]
+        flats = [g.runs[0].setting() for g in gs]
         keys = sorted({k for f in flats for k in f if len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
         for g, f in zip(gs, flats):
             g.settings = {k: f.get(k) for k in keys}

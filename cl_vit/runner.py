@@ -39,7 +39,7 @@ from cl_vit import distributed
 from cl_vit import metrics as M
 from cl_vit.errors import DiskFull, Interrupted, RunStopped
 from cl_vit.module import ContinualModule
-from cl_vit.results import RunDirectory, StreamResults, matrix_csv
+from cl_vit.results import LOCAL, RunDirectory, StreamResults, matrix_csv
 from cl_vit.streams import StreamInfo
 from cl_vit.strategies.base import ExperienceInfo
 
@@ -461,8 +461,16 @@ class ContinualRunner:
                 cb.predict_text = (f"exp {i + 1}/{len(self.info.train_classes)} · evaluating {len(union)} test images "
                                    f"of experience{'s' if len(seen) > 1 else ''} "
                                    f"{_span(numbers)}")
-        # sharded here, not by Lightning: the fit Trainer may have its distributed sampler off (data.repeated_aug)
-        outputs = trainer.predict(self.module, dataloaders=self._loader(_Indexed(union), train=False, shard=True))
+        if len(self.info.eval_classes) > 1:  # task-incremental ("local") accuracy beside the task-agnostic one
+            tasks = torch.full((self.info.n_classes,), -1, dtype=torch.long)
+            for j, classes in enumerate(self.info.eval_classes):
+                tasks[classes] = j
+            self.module.task_of_class = tasks
+        try:
+            # sharded here, not by Lightning: the fit Trainer may have its distributed sampler off (data.repeated_aug)
+            outputs = trainer.predict(self.module, dataloaders=self._loader(_Indexed(union), train=False, shard=True))
+        finally:
+            self.module.task_of_class = None
         merged = merge_predictions(distributed.all_gather_object(_stack_predictions(outputs)), len(union))
         exp = np.repeat(np.asarray(seen), [len(d) for d in parts])
         y = merged["y"]
@@ -498,6 +506,9 @@ class ContinualRunner:
         row = R[i]
         a_t = float(np.nanmean(row))
         log.info("  A_%d = %.4f · per experience: %s", i + 1, a_t, " ".join(f"{v:.3f}" for v in row[~np.isnan(row)]))
+        local = self.results.accuracy_matrix(LOCAL)[i] if LOCAL in self.results.confusions else None
+        if local is not None and np.any(~np.isnan(local)):
+            log.info("  task-incremental (local) A_%d = %.4f", i + 1, float(np.nanmean(local)))
         if self.logger is None:
             return
         tb = self.logger.experiment

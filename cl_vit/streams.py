@@ -93,7 +93,8 @@ def load_class_order_file(name: str | Path) -> list[int]:
 
 def resolve_class_order(spec, n_classes: int, seed: int) -> tuple[list[int], str]:
     """``spec``: "identity"; "seeded" (Python ``random.seed(seed); random.shuffle``, as CODA-Prompt shuffles);
-    "coda" (identity for seed 0, seeded otherwise: CODA-Prompt's trials); "file:NAME" (tasks/NAME); or a list."""
+    "coda" (identity for seed 0, seeded otherwise: CODA-Prompt's trials); "file:NAME" (tasks/NAME); "numpy:SEED"
+    (``np.random.seed(SEED); np.random.permutation``: PyCIL / LAMDA-PILOT's order, numpy:1993); or a list."""
     if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, str)):
         order, rule = [int(c) for c in spec], "list"
     elif spec == "identity" or (spec == "coda" and seed == 0):
@@ -104,8 +105,12 @@ def resolve_class_order(spec, n_classes: int, seed: int) -> tuple[list[int], str
         rule = f"seeded({seed})"
     elif isinstance(spec, str) and spec.startswith("file:"):
         order, rule = load_class_order_file(spec[5:]), spec
+    elif isinstance(spec, str) and spec.startswith("numpy:") and spec[6:].isdigit():
+        # sun-hailong/LAMDA-PILOT utils/data_manager.py L155-157: np.random.seed(seed); np.random.permutation(n)
+        order, rule = np.random.RandomState(int(spec[6:])).permutation(n_classes).tolist(), spec
     else:
-        raise ConfigError("benchmark.class_order", spec, f"one of {CLASS_ORDER_RULES}, 'file:NAME' or a list of ids")
+        raise ConfigError("benchmark.class_order", spec,
+                          f"one of {CLASS_ORDER_RULES}, 'file:NAME', 'numpy:SEED' or a list of ids")
     if sorted(order) != list(range(n_classes)):
         raise UserError(
             f"class order ({rule}) is not a permutation of the {n_classes} classes of the source: "

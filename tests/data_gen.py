@@ -56,6 +56,17 @@ def write_coda_split(split_dir: Path, root: Path, train_labels: dict, test_fract
         (split_dir / f"imagenet-r_{split}.yaml").write_text(yaml.safe_dump(doc))
 
 
+def make_pilot_split(data_root: Path, wnids=WNIDS, train: int = 4, test: int = 2, seed: int = 0) -> Path:
+    """LAMDA-PILOT / EASE's ImageNet-R archive unpacked: ``<data_root>/imagenet-r-pilot/{train,test}/<wnid>/*.jpg``."""
+    rng = np.random.default_rng(seed)
+    root = data_root / "imagenet-r-pilot"
+    for label, wnid in enumerate(wnids):
+        for part, n in (("train", train), ("test", test)):
+            for i in range(n):
+                write_jpeg(root / part / wnid / f"{STYLES[i % len(STYLES)]}_{part}_{i}.jpg", class_image(label, rng, 40, 36))
+    return root
+
+
 def make_cifar(data_root: Path, variant: str = "cifar10", train_counts=None, test_per_class: int = 4,
                seed: int = 0) -> Path:
     """The python-pickle archive layout: cifar-10-batches-py/data_batch_{1..5}, test_batch, batches.meta or

@@ -141,3 +141,26 @@ def test_unknown_and_manual_datasets(tmp_path):
         D.download("imagenet-lt", tmp_path)
     assert D.DATASETS["cifar100"][0].md5 == "eb9058c3a382ffc7106e4002c42a8d85"
     assert D.DATASETS["imagenet-r"][0].url == "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+
+
+def test_imagenet_r_brings_codas_split_files_checked_by_sha256(tmp_path, monkeypatch):
+    from data_gen import WNIDS, make_imagenet_r, write_coda_split
+
+    root = make_imagenet_r(tmp_path, per_class=3)  # the images are there: only the split files are fetched
+    write_coda_split(tmp_path / "served", root, {w: k for k, w in enumerate(WNIDS)})
+    served = {p.name: p.read_bytes() for p in (tmp_path / "served").iterdir()}
+    real = D.FILES["imagenet-r"]
+    assert all("/6417d4f68754be68b697c7ca2323ee61e791e1a3/" in url for url, _, _ in real)  # a pinned commit
+    files = [(url, hashlib.sha256(served[rel.rsplit("/", 1)[-1]]).hexdigest(), rel) for url, _, rel in real]
+    monkeypatch.setitem(D.FILES, "imagenet-r", files)
+    with Server(served) as srv:
+        D.download("imagenet-r", tmp_path, mirror=srv.url, progress=False)
+    src = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)  # the default split: coda
+    assert src.meta["split"]["name"] == "coda" and src.meta["split"]["split_dir"] == str(
+        tmp_path / "imagenet-r-splits" / "coda")
+    # a file whose sha256 differs is deleted and named
+    (tmp_path / "imagenet-r-splits" / "coda" / "imagenet-r_test.yaml").unlink()
+    monkeypatch.setitem(D.FILES, "imagenet-r", [(files[1][0], "0" * 64, files[1][2])])
+    with Server(served) as srv, pytest.raises(UserError, match="imagenet-r_test.yaml .* has sha256"):
+        D.download("imagenet-r", tmp_path, mirror=srv.url, progress=False)
+    assert not (tmp_path / "imagenet-r-splits" / "coda" / "imagenet-r_test.yaml").exists()

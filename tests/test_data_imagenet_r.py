@@ -1,5 +1,7 @@
 """ImageNet-R: the project's wnid list, CODA-Prompt split files, the own split, class orders, transforms, bad input."""
+import hashlib
 import random
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import SHARED_REFERENCE, TINY, compose
-from data_gen import WNIDS, make_imagenet_r, write_coda_split, write_jpeg
+from data_gen import WNIDS, make_imagenet_r, make_pilot_split, write_coda_split, write_jpeg
 
 from cl_vit.data import build_source
 from cl_vit.data.imagenet_r import imagenet_r_wnids
@@ -15,7 +17,7 @@ from cl_vit.data.transforms import (DecodeResizeCenterCrop, imagenet_eval_pipeli
 from cl_vit.errors import UserError
 from cl_vit.streams import build_stream, resolve_class_order
 
-TINY_R = ["benchmark=imagenet-r", "model=vit_micro", "model.patch_size=8", "benchmark.source_args.img_size=32",
+TINY_R = ["benchmark=imagenet-r", "benchmark.source_args.split=own", "model=vit_micro", "model.patch_size=8", "benchmark.source_args.img_size=32",
           "data.num_workers=0", "data.batch_size=8", "data.persistent_workers=false"]
 
 
@@ -37,14 +39,16 @@ def test_coda_split_files_give_their_labels_and_paths(tmp_path):
     assert [y for _, y in src.train.samples] == doc["targets"]
     assert [p for p, _ in src.train.samples] == [str(tmp_path / d[len("data/"):]) for d in doc["data"]]
     assert src.classes == list(reversed(WNIDS))  # label k is the wnid the file gives it
-    assert src.meta["split"]["kind"] == "CODA-Prompt split files"
+    assert src.meta["split"]["name"] == "coda" and src.meta["split"]["kind"].startswith("CODA-Prompt split files")
+    assert src.meta["split"]["files"]["imagenet-r_train.yaml"] == hashlib.sha256(
+        (tmp_path / "splits" / "imagenet-r_train.yaml").read_bytes()).hexdigest()
 
 
 def test_own_split_is_deterministic_stratified_and_hashed(tmp_path):
     make_imagenet_r(tmp_path, per_class=10)
-    a = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
-    b = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
-    c = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32, split_seed=1)
+    a = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
+    b = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
+    c = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32, split_seed=1)
     assert a.train.samples == b.train.samples and a.meta["split"]["sha256"] == b.meta["split"]["sha256"]
     assert a.meta["split"]["sha256"] != c.meta["split"]["sha256"]
     assert np.bincount(a.train_targets).tolist() == [8] * 5 and np.bincount(a.test_targets).tolist() == [2] * 5
@@ -71,6 +75,13 @@ def test_real_coda_split_files_map_every_label_to_one_wnid():
         names[split] = _class_names_from_split(wnids, doc["targets"], 200, imagenet_r_wnids(), SHARED_REFERENCE)
         assert len(doc["data"]) == {"train": 24000, "test": 6000}[split]
     assert names["train"] == names["test"] and sorted(names["train"]) == imagenet_r_wnids()
+    assert names["train"][0] == "n02165456"  # CODA-Prompt's own label order
+    # the files python -m cl_vit.data.download imagenet-r fetches are these, byte for byte
+    from cl_vit.data.download import FILES
+
+    pinned = {rel.rsplit("/", 1)[-1]: sha for _, sha, rel in FILES["imagenet-r"]}
+    assert pinned == {f"imagenet-r_{split}.yaml": hashlib.sha256(
+        (SHARED_REFERENCE / f"imagenet-r_{split}.yaml").read_bytes()).hexdigest() for split in ("train", "test")}
 
 
 def test_eval_decode_matches_full_decode_pipeline(tmp_path):
@@ -151,7 +162,7 @@ def test_empty_class_folder_is_named(tmp_path):
     for f in (tmp_path / "imagenet-r" / WNIDS[2]).iterdir():
         f.unlink()
     with pytest.raises(UserError, match=f"{WNIDS[2]} holds no images"):
-        build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+        build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
 
 
 def test_split_entry_missing_and_label_out_of_range_are_named(tmp_path):
@@ -175,9 +186,9 @@ def test_corrupt_image_fails_by_default_and_is_skipped_and_counted_on_request(tm
     bad = tmp_path / "imagenet-r" / WNIDS[1] / "art_0.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated download
     with pytest.raises(UserError) as e:
-        build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+        build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
     assert str(bad) in str(e.value) and "truncated" in str(e.value) and "skip_corrupt=true" in str(e.value)
-    src = build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32, skip_corrupt=True)
+    src = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32, skip_corrupt=True)
     assert src.meta["skipped_corrupt"]["count"] == 1
     assert src.meta["skipped_corrupt"]["files"][0]["path"] == str(bad)
     assert str(bad) not in {p for p, _ in src.train.samples + src.test.samples}
@@ -187,7 +198,7 @@ def test_corrupt_image_fails_by_default_and_is_skipped_and_counted_on_request(tm
 def test_corrupt_image_found_mid_run_gives_one_line_from_the_worker(tmp_path):
     """With the header check off, a file that fails to decode inside a DataLoader worker still ends in one line."""
     make_imagenet_r(tmp_path, per_class=2)
-    src = build_source("imagenet-r", tmp_path, wnids=WNIDS[:2], img_size=32, verify="none")
+    src = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS[:2], img_size=32, verify="none")
     bad = src.train.samples[0][0]
     with open(bad, "wb") as f:
         f.write(b"<html>not found</html>")
@@ -199,15 +210,15 @@ def test_corrupt_image_found_mid_run_gives_one_line_from_the_worker(tmp_path):
 
 def test_verification_is_cached(tmp_path, monkeypatch):
     make_imagenet_r(tmp_path, per_class=3)
-    build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
     import cl_vit.data.verify as V
 
     calls = []
     monkeypatch.setattr(V, "header_problem", lambda p: calls.append(p))
-    build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
     assert calls == []  # every file already verified with the same size and mtime
     (tmp_path / "imagenet-r" / WNIDS[0] / "art_0.jpg").write_bytes(b"\xff\xd8\xff\xe0 changed \xff\xd9")
-    build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
     assert calls == [str(tmp_path / "imagenet-r" / WNIDS[0] / "art_0.jpg")]
 
 
@@ -219,15 +230,73 @@ def test_normalisation_follows_the_backbone_or_coda(tmp_path):
     args = source_arguments(cfg)
     assert args["mean"] == [0.5, 0.5, 0.5] and args["std"] == [0.5, 0.5, 0.5]  # augreg ViT-B/16
     make_imagenet_r(tmp_path, wnids=WNIDS[:2], per_class=2)
-    src = build_source("imagenet-r", tmp_path, wnids=WNIDS[:2], img_size=32, normalize="coda")
+    src = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS[:2], img_size=32, normalize="coda")
     x = torch.stack([src.test[i][0] for i in range(len(src.test))])
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5  # CODA-Prompt's [0, 1] inputs
 
 
 def test_stream_of_imagenet_r_uses_contiguous_label_ranges(tmp_path):
     make_imagenet_r(tmp_path, wnids=WNIDS[:4], per_class=3)
-    src = build_source("imagenet-r", tmp_path, wnids=WNIDS[:4], img_size=32)
+    src = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS[:4], img_size=32)
     scenario, info = build_stream(src, n_experiences=2, class_order="coda", seed=3)
     assert info.train_classes == [[0, 1], [2, 3]]
     first = sorted({int(y) for y in scenario.train_stream[0].dataset.targets})
     assert first == [0, 1] and info.class_names == [WNIDS[c] for c in info.class_order]
+
+
+# -- named splits: coda (default), pilot, own ---------------------------------------------------------------------
+
+
+def test_split_digest_names_the_file_lists_whatever_their_format(tmp_path):
+    # the own split written out as CODA-Prompt split files is the same split: the same sha256 in results.json
+    root = make_imagenet_r(tmp_path, per_class=5)
+    own = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
+    for part, samples in (("train", own.train.samples), ("test", own.test.samples)):
+        doc = {"data": [f"data/imagenet-r/{Path(p).relative_to(root).as_posix()}" for p, _ in samples],
+               "targets": [int(y) for _, y in samples]}
+        (tmp_path / "s").mkdir(exist_ok=True)
+        (tmp_path / "s" / f"imagenet-r_{part}.yaml").write_text(yaml.safe_dump(doc))
+    coda = build_source("imagenet-r", tmp_path, split="coda", split_dir=tmp_path / "s", wnids=WNIDS, img_size=32)
+    assert (own.meta["split"]["name"], coda.meta["split"]["name"]) == ("own", "coda")
+    assert own.meta["split"]["sha256"] == coda.meta["split"]["sha256"]
+    other = build_source("imagenet-r", tmp_path, split="own", split_seed=3, wnids=WNIDS, img_size=32)
+    assert other.meta["split"]["sha256"] != own.meta["split"]["sha256"]
+
+
+def test_default_split_is_coda_and_its_absence_names_the_download(tmp_path):
+    assert compose(["benchmark=imagenet-r"]).benchmark.source_args.split == "coda"
+    make_imagenet_r(tmp_path, per_class=2)
+    with pytest.raises(UserError, match=r"imagenet-r-splits/coda/imagenet-r_train.yaml is missing: fetch it with "
+                                        r"python -m cl_vit.data.download imagenet-r --root"):
+        build_source("imagenet-r", tmp_path, wnids=WNIDS, img_size=32)
+    with pytest.raises(UserError, match="split='dual' is not an ImageNet-R split"):
+        build_source("imagenet-r", tmp_path, split="dual", img_size=32)
+
+
+def test_pilot_split_reads_their_folders_with_imagefolder_labels_and_numpy_order(tmp_path):
+    make_imagenet_r(tmp_path, per_class=1)
+    make_pilot_split(tmp_path, train=3, test=2)
+    src = build_source("imagenet-r", tmp_path, split="pilot", wnids=WNIDS, img_size=32)
+    assert src.meta["split"]["name"] == "pilot" and len(src.meta["split"]["sha256"]) == 64
+    assert (len(src.train), len(src.test)) == (3 * len(WNIDS), 2 * len(WNIDS))
+    assert sorted({y for _, y in src.train.samples}) == list(range(len(WNIDS)))
+    assert all(Path(p).parent.name == WNIDS[y] and "/train/" in p for p, y in src.train.samples)
+    with pytest.raises(UserError, match="imagenet-r-pilot"):
+        build_source("imagenet-r", tmp_path / "nowhere", split="pilot", root=tmp_path / "imagenet-r", img_size=32)
+    # LAMDA-PILOT utils/data_manager.py: np.random.seed(1993); np.random.permutation(200)
+    np.random.seed(1993)
+    assert resolve_class_order("numpy:1993", 200, seed=0)[0] == np.random.permutation(200).tolist()
+
+
+def test_report_groups_runs_by_split_as_well_as_config(tmp_path):
+    from cl_vit.results import Run, group_runs
+
+    def fake(i, seed, sha):
+        results = {"status": "completed", "seed": seed, "benchmark": "imagenet-r", "model": "m", "strategy": ["l2"],
+                   "completed_experiences": 1, "source": {"split": {"name": "coda", "sha256": sha}}}
+        return Run(tmp_path / str(i), {"seed": seed, "benchmark": {"name": "imagenet-r"}}, results, None)
+
+    runs = [fake(0, 0, "a" * 64), fake(1, 1, "a" * 64), fake(2, 0, "b" * 64), fake(3, 1, "b" * 64)]
+    groups = group_runs(runs)
+    assert [len(g.runs) for g in groups] == [2, 2]
+    assert [g.settings for g in groups] == [{"split": "coda:" + "a" * 12}, {"split": "coda:" + "b" * 12}]

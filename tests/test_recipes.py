@@ -5,11 +5,12 @@ source reads the real layout, the stream follows the protocol and the model is t
 """
 import json
 
+import numpy as np
 import pytest
 import yaml
 from omegaconf import OmegaConf
 from conftest import REPO_ROOT, compose
-from data_gen import WNIDS, make_cifar, make_imagenet_r
+from data_gen import WNIDS, make_cifar, make_imagenet_r, write_coda_split
 
 from cl_vit.data.imagenet_r import imagenet_r_wnids
 from cl_vit.run import run
@@ -17,7 +18,9 @@ from cl_vit.run import run
 
 def test_closer_look_imagenet_r_dry_run(tmp_path, data_root):
     wnids = imagenet_r_wnids()
-    make_imagenet_r(data_root, wnids=wnids, per_class=3, size=(24, 20))
+    root = make_imagenet_r(data_root, wnids=wnids, per_class=3, size=(24, 20))
+    # the default split: CODA-Prompt's files where python -m cl_vit.data.download imagenet-r puts them
+    write_coda_split(data_root / "imagenet-r-splits" / "coda", root, {w: k for k, w in enumerate(wnids)})
     # offline: the recipe's pretrained ViT-B/16 cannot be fetched, the architecture is what is checked here
     cfg = compose(["experiment=closer-look-imagenet-r", "model.pretrained=false", "data.num_workers=0",
                    "data.persistent_workers=false", "dry_run=true"], data_root)
@@ -114,6 +117,7 @@ def test_predkd_recipe_is_ewc_mc_with_eps(tmp_path, data_root):
     torch.save(timm.create_model("vit_micro_patch2_8", patch_size=8, img_size=32, in_chans=3, num_classes=4)
                .state_dict(), weights)
     run_cfg = compose(["experiment=closer-look-imagenet-r-predkd", *TINY_R, f"model.checkpoint={weights}",
+                       "benchmark.source_args.split=own",
                        f"benchmark.source_args.wnids=[{','.join(WNIDS[:4])}]", "benchmark.n_experiences=2"],
                       data_root)
     doc = run(run_cfg, tmp_path / "run")
@@ -157,3 +161,42 @@ def test_a_sweep_of_lr_and_seeds_reports_mean_and_std_per_setting(tmp_path, data
     table = markdown_table(tmp_path / "sweep")
     rows = [line for line in table.splitlines() if line.startswith("| split-digits")]
     assert len(rows) == 2 and all("optimizer.lr=" in r and " ± " in r and "| 0,1 | 2 |" in r for r in rows)
+
+
+# -- CIFAR-100 under the CODA-Prompt protocol ---------------------------------------------------------------------
+
+
+def test_cifar100_coda_protocol_values_and_dry_run(tmp_path, data_root):
+    cfg = _resolved(["benchmark=cifar100-coda"])
+    # GT-RIPL/CODA-Prompt configs/cifar-100_prompt.yaml, dataloaders/utils.py, learners/prompt.py, trainer.py
+    args = cfg["benchmark"]["source_args"]
+    assert (args["img_size"], args["normalize"], args["train_transform"], args["test_transform"]) == \
+        (224, "coda", "coda", "coda")
+    assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 1e-3, 0.0)
+    assert (cfg["trainer"]["max_epochs"], cfg["data"]["batch_size"], cfg["scheduler"]["name"]) == (20, 128, "coda_cosine")
+    assert (cfg["benchmark"]["n_experiences"], cfg["benchmark"]["class_order"]) == (10, "coda")
+    assert cfg["loss"] == {"name": "ce", "mask_old_logits": True}
+    assert (cfg["model"]["name"], cfg["model"]["pretrained_tag"]) == ("vit_base_patch16_224", "augreg_in21k_ft_in1k")
+    make_cifar(data_root, "cifar100", train_counts=[2] * 100, test_per_class=1)
+    stream = run(compose(["benchmark=cifar100-coda", "model.pretrained=false", "dry_run=true"], data_root),
+                 tmp_path / "run")
+    assert [len(e["classes"]) for e in stream["experiences"]] == [10] * 10 and stream["class_order"] == list(range(100))
+    assert 85e6 < stream["n_params"] < 87e6
+
+
+def test_coda_cifar_transforms_give_224_px_in_unit_range(data_root):
+    import torch
+
+    from cl_vit.data import build_source
+
+    make_cifar(data_root, "cifar100", train_counts=[1] * 100, test_per_class=1)
+    src = build_source("cifar100", data_root, img_size=224, normalize="coda", train_transform="coda",
+                       test_transform="coda")
+    assert src.meta["transforms"]["train"] == src.meta["transforms"]["test"] == "coda"
+    test = torch.stack([src.test[i][0] for i in range(4)])
+    train = torch.stack([src.train[i][0] for i in range(4)])
+    assert test.shape == train.shape == (4, 3, 224, 224)
+    assert 0.0 <= min(test.min(), train.min()) and max(test.max(), train.max()) <= 1.0
+    # the test resize is deterministic and keeps the whole image: its mean matches the 32 px original's
+    x32 = torch.as_tensor(np.asarray(src.test.images[0]), dtype=torch.float32) / 255
+    assert x32.shape == (32, 32, 3) and abs(float(test[0].mean() - x32.mean())) < 0.02

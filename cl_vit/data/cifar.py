@@ -21,6 +21,8 @@ from cl_vit.data.transforms import (
     cifar_train_pipeline,
     deit_eval_transform,
     deit_train_transform,
+    imagenet_train_pipeline,
+    resize_pipeline,
     resolve_normalization,
 )
 from cl_vit.errors import UserError
@@ -118,9 +120,16 @@ def build_cifar(
 
     ``train_transform``/``test_transform``: ``default`` is LDAM-DRW's pad-crop-flip (albumentations; the image resized
     to ``img_size`` first when it is not 32); ``deit`` is DeiT-LT's student pipeline on the 32x32 image (timm's
-    RandomResizedCrop to ``img_size``, RandAugment, random erasing; evaluation resize + centre crop), see
+    RandomResizedCrop to ``img_size``, RandAugment, random erasing; evaluation resize + centre crop); ``coda`` is
+    CODA-Prompt's (RandomResizedCrop to ``img_size`` + flip; evaluation: resize to ``img_size``), see
     cl_vit.data.transforms."""
-    transforms = check_pipelines(train_transform, test_transform, augment)
+    coda = {"train": train_transform == "coda", "test": test_transform == "coda"}
+    transforms = check_pipelines("default" if coda["train"] else train_transform,
+                                 "default" if coda["test"] else test_transform, augment)
+    if any(coda.values()):
+        transforms.update({k: "coda" for k, on in coda.items() if on},
+                          coda_source="GT-RIPL/CODA-Prompt dataloaders/utils.py L42-62: train RandomResizedCrop + "
+                                      "flip, test Resize")
     x_tr, y_tr, x_te, y_te, names = load_cifar(data_root, variant)
     mean, std = resolve_normalization(normalize, mean, std)
     meta = {"root": str(Path(data_root).expanduser() / ARCHIVES[variant]["folder"]),
@@ -139,10 +148,14 @@ def build_cifar(
     resize_im = img_size > 32  # build_transform_deit's test: CIFAR at its own size is padded and cropped, not resized
     if train_transform == "deit":
         train_tf = deit_train_transform(img_size, mean, std, augment, resize_im=resize_im)
+    elif coda["train"]:
+        train_tf = imagenet_train_pipeline(img_size, mean, std)  # torchvision's RandomResizedCrop defaults + flip
     else:
         train_tf = cifar_train_pipeline(img_size, mean, std)
     if test_transform == "deit":
         test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im)
+    elif coda["test"]:
+        test_tf = resize_pipeline(img_size, mean, std)  # the whole 32 px image, bilinear, to img_size squared
     else:
         test_tf = cifar_eval_pipeline(img_size, mean, std)
     return Source(

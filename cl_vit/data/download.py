@@ -2,7 +2,8 @@
 its published md5, extract it where the source looks for it.
 
     python -m cl_vit.data.download cifar100 --root ~/data          # -> ~/data/cifar-100-python/
-    python -m cl_vit.data.download imagenet-r --root ~/data        # -> ~/data/imagenet-r/<wnid>/*.jpg
+    python -m cl_vit.data.download imagenet-r --root ~/data        # -> ~/data/imagenet-r/<wnid>/*.jpg, and
+                                                                   #    ~/data/imagenet-r-splits/coda/ (CODA-Prompt's split)
     python -m cl_vit.data.download fashion-mnist                   # -> $CL_VIT_DATA (else ~/data)/fashion-mnist/*.gz
 
 An interrupted download leaves ``<archive>.part``; the next run asks the server for the rest (HTTP Range) and
@@ -71,6 +72,17 @@ DATASETS: dict[str, list[Archive]] = {
                                         ("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe"),
                                         ("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79"),
                                         ("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310"))],
+}
+#: single files fetched beside a dataset (no extraction), checked against their sha256: CODA-Prompt's ImageNet-R
+#: split files from a pinned commit of GT-RIPL/CODA-Prompt (dataloaders/splits/), the default split of the suite
+_CODA = "https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/6417d4f68754be68b697c7ca2323ee61e791e1a3/dataloaders/splits/"
+FILES: dict[str, list[tuple[str, str, str]]] = {  # name -> [(url, sha256, path under --root)]
+    "imagenet-r": [
+        (_CODA + "imagenet-r_train.yaml", "6bcaa14ca9359915ac3a44c48ae71388146385686eb15da79a37844421a0b845",
+         "imagenet-r-splits/coda/imagenet-r_train.yaml"),
+        (_CODA + "imagenet-r_test.yaml", "57275ac242d68983a4f39ccb81ec34f48b1bd920b9cd79e6e8040d7c042db02a",
+         "imagenet-r-splits/coda/imagenet-r_test.yaml"),
+    ],
 }
 ALIASES = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "inaturalist2018": "inat2018",
            "fashion-mnist-lt": "fashion-mnist", "fmnist": "fashion-mnist"}
@@ -155,10 +167,12 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> None:
             raise HTTPException(f"connection closed after {done} of {total} bytes")
 
 
-def fetch(url: str, dest: Path, md5: str, retries: int = 5, timeout: float = 60, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``) and check its md5; returns ``dest``."""
+def fetch(url: str, dest: Path, md5: str, retries: int = 5, timeout: float = 60, progress: bool = True,
+          algorithm: str = "md5") -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``) and check its digest (``md5`` holds the expected one,
+    of ``algorithm``); returns ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and md5_of(dest) == md5:
+    if dest.exists() and file_digest(dest, algorithm) == md5:
         return dest
     part = dest.with_name(dest.name + ".part")
     restarted = False
@@ -176,7 +190,7 @@ def fetch(url: str, dest: Path, md5: str, retries: int = 5, timeout: float = 60,
                     raise UserError(f"download of {url} failed after {retries + 1} tries ({e}); run the command again "
                                     f"to resume from {part}") from e
                 time.sleep(min(2 ** attempt, 30) * 0.1)
-        got = md5_of(part)
+        got = file_digest(part, algorithm)
         if got == md5:
             os.replace(part, dest)
             return dest
@@ -184,8 +198,8 @@ def fetch(url: str, dest: Path, md5: str, retries: int = 5, timeout: float = 60,
         if resumed_from and not restarted:  # the kept part may have come from another file: once more from zero
             restarted = True
             continue
-        raise UserError(f"{dest.name} from {url} has md5 {got}, not the published {md5}: the download was corrupt or "
-                        "the server sent another file; it was deleted, run the command again")
+        raise UserError(f"{dest.name} from {url} has {algorithm} {got}, not the published {md5}: the download was "
+                        "corrupt or the server sent another file; it was deleted, run the command again")
 
 
 def extract(archive: Path, into: Path) -> None:
@@ -238,6 +252,13 @@ def download(name: str, root: str | Path, mirror: str | None = None, keep_archiv
         if not keep_archive:
             dest.unlink()
         out.append(provided)
+    for url, sha256, rel in FILES.get(key, []):
+        dest = root / rel
+        if mirror:
+            url = f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[-1]}"
+        fetch(url, dest, sha256, progress=progress, algorithm="sha256")
+        print(f"{rel}: sha256 ok ({sha256[:12]}...)")
+        out.append(dest)
     return out
 
 

@@ -1,15 +1,21 @@
 """ImageNet-R (Hendrycks et al. 2021): 30,000 renditions of 200 ImageNet classes, in
 ``<data_root>/imagenet-r/<wnid>/*.jpg``.
 
-Two ways to split it into train and test:
+The train/test split is data with a name (``benchmark.source_args.split``), recorded in results.json with the sha256
+of its file lists (``source.split``):
 
-* ``split_dir=DIR`` with CODA-Prompt's split files (``DIR/imagenet-r_{train,test}.yaml``, the layout of its
-  ``dataloaders/splits/``): ``data:`` paths like ``data/imagenet-r/<wnid>/<file>.jpg`` and ``targets:`` label ids.
-  Paths are resolved under the dataset folder by the part after ``imagenet-r/``; the file's targets are the source
-  labels, so class order ``identity`` is CODA-Prompt's own label order and ``coda`` reproduces its trials.
-* otherwise the project's own split: per class (in the order of ``tasks/imagenet-r-wnids.txt``), the sorted file
-  paths are permuted by one ``numpy.random.RandomState(split_seed)`` and the first ``round(0.8 n)`` go to training.
-  Reproducible on any machine with the same files; the sha256 of the resulting list is recorded in results.json.
+* ``coda`` (default): CODA-Prompt's split files (GT-RIPL/CODA-Prompt ``dataloaders/splits/imagenet-r_{train,test}
+  .yaml``, 24,000 / 6,000 images), fetched by ``python -m cl_vit.data.download imagenet-r`` from a pinned commit
+  into ``<data_root>/imagenet-r-splits/coda/`` (or ``split_dir=DIR``). ``data:`` paths like
+  ``data/imagenet-r/<wnid>/<file>.jpg`` are resolved under the dataset folder by the part after ``imagenet-r/``;
+  ``targets:`` are the source labels, in CODA-Prompt's own order (label 0 = n02165456), so class order
+  ``identity`` is CODA-Prompt's and ``coda`` reproduces its trials.
+* ``pilot``: the train/test folders of the ImageNet-R archive of LAMDA-PILOT / EASE (``<data_root>/imagenet-r-pilot/
+  {train,test}/<wnid>/``, torchvision ImageFolder labels: sorted wnids); their class order is
+  ``benchmark.class_order=numpy:1993`` (utils/data_manager.py: ``np.random.seed(1993); np.random.permutation``).
+* ``own``: the suite's stratified split: per class (in the order of ``tasks/imagenet-r-wnids.txt``), the sorted
+  file paths are permuted by one ``numpy.random.RandomState(split_seed)`` and the first ``round(0.8 n)`` go to
+  training. Reproducible on any machine with the same files.
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ from cl_vit.errors import UserError
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 WNIDS_FILE = TASKS_DIR / "imagenet-r-wnids.txt"
 SPLIT_FILES = ("imagenet-r_train.yaml", "imagenet-r_test.yaml")
+#: named splits (module docstring); the fetched split files go to <data_root>/SPLITS_DIR/<name>/
+SPLITS = ("coda", "pilot", "own")
+SPLITS_DIR = "imagenet-r-splits"
+PILOT_DIR = "imagenet-r-pilot"
 LAYOUT = "<root>/<wnid>/<image>.jpg for the 200 wnids of tasks/imagenet-r-wnids.txt"
 
 
@@ -120,6 +130,7 @@ def split_digest(train, test, root: Path) -> str:
 def build_imagenet_r(
     data_root: str | Path,
     root: str | Path | None = None,
+    split: str = "coda",
     split_dir: str | Path | None = None,
     wnids: Sequence[str] | None = None,
     train_fraction: float = 0.8,
@@ -136,8 +147,10 @@ def build_imagenet_r(
     augment: dict | None = None,
     **_,
 ) -> Source:
-    """``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order. ``train_transform``,
-    ``test_transform``, ``augment``: see cl_vit.data.transforms.imagenet_style_datasets."""
+    """``split``: ``coda`` | ``pilot`` | ``own`` (module docstring); ``split_dir``: where the ``coda`` files are.
+    ``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order (split files then hold
+    labels below its length).
+    ``train_transform``, ``test_transform``, ``augment``: see cl_vit.data.transforms.imagenet_style_datasets."""
     from cl_vit.data.download import missing_dataset_error
 
     data_root = Path(data_root).expanduser()
@@ -154,25 +167,42 @@ def build_imagenet_r(
     pipelines = dict(train_transform=train_transform, test_transform=test_transform, augment=augment)
     meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize,
             "transforms": check_pipelines(**pipelines, test_resize=test_resize)}
-    if split_dir:
-        split_dir = Path(split_dir).expanduser()
+    if split not in SPLITS:
+        raise UserError(f"benchmark.source_args.split={split!r} is not an ImageNet-R split: choose from {list(SPLITS)}")
+    if split == "coda":
+        split_dir = Path(split_dir).expanduser() if split_dir else data_root / SPLITS_DIR / "coda"
         paths = [split_dir / f for f in SPLIT_FILES]
         for p in paths:
             if not p.is_file():
-                raise UserError(f"benchmark.source_args.split_dir={split_dir} lacks {p.name}: expected CODA-Prompt's "
-                                f"{SPLIT_FILES[0]} and {SPLIT_FILES[1]} (dataloaders/splits/)")
+                raise UserError(f"CODA-Prompt's split file {p} is missing: fetch it with python -m "
+                                f"cl_vit.data.download imagenet-r --root {data_root} (or give "
+                                "benchmark.source_args.split_dir=DIR, or split=own for the suite's own split)")
         train, train_wnids = read_split_file(paths[0], root, len(classes))
         test, test_wnids = read_split_file(paths[1], root, len(classes))
         classes = _class_names_from_split(train_wnids + test_wnids, [y for _, y in train + test], len(classes),
                                           all_wnids, paths[0])
-        meta["split"] = {"kind": "CODA-Prompt split files", "split_dir": str(split_dir),
-                         "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}}
+        meta["split"] = {"name": "coda", "kind": "CODA-Prompt split files (GT-RIPL/CODA-Prompt dataloaders/splits)",
+                         "split_dir": str(split_dir),
+                         "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}}
+    elif split == "pilot":
+        pilot = data_root / PILOT_DIR
+        if not (pilot / "train").is_dir() or not (pilot / "test").is_dir():
+            raise UserError(f"the LAMDA-PILOT / EASE ImageNet-R split is not at {pilot}: unpack their archive (README, "
+                            f"'ImageNet-R' download link) so that {pilot}/train/<wnid>/ and {pilot}/test/<wnid>/ exist")
+        train, _ = scan_image_folder(pilot / "train", classes)
+        test, _ = scan_image_folder(pilot / "test", classes)
+        root = pilot
+        meta["root"] = str(pilot)
+        meta["split"] = {"name": "pilot", "kind": "LAMDA-PILOT / EASE train/ and test/ folders (ImageFolder labels)",
+                         "root": str(pilot)}
     else:
         samples, _ = scan_image_folder(root, classes)
         train, test = own_split(samples, len(classes), train_fraction, split_seed)
         kind = (f"own per-class {train_fraction:g}/{1 - train_fraction:g} split of sorted paths, "
                 f"numpy RandomState({split_seed}) permutation")
-        meta["split"] = {"kind": kind, "sha256": split_digest(train, test, root)}
+        meta["split"] = {"name": "own", "kind": kind}
+    # the same digest for the same (relative path, label) lists, whatever the split's file format
+    meta["split"]["sha256"] = split_digest(train, test, root)
     meta.update(n_train=len(train), n_test=len(test))
     cache = data_root / ".cache" / "cl_vit-verify"
     train, skipped_train = verify_images(train, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache,
