@@ -88,6 +88,10 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.num_workers", 0)
     _choice(cfg, "data.repeated_aug", (True, False, None))
     _int(cfg, "data.repeats", 1, allow_none=True)
+    if _get(cfg, "ema.decay") is not None:
+        decay = _get(cfg, "ema.decay")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+            raise ConfigError("ema.decay", decay, "null (off) or a number in [0, 1], e.g. 0.99996")
     _choice(cfg, "loss.name", LOSSES)
     _number(cfg, "optimizer.lr", positive=True)
     _number(cfg, "optimizer.weight_decay", lo=0)

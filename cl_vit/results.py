@@ -132,6 +132,13 @@ class RunDirectory:
         return json.loads(self.results_path.read_text()) if self.has_results() else None
 
 
+#: how results.json describes the best-epoch numbers
+EPOCH_SELECTION = ("best epoch: the epoch (of those evaluated, every epoch_eval epochs) with the highest overall test "
+             "accuracy of the main head (a DeiT-LT student: the mean of CLS and DIST), every head's numbers taken at "
+             "that epoch. Selected on the test set, as DeiT-LT's reported numbers are (main.py keeps the best test "
+             "accuracy over epochs): not a held-out selection. last: the final epoch.")
+
+
 @dataclass
 class StreamResults:
     """Everything measured along a stream; the source of results.json."""
@@ -142,6 +149,8 @@ class StreamResults:
     wall_time: list[float] = field(default_factory=list)
     completed: int = 0
     meta: dict = field(default_factory=dict)
+    #: experience -> per-epoch test numbers of its last and best epoch (cl_vit.epoch_eval.ShotGroupEpochEval.summary)
+    epoch_selection: dict[int, dict] = field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
@@ -211,6 +220,9 @@ class StreamResults:
             doc["shot_definition"] = kind
             doc["metrics"].update({f"{g}_shot_accuracy": doc["shot_accuracy"].get("main", {}).get(kind, {}).get(g)
                                    for g in ("many", "medium", "few")})
+        if self.epoch_selection:
+            doc["epoch_selection"] = {"definition": EPOCH_SELECTION,
+                                      "experiences": {str(i): v for i, v in sorted(self.epoch_selection.items())}}
         for head in self.confusions:
             if head != "main":
                 Rh = self.accuracy_matrix(head)
@@ -239,6 +251,7 @@ class StreamResults:
             entries = np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
             res.confusions.setdefault(c["head"], {})[(c["trained_up_to"], c["evaluated"])] = entries
         res.confusions.setdefault("main", {})
+        res.epoch_selection = {int(i): v for i, v in (doc.get("epoch_selection") or {}).get("experiences", {}).items()}
         return res
 
 

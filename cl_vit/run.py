@@ -230,6 +230,7 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         # every checkpoint can rebuild its network alone (cl_vit.models.teachers.load_teacher)
         checkpoint_meta={"model": OmegaConf.to_container(cfg.model, resolve=True), "input_size": list(module.input_size)},
         epoch_eval=int(cfg.get("epoch_eval") or 0) if cfg.benchmark.get("long_tailed") else 0,
+        ema_decay=OmegaConf.select(cfg, "ema.decay"),
     )
     runner.run()
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
