@@ -109,6 +109,10 @@ def validate(cfg: DictConfig) -> None:
         if rho and (_get(cfg, "trainer.accumulate_grad_batches") or 1) > 1:
             raise ConfigError("trainer.accumulate_grad_batches", _get(cfg, "trainer.accumulate_grad_batches"),
                               "1 with optimizer.sam_rho (SAM re-evaluates one batch per step)")
+    milestones, values = _get(cfg, "optimizer.sam_rho_milestones"), _get(cfg, "optimizer.sam_rho_values")
+    if (milestones or values) and (not rho or len(milestones or ()) != len(values or ())):
+        raise ConfigError("optimizer.sam_rho_values", list(values or ()),
+                          "one value per optimizer.sam_rho_milestones epoch, with optimizer.sam_rho set (the first rho)")
     _number(cfg, "scheduler.warmup_epochs", lo=0)
     _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
     _choice(cfg, "skip_corrupt", (True, False))

@@ -68,6 +68,16 @@ def loader_config(cfg: DictConfig):
     return LoaderConfig(**kwargs)
 
 
+def dataset_labels(source, info) -> list[int]:
+    """The label each stream class has in the dataset's own files: the stream's class order undone, and the source's
+    re-indexing (``map_targets``, meta ``class_map``: file label -> source label) undone."""
+    order = np.asarray(info.class_order, dtype=np.int64)
+    class_map = (source.meta.get("map_targets") or {}).get("class_map")
+    if class_map is None:
+        return order.tolist()
+    return np.argsort(np.asarray(class_map, dtype=np.int64))[order].tolist()
+
+
 def build(cfg: DictConfig, scenario=None):
     """Source, stream, model and strategies from a config: everything a run needs, nothing trained yet."""
     from cl_vit.data import build_source
@@ -106,6 +116,8 @@ def build(cfg: DictConfig, scenario=None):
     L.seed_everything(cfg.seed, verbose=False)  # the network's initialisation is a function of the seed
     net = build_model(OmegaConf.to_container(cfg.model), info.n_classes, in_chans, img_size)
     strategies = build_strategies(OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else {})
+    if cfg.get("train") is False:  # evaluation only: strategies shape training (a DeiT-LT teacher is not needed)
+        strategies = []
     module = ContinualModule(
         net,
         info.n_classes,
@@ -231,6 +243,8 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         checkpoint_meta={"model": OmegaConf.to_container(cfg.model, resolve=True), "input_size": list(module.input_size)},
         epoch_eval=int(cfg.get("epoch_eval") or 0) if cfg.benchmark.get("long_tailed") else 0,
         ema_decay=OmegaConf.select(cfg, "ema.decay"),
+        dataset_labels=dataset_labels(source, info) if source is not None else None,
+        train=OmegaConf.select(cfg, "train", default=True) is not False,
     )
     runner.run()
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams

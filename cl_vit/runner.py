@@ -182,6 +182,8 @@ class ContinualRunner:
         checkpoint_meta: dict | None = None,
         epoch_eval: int = 0,
         ema_decay: float | None = None,
+        dataset_labels: Sequence[int] | None = None,
+        train: bool = True,
     ):
         self.module = module
         self.scenario = scenario
@@ -202,6 +204,10 @@ class ContinualRunner:
         self.epoch_eval = int(epoch_eval)
         #: model EMA (cl_vit.ema): its decay, or None for none
         self.ema_decay = ema_decay
+        #: ExperienceInfo.dataset_labels
+        self.dataset_labels = list(dataset_labels) if dataset_labels is not None else None
+        #: False: evaluate the network as loaded (model.checkpoint), train nothing (``train=false``)
+        self.train = bool(train)
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -272,6 +278,7 @@ class ContinualRunner:
                     ds, kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
+                dataset_labels=self.dataset_labels,
             )
             log.info(
                 "Experience %d/%d · %d classes %s · %d training images",
@@ -290,13 +297,14 @@ class ContinualRunner:
             device = trainer.strategy.root_device
             self.module.to(device)
             self.module.start_experience(info)
-            for s in self.module.strategies:
-                s.before_experience(self.module, info)
-            trainer.fit(self.module, train_dataloaders=loader)
-            self.module.to(device)
-            for s in self.module.strategies:
-                s.after_experience(self.module, info)
-            if self.logger is not None:
+            if self.train:
+                for s in self.module.strategies:
+                    s.before_experience(self.module, info)
+                trainer.fit(self.module, train_dataloaders=loader)
+                self.module.to(device)
+                for s in self.module.strategies:
+                    s.after_experience(self.module, info)
+            if self.logger is not None and self.train:
                 self.logger.step_offset += trainer.global_step
             evaluation = None
             if (i + 1) % self.eval_every == 0 or i == n - 1:

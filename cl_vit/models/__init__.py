@@ -203,7 +203,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
     try:
-        state = timm.models.load_state_dict(str(path))
+        # the trained weights, not an EMA kept beside them (DeiT-LT's students carry a never-evaluated "model_ema"),
+        # weights_only with DeiT-LT's pickled arguments allowed (teachers.OFFICIAL_SAFE_GLOBALS)
+        with torch.serialization.safe_globals(teachers.OFFICIAL_SAFE_GLOBALS):
+            state = timm.models.load_state_dict(str(path), use_ema=False)
     except Exception as e:
         raise UserError(f"model.checkpoint {path.name} could not be read ({type(e).__name__}: {e}): give a "
                         ".safetensors, .pth or .bin file of model weights") from e
