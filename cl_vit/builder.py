@@ -33,6 +33,16 @@ def source_arguments(cfg: DictConfig) -> dict:
     return args
 
 
+def dataset_labels(source, info) -> list[int]:
+    """The label each stream class has in the dataset's own files: the stream's class order undone, and the source's
+    re-indexing (``map_targets``, meta ``class_map``: file label -> source label) undone."""
+    order = np.asarray(info.class_order, dtype=np.int64)
+    class_map = (source.meta.get("map_targets") or {}).get("class_map")
+    if class_map is None:
+        return order.tolist()
+    return np.argsort(np.asarray(class_map, dtype=np.int64))[order].tolist()
+
+
 def build(cfg: DictConfig, scenario=None):
     """Source, stream, model and strategies from a config: everything a run needs, nothing trained yet."""
     from cl_vit.data import build_source
@@ -71,6 +81,8 @@ def build(cfg: DictConfig, scenario=None):
     L.seed_everything(cfg.seed, verbose=False)  # the network's initialisation is a function of the seed
     net = build_model(OmegaConf.to_container(cfg.model), info.n_classes, in_chans, img_size)
     strategies = build_strategies(OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else {})
+    if cfg.get("train") is False:  # evaluation only: strategies shape training (a DeiT-LT teacher is not needed)
+        strategies = []
     module = ContinualModule(
         net,
         info.n_classes,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +48,14 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
                     "numbers, strings, lists and dicts only (weights_only loading refuses anything else)")
 
 
-def load(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; one-line errors for a damaged file or one that holds code."""
+def load(path: str | Path, what: str = "checkpoint", allow: Sequence[type] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; one-line errors for a damaged file or one that holds code.
+
+    ``allow``: classes the file may also construct (released DeiT-LT files pickle their argparse.Namespace)."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would construct arbitrary objects
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         obj = f" ({found.group(1)})" if found else ""

@@ -89,6 +89,10 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.num_workers", 0)
     _choice(cfg, "data.repeated_aug", (True, False, None))
     _int(cfg, "data.repeats", 1, allow_none=True)
+    if _get(cfg, "ema.decay") is not None:
+        decay = _get(cfg, "ema.decay")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+            raise ConfigError("ema.decay", decay, "null (off) or a number in [0, 1], e.g. 0.99996")
     _choice(cfg, "loss.name", LOSSES)
     _number(cfg, "optimizer.lr", positive=True)
     _number(cfg, "optimizer.weight_decay", lo=0)
@@ -106,6 +110,10 @@ def validate(cfg: DictConfig) -> None:
         if rho and (_get(cfg, "trainer.accumulate_grad_batches") or 1) > 1:
             raise ConfigError("trainer.accumulate_grad_batches", _get(cfg, "trainer.accumulate_grad_batches"),
                               "1 with optimizer.sam_rho (SAM re-evaluates one batch per step)")
+    milestones, values = _get(cfg, "optimizer.sam_rho_milestones"), _get(cfg, "optimizer.sam_rho_values")
+    if (milestones or values) and (not rho or len(milestones or ()) != len(values or ())):
+        raise ConfigError("optimizer.sam_rho_values", list(values or ()),
+                          "one value per optimizer.sam_rho_milestones epoch, with optimizer.sam_rho set (the first rho)")
     _number(cfg, "scheduler.warmup_epochs", lo=0)
     _int(cfg, "benchmark.n_experiences", 1, allow_none=True)
     _choice(cfg, "skip_corrupt", (True, False))

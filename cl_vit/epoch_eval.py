@@ -11,6 +11,11 @@ head (``cls``, ``dist``). The shot groups are the run's default definition (cl_v
 official index cut-offs where the benchmark has them, else by training images per class, many > 100, medium 20-100,
 few < 20); every other definition is logged too, named: ``epoch_eval/<head>/count/many``. The final, stored numbers
 come from the runner's evaluation (results.json); these curves are for watching training.
+
+The callback also keeps every evaluated epoch's numbers and ``summary()`` gives the last epoch's and the best epoch's,
+best = highest overall accuracy of the ``main`` head (for a DeiT-LT student the mean of CLS and DIST, as main.py
+L540-583 selects ``acc1_avg`` and keeps every head's numbers of that epoch). That epoch is selected on the test set,
+as the DeiT-LT paper's reported numbers are: results.json keeps it apart (``epoch_selection``) and says so.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class ShotGroupEpochEval(Callback):
         if not self.definitions:
             self.definitions = {"": shot_groups(class_counts)}
         self.every = max(1, int(every))
+        #: (epoch, metrics) of every evaluated epoch, epochs counted from 1
+        self.history: list[tuple[int, dict[str, float]]] = []
 
     @torch.no_grad()
     def evaluate(self, pl_module) -> dict[str, float]:
@@ -65,7 +72,27 @@ class ShotGroupEpochEval(Callback):
         return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if (trainer.current_epoch + 1) % self.every or trainer.logger is None or not trainer.is_global_zero:
+        if (trainer.current_epoch + 1) % self.every or not trainer.is_global_zero:
             return
         metrics = self.evaluate(pl_module)
-        trainer.logger.log_metrics({f"epoch_eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        self.history.append((trainer.current_epoch + 1, metrics))
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"epoch_eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+
+    def summary(self) -> dict | None:
+        """``{"epochs_evaluated", "last_epoch", "last", "best_epoch", "best"}``, ``last``/``best`` as
+        ``{head: {"overall": acc, group: acc}}``; None when no epoch was evaluated (or on a rank other than 0)."""
+        if not self.history:
+            return None
+        best_epoch, best = max(self.history, key=lambda em: (em[1].get("main/overall", float("-inf")), -em[0]))
+        last_epoch, last = self.history[-1]
+        return {"epochs_evaluated": len(self.history), "last_epoch": last_epoch, "last": _by_head(last),
+                "best_epoch": best_epoch, "best": _by_head(best)}
+
+
+def _by_head(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for key, v in metrics.items():
+        head, _, name = key.partition("/")
+        out.setdefault(head, {})[name] = float(v)
+    return out

@@ -217,6 +217,7 @@ class ContinualModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.train_acc.reset()
+        self.on_train_epoch_start_rho()
 
     def on_train_epoch_end(self) -> None:
         if self.train_acc.update_count:  # the metric object: Lightning computes it (synced under DDP) and resets it
@@ -226,6 +227,18 @@ class ContinualModule(L.LightningModule):
         for s in self.strategies:
             s.on_fit_start(self)
 
+    def on_train_epoch_start_rho(self) -> None:
+        """SAM's radius for this epoch (optimizer.sam_rho_milestones / sam_rho_values: a step schedule)."""
+        cfg = self.optimizer_cfg
+        if not cfg.get("sam_rho") or not cfg.get("sam_rho_milestones"):
+            return
+        from cl_vit.optim.sam import rho_at
+
+        rho = rho_at(self.current_epoch, cfg["sam_rho"], cfg["sam_rho_milestones"], cfg.get("sam_rho_values") or ())
+        opt = self.optimizers()
+        for group in getattr(opt, "optimizer", opt).param_groups:
+            group["rho"] = rho
+
     def on_after_backward(self) -> None:
         for s in self.strategies:
             s.after_backward(self)
@@ -233,6 +246,8 @@ class ContinualModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = dict(self.optimizer_cfg)
         sam_rho = cfg.pop("sam_rho", None)
+        for key in ("sam_rho_milestones", "sam_rho_values"):  # on_train_epoch_start_rho
+            cfg.pop(key, None)
         opt = create_optimizer(
             self.net,
             cfg.pop("name"),

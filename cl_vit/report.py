@@ -66,12 +66,28 @@ def format_results(doc: dict, run_dir: str | Path | None = None) -> str:
     local = (doc.get("task_incremental") or {}).get("metrics")
     if local:
         parts += ["", "Task-incremental (local: each task's own classes, task id given) (%)", format_metrics(local)]
+    parts += format_epoch_selection(doc)
     wall = doc.get("wall_time", {}).get("total")
     if wall is not None:
         parts += ["", f"wall time: {wall:.1f} s"]
     if run_dir is not None:
         parts += [f"run directory: {run_dir}"]
     return "\n".join(parts)
+
+
+def format_epoch_selection(doc: dict) -> list[str]:
+    """The last experience's per-epoch test numbers (%): final epoch, and best epoch labelled as selected on the
+    test set."""
+    sel = (doc.get("epoch_selection") or {}).get("experiences") or {}
+    if not sel:
+        return []
+    s = sel[max(sel, key=int)]
+    lines = ["", f"Per-epoch test accuracy (%), overall / many / medium / few: last epoch {s['last_epoch']}; best epoch "
+                 f"{s['best_epoch']} of {s['epochs_evaluated']} evaluated, SELECTED ON THE TEST SET (as DeiT-LT reports)"]
+    for head in s["last"]:
+        row = lambda m: " / ".join(_pct(m.get(k)).strip() for k in ("overall", "many", "medium", "few"))  # noqa: E731
+        lines.append(f"  {head:<5} last {row(s['last'][head])}   best {row(s['best'].get(head, {}))}")
+    return lines
 
 
 def format_stream(stream: dict) -> str:

@@ -219,6 +219,13 @@ class RunLock:
         self.release()
 
 
+#: how results.json describes the best-epoch numbers
+EPOCH_SELECTION = ("best epoch: the epoch (of those evaluated, every epoch_eval epochs) with the highest overall test "
+             "accuracy of the main head (a DeiT-LT student: the mean of CLS and DIST), every head's numbers taken at "
+             "that epoch. Selected on the test set, as DeiT-LT's reported numbers are (main.py keeps the best test "
+             "accuracy over epochs): not a held-out selection. last: the final epoch.")
+
+
 @dataclass
 class StreamResults:
     """Everything measured along a stream; the source of results.json."""
@@ -232,6 +239,8 @@ class StreamResults:
     #: the process's resident memory after each experience (flat along a long stream: python -m cl_vit.bench
     #: memory); a resumed run continues the list from its own process
     rss_mib: list[float] = field(default_factory=list)
+    #: experience -> per-epoch test numbers of its last and best epoch (cl_vit.epoch_eval.ShotGroupEpochEval.summary)
+    epoch_selection: dict[int, dict] = field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
@@ -316,6 +325,9 @@ class StreamResults:
             doc["shot_definition"] = kind
             doc["metrics"].update({f"{g}_shot_accuracy": doc["shot_accuracy"].get("main", {}).get(kind, {}).get(g)
                                    for g in ("many", "medium", "few")})
+        if self.epoch_selection:
+            doc["epoch_selection"] = {"definition": EPOCH_SELECTION,
+                                      "experiences": {str(i): v for i, v in sorted(self.epoch_selection.items())}}
         for head in self.confusions:
             if head != "main":
                 Rh = self.accuracy_matrix(head)
@@ -346,6 +358,7 @@ class StreamResults:
             entries = np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
             res.confusions.setdefault(c["head"], {})[(c["trained_up_to"], c["evaluated"])] = entries
         res.confusions.setdefault("main", {})
+        res.epoch_selection = {int(i): v for i, v in (doc.get("epoch_selection") or {}).get("experiences", {}).items()}
         return res
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cl_vit.builder import build, data_root, source_arguments  # noqa: F401  (re-exported: run.build, run.run)
+from cl_vit.builder import build, data_root, dataset_labels, source_arguments  # noqa: F401  (re-exported)
 from cl_vit.config import CONFIG_DIR, check_group_choices, validate
 from cl_vit.errors import Interrupted, RunStopped, UserError
 
@@ -178,6 +178,9 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         # every checkpoint can rebuild its network alone (cl_vit.models.teachers.load_teacher)
         checkpoint_meta={"model": OmegaConf.to_container(cfg.model, resolve=True), "input_size": list(module.input_size)},
         epoch_eval=int(cfg.get("epoch_eval") or 0) if cfg.benchmark.get("long_tailed") else 0,
+        ema_decay=OmegaConf.select(cfg, "ema.decay"),
+        dataset_labels=dataset_labels(source, info) if source is not None else None,
+        train=OmegaConf.select(cfg, "train", default=True) is not False,
     )
     try:
         runner.run()

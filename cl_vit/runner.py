@@ -232,6 +232,9 @@ class ContinualRunner:
         on_experience_end=None,
         checkpoint_meta: dict | None = None,
         epoch_eval: int = 0,
+        ema_decay: float | None = None,
+        dataset_labels: Sequence[int] | None = None,
+        train: bool = True,
     ):
         self.module = module
         self.scenario = scenario
@@ -250,6 +253,12 @@ class ContinualRunner:
         self.checkpoint_meta = dict(checkpoint_meta or {})
         #: every k epochs, overall and shot-group test accuracy of each head to TensorBoard (long-tailed runs); 0: off
         self.epoch_eval = int(epoch_eval)
+        #: model EMA (cl_vit.ema): its decay, or None for none
+        self.ema_decay = ema_decay
+        #: ExperienceInfo.dataset_labels
+        self.dataset_labels = list(dataset_labels) if dataset_labels is not None else None
+        #: False: evaluate the network as loaded (model.checkpoint), train nothing (``train=false``)
+        self.train = bool(train)
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -382,6 +391,7 @@ class ContinualRunner:
                     ds, kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
+                dataset_labels=self.dataset_labels,
             )
             log.info(
                 "Experience %d/%d · %d classes %s · %d training images",
@@ -393,27 +403,32 @@ class ContinualRunner:
             per_process = len(loader) if repeated else math.ceil(len(loader) / distributed.world_size())
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
             # Lightning would wrap the repeated-augmentation sampler in its own distributed one: it shards already
-            trainer = self._trainer(i, callbacks=self._fit_callbacks(i), log_every_n_steps=every,
+            callbacks = self._fit_callbacks(i)
+            trainer = self._trainer(i, callbacks=callbacks, log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
             self.module.to(device)
             self.module.start_experience(info)
-            for s in self.module.strategies:
-                s.before_experience(self.module, info)
-            if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
-                trainer.fit(self.module, train_dataloaders=loader)
-            if self.stop_signal is not None:  # arrived in fit's last step or outside a step
-                raise Interrupted(self.stop_signal, i)
-            self.module.to(device)
-            for s in self.module.strategies:
-                s.after_experience(self.module, info)
-            if self.logger is not None:
+            if self.train:
+                for s in self.module.strategies:
+                    s.before_experience(self.module, info)
+                if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
+                    trainer.fit(self.module, train_dataloaders=loader)
+                if self.stop_signal is not None:  # arrived in fit's last step or outside a step
+                    raise Interrupted(self.stop_signal, i)
+                self.module.to(device)
+                for s in self.module.strategies:
+                    s.after_experience(self.module, info)
+            if self.logger is not None and self.train:
                 self.logger.step_offset += trainer.global_step
             evaluation = None
             if (i + 1) % self.eval_every == 0 or i == n - 1:
                 evaluation = self.evaluate(i, trainer)
             self.results.record(i, evaluation, time.perf_counter() - t0)
+            for cb in callbacks:  # the per-epoch test numbers: last and best epoch (selected on the test set)
+                if getattr(cb, "summary", None) and cb.summary() is not None:
+                    self.results.epoch_selection[i] = cb.summary()
             distributed.assert_consistent(
                 {"the network": self.module.state_dict(),
                  **{f"the state of strategy {s.name!r}": s.state_dict() for s in self.module.strategies}},
@@ -432,14 +447,19 @@ class ContinualRunner:
         return self.results
 
     def _fit_callbacks(self, i: int) -> list:
-        if not (self.epoch_eval and self.logger is not None and self.class_counts is not None):
-            return []
+        ema = []
+        if self.ema_decay is not None:
+            from cl_vit.ema import ModelEma
+
+            ema = [ModelEma(self.ema_decay)]
+        if not (self.epoch_eval and self.class_counts is not None):
+            return ema
         from cl_vit.epoch_eval import ShotGroupEpochEval
 
         # a fixed generator: building the loader's iterator must not draw from the training RNG
         loader = self._loader(self._eval_dataset(i), train=False, seed=0)
-        return [ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval,
-                                   shot_groups_record=self.results.meta.get("shot_groups"))]
+        return [*ema, ShotGroupEpochEval(loader, self.class_counts, every=self.epoch_eval,
+                                         shot_groups_record=self.results.meta.get("shot_groups"))]
 
     def _eval_dataset(self, i: int) -> ConcatDataset:
         test_stream = self.scenario.test_stream

@@ -26,3 +26,35 @@ def test_deit_lt_recipes_match_the_official_scripts(recipe, batch, gpus, epochs,
     assert cfg.trainer.max_epochs == epochs and cfg.strategy.deit_lt.drw_start_epoch == drw
     assert cfg.benchmark.imbalance_ratio == ratio
     assert cfg.data.repeated_aug is True and cfg.data.repeats == 3         # arguments.py L218-220, samplers.py L16
+
+
+def saddle_adjust_rho(epoch, rho_steps):
+    """val-iisc/Saddle-LongTail imnet_train_sam.py adjust_rho (L444-458), --rho_schedule step, transcribed."""
+    epoch = epoch + 1
+    if epoch <= 5:
+        return rho_steps[0]
+    if epoch > 75:
+        return rho_steps[3]
+    if epoch > 60:
+        return rho_steps[2]
+    return rho_steps[1]
+
+
+@pytest.mark.parametrize("recipe,lr,wd,mean", [("teacher-imagenet-lt", 0.2, 2e-4, None),
+                                               ("teacher-inat2018", 0.1, 1e-4, [0.466, 0.471, 0.380])])
+def test_imagenet_lt_and_inat_teachers_match_saddle_longtail(recipe, lr, wd, mean):
+    from cl_vit.optim.sam import rho_at
+
+    cfg = compose([f"experiment={recipe}"])
+    o = cfg.optimizer
+    assert (cfg.model.name, cfg.trainer.max_epochs, cfg.data.batch_size) == ("resnet50_ldam", 90, 256)
+    assert (o.name, o.lr, o.momentum, o.weight_decay) == ("momentum", lr, 0.9, wd)
+    assert (cfg.strategy.ldam_drw.max_margin, cfg.strategy.ldam_drw.scale, cfg.strategy.ldam_drw.drw_start_epoch) == (
+        0.3, 30.0, 60)
+    assert cfg.scheduler.name == "cosine" and cfg.scheduler.min_lr_ratio == 0 and cfg.scheduler.warmup_epochs == 0
+    steps = [0.05, 0.1, 0.5, 0.5]  # run.sh L27, L35 --rho_steps
+    assert [rho_at(e, o.sam_rho, o.sam_rho_milestones, o.sam_rho_values) for e in range(90)] == [
+        saddle_adjust_rho(e, steps) for e in range(90)]
+    args = cfg.benchmark.source_args
+    assert args.train_transform == args.test_transform == "torchvision"
+    assert (list(args.mean) if mean else args.normalize) == (mean or "imagenet")

@@ -251,11 +251,15 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
     check_pipelines(train_transform, test_transform, augment, test_resize)
     if train_transform == "deit":
         train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment))
+    elif train_transform == "torchvision":
+        train_ds = ImageFileDataset(train, torchvision_train_transform(img_size, mean, std))
     else:
         decode, transform = imagenet_transforms(img_size, mean, std, True)
         train_ds = ImageFileDataset(train, transform, decode=decode)
     if test_transform == "deit":
         return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std))
+    if test_transform == "torchvision":
+        return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std))
     decode, transform = imagenet_transforms(img_size, mean, std, False, test_resize)
     return train_ds, ImageFileDataset(test, transform, decode=decode)
 
@@ -270,7 +274,7 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
 # this pipeline (40 CIFAR-sized images, checked when this was written). Unlike the default pipelines, file sources
 # decode the whole image here: timm's crop interpolates the full-resolution image bicubically, as DeiT's does.
 
-PIPELINES = ("default", "deit")
+PIPELINES = ("default", "deit", "torchvision")
 
 #: val-iisc/DeiT-LT arguments.py defaults, handed by datasets.py build_transform_deit to timm's create_transform
 DEIT_AUGMENT = {
@@ -301,7 +305,7 @@ def check_pipelines(train_transform: str, test_transform: str, augment=None, tes
     if augment and train_transform != "deit":
         raise UserError("benchmark.source_args.augment sets the DeiT training pipeline's options: use it with "
                         "benchmark.source_args.train_transform=deit, or remove it")
-    if test_transform == "deit" and test_resize != "crop":
+    if test_transform in ("deit", "torchvision") and test_resize != "crop":
         raise UserError(f"benchmark.source_args.test_resize={test_resize!r} applies to test_transform=default; "
                         "DeiT's evaluation (test_transform=deit) is resize + centre crop")
     record = {"train": train_transform, "test": test_transform}
@@ -365,6 +369,25 @@ def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool
     if not resize_im:
         transform.transforms[0] = T.RandomCrop(img_size, padding=4)
     return PILTransform(_pillow_safe(transform))
+
+
+def torchvision_train_transform(img_size: int, mean, std) -> PILTransform:
+    """The ImageNet-LT / iNaturalist teachers' training transform (val-iisc/Saddle-LongTail datasets/imagenet.py
+    L93-98, datasets/ina2018.py L92-97): torchvision RandomResizedCrop(224) (bilinear), horizontal flip,
+    ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4, hue 0), normalisation, on the whole decoded image."""
+    from torchvision import transforms as T
+
+    return PILTransform(T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(),
+                                   T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0),
+                                   T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]))
+
+
+def torchvision_eval_transform(img_size: int, mean, std) -> PILTransform:
+    """Their evaluation transform (datasets/imagenet.py L102-106): Resize(256) (bilinear), CenterCrop(224)."""
+    from torchvision import transforms as T
+
+    return PILTransform(T.Compose([T.Resize(int(256 / 224 * img_size)), T.CenterCrop(img_size), T.ToTensor(),
+                                   T.Normalize(mean=list(mean), std=list(std))]))
 
 
 def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True) -> PILTransform:

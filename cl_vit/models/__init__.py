@@ -256,8 +256,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
-    try:  # safetensors, or torch.load(weights_only=True): a received file runs no code
-        state = timm.models.load_state_dict(str(path), weights_only=True)
+    try:
+        # the trained weights, not an EMA kept beside them (DeiT-LT's students carry a never-evaluated "model_ema");
+        # weights_only, DeiT-LT's pickled arguments allowed (teachers.OFFICIAL_SAFE_GLOBALS): a received file runs no code
+        with torch.serialization.safe_globals(teachers.OFFICIAL_SAFE_GLOBALS):
+            state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as e:
         if pickle.UnpicklingError in (type(e), type(e.__cause__)):  # timm re-raises weights_only's refusal
             raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "

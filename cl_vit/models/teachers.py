@@ -11,9 +11,19 @@
 ``load_teacher(path)`` rebuilds a teacher trained by this suite (``python -m cl_vit.run experiment=teacher-...``) from
 its run directory or one of its ``checkpoints/exp_XXX.pt``: each checkpoint carries the model config, the input size,
 the class list and the per-class training counts, so a distillation strategy can refuse a teacher of other classes.
+It also reads DeiT-LT's released PaCo + SAM teachers (``paco_sam_ckpt_cf10_if100.pth.tar``, ``imagenetlt_paco_sam.pth.tar``
+...) in their own layout: val-iisc/DeiT-LT moco/builder.py ``MoCo`` around teacher_models/resnet_cifar_paco.py
+``resnet32`` or resnet_imagenet_paco.py ``resnet50``, saved under DataParallel's ``module.`` prefix (main.py L306-319).
+Their inference (``MoCo._inference``) is ``linear(avgpool(encoder_q(x)))``: the query encoder up to its average pool,
+then the plain ``linear`` classifier; the contrastive head ``encoder_q.fc``, the key encoder and the queue are unused.
+Such a teacher predicts in its dataset's own label order (``label_order="dataset"``), which the strategy maps to the
+stream's labels (ImageNet-LT / iNaturalist students are re-indexed by frequency, as DeiT-LT's losses.py L99-101 maps
+the teacher's argmax through ``class_map``).
 """
 from __future__ import annotations
 
+import argparse
+import pathlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,9 +162,14 @@ def resnet32_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
 
 
 @register_model
-def resnet50_ldam(pretrained: bool = False, num_classes: int = 1000, **kwargs) -> nn.Module:
-    """timm's resnet50 with a ``NormedLinear`` classifier (the LDAM teachers of Saddle-LongTail, 224x224 inputs)."""
-    model = timm.create_model("resnet50", pretrained=pretrained, num_classes=num_classes, **kwargs)
+def resnet50_ldam(pretrained: bool = False, num_classes: int = 1000, zero_init_last: bool = False,
+                  **kwargs) -> nn.Module:
+    """timm's resnet50 with a ``NormedLinear`` classifier (the LDAM teachers of Saddle-LongTail, 224x224 inputs),
+    initialised as torchvision's ``resnet50()`` that imnet_train_sam.py L137 builds: Kaiming-normal (fan_out) convs,
+    BatchNorm weight 1 / bias 0 everywhere. timm zero-initialises each block's last BatchNorm by default
+    (``zero_init_last``), torchvision does not (``zero_init_residual=False``)."""
+    model = timm.create_model("resnet50", pretrained=pretrained, num_classes=num_classes,
+                              zero_init_last=zero_init_last, **kwargs)
     if num_classes > 0:
         model.fc = NormedLinear(model.num_features, num_classes)
     return model
@@ -166,24 +181,35 @@ def resnet50_ldam(pretrained: bool = False, num_classes: int = 1000, **kwargs) -
 @dataclass
 class Teacher:
     net: nn.Module
+    #: the class of each output, by name ("names" order); for a released teacher ("dataset" order) the dataset's own
+    #: label ids "0", "1", ...
     class_names: list[str]
     class_counts: list[int]
     #: (channels, height, width) the teacher was trained on
     input_size: tuple[int, int, int]
     model: dict = field(default_factory=dict)
     path: str = ""
+    #: "names": outputs follow ``class_names`` (a cl_vit teacher); "dataset": output i is label i of the dataset's own
+    #: files, before any re-indexing (DeiT-LT's released teachers)
+    label_order: str = "names"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
 
     def state_dict(self) -> dict:
         """Everything to rebuild the teacher (kept in the student's checkpoints, so that resume needs no file)."""
         return {"net": self.net.state_dict(), "class_names": self.class_names, "class_counts": self.class_counts,
-                "input_size": list(self.input_size), "model": self.model, "path": self.path}
+                "input_size": list(self.input_size), "model": self.model, "path": self.path,
+                "label_order": self.label_order}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Teacher":
         net = _build_net(state["model"], len(state["class_names"]), state["input_size"])
         net.load_state_dict(state["net"])
         return cls(_freeze(net), list(state["class_names"]), list(state["class_counts"]),
-                   tuple(state["input_size"]), dict(state["model"]), state.get("path", ""))
+                   tuple(state["input_size"]), dict(state["model"]), state.get("path", ""),
+                   state.get("label_order", "names"))
 
 
 def _freeze(net: nn.Module) -> nn.Module:
@@ -219,10 +245,52 @@ def teacher_checkpoint(path: str | Path) -> Path:
     return path
 
 
+#: what DeiT-LT's and PaCo's checkpoints pickle besides tensors (main.py saves its argparse arguments, output_dir a
+#: Path); allowed to torch.load(weights_only=True), nothing else is
+OFFICIAL_SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                         pathlib.PureWindowsPath]
+
+
+def read_official(file: str | Path) -> dict:
+    """A teacher checkpoint read with weights_only (its argparse arguments allowed); one line if it cannot be."""
+    return checkpoints.load(file, "teacher checkpoint", allow=OFFICIAL_SAFE_GLOBALS)
+
+
+def _paco_teacher(state: dict, file: Path) -> Teacher:
+    """A released PaCo + SAM teacher (see the module docstring): ResNet-32 (CIFAR, 32x32) or ResNet-50 (224x224)."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state["state_dict"].items()}
+    linear_w, conv1 = sd.get("linear.weight"), sd.get("encoder_q.conv1.weight")
+    if linear_w is None or conv1 is None or linear_w.ndim != 2:
+        raise UserError(f"teacher checkpoint {file} is not a DeiT-LT PaCo teacher (no encoder_q.conv1 / linear weights)")
+    n_classes, width = (int(d) for d in linear_w.shape)
+    if tuple(conv1.shape) == (16, 3, 3, 3) and width == 64:  # resnet_cifar_paco.py resnet32
+        model, size, head = {"name": "resnet32_cifar", "use_norm": False}, 32, "linear"
+    elif tuple(conv1.shape) == (64, 3, 7, 7) and width == 2048:  # resnet_imagenet_paco.py resnet50 (torchvision's)
+        model, size, head = {"name": "resnet50"}, 224, "fc"
+    else:
+        raise UserError(f"teacher checkpoint {file}: encoder conv1 {tuple(conv1.shape)} with {width} features is neither "
+                        "DeiT-LT's ResNet-32 nor its ResNet-50 teacher")
+    net = _build_net(model, n_classes, (3, size, size))
+    weights = {k[len("encoder_q."):]: v for k, v in sd.items()
+               if k.startswith("encoder_q.") and not k.startswith("encoder_q.fc.")}
+    weights.update({f"{head}.weight": sd["linear.weight"], f"{head}.bias": sd["linear.bias"]})
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"teacher checkpoint {file} does not fit {model['name']}: "
+                        f"{str(e).splitlines()[0][:200]}") from e
+    return Teacher(_freeze(net), [str(i) for i in range(n_classes)], [], (3, size, size), model, str(file),
+                   label_order="dataset")
+
+
 def load_teacher(path: str | Path) -> Teacher:
-    """Rebuild a teacher trained by this suite, frozen and in eval mode, with its classes and per-class counts."""
+    """Rebuild a teacher, frozen and in eval mode: one trained by this suite (with its classes and per-class counts),
+    or a released DeiT-LT PaCo teacher file."""
     file = teacher_checkpoint(path)
-    state = checkpoints.load(file, "teacher checkpoint")  # weights_only: a received file runs no code
+    state = read_official(file)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and any(
+            k.split(".", 1)[-1].startswith("encoder_q.") or k.startswith("encoder_q.") for k in state["state_dict"]):
+        return _paco_teacher(state, file)
     needed = ("module", "model", "input_size", "class_names", "class_counts")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise UserError(

@@ -84,3 +84,17 @@ class SAM(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
+
+
+def rho_at(epoch: int, rho: float, milestones=(), values=()) -> float:
+    """SAM's radius in (0-based) ``epoch`` under a step schedule: ``rho`` until the first milestone, then
+    ``values[k]`` from epoch ``milestones[k]`` on. Saddle-LongTail's ``adjust_rho`` with ``--rho_schedule step
+    --rho_steps a b c d`` (imnet_train_sam.py L444-458, on 1-based epochs: a up to 5, b up to 60, c up to 75, d after)
+    is ``rho=a, milestones=[5, 60, 75], values=[b, c, d]``."""
+    if len(milestones) != len(values):
+        raise ValueError(f"SAM rho schedule: {len(milestones)} milestones but {len(values)} values")
+    current = float(rho)
+    for m, v in zip(milestones, values):
+        if epoch >= m:
+            current = float(v)
+    return current

@@ -44,6 +44,9 @@ class ExperienceInfo:
     class_counts: list[int] | None = None
     #: class name of every stream label (None for a foreign Avalanche scenario), e.g. to match a teacher's classes
     class_names: list[str] | None = None
+    #: label of every stream class in the dataset's own files, before any re-indexing (map_targets): the output order
+    #: of checkpoints trained outside the suite (DeiT-LT's released teachers); None when unknown
+    dataset_labels: list[int] | None = None
 
 
 class Strategy:

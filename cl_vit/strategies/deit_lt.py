@@ -203,7 +203,7 @@ class DeiTLT(Strategy):
             net.set_distilled_training(True)
         if self.distillation != "none" and self.teacher is None:
             self.teacher = load_teacher(self.teacher_path)
-            n_teacher = len(self.teacher.class_names)
+            n_teacher = self.teacher.n_classes
             if n_teacher != module.n_classes:
                 raise UserError(
                     f"the teacher at {self.teacher.path} predicts {n_teacher} classes but the benchmark has "
@@ -221,7 +221,14 @@ class DeiTLT(Strategy):
         if experience.class_counts is None:
             raise UserError("strategy deit_lt needs the per-class training counts of the benchmark (a cl_vit source)")
         self.weights = class_balanced_weights(experience.class_counts, self.beta)
-        if self.teacher is not None:
+        if self.teacher is not None and self.teacher.label_order == "dataset":
+            # a released teacher: output i is the dataset's label i (DeiT-LT losses.py L99-101 maps it by class_map)
+            labels = getattr(experience, "dataset_labels", None)
+            if labels is None:
+                raise UserError(f"the released teacher {self.teacher.path} predicts in its dataset's own label order, "
+                                "which this benchmark does not record: use a cl_vit source (cifar10-lt, imagenet-lt, ...)")
+            self.teacher_index = None if list(labels) == list(range(len(labels))) else torch.as_tensor(labels)
+        elif self.teacher is not None:
             names = getattr(experience, "class_names", None)
             if names is not None:
                 index = teacher_permutation(self.teacher.class_names, names)
