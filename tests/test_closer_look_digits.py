@@ -41,7 +41,9 @@ def test_checkpoint_head_false_keeps_the_classifier_at_its_initialisation(tmp_pa
     torch.manual_seed(1)
     ref = timm.create_model("vit_micro_patch2_8", num_classes=10)
     path = tmp_path / "exp_000.pt"
-    torch.save({"module": {f"net.{k}": v for k, v in ref.state_dict().items()}}, path)
+    # as cl_vit.runner writes it: the weights under "module", the run's model config under "model"
+    torch.save({"experience": 0, "module": {f"net.{k}": v for k, v in ref.state_dict().items()},
+                "model": {"name": "vit_micro_patch2_8", "pretrained": False}, "input_size": [1, 8, 8]}, path)
     spec = {"name": "vit_micro_patch2_8", "checkpoint": str(path)}
     assert torch.equal(build_model(spec, 10, 1, 8).head.weight, ref.head.weight)  # same size: loaded by default
     torch.manual_seed(0)

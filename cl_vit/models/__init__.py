@@ -203,7 +203,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, head: bool = True) -> No
     if not path.is_file():
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
     try:
-        state = timm.models.load_state_dict(str(path))
+        # a cl_vit experience checkpoint also holds the run's model config under "model", which timm's reader would
+        # take for the weights: its "module" is read directly
+        raw = None if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and isinstance(raw.get("module"), dict):
+            state = raw["module"]
+        else:
+            state = timm.models.load_state_dict(str(path))
     except Exception as e:
         raise UserError(f"model.checkpoint {path.name} could not be read ({type(e).__name__}: {e}): give a "
                         ".safetensors, .pth or .bin file of model weights") from e
