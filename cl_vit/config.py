@@ -13,7 +13,9 @@ PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true",
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    # sub-folders hold families of options (experiment=closer-look-digits/l2)
+    root = CONFIG_DIR / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def check_group_choices(argv: list[str]) -> None:

@@ -22,7 +22,7 @@ from cl_vit.models import teachers  # noqa: F401  (registers resnet32_cifar, res
 from cl_vit.models import distilled  # noqa: E402  (last: registers <backbone>_distilled for the suite's backbones)
 
 #: model config keys that are not timm keyword arguments
-RESERVED = ("name", "pretrained", "checkpoint", "pretrained_tag", "distilled", TARGET)
+RESERVED = ("name", "pretrained", "checkpoint", "checkpoint_head", "pretrained_tag", "distilled", TARGET)
 
 #: attribute of a built model recording where its weights came from ("timm:arch.tag", "checkpoint:PATH"); absent
 #: when it was initialised at random. Regularisers anchor at these weights in the first experience.
@@ -99,7 +99,9 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     if cfg.get("distilled") or distilled.is_distilled(model):
         model = distilled.distill(model)
     if cfg.get("checkpoint"):
-        load_checkpoint(model, cfg["checkpoint"])
+        # checkpoint_head=false: the checkpoint's classifier is not loaded even where its shape fits (a backbone
+        # pre-trained on other classes that happen to be as many)
+        load_checkpoint(model, cfg["checkpoint"], head=cfg.get("checkpoint_head", True) is not False)
         setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(cfg['checkpoint']).expanduser()}")
     elif pretrained:
         pc = getattr(model, "pretrained_cfg", None) or {}
@@ -245,22 +247,29 @@ def _backbone_state(state: dict) -> dict:
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+def load_checkpoint(model: nn.Module, path: str | Path, head: bool = True) -> None:
     """Load local weights (.safetensors, .pth, .pt, .bin) into ``model``.
 
     timm's ``load_state_dict`` reads the file (unwrapping ``state_dict``/``model`` keys, and the ``net.`` prefix of
     cl_vit and Lightning checkpoints is dropped, so a run's ``checkpoints/exp_XXX.pt`` initialises a new run); the
     model family's ``checkpoint_filter_fn`` adapts foreign layouts (resampled position embeddings, ViT -> Refiner-ViT); a classifier
-    whose shape differs from the benchmark's is left at its initialisation. Anything else missing is an error.
+    whose shape differs from the benchmark's, or any classifier with ``head=False``, is left at its initialisation.
+    Anything else missing is an error.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"model.checkpoint={str(path)!r} does not exist: give the path of a .safetensors/.pth/.bin file")
     try:
-        # the trained weights, not an EMA kept beside them (DeiT-LT's students carry a never-evaluated "model_ema");
-        # weights_only, DeiT-LT's pickled arguments allowed (teachers.OFFICIAL_SAFE_GLOBALS): a received file runs no code
+        # weights_only, DeiT-LT's pickled arguments allowed (teachers.OFFICIAL_SAFE_GLOBALS): a received file runs no
+        # code. A cl_vit experience checkpoint also holds the run's model config under "model", which timm's reader
+        # would take for the weights: its "module" is read directly. Otherwise the trained weights, not an EMA kept
+        # beside them (DeiT-LT's students carry a never-evaluated "model_ema").
         with torch.serialization.safe_globals(teachers.OFFICIAL_SAFE_GLOBALS):
-            state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
+            raw = None if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(raw, dict) and isinstance(raw.get("module"), dict):
+                state = raw["module"]
+            else:
+                state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as e:
         if pickle.UnpicklingError in (type(e), type(e.__cause__)):  # timm re-raises weights_only's refusal
             raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "
@@ -275,7 +284,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     own = model.state_dict()
     heads = _classifier_prefixes(model)
     is_head = lambda k: any(k.startswith(f"{h}.") for h in heads)  # noqa: E731
-    state = {k: v for k, v in state.items() if not (is_head(k) and k in own and own[k].shape != v.shape)}
+    state = {k: v for k, v in state.items() if not (is_head(k) and (not head or k in own and own[k].shape != v.shape))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not is_head(k)]
     if missing or unexpected:

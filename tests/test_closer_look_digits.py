@@ -1,0 +1,52 @@
+"""The closer-look miniature's configs: the pre-training recipe and each arm of the comparison compose as documented,
+and a pre-trained checkpoint initialises the backbone without its classifier (model.checkpoint_head=false)."""
+import pytest
+import timm
+import torch
+from conftest import compose
+
+import cl_vit  # noqa: F401
+from cl_vit.config import check_group_choices
+from cl_vit.errors import ConfigError
+from cl_vit.models import build_model
+
+ARMS = ["finetune", "ftpp", "l2", "ewc", "lwf", "lwf_l2", "joint"]
+
+
+def test_pretraining_recipe_is_all_of_fashion_mnist_at_the_digits_geometry():
+    cfg = compose(["experiment=pretrain-fmnist-8"])
+    assert (cfg.benchmark.source, cfg.benchmark.n_experiences) == ("fashion-mnist", 1)
+    assert (cfg.benchmark.source_args.img_size, cfg.benchmark.source_args.normalize) == (8, "half")
+    assert (cfg.model.name, cfg.model.patch_size) == ("refiner_vit_tiny", 2)
+
+
+def test_arms_differ_only_where_documented():
+    cfgs = {arm: compose([f"experiment=closer-look-digits/{arm}"]) for arm in ARMS}
+    for cfg in cfgs.values():
+        assert cfg.benchmark.name == "split-digits" and cfg.model.checkpoint_head is False
+        assert cfg.model.checkpoint.endswith("pretrain-fmnist-8/checkpoints/exp_000.pt")
+    l2 = cfgs["l2"].strategy.l2
+    assert list(l2.params) == ["*attn.qkv.*"] and l2.train_only_selected and cfgs["l2"].loss.mask_old_logits
+    assert cfgs["ewc"].strategy.ewc.train_only_selected and list(cfgs["ewc"].strategy.ewc.params) == ["*attn.qkv.*"]
+    assert cfgs["lwf"].loss.name == "bce" and cfgs["lwf"].strategy.lwf.form == "mc"
+    assert set(cfgs["lwf_l2"].strategy) == {"lwf", "l2"} and cfgs["lwf_l2"].loss.name == "bce"
+    assert cfgs["joint"].benchmark.joint and cfgs["ftpp"].loss.mask_old_logits
+    assert not cfgs["finetune"].loss.mask_old_logits and cfgs["finetune"].loss.name == "ce"
+    check_group_choices(["experiment=closer-look-digits/l2"])
+    with pytest.raises(ConfigError, match="closer-look-digits/l2"):
+        check_group_choices(["experiment=closer-look-digits/nope"])
+
+
+def test_checkpoint_head_false_keeps_the_classifier_at_its_initialisation(tmp_path):
+    torch.manual_seed(1)
+    ref = timm.create_model("vit_micro_patch2_8", num_classes=10)
+    path = tmp_path / "exp_000.pt"
+    # as cl_vit.runner writes it: the weights under "module", the run's model config under "model"
+    torch.save({"experience": 0, "module": {f"net.{k}": v for k, v in ref.state_dict().items()},
+                "model": {"name": "vit_micro_patch2_8", "pretrained": False}, "input_size": [1, 8, 8]}, path)
+    spec = {"name": "vit_micro_patch2_8", "checkpoint": str(path)}
+    assert torch.equal(build_model(spec, 10, 1, 8).head.weight, ref.head.weight)  # same size: loaded by default
+    torch.manual_seed(0)
+    net = build_model({**spec, "checkpoint_head": False}, 10, 1, 8)
+    assert not torch.equal(net.head.weight, ref.head.weight)
+    assert torch.equal(net.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
