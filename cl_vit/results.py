@@ -176,8 +176,12 @@ class StreamResults:
         conf = self.confusions.get(head, {})
         if not conf:
             return np.zeros((0, 3), dtype=np.int64)
-        last = max(i for i, _ in conf)
-        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+        return self.row_entries(head, max(i for i, _ in conf))
+
+    def row_entries(self, head: str, row: int) -> np.ndarray:
+        """Pooled confusion after training experience ``row`` (every test sample seen by then, once)."""
+        parts = [e for (i, _), e in sorted(self.confusions.get(head, {}).items()) if i == row]
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
     def to_json(self, status: str) -> dict:
         R = self.accuracy_matrix()
@@ -225,7 +229,14 @@ class StreamResults:
                        for name, groups in definitions.items()}
                 for head in self.confusions}
         per_class = M.per_class_accuracy(self.final_entries("main"), self.info.n_classes)
-        return {"shot_accuracy": shot, "per_class_accuracy": [_clean(float(v)) for v in per_class]}
+        # after each evaluated experience, over the classes seen by then (long-tailed CIL reports it per task)
+        rows = {head: {i for i, _ in conf} for head, conf in self.confusions.items()}
+        per_exp = {head: {name: [M.shot_group_accuracy(self.row_entries(head, i), groups) if i in rows[head] else None
+                                 for i in range(self.completed)]
+                          for name, groups in definitions.items()}
+                   for head in self.confusions}
+        return {"shot_accuracy": shot, "shot_accuracy_per_experience": per_exp,
+                "per_class_accuracy": [_clean(float(v)) for v in per_class]}
 
     @classmethod
     def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":
@@ -463,8 +474,12 @@ class Run:
         conf = self.confusions(head)
         if not conf:
             return np.zeros((0, 3), dtype=np.int64)
-        last = max(i for i, _ in conf)
-        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+        return self.row_entries(head, max(i for i, _ in conf))
+
+    def row_entries(self, head: str, row: int) -> np.ndarray:
+        """Pooled confusion after training experience ``row`` (every test sample seen by then, once)."""
+        parts = [e for (i, _), e in sorted(self.confusions(head).items()) if i == row]
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
     # -- classes and the long tail -------------------------------------------------------------------------------
 
