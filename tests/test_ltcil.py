@@ -70,3 +70,22 @@ def test_any_strategy_runs_on_ltcil_and_records_shot_groups_per_task(tmp_path, d
     for i, row in enumerate(per["count"]):
         seen = [c for exp in doc["experiences"][: i + 1] for c in exp]
         assert set(row) == {groups[c] for c in seen}
+
+
+def test_pretrained_vit_recipes_compose_and_run_in_miniature(tmp_path, data_root):
+    expected = {"ltcil-simplecil": "simplecil", "ltcil-ranpac": "ranpac", "ltcil-l2": "l2"}
+    for experiment, strategy in expected.items():
+        cfg = compose([f"experiment={experiment}"])
+        assert list(cfg.strategy) == [strategy] and cfg.benchmark.name == "cifar100-ltcil-ordered-b0"
+        assert cfg.model.pretrained and cfg.model.pretrained_tag == "augreg_in21k"
+        assert cfg.benchmark.source_args.img_size == 224
+    assert compose(["experiment=ltcil-ranpac"]).optimizer.name == "sgd"
+    # the RanPAC recipe end to end on generated data, with the micro ViT in place of ViT-B/16
+    make_cifar(data_root, "cifar100", train_counts=[20] * 100, test_per_class=1)
+    over = ["experiment=ltcil-ranpac", *TINY, "model.pretrained=false", "benchmark.source_args.img_size=8",
+            "benchmark.imbalance_ratio=10", "benchmark.n_experiences=2", "strategy.ranpac.M=32",
+            "trainer.limit_train_batches=2", "data.num_workers=0", "data.persistent_workers=false", "epoch_eval=0"]
+    cfg = compose(over, data_root)
+    assert cfg.model.name == "vit_micro_patch2_8"
+    doc = run(cfg, tmp_path / "run")
+    assert doc["status"] == "completed" and len(doc["shot_accuracy_per_experience"]["main"]["count"]) == 2
