@@ -32,6 +32,8 @@ import torch
 import yaml
 
 from cl_vit import metrics as M
+from cl_vit.cost import COST_KEYS
+from cl_vit.cost import summarize as summarize_cost
 from cl_vit.errors import UserError
 
 if TYPE_CHECKING:  # reading results back needs no Avalanche import
@@ -139,6 +141,8 @@ class StreamResults:
     #: head -> {(trained_up_to, evaluated): sparse confusion}; head "main" is the model's output
     confusions: dict[str, dict[tuple[int, int], np.ndarray]] = field(default_factory=lambda: {"main": {}})
     wall_time: list[float] = field(default_factory=list)
+    #: per experience: parameters, strategy state and peak memory (cl_vit.cost)
+    cost: list[dict | None] = field(default_factory=list)
     completed: int = 0
     meta: dict = field(default_factory=dict)
 
@@ -150,11 +154,13 @@ class StreamResults:
     def n_cols(self) -> int:
         return len(self.info.eval_classes)
 
-    def record(self, i: int, evaluation: dict[str, dict[int, np.ndarray]] | None, wall: float) -> None:
+    def record(self, i: int, evaluation: dict[str, dict[int, np.ndarray]] | None, wall: float,
+               cost: dict | None = None) -> None:
         for head, per_exp in (evaluation or {}).items():
             for j, entries in per_exp.items():
                 self.confusions.setdefault(head, {})[(i, j)] = entries
         self.wall_time.append(float(wall))
+        self.cost = self.cost[:i] + [None] * (i - len(self.cost)) + [cost]
         self.completed = i + 1
 
     def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
@@ -201,6 +207,7 @@ class StreamResults:
             "metrics": self.metrics(),
             "heads": {},
             "wall_time": {"per_experience": self.wall_time, "total": float(sum(self.wall_time))},
+            "cost": {"per_experience": self.cost, **summarize_cost(self.cost)},
             "versions": versions(),
             "confusion": [
                 {"head": head, "trained_up_to": i, "evaluated": j, "entries": e.tolist()}
@@ -241,6 +248,7 @@ class StreamResults:
     @classmethod
     def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":
         res = cls(info=info, wall_time=list(doc["wall_time"]["per_experience"]),
+                  cost=list((doc.get("cost") or {}).get("per_experience", [])),
                   completed=int(doc["completed_experiences"]))
         res.confusions = {}
         for c in doc.get("confusion", []):
@@ -270,7 +278,7 @@ def matrix_csv(R: np.ndarray) -> str:
 SHOT_GROUP_NAMES = ("many", "medium", "few")
 #: the summary of a run: the headline metrics, shot-group accuracies (when the run has shot groups), wall time
 SHOT_KEYS = tuple(f"{g}_shot_accuracy" for g in SHOT_GROUP_NAMES)
-SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, "wall_time")
+SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, "wall_time", *COST_KEYS)
 
 #: config keys that say where and how a run was executed, not what it computed: runs that differ only in these and in
 #: the seed are repetitions of one setting
@@ -544,6 +552,8 @@ class Run:
         shot = self.shot_accuracy(head, shots) if head in self.head_names else {}
         out.update({f"{g}_shot_accuracy": shot.get(g) for g in SHOT_GROUP_NAMES})
         out["wall_time"] = self.wall_time
+        cost = self.results.get("cost") or {}
+        out.update({k: cost.get(k) for k in COST_KEYS})
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cl_vit import distributed
 from cl_vit import metrics as M
+from cl_vit.cost import ExperienceCost
 from cl_vit.module import ContinualModule
 from cl_vit.results import RunDirectory, StreamResults, matrix_csv
 from cl_vit.streams import StreamInfo
@@ -270,9 +271,11 @@ class ContinualRunner:
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
             self.module.to(device)
+            cost = ExperienceCost(device)
             self.module.start_experience(info)
             for s in self.module.strategies:
                 s.before_experience(self.module, info)
+            cost.fit_started(self.module)
             if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
                 trainer.fit(self.module, train_dataloaders=loader)
             self.module.to(device)
@@ -283,7 +286,8 @@ class ContinualRunner:
             evaluation = None
             if (i + 1) % self.eval_every == 0 or i == n - 1:
                 evaluation = self.evaluate(i, trainer)
-            self.results.record(i, evaluation, time.perf_counter() - t0)
+            self.results.record(i, evaluation, time.perf_counter() - t0,
+                                cost.finish(self.module, self.module.strategies))
             distributed.assert_consistent(
                 {"the network": self.module.state_dict(),
                  **{f"the state of strategy {s.name!r}": s.state_dict() for s in self.module.strategies}},

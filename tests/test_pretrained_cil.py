@@ -125,7 +125,18 @@ def test_simplecil_trains_nothing_and_its_prototypes_are_the_class_means(tmp_pat
     cfg = compose(over("simplecil"), data_root)
     _, scenario, info, module, _ = build(cfg)
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
-    run(cfg, tmp_path / "run")
+    doc = run(cfg, tmp_path / "run")
+    # cost: nothing trainable, every parameter counted, the prototypes counted as state
+    n_params = sum(p.numel() for p in module.parameters())
+    for c in doc["cost"]["per_experience"]:
+        assert c["params_trainable"] == 0 and c["params_total"] == n_params
+        assert c["state_numel"] >= module.net.head.prototypes.numel() and c["host_peak_rss_bytes"] > 0
+    assert doc["cost"]["params_trainable"] == 0 and doc["cost"]["peak_memory"] > 0
+    from cl_vit.report import markdown_table
+
+    table = markdown_table([tmp_path / "run"]).splitlines()
+    assert table[0].endswith("| trainable | params | peak mem. |")
+    assert table[2].split("|")[-4:-2] == [" 0 ", f" {n_params / 1e3:.1f}k "]
     after = RunDirectory(tmp_path / "run").load_checkpoint(1)["module"]
     for k, v in before.items():
         if k != "head.prototypes":
@@ -141,7 +152,12 @@ def test_ranpac_accumulates_the_gram_matrix_and_solves_the_ridge(tmp_path, data_
     cfg = compose(over("ranpac"), data_root)
     _, scenario, info, module, _ = build(cfg)
     init = {k: v.clone() for k, v in module.net.state_dict().items()}
-    run(cfg, tmp_path / "run")
+    doc = run(cfg, tmp_path / "run")
+    # cost: the first session trains every parameter, later experiences none; G and Q are strategy state
+    first_cost, second_cost = doc["cost"]["per_experience"]
+    assert first_cost["params_trainable"] == first_cost["params_total"] and second_cost["params_trainable"] == 0
+    d = module.net.num_features
+    assert second_cost["state_numel"] >= 16 * 16 + 16 * info.n_classes + d * 16
     rd = RunDirectory(tmp_path / "run")
     first, second = rd.load_checkpoint(0), rd.load_checkpoint(1)
     # the first session trained the backbone; the second trained nothing
@@ -185,7 +201,11 @@ def test_slca_slow_backbone_frozen_old_rows_and_alignment(tmp_path, data_root):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.net.parameters()))
     assert cfg.loss.mask_old_logits is True
 
-    run(cfg, tmp_path / "run")
+    doc = run(cfg, tmp_path / "run")
+    costs = doc["cost"]["per_experience"]
+    d = module.net.num_features
+    # the class Gaussians grow the state by d + d^2 per new class
+    assert costs[1]["state_numel"] - costs[0]["state_numel"] >= len(info.train_classes[1]) * (d + d * d)
     rd = RunDirectory(tmp_path / "run")
     first, second = rd.load_checkpoint(0)["strategies"]["slca"], rd.load_checkpoint(1)
     old = info.train_classes[0]
@@ -200,7 +220,6 @@ def test_slca_slow_backbone_frozen_old_rows_and_alignment(tmp_path, data_root):
     assert torch.equal(rd.load_checkpoint(0)["module"]["net.head.weight"], first["head_before_ca"]["weight"])
     assert sorted(state["means"]) == sorted(info.train_classes[0] + info.train_classes[1])
     assert state["tasks"] == [sorted(c) for c in info.train_classes]
-    d = module.net.num_features
     assert all(c.shape == (d, d) and c.dtype == torch.float32 for c in state["covs"].values())
 
 
