@@ -35,6 +35,7 @@ def build_strategies(cfg: Mapping) -> list[Strategy]:
 
 
 # strategy modules register themselves with @register_strategy on import
-from cl_vit.strategies import deit_lt, gcab, ldam, ranpac, simplecil, slca  # noqa: E402,F401
+from cl_vit.strategies import coda_prompt, deit_lt, dualprompt, gcab, l2p, ldam  # noqa: E402,F401
+from cl_vit.strategies import ranpac, simplecil, slca  # noqa: E402,F401
 
 __all__ = ["ExperienceInfo", "Strategy", "STRATEGIES", "register_strategy", "build_strategies"]
