@@ -199,3 +199,18 @@ def test_two_experiences_train_only_prompts_and_classifier_and_resume_exactly(na
     for i in (0, 1):
         a, b = RunDirectory(tmp_path / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)
         assert state_equal(a["module"], b["module"]), i
+
+
+def test_imagenet_r_recipes_compose_with_the_published_settings():
+    for name, strategy in (("coda-prompt", "coda_prompt"), ("dualprompt", "dualprompt"), ("l2p", "l2p")):
+        cfg = compose([f"experiment={name}-imagenet-r"])
+        assert list(cfg.strategy) == [strategy] and cfg.benchmark.n_experiences == 10
+        assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == \
+            ("adam", 1e-3, 50, 128)
+        assert cfg.loss.mask_old_logits and cfg.model.pretrained_tag == "augreg_in21k_ft_in1k"
+    assert dict(compose(["experiment=coda-prompt-imagenet-r"]).strategy.coda_prompt) == \
+        {"pool_size": 100, "length": 8, "ortho_mu": 0.0}
+    assert compose(["experiment=ranpac-imagenet-r"]).strategy.ranpac.M == 10000
+    slca = compose(["experiment=slca-imagenet-r"])
+    assert list(slca.scheduler.milestones) == [40] and slca.strategy.slca.backbone_lr_scale == 0.01
+    assert list(compose(["experiment=simplecil-imagenet-r"]).strategy) == ["simplecil"]
