@@ -55,7 +55,8 @@ def enable_prefixes(net: nn.Module) -> list[nn.Module]:
     attns = [getattr(b, "attn", None) for b in (blocks or [])]
     if not attns or not all(isinstance(a, Attention) for a in attns):
         raise UserError(f"the prompt methods insert prefixes into the attention of a timm ViT's blocks; "
-                        f"{type(net).__name__}'s blocks have no timm Attention (net.blocks[i].attn)")
+                        f"{type(net).__name__}'s blocks have no timm Attention (net.blocks[i].attn): use a timm "
+                        "ViT, e.g. model=vit_base_patch16_224 (Refiner-ViT's refined attention maps take no prefix)")
     for a in attns:
         a.prefix = None
         a.forward = MethodType(prefix_attention_forward, a)
