@@ -119,6 +119,10 @@ COLUMNS = {
     "task_incremental_accuracy": ("local A_N", "task_incremental_accuracy"),
     "task_incremental_forgetting": ("local F consec.", "task_incremental_forgetting"),
     "wall_time": ("wall time", "wall_time_s"),
+    # cl_vit.cost: the largest trainable count of an experience, the last total, the largest peak memory
+    "params_trainable": ("trainable", "params_trainable_max"),
+    "params_total": ("params", "params_total"),
+    "peak_memory": ("peak mem.", "peak_memory_bytes"),
 }
 SHOT_COLUMNS = ("many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy")
 #: shown only when some run has them
@@ -130,6 +134,10 @@ def _duration(s: float | None) -> str:
         return "—"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{int(n)}"
 
 
 def summary_rows(groups, head: str = "main", shots: str | None = None) -> list[dict]:
@@ -159,6 +167,10 @@ def _cell(key: str, mean_std) -> str:
         return "—"
     if key == "wall_time":
         return _duration(mean) + (f" ± {_duration(std)}" if std is not None else "")
+    if key in ("params_trainable", "params_total"):
+        return _count(mean)
+    if key == "peak_memory":
+        return f"{mean / 2**30:.2f} GiB" if mean >= 2**30 else f"{mean / 2**20:.0f} MiB"
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
@@ -207,7 +219,9 @@ def legend(runs, head: str = "main", shots: str | None = None, grouped: bool = T
     parts = ["Accuracies and forgettings in %" + (", mean ± sample standard deviation over seeds" if grouped else "")
              + ". A_N: mean accuracy over the experiences after the last; global acc.: over all seen test samples; "
                "avg. inc. acc.: mean of A_t; forgetting F: max-based (Chaudhry et al. 2018), first-minus-last "
-               "(Avalanche), consecutive-drop (CODA-Prompt); BWT (GEM)."]
+               "(Avalanche), consecutive-drop (CODA-Prompt); BWT (GEM). Cost: trainable = most parameters trained in "
+               "one experience, params = parameters after the last, peak mem. = largest GPU peak of an experience "
+               "(host peak RSS on CPU runs)."]
     if head == "main" and any(r.results.get("task_incremental") for r in runs):
         parts.append("local: task-incremental accuracy (each task's own classes, the task id given; CODA-Prompt's "
                      "local accuracy) and its consecutive-drop forgetting.")

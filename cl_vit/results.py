@@ -34,6 +34,8 @@ import yaml
 from cl_vit import checkpoints
 from cl_vit import metrics as M
 from cl_vit.checkpoints import DamagedCheckpoint
+from cl_vit.cost import COST_KEYS
+from cl_vit.cost import summarize as summarize_cost
 from cl_vit.data.longtail import default_shot_kind
 from cl_vit.errors import UserError
 
@@ -234,6 +236,8 @@ class StreamResults:
     #: head -> {(trained_up_to, evaluated): sparse confusion}; head "main" is the model's output
     confusions: dict[str, dict[tuple[int, int], np.ndarray]] = field(default_factory=lambda: {"main": {}})
     wall_time: list[float] = field(default_factory=list)
+    #: per experience: parameters, strategy state and peak memory (cl_vit.cost)
+    cost: list[dict | None] = field(default_factory=list)
     completed: int = 0
     meta: dict = field(default_factory=dict)
     #: the process's resident memory after each experience (flat along a long stream: python -m cl_vit.bench
@@ -250,11 +254,13 @@ class StreamResults:
     def n_cols(self) -> int:
         return len(self.info.eval_classes)
 
-    def record(self, i: int, evaluation: dict[str, dict[int, np.ndarray]] | None, wall: float) -> None:
+    def record(self, i: int, evaluation: dict[str, dict[int, np.ndarray]] | None, wall: float,
+               cost: dict | None = None) -> None:
         for head, per_exp in (evaluation or {}).items():
             for j, entries in per_exp.items():
                 self.confusions.setdefault(head, {})[(i, j)] = entries
         self.wall_time.append(float(wall))
+        self.cost = self.cost[:i] + [None] * (i - len(self.cost)) + [cost]
         self.completed = i + 1
 
     def row(self, i: int) -> dict:
@@ -269,6 +275,7 @@ class StreamResults:
         self.confusions = {h: {k: e for k, e in conf.items() if k[0] < n} for h, conf in self.confusions.items()}
         self.wall_time = self.wall_time[:n]
         self.rss_mib = self.rss_mib[:n]
+        self.cost = self.cost[:n]
         self.completed = n
 
     def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
@@ -290,8 +297,12 @@ class StreamResults:
         conf = self.confusions.get(head, {})
         if not conf:
             return np.zeros((0, 3), dtype=np.int64)
-        last = max(i for i, _ in conf)
-        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+        return self.row_entries(head, max(i for i, _ in conf))
+
+    def row_entries(self, head: str, row: int) -> np.ndarray:
+        """Pooled confusion after training experience ``row`` (every test sample seen by then, once)."""
+        parts = [e for (i, _), e in sorted(self.confusions.get(head, {}).items()) if i == row]
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
     def to_json(self, status: str) -> dict:
         R = self.accuracy_matrix()
@@ -312,6 +323,7 @@ class StreamResults:
             "heads": {},
             "wall_time": {"per_experience": self.wall_time, "total": float(sum(self.wall_time))},
             "rss_mib": {"per_experience": [round(v, 1) for v in self.rss_mib]},
+            "cost": {"per_experience": self.cost, **summarize_cost(self.cost)},
             "versions": versions(),
             "confusion": [
                 {"head": head, "trained_up_to": i, "evaluated": j, "entries": e.tolist()}
@@ -346,13 +358,21 @@ class StreamResults:
                        for name, groups in definitions.items()}
                 for head in self.confusions if head != LOCAL}
         per_class = M.per_class_accuracy(self.final_entries("main"), self.info.n_classes)
-        return {"shot_accuracy": shot, "per_class_accuracy": [_clean(float(v)) for v in per_class]}
+        # after each evaluated experience, over the classes seen by then (long-tailed CIL reports it per task)
+        rows = {head: {i for i, _ in conf} for head, conf in self.confusions.items()}
+        per_exp = {head: {name: [M.shot_group_accuracy(self.row_entries(head, i), groups) if i in rows[head] else None
+                                 for i in range(self.completed)]
+                          for name, groups in definitions.items()}
+                   for head in self.confusions}
+        return {"shot_accuracy": shot, "shot_accuracy_per_experience": per_exp,
+                "per_class_accuracy": [_clean(float(v)) for v in per_class]}
 
     @classmethod
     def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":
         res = cls(info=info, wall_time=list(doc["wall_time"]["per_experience"]),
                   completed=int(doc["completed_experiences"]),
-                  rss_mib=list((doc.get("rss_mib") or {}).get("per_experience", [])))
+                  rss_mib=list((doc.get("rss_mib") or {}).get("per_experience", [])),
+                  cost=list((doc.get("cost") or {}).get("per_experience", [])))
         res.confusions = {}
         for c in doc.get("confusion", []):
             entries = np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
@@ -435,7 +455,7 @@ SHOT_GROUP_NAMES = ("many", "medium", "few")
 SHOT_KEYS = tuple(f"{g}_shot_accuracy" for g in SHOT_GROUP_NAMES)
 #: the task-incremental ("local") A_N and consecutive-drop forgetting (CODA-Prompt's pair), from "task_incremental"
 LOCAL_KEYS = ("task_incremental_accuracy", "task_incremental_forgetting")
-SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, *LOCAL_KEYS, "wall_time")
+SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, *LOCAL_KEYS, "wall_time", *COST_KEYS)
 
 #: config keys that say where and how a run was executed, not what it computed: runs that differ only in these and in
 #: the seed are repetitions of one setting
@@ -653,8 +673,12 @@ class Run:
         conf = self.confusions(head)
         if not conf:
             return np.zeros((0, 3), dtype=np.int64)
-        last = max(i for i, _ in conf)
-        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+        return self.row_entries(head, max(i for i, _ in conf))
+
+    def row_entries(self, head: str, row: int) -> np.ndarray:
+        """Pooled confusion after training experience ``row`` (every test sample seen by then, once)."""
+        parts = [e for (i, _), e in sorted(self.confusions(head).items()) if i == row]
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
     # -- classes and the long tail -------------------------------------------------------------------------------
 
@@ -730,6 +754,8 @@ class Run:
         local = (self.results.get("task_incremental") or {}).get("metrics", {}) if head == "main" else {}
         out.update(zip(LOCAL_KEYS, (local.get("final_average_accuracy"), local.get("forgetting_consecutive"))))
         out["wall_time"] = self.wall_time
+        cost = self.results.get("cost") or {}
+        out.update({k: cost.get(k) for k in COST_KEYS})
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

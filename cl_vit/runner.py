@@ -37,6 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cl_vit import distributed
 from cl_vit import metrics as M
+from cl_vit.cost import ExperienceCost
 from cl_vit.errors import DiskFull, Interrupted, RunStopped
 from cl_vit.module import ContinualModule
 from cl_vit.results import LOCAL, RunDirectory, StreamResults, matrix_csv
@@ -409,10 +410,12 @@ class ContinualRunner:
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
             self.module.to(device)
+            cost = ExperienceCost(device)
             self.module.start_experience(info)
             if self.train:
                 for s in self.module.strategies:
                     s.before_experience(self.module, info)
+                cost.fit_started(self.module)
                 if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
                     trainer.fit(self.module, train_dataloaders=loader)
                 if self.stop_signal is not None:  # arrived in fit's last step or outside a step
@@ -420,12 +423,15 @@ class ContinualRunner:
                 self.module.to(device)
                 for s in self.module.strategies:
                     s.after_experience(self.module, info)
+            else:
+                cost.fit_started(self.module)
             if self.logger is not None and self.train:
                 self.logger.step_offset += trainer.global_step
             evaluation = None
             if (i + 1) % self.eval_every == 0 or i == n - 1:
                 evaluation = self.evaluate(i, trainer)
-            self.results.record(i, evaluation, time.perf_counter() - t0)
+            self.results.record(i, evaluation, time.perf_counter() - t0,
+                                cost.finish(self.module, self.module.strategies))
             for cb in callbacks:  # the per-epoch test numbers: last and best epoch (selected on the test set)
                 if getattr(cb, "summary", None) and cb.summary() is not None:
                     self.results.epoch_selection[i] = cb.summary()

@@ -30,6 +30,23 @@ def over(name):
     return FAST + [f"strategy={name}", *SMALL[name]]
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted two-experience run per strategy, shared by the tests that read it and the resume test:
+    ``runs(name) -> (config, data_root, folder, results)``."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            (root / "data").mkdir()
+            cfg = compose(over(name), root / "data")
+            cache[name] = (cfg, root / "data", root, run(cfg, root / "whole"))
+        return cache[name]
+
+    return get
+
+
 # -- the math on hand-computed cases ---------------------------------------------------------------------------------
 
 
@@ -121,12 +138,22 @@ def _embeddings(module, dataset):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def test_simplecil_trains_nothing_and_its_prototypes_are_the_class_means(tmp_path, data_root):
-    cfg = compose(over("simplecil"), data_root)
+def test_simplecil_trains_nothing_and_its_prototypes_are_the_class_means(runs):
+    cfg, _, root, doc = runs("simplecil")
     _, scenario, info, module, _ = build(cfg)
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
-    run(cfg, tmp_path / "run")
-    after = RunDirectory(tmp_path / "run").load_checkpoint(1)["module"]
+    # cost: nothing trainable, every parameter counted, the prototypes counted as state
+    n_params = sum(p.numel() for p in module.parameters())
+    for c in doc["cost"]["per_experience"]:
+        assert c["params_trainable"] == 0 and c["params_total"] == n_params
+        assert c["state_numel"] >= module.net.head.prototypes.numel() and c["host_peak_rss_bytes"] > 0
+    assert doc["cost"]["params_trainable"] == 0 and doc["cost"]["peak_memory"] > 0
+    from cl_vit.report import markdown_table
+
+    table = markdown_table([root / "whole"]).splitlines()
+    assert table[0].endswith("| trainable | params | peak mem. |")
+    assert table[2].split("|")[-4:-2] == [" 0 ", f" {n_params / 1e3:.1f}k "]
+    after = RunDirectory(root / "whole").load_checkpoint(1)["module"]
     for k, v in before.items():
         if k != "head.prototypes":
             assert torch.equal(after[f"net.{k}"], v), k
@@ -137,12 +164,16 @@ def test_simplecil_trains_nothing_and_its_prototypes_are_the_class_means(tmp_pat
             torch.testing.assert_close(after["net.head.prototypes"][c], feats[labels == c].mean(0))
 
 
-def test_ranpac_accumulates_the_gram_matrix_and_solves_the_ridge(tmp_path, data_root):
-    cfg = compose(over("ranpac"), data_root)
+def test_ranpac_accumulates_the_gram_matrix_and_solves_the_ridge(runs):
+    cfg, _, root, doc = runs("ranpac")
     _, scenario, info, module, _ = build(cfg)
     init = {k: v.clone() for k, v in module.net.state_dict().items()}
-    run(cfg, tmp_path / "run")
-    rd = RunDirectory(tmp_path / "run")
+    # cost: the first session trains every parameter, later experiences none; G and Q are strategy state
+    first_cost, second_cost = doc["cost"]["per_experience"]
+    assert first_cost["params_trainable"] == first_cost["params_total"] and second_cost["params_trainable"] == 0
+    d = module.net.num_features
+    assert second_cost["state_numel"] >= 16 * 16 + 16 * info.n_classes + d * 16
+    rd = RunDirectory(root / "whole")
     first, second = rd.load_checkpoint(0), rd.load_checkpoint(1)
     # the first session trained the backbone; the second trained nothing
     assert not torch.equal(first["module"]["net.blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
@@ -171,8 +202,8 @@ def test_ranpac_accumulates_the_gram_matrix_and_solves_the_ridge(tmp_path, data_
         torch.testing.assert_close(module(x), F.relu(f @ head.W_rand) @ head.rp_weight.T)
 
 
-def test_slca_slow_backbone_frozen_old_rows_and_alignment(tmp_path, data_root):
-    cfg = compose(over("slca"), data_root)
+def test_slca_slow_backbone_frozen_old_rows_and_alignment(runs):
+    cfg, _, root, doc = runs("slca")
     _, _, info, module, _ = build(cfg)
     module.scheduler_cfg = {"name": "constant"}
     opt = module.configure_optimizers()
@@ -185,8 +216,11 @@ def test_slca_slow_backbone_frozen_old_rows_and_alignment(tmp_path, data_root):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.net.parameters()))
     assert cfg.loss.mask_old_logits is True
 
-    run(cfg, tmp_path / "run")
-    rd = RunDirectory(tmp_path / "run")
+    costs = doc["cost"]["per_experience"]
+    d = module.net.num_features
+    # the class Gaussians grow the state by d + d^2 per new class
+    assert costs[1]["state_numel"] - costs[0]["state_numel"] >= len(info.train_classes[1]) * (d + d * d)
+    rd = RunDirectory(root / "whole")
     first, second = rd.load_checkpoint(0)["strategies"]["slca"], rd.load_checkpoint(1)
     old = info.train_classes[0]
     state = second["strategies"]["slca"]
@@ -200,13 +234,12 @@ def test_slca_slow_backbone_frozen_old_rows_and_alignment(tmp_path, data_root):
     assert torch.equal(rd.load_checkpoint(0)["module"]["net.head.weight"], first["head_before_ca"]["weight"])
     assert sorted(state["means"]) == sorted(info.train_classes[0] + info.train_classes[1])
     assert state["tasks"] == [sorted(c) for c in info.train_classes]
-    d = module.net.num_features
     assert all(c.shape == (d, d) and c.dtype == torch.float32 for c in state["covs"].values())
 
 
 @pytest.mark.parametrize("name", ["simplecil", "ranpac", "slca"])
-def test_resume_reproduces_an_uninterrupted_run(name, tmp_path, data_root, monkeypatch):
-    whole = run(compose(over(name), data_root), tmp_path / "whole")
+def test_resume_reproduces_an_uninterrupted_run(name, runs, tmp_path, monkeypatch):
+    _, data_root, root, whole = runs(name)
     Stop = interrupt_after(monkeypatch, 0)
     with pytest.raises(Stop):
         run(compose(over(name), data_root), tmp_path / "cut")
@@ -214,7 +247,7 @@ def test_resume_reproduces_an_uninterrupted_run(name, tmp_path, data_root, monke
     resumed = run(compose(over(name) + [f"resume={tmp_path / 'cut'}"], data_root), tmp_path / "cut")
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     for i in (0, 1):
-        a, b = RunDirectory(tmp_path / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)
+        a, b = RunDirectory(root / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)
         assert state_equal(a["module"], b["module"]) and state_equal(a["strategies"], b["strategies"]), i
     # the strategy state is plain tensors and types: loadable without running code
     torch.load(RunDirectory(tmp_path / "cut").checkpoint_path(1), weights_only=True)

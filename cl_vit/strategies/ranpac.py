@@ -72,11 +72,12 @@ class RandomProjectionHead(nn.Module):
         self.register_buffer("use_rp", torch.zeros((), dtype=torch.bool))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x @ self.W_rand.to(x.dtype)) if self.M > 0 else x
+        return F.relu(x @ self.W_rand) if self.M > 0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(self.use_rp):
-            return self.features(x) @ self.rp_weight.to(x.dtype).T
+        if bool(self.use_rp):  # float32 as the official code: a 10000-wide product in bf16 loses the ridge solution
+            with torch.autocast(x.device.type, enabled=False):
+                return self.features(x.float()) @ self.rp_weight.T
         return self.sigma * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 

@@ -1,0 +1,139 @@
+"""Prefix-tuning of a timm ViT for the prompt methods (L2P, DualPrompt, CODA-Prompt), as GT-RIPL/CODA-Prompt does it.
+
+CODA-Prompt's repository implements all three the same way (models/zoo.py ``ViTZoo.forward``, models/vit.py):
+
+* the query is the [CLS] output (after the final norm) of the frozen pre-trained model without prompts, computed
+  without gradient (zoo.py L392-395);
+* for every block l the prompt module returns a prefix (P_k, P_v) or nothing, and a loss term; the block's attention
+  prepends P_k to its keys and P_v to its values, split into heads like them (vit.py ``Attention.forward`` L68-73):
+  prefix tokens are in the embedding space and bypass the qkv projection;
+* the classifier reads the [CLS] token of the prompted pass (zoo.py L396-403); the prompt losses of all blocks are
+  summed into the training loss (vit.py L186-192, learners/prompt.py L37).
+
+Here the attention modules of the network are given a prefix-aware forward (their parameters and state-dict keys stay
+as they are) and the network a ``forward_outputs`` that runs the two passes; a prompt module is attached to the
+network as ``net.prompt``, so its parameters are trained by the module's optimiser and saved in every checkpoint.
+"""
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cl_vit.errors import UserError
+from cl_vit.strategies.base import ExperienceInfo, Strategy
+
+
+def prefix_attention_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """timm ``Attention.forward`` with ``self.prefix = (P_k, P_v)`` (B x L x C each) prepended to keys and values."""
+    prefix = getattr(self, "prefix", None)
+    if prefix is None:
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    B, N, C = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    pk, pv = (p.reshape(B, -1, self.num_heads, self.head_dim).permute(0, 2, 1, 3).to(k.dtype) for p in prefix)
+    k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                       dropout_p=self.attn_drop.p if self.training else 0.0)
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = self.norm(x)
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x))
+
+
+def enable_prefixes(net: nn.Module) -> list[nn.Module]:
+    """Give every block's attention the prefix-aware forward; returns the attention modules in block order."""
+    from timm.models.vision_transformer import Attention
+
+    blocks = getattr(net, "blocks", None)
+    attns = [getattr(b, "attn", None) for b in (blocks or [])]
+    if not attns or not all(isinstance(a, Attention) for a in attns):
+        raise UserError(f"the prompt methods insert prefixes into the attention of a timm ViT's blocks; "
+                        f"{type(net).__name__}'s blocks have no timm Attention (net.blocks[i].attn): use a timm "
+                        "ViT, e.g. model=vit_base_patch16_224 (Refiner-ViT's refined attention maps take no prefix)")
+    for a in attns:
+        a.prefix = None
+        a.forward = MethodType(prefix_attention_forward, a)
+    return attns
+
+
+def set_prefixes(net: nn.Module, prefixes) -> None:
+    for blk, p in zip(net.blocks, prefixes):
+        blk.attn.prefix = p
+
+
+def prompted_outputs(net: nn.Module, x: torch.Tensor) -> dict:
+    """The two passes: the query without prompts (no gradient), then the prompted pass; ``prompt_loss`` in training."""
+    set_prefixes(net, [None] * len(net.blocks))
+    with torch.no_grad():
+        query = net.forward_features(x)[:, 0]
+    prefixes, loss = [], x.new_zeros(())
+    for layer in range(len(net.blocks)):
+        p, term = net.prompt(query, layer, train=net.training)
+        prefixes.append(p)
+        loss = loss + term
+    set_prefixes(net, prefixes)
+    try:
+        feats = net.forward_features(x)
+    finally:
+        set_prefixes(net, [None] * len(net.blocks))
+    pre = net.forward_head(feats, pre_logits=True)
+    out = {"logits": net.get_classifier()(pre), "pre_logits": pre}
+    if net.training:
+        out["prompt_loss"] = loss
+    return out
+
+
+def install_prompt(net: nn.Module, prompt: nn.Module) -> None:
+    """Attach ``prompt`` as ``net.prompt`` and make the network's outputs the prompted ones."""
+    enable_prefixes(net)
+    net.add_module("prompt", prompt)
+    net.forward_outputs = MethodType(prompted_outputs, net)
+
+
+def tensor_prompt(*shape: int) -> nn.Parameter:
+    """zoo.py ``tensor_prompt`` L342-351: uniform [0, 1) (the orthogonal init is not used by L2P / DualPrompt)."""
+    return nn.Parameter(torch.empty(*shape).uniform_())
+
+
+def train_only_prompt_and_classifier(net: nn.Module) -> None:
+    """learners/prompt.py ``init_optimizer`` L52-54: only the prompt module and the classifier are optimised."""
+    from cl_vit.strategies.selection import classifier_names
+
+    keep = classifier_names(net)
+    for n, p in net.named_parameters():
+        p.requires_grad_(n in keep or n.startswith("prompt."))
+
+
+def key_query_cosine(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """cos(query_b, key_k), B x K, the query detached (zoo.py L255-257)."""
+    return torch.einsum("bj,kj->bk", F.normalize(query, dim=1).detach(), F.normalize(keys, dim=1))
+
+
+class PromptStrategy(Strategy):
+    """The shared policy of the prompt methods: a prompt module on a frozen backbone, a new task each experience.
+
+    Subclasses build the module (``make_prompt``); it has ``start_task(index, n_experiences)`` and ``forward(query,
+    layer, train) -> (prefix or None, loss)``."""
+
+    def make_prompt(self, emb_d: int) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self, module) -> None:
+        from cl_vit.strategies.embeddings import embedding_dim
+
+        install_prompt(module.net, self.make_prompt(embedding_dim(module.net)))
+
+    def before_experience(self, module, experience: ExperienceInfo) -> None:
+        train_only_prompt_and_classifier(module.net)
+        module.net.prompt.start_task(experience.index, experience.n_experiences)
+
+    def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
+        loss = outputs.get("prompt_loss")
+        return {} if loss is None else {self.name: loss}
