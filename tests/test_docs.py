@@ -1,6 +1,7 @@
 """Every command in README.md and docs/ names configs that exist, and every page the README links to is there."""
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 
@@ -85,3 +86,30 @@ def test_the_docs_pages_mirror_the_package():
     names = {p.stem for p in (REPO_ROOT / "docs").glob("*.md")}
     assert {"benchmarks", "models", "strategies", "recipes", "results", "scale", "reliability",
             "architecture"} <= names
+
+
+def test_every_config_option_is_named_in_the_docs():
+    """Nothing is lost: each configs/<group>/<option>.yaml is named somewhere in the README or docs/ (a brace
+    pattern such as ``deit-lt-*`` or ``{a,b}-x`` counts for the options it covers)."""
+    text = "\n".join(p.read_text() for p in PAGES)
+    names = set(re.findall(r"`([^`\s]+)`", text))
+    patterns = set()
+    for n in names:
+        for alt in _expand(n):
+            patterns.add(alt)
+    missing = []
+    for group in ("benchmark", "model", "strategy", "trainer", "logger", "experiment"):
+        for path in sorted((REPO_ROOT / "configs" / group).rglob("*.yaml")):
+            option = path.relative_to(REPO_ROOT / "configs" / group).with_suffix("").as_posix()
+            if not any(fnmatch.fnmatchcase(option, p) for p in patterns):
+                missing.append(f"{group}={option}")
+    assert not missing, f"config options no page names: {missing}"
+
+
+def _expand(name: str) -> list[str]:
+    """``{a,b}-x`` -> [``a-x``, ``b-x``], recursively; ``group=option`` -> ``option``."""
+    name = name.split("=", 1)[-1]
+    m = re.search(r"\{([^{}]*)\}", name)
+    if not m:
+        return [name]
+    return [e for alt in m.group(1).split(",") for e in _expand(name[:m.start()] + alt + name[m.end():])]
