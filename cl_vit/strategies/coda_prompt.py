@@ -104,8 +104,9 @@ class CodaPrompt(PromptStrategy):
             raise ConfigError("strategy.coda_prompt.ortho_mu", ortho_mu, "a number >= 0")
         self.pool_size, self.length, self.ortho_mu = pool_size, length, float(ortho_mu)
 
-    def make_prompt(self, emb_d: int) -> nn.Module:
-        return CodaPromptPool(emb_d, self.pool_size, self.length, self.ortho_mu)
+    def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
+        # zoo.py L46: blocks 0-4
+        return CodaPromptPool(emb_d, self.pool_size, self.length, self.ortho_mu, [b for b in range(5) if b < depth])
 
     def __repr__(self) -> str:
         return f"CodaPrompt(pool_size={self.pool_size}, length={self.length}, ortho_mu={self.ortho_mu})"

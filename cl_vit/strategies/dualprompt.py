@@ -79,9 +79,10 @@ class DualPrompt(PromptStrategy):
                 raise ConfigError(f"strategy.dualprompt.{key}", value, "an integer >= 1")
         self.pool_size, self.e_length, self.g_length = pool_size, e_length, g_length
 
-    def make_prompt(self, emb_d: int) -> nn.Module:
+    def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
         # zoo.py _init_smart L227-239: G in blocks 0-1, E in blocks 2-4, top-1, task-id bootstrap in training
-        return PromptPool(emb_d, self.pool_size, self.e_length, self.g_length, e_layers=(2, 3, 4), g_layers=(0, 1),
+        return PromptPool(emb_d, self.pool_size, self.e_length, self.g_length,
+                          e_layers=[b for b in (2, 3, 4) if b < depth], g_layers=[b for b in (0, 1) if b < depth],
                           top_k=1, task_id_bootstrap=True)
 
     def __repr__(self) -> str:

@@ -29,10 +29,10 @@ class L2P(PromptStrategy):
             raise ConfigError("strategy.l2p.top_k", top_k, f"at most pool_size ({pool_size})")
         self.pool_size, self.length, self.top_k, self.deep = pool_size, length, top_k, bool(deep)
 
-    def make_prompt(self, emb_d: int) -> nn.Module:
-        return PromptPool(emb_d, self.pool_size, self.length, g_length=0,
-                          e_layers=(0, 1, 2, 3, 4) if self.deep else (0,), g_layers=(), top_k=self.top_k,
-                          task_id_bootstrap=False)
+    def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
+        layers = [b for b in range(5) if b < depth] if self.deep else [0]
+        return PromptPool(emb_d, self.pool_size, self.length, g_length=0, e_layers=layers, g_layers=(),
+                          top_k=self.top_k, task_id_bootstrap=False)
 
     def __repr__(self) -> str:
         return f"L2P(pool_size={self.pool_size}, length={self.length}, top_k={self.top_k}, deep={self.deep})"

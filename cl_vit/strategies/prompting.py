@@ -119,16 +119,18 @@ def key_query_cosine(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 class PromptStrategy(Strategy):
     """The shared policy of the prompt methods: a prompt module on a frozen backbone, a new task each experience.
 
-    Subclasses build the module (``make_prompt``); it has ``start_task(index, n_experiences)`` and ``forward(query,
+    Subclasses build the module (``make_prompt(emb_d, depth)``, prompting only blocks below ``depth``); it has ``start_task(index, n_experiences)`` and ``forward(query,
     layer, train) -> (prefix or None, loss)``."""
 
-    def make_prompt(self, emb_d: int) -> nn.Module:  # pragma: no cover - abstract
+    def make_prompt(self, emb_d: int, depth: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def setup(self, module) -> None:
         from cl_vit.strategies.embeddings import embedding_dim
 
-        install_prompt(module.net, self.make_prompt(embedding_dim(module.net)))
+        enable_prefixes(module.net)  # checks the blocks first
+        # prompts only in blocks the network has: an unused parameter would stop a DDP run
+        install_prompt(module.net, self.make_prompt(embedding_dim(module.net), len(module.net.blocks)))
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         train_only_prompt_and_classifier(module.net)
