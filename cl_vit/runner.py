@@ -70,6 +70,9 @@ class LoaderConfig:
     #: the copies on different processes, the epoch cut to floor(N / 256) * 256 images over all processes
     repeated_aug: bool = False
     repeats: int = 3
+    #: training loaders drop the last, incomplete batch (DyTox / GCAB-CFDC continual/factory.py L35); kept when it is
+    #: the only batch
+    drop_last: bool = False
 
 
 class StreamLogger(TensorBoardLogger):
@@ -286,7 +289,7 @@ class ContinualRunner:
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            drop_last=False,
+            drop_last=train and cfg.drop_last and len(dataset) > (cfg.batch_size if train else cfg.eval_batch_size),
             num_workers=cfg.num_workers,
             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,

@@ -200,3 +200,64 @@ def test_coda_cifar_transforms_give_224_px_in_unit_range(data_root):
     # the test resize is deterministic and keeps the whole image: its mean matches the 32 px original's
     x32 = torch.as_tensor(np.asarray(src.test.images[0]), dtype=torch.float32) / 255
     assert x32.shape == (32, 32, 3) and abs(float(test[0].mean() - x32.mean())) < 0.02
+
+
+# -- GCAB on CIFAR-100 as the official code runs it ---------------------------------------------------------------
+
+
+def test_gcab_cifar100_recipe_is_the_official_pipeline_and_convit(tmp_path, data_root):
+    from torchvision import transforms as T
+
+    from cl_vit.data import build_source
+    from cl_vit.data.transforms import NORMALIZATIONS
+    from cl_vit.models import build_model
+    from cl_vit.models.gated import GatedNet
+
+    cfg = compose(["experiment=gcab-cifar100"], data_root)
+    c = OmegaConf.to_container(cfg, resolve=True)
+    # OcraM17/GCAB-CFDC options/model/cifar_GCAB_FDC.yaml, main.py, continual/datasets.py, continual/factory.py
+    assert c["benchmark"]["source_args"]["normalize"] == "cifar100" and c["data"]["drop_last"] is True
+    assert NORMALIZATIONS["cifar100"] == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+    assert c["strategy"]["gcab"]["projector_norm"] == "image" and c["loss"]["name"] == "bce"
+    assert (c["optimizer"]["name"], c["optimizer"]["lr"], c["optimizer"]["weight_decay"]) == ("adamw", 1.25e-4, 1e-6)
+    assert (c["trainer"]["max_epochs"], c["data"]["batch_size"]) == (500, 128)
+    net = build_model(c["model"], 100, 3, 32)
+    assert (net.embed_dim, len(net.blocks), net.blocks[0].attn.num_heads, net.patch_embed.num_patches) == (384, 6, 12, 64)
+    assert [type(b.attn).__name__ for b in net.blocks] == ["GPSA"] * 5 + ["MHSA"]
+    assert net.blocks[0].attn.qk.bias is None and net.blocks[-1].mlp.fc1.out_features == 1536
+    gated = GatedNet(net, 100, init_from_last_block=True, projector_norm="image")
+    assert [type(b.attn).__name__ for b in gated.backbone.blocks] == ["GPSA"] * 5  # the SABs; block 6 is the CAB
+    gated.backbone_no_decay, gated.decay_gated_weights = False, True  # the recipe's weight decay
+    assert gated.no_weight_decay() == set()  # timm's rule alone: 1-D parameters and biases, as the official optimiser
+    # the training pipeline: RandomCrop(32, pad 4), flip, RandAugment filling with the ImageNet mean, CIFAR-100 norm
+    make_cifar(data_root, "cifar100", train_counts=[3] * 100, test_per_class=1)
+    args = c["benchmark"]["source_args"]
+    src = build_source("cifar100", data_root, **args)
+    steps = src.train.transform.transform.transforms
+    assert isinstance(steps[0], T.RandomCrop) and steps[0].size == (32, 32) and steps[0].padding == 4
+    assert type(steps[2]).__name__ == "RandAugment" and steps[2].ops[0].hparams["img_mean"] == (124, 116, 104)
+    assert [round(m, 4) for m in steps[-1].mean] == [0.5071, 0.4867, 0.4408] and not any(
+        type(t).__name__ == "RandomErasing" for t in steps)
+    assert src.test[0][0].shape == (3, 32, 32)
+    # the gated ConViT learns: a BCE step reaches the GPSA blocks' gating and locality parameters
+    import torch
+
+    gated.add_task(list(range(10)))
+    x = torch.stack([src.train[i][0] for i in range(4)])
+    logits = gated.forward_outputs(x)["logits"][:, :10]
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.eye(10)[:4]).backward()
+    assert all(b.attn.gating_param.grad is not None for b in gated.backbone.blocks)
+
+
+def test_drop_last_drops_the_incomplete_training_batch_unless_it_is_the_only_one():
+    import torch
+
+    from cl_vit.runner import ContinualRunner, LoaderConfig
+
+    runner = ContinualRunner.__new__(ContinualRunner)
+    runner.loader = LoaderConfig(batch_size=4, drop_last=True)
+    data = torch.utils.data.TensorDataset(torch.zeros(10, 1))
+    assert len(runner._loader(data, train=True)) == 2 and len(runner._loader(data, train=False)) == 1
+    assert len(runner._loader(torch.utils.data.TensorDataset(torch.zeros(3, 1)), train=True)) == 1
+    runner.loader = LoaderConfig(batch_size=4)
+    assert len(runner._loader(data, train=True)) == 3

@@ -23,6 +23,8 @@ NORMALIZATIONS = {
     "coda": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
     # LDAM-DRW's CIFAR statistics (cifar_train.py), for backbones trained from scratch on CIFAR
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    # CIFAR-100's own statistics, as DyTox / GCAB-CFDC normalise it (continual/datasets.py L133, L147)
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
 
 
@@ -284,6 +286,9 @@ DEIT_AUGMENT = {
     "re_prob": 0.25,             # --reprob: random erasing, per image, on the normalised tensor, before Mixup/CutMix
     "re_mode": "pixel",          # --remode: per-pixel normal noise
     "re_count": 1,               # --recount
+    # the mean RandAugment fills uncovered pixels with (rotate, shear, translate); null: the normalisation mean.
+    # "imagenet": DyTox / GCAB-CFDC, whose create_transform gets no mean and whose CIFAR Normalize is swapped in later
+    "fill_mean": None,
 }
 
 
@@ -364,8 +369,13 @@ def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool
     from timm.data import create_transform
     from torchvision import transforms as T
 
-    transform = create_transform(input_size=img_size, is_training=True, mean=tuple(mean), std=tuple(std),
-                                 **deit_augment(augment))
+    options = deit_augment(augment)
+    fill = options.pop("fill_mean")
+    fill = NORMALIZATIONS[fill][0] if isinstance(fill, str) else tuple(fill) if fill else tuple(mean)
+    transform = create_transform(input_size=img_size, is_training=True, mean=fill, std=tuple(std), **options)
+    if fill != tuple(mean):  # the fill mean went to RandAugment; the tensor is normalised with the dataset's own
+        transform.transforms = [T.Normalize(mean=list(mean), std=list(std)) if isinstance(t, T.Normalize) else t
+                                for t in transform.transforms]
     if not resize_im:
         transform.transforms[0] = T.RandomCrop(img_size, padding=4)
     return PILTransform(_pillow_safe(transform))

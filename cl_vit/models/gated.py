@@ -264,6 +264,7 @@ class GatedNet(nn.Module):
         self.s = float(s_max)
         #: False: the gated CAB weights take no weight decay, so weights claimed by past tasks stay exactly fixed
         self.decay_gated_weights = False
+        self.backbone_no_decay = True
 
     # -- growth ----------------------------------------------------------------------------------------------------
 
@@ -351,7 +352,9 @@ class GatedNet(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        nwd = getattr(self.backbone, "no_weight_decay", None)
+        """Beyond timm's own rule (1-D parameters and biases take no weight decay): the backbone's list (unless
+        ``backbone_no_decay`` is off) and the CAB weights past tasks claim (unless ``decay_gated_weights``)."""
+        nwd = getattr(self.backbone, "no_weight_decay", None) if self.backbone_no_decay else None
         out = {f"backbone.{n}" for n in (nwd() if callable(nwd) else ())}
         if not self.decay_gated_weights:
             out |= set(self.claimed())

@@ -79,6 +79,7 @@ class GCAB(Strategy):
         thres_emb: float = 6.0,  # thres_emb 6
         freeze_cab_norms: bool = True,  # main.py freezes tabs[0].norm* at t > 0 (the issue names the SABs' norms)
         decay_gated_weights: bool = False,
+        backbone_no_decay: bool = True,
         init_from_last_block: bool = True,
         projector_norm: str = "token",  # the issue's per-token norm; "image": main.py's LayerNorm((384, 1, 64))
     ):
@@ -104,6 +105,9 @@ class GCAB(Strategy):
         # they shrink slightly although their gradients are masked; by default they take no weight decay here, so
         # claimed weights stay bit-identical (HAT's guarantee). True: the official behaviour.
         self.decay_gated_weights = bool(decay_gated_weights)
+        # true: the backbone's own no_weight_decay() (timm ConViT/ViT: pos_embed, cls_token) take no weight decay;
+        # the official optimiser gets the GCAB wrapper, which has none, so only 1-D parameters and biases are exempt
+        self.backbone_no_decay = bool(backbone_no_decay)
         self.init_from_last_block = bool(init_from_last_block)
         self.module = None
         self.teacher: nn.Module | None = None
@@ -117,6 +121,7 @@ class GCAB(Strategy):
             module.net = GatedNet(module.net, module.n_classes, self.s_max, self.init_from_last_block,
                                   self.projector_norm)
         module.net.decay_gated_weights = self.decay_gated_weights
+        module.net.backbone_no_decay = self.backbone_no_decay
         if module.loss_name != "bce":
             log.warning("gcab: loss.name=%s; the paper and the official code use bce (configs/strategy/gcab.yaml)",
                         module.loss_name)
