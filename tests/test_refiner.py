@@ -335,13 +335,17 @@ def test_official_checkpoint_names_load():
         elif k.endswith(".ls2.gamma"):
             k = k.replace("ls2.gamma", "mlp.scale_channel")
         official[k] = v
-    official["aux_head.weight"] = torch.zeros(5, m.embed_dim)
     assert not set(official) & {k for k in m.state_dict() if "refiner" in k}
     torch.manual_seed(5)
     other = small("refiner_vit_s", depth=2).eval()
     other.load_state_dict(checkpoint_filter_fn({"state_dict": official}, other))
     x = inputs(m)
     torch.testing.assert_close(other(x), m(x), rtol=0, atol=0)
+    # a token-labelling checkpoint (return_dense): its evaluation needs the aux head, refused in one line
+    official["aux_head.weight"] = torch.ones(5, m.embed_dim)
+    with pytest.raises(UserError, match="dense auxiliary head aux_head") as err:
+        checkpoint_filter_fn({"state_dict": official}, other)
+    assert "\n" not in str(err.value)
 
 
 # ---- normalisation inside the refiner ----

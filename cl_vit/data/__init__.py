@@ -11,6 +11,7 @@ from cl_vit.data.base import ImageFileDataset, Source, TensorImageDataset, scan_
 from cl_vit.data.cifar import build_cifar10, build_cifar10_lt, build_cifar100, build_cifar100_lt
 from cl_vit.data.digits import build_digits, build_digits_lt
 from cl_vit.data.filelist import build_imagenet_lt, build_inat2018
+from cl_vit.data.imagenet import build_imagenet
 from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
 from cl_vit.errors import UserError
@@ -26,6 +27,7 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "cifar100-lt": build_cifar100_lt,
     "imagenet-lt": build_imagenet_lt,
     "inat2018": build_inat2018,
+    "imagenet": build_imagenet,
 }
 
 

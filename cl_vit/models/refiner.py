@@ -519,7 +519,12 @@ def _convert_official(state_dict: Dict[str, torch.Tensor], model: RefinerViT) ->
     share = {i for i, b in enumerate(model.blocks) if b.is_share}
     for k, v in state_dict.items():
         if k.startswith("aux_head."):
-            continue  # token-labelling head (return_dense=True), not part of the classification model
+            # return_dense=True (token labelling; scripts/refiner_l.yaml L98): the official evaluation adds
+            # 0.5 x max over patches of aux_head to the class-token logits (models/refined_transformer.py L466-468)
+            raise UserError("this official Refiner-ViT checkpoint carries the dense auxiliary head aux_head "
+                            "(return_dense / token labelling), whose logits the official evaluation adds "
+                            "(x_cls + 0.5 x max over patches); the suite builds the class-token head only: use a "
+                            "checkpoint trained without return_dense")
         for old, new in _OFFICIAL_RENAMES:
             k = k.replace(old, new)
         parts = k.split(".")

@@ -35,6 +35,6 @@ def build_strategies(cfg: Mapping) -> list[Strategy]:
 
 
 # strategy modules register themselves with @register_strategy on import
-from cl_vit.strategies import deit_lt, gcab, ldam  # noqa: E402,F401
+from cl_vit.strategies import cos_reg, deit_lt, gcab, ldam, mixup  # noqa: E402,F401
 
 __all__ = ["ExperienceInfo", "Strategy", "STRATEGIES", "register_strategy", "build_strategies"]
