@@ -15,23 +15,16 @@ from cl_vit.errors import UserError
 LAYOUT = "<root>/train/<wnid>/<images> and <root>/val/<wnid>/<images> (ILSVRC-2012, validation sorted into folders)"
 
 
-def build_imagenet(
-    data_root: str | Path,
-    root: str | Path | None = None,
-    n_classes: int | None = None,
-    img_size: int = 224,
-    normalize: str = "imagenet",
-    mean=None,
-    std=None,
-    test_resize: str = "crop",
-    skip_corrupt: bool = False,
-    verify: str = "header",
-    train_transform: str = "default",
-    test_transform: str = "default",
-    augment: dict | None = None,
-    **_,
-) -> Source:
-    """``n_classes``: the first n sorted wnids only (tests, quick runs); default all (1,000)."""
+#: the image arguments every file source takes (cl_vit.data.filelist, cl_vit.data.imagenet_r), with their defaults
+IMAGE_ARGS = dict(img_size=224, normalize="imagenet", mean=None, std=None, test_resize="crop", skip_corrupt=False,
+                  verify="header")
+PIPELINE_ARGS = dict(train_transform="default", test_transform="default", augment=None)
+
+
+def build_imagenet(data_root: str | Path, root: str | Path | None = None, n_classes: int | None = None,
+                   **args) -> Source:
+    """``n_classes``: the first n sorted wnids only (tests, quick runs); default all (1,000). ``args``: the image
+    and pipeline arguments of every file source (:data:`IMAGE_ARGS`, :data:`PIPELINE_ARGS`)."""
     from cl_vit.data.download import missing_dataset_error
     from cl_vit.data.filelist import _make_source
 
@@ -47,7 +40,7 @@ def build_imagenet(
     train, classes = scan_image_folder(root / "train", wnids)
     test, _ = scan_image_folder(root / "val", classes)
     meta = {"root": str(root), "layout": "ILSVRC-2012 train/ and val/ class folders, labels = sorted wnids"}
-    return _make_source("imagenet", train, test, classes, data_root=data_root, map_targets_flag=False,
-                        img_size=img_size, normalize=normalize, mean=mean, std=std, test_resize=test_resize,
-                        skip_corrupt=skip_corrupt, verify=verify, meta=meta,
-                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment))
+    image = {k: args.get(k, v) for k, v in IMAGE_ARGS.items()}
+    pipelines = {k: args.get(k, v) for k, v in PIPELINE_ARGS.items()}
+    return _make_source("imagenet", train, test, classes, data_root=data_root, map_targets_flag=False, meta=meta,
+                        pipelines=pipelines, **image)
