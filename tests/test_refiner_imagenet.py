@@ -111,3 +111,12 @@ def test_cos_reg_reads_the_maps_the_blocks_pass_on(data_root):
     assert strategy._maps == []
     with pytest.raises(UserError, match="use model=refiner_vit_s/m/l"):
         build(compose(["model=vit_micro", "strategy=cos_reg", *TINY[1:]], data_root))
+
+
+@pytest.mark.parametrize("size,millions", [("m", 55.0), ("l", 80.6)])
+def test_refiner_m_and_l_recipes_dry_run_on_the_real_layout(size, millions, tmp_path, data_root):
+    make_imagenet(data_root)
+    stream = run(compose([f"experiment=refiner-vit-{size}-imagenet", "dry_run=true", "data.num_workers=0",
+                          "data.persistent_workers=false"], data_root), tmp_path / size)
+    assert stream["model"] == f"refiner_vit_{size}" and len(stream["experiences"]) == 1
+    assert abs(stream["n_params"] / 1e6 - millions) < 1.5  # the official size, with a 3-class head here
