@@ -335,13 +335,24 @@ def test_official_checkpoint_names_load():
         elif k.endswith(".ls2.gamma"):
             k = k.replace("ls2.gamma", "mlp.scale_channel")
         official[k] = v
-    official["aux_head.weight"] = torch.zeros(5, m.embed_dim)
     assert not set(official) & {k for k in m.state_dict() if "refiner" in k}
     torch.manual_seed(5)
     other = small("refiner_vit_s", depth=2).eval()
     other.load_state_dict(checkpoint_filter_fn({"state_dict": official}, other))
     x = inputs(m)
     torch.testing.assert_close(other(x), m(x), rtol=0, atol=0)
+    # a token-labelling checkpoint (return_dense): refused in one line without the aux head, evaluated as the
+    # official code with it (x_cls + 0.5 x max over patches of aux_head, models/refined_transformer.py L466-468)
+    official["aux_head.weight"] = torch.randn(m.num_classes, m.embed_dim)
+    official["aux_head.bias"] = torch.randn(m.num_classes)
+    with pytest.raises(UserError, match="load it with model.return_dense=true") as err:
+        checkpoint_filter_fn({"state_dict": official}, other)
+    assert "\n" not in str(err.value)
+    dense = small("refiner_vit_s", depth=2, return_dense=True).eval()
+    dense.load_state_dict(checkpoint_filter_fn({"state_dict": official}, dense))
+    tokens = m.forward_features(x)
+    aux = tokens[:, 1:] @ official["aux_head.weight"].T + official["aux_head.bias"]
+    torch.testing.assert_close(dense(x), m(x) + 0.5 * aux.max(1)[0], rtol=1e-5, atol=1e-5)
 
 
 # ---- normalisation inside the refiner ----

@@ -12,6 +12,7 @@ from cl_vit.data.cifar import build_cifar10, build_cifar10_lt, build_cifar100, b
 from cl_vit.data.digits import build_digits, build_digits_lt
 from cl_vit.data.fashion_mnist import build_fashion_mnist, build_fashion_mnist_lt
 from cl_vit.data.filelist import build_imagenet_lt, build_inat2018
+from cl_vit.data.imagenet import build_imagenet
 from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
 from cl_vit.errors import UserError
@@ -30,6 +31,7 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "inat2018": build_inat2018,
     "fashion-mnist": build_fashion_mnist,
     "fashion-mnist-lt": build_fashion_mnist_lt,
+    "imagenet": build_imagenet,
 }
 
 

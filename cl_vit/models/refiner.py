@@ -327,12 +327,16 @@ class RefinerViT(vit.VisionTransformer):
         zero_init_refiner: zero-initialise the refiner's last norm (default: on for ``every``, off for ``shared``).
         residual_scale: r in ``x + r * f(LN(x / r))`` (official 2). mlp_init_values: LayerScale on the MLP branch
             only (official 1e-5).
+        return_dense: the official token-labelling head ``aux_head`` on the patch tokens (scripts/refiner_l.yaml
+            L98); the logits are then ``head(cls) + 0.5 * max over patches of aux_head(patches)``, the official
+            evaluation (models/refined_transformer.py L466-468). Needed to evaluate checkpoints trained with it.
     """
 
     def __init__(self, *args, layout: str = "shared", stem: str = "conv", refiner_norm: str = "batch",
                  stem_norm: Optional[str] = None, refiner_expand: float = 3.0, refiner_kernel_size: int = 3,
                  adapt_norm: Optional[bool] = None, zero_init_refiner: Optional[bool] = None,
-                 residual_scale: float = 1.0, mlp_init_values: Optional[float] = None, **kwargs):
+                 residual_scale: float = 1.0, mlp_init_values: Optional[float] = None, return_dense: bool = False,
+                 **kwargs):
         if layout not in LAYOUTS:
             raise UserError(f"model.layout={layout!r} is not one of {LAYOUTS}")
         if stem not in ("conv", "patch"):
@@ -359,6 +363,25 @@ class RefinerViT(vit.VisionTransformer):
         img_size, patch_size = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
         _check_grid(img_size, patch_size, kwargs.get("dynamic_img_size", False))
         super().__init__(*args, block_fn=block_fn, embed_layer=embed_layer, **kwargs)
+        self.return_dense = bool(return_dense)
+        self._reset_aux_head()
+
+    def _reset_aux_head(self) -> None:
+        if self.return_dense:
+            self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+            if isinstance(self.aux_head, nn.Linear):  # official _init_weights: trunc_normal(0.02), zero bias
+                trunc_normal_(self.aux_head.weight, std=0.02)
+                nn.init.zeros_(self.aux_head.bias)
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        self._reset_aux_head()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        out = super().forward_head(x, pre_logits=pre_logits)
+        if pre_logits or not self.return_dense:
+            return out
+        return out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).max(1)[0]
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         super().init_weights(mode=mode, needs_reset=needs_reset)
@@ -488,7 +511,7 @@ RENAMED = {f"refiner_vit_{size}_patch16_224": f"vit_{size}_patch16_224_refined" 
 #: keyword arguments RefinerViT passes on to timm's VisionTransformer, and its own; anything else is refused
 _VIT_KWARGS = set(inspect.signature(vit.VisionTransformer.__init__).parameters) - {"self", "args", "kwargs"}
 _OWN_KWARGS = {"layout", "stem", "refiner_norm", "stem_norm", "refiner_expand", "refiner_kernel_size", "adapt_norm",
-               "zero_init_refiner", "residual_scale", "mlp_init_values"}
+               "zero_init_refiner", "residual_scale", "mlp_init_values", "return_dense"}
 
 
 def _check_grid(img_size, patch_size, dynamic: bool) -> None:
@@ -518,8 +541,12 @@ def _convert_official(state_dict: Dict[str, torch.Tensor], model: RefinerViT) ->
     out = {}
     share = {i for i, b in enumerate(model.blocks) if b.is_share}
     for k, v in state_dict.items():
-        if k.startswith("aux_head."):
-            continue  # token-labelling head (return_dense=True), not part of the classification model
+        if k.startswith("aux_head.") and not getattr(model, "return_dense", False):
+            # return_dense=True (token labelling; scripts/refiner_l.yaml L98): the official evaluation adds
+            # 0.5 x max over patches of aux_head to the class-token logits (models/refined_transformer.py L466-468)
+            raise UserError("this official Refiner-ViT checkpoint carries the dense auxiliary head aux_head "
+                            "(return_dense / token labelling), whose logits the official evaluation adds "
+                            "(x_cls + 0.5 x max over patches): load it with model.return_dense=true")
         for old, new in _OFFICIAL_RENAMES:
             k = k.replace(old, new)
         parts = k.split(".")

@@ -108,6 +108,17 @@ def teacher_permutation(teacher_classes: Sequence[str], student_classes: Sequenc
     return [where[c] for c in s]
 
 
+def mix_batch(mixup: Mixup, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup mixes pairs and needs an even batch; an odd last batch leaves its last sample unmixed."""
+    n = x.shape[0] - x.shape[0] % 2
+    if n == x.shape[0]:
+        return mixup(x, y)
+    target = mixup_target(y, mixup.num_classes, 1.0, mixup.label_smoothing)
+    if n:
+        x[:n], target[:n] = mixup(x[:n], y[:n])
+    return x, target
+
+
 # -- the strategy ----------------------------------------------------------------------------------------------------
 
 
@@ -250,18 +261,8 @@ class DeiTLT(Strategy):
         if self.erasing is not None:
             x = self.erasing(x.clone())
         if self.mixup is not None and not (self._drw_phase and self.mixup_off_in_drw):
-            x, y = self._mix(x.clone(), y)
+            x, y = mix_batch(self.mixup, x.clone(), y)
         return {**batch, "x": x, "y": y}
-
-    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """timm's Mixup mixes pairs and needs an even batch; an odd last batch leaves its last sample unmixed."""
-        n = x.shape[0] - x.shape[0] % 2
-        if n == x.shape[0]:
-            return self.mixup(x, y)
-        target = mixup_target(y, self.mixup.num_classes, 1.0, self.mixup.label_smoothing)
-        if n:
-            x[:n], target[:n] = self.mixup(x[:n], y[:n])
-        return x, target
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits on the student's batch, in the student's label order."""

@@ -1,0 +1,122 @@
+"""Refiner-ViT on ImageNet-1k: benchmark=imagenet, the refiner-vit-{s,m,l}-imagenet recipes, the cos_reg term."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, compose
+from data_gen import write_jpeg
+
+from cl_vit.errors import UserError
+from cl_vit.run import run
+from cl_vit.strategies.cos_reg import cos_reg_loss
+
+
+def make_imagenet(data_root, train_per_class=(3, 2, 2), val_per_class=1, size=(40, 32)):
+    """ILSVRC-2012 folders: imagenet/train/<wnid>/<wnid>_<k>.JPEG and imagenet/val/<wnid>/ILSVRC2012_val_<k>.JPEG."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    wnids = [f"n0{1440764 + 7 * c:07d}" for c in range(len(train_per_class))]
+    for c, (wnid, n) in enumerate(zip(wnids, train_per_class)):
+        for k in range(n):
+            write_jpeg(data_root / "imagenet" / "train" / wnid / f"{wnid}_{k}.JPEG",
+                       rng.randint(0, 255, (*size, 3), dtype=np.uint8))
+        for k in range(val_per_class):
+            write_jpeg(data_root / "imagenet" / "val" / wnid / f"ILSVRC2012_val_{c:04d}{k}.JPEG",
+                       rng.randint(0, 255, (*size, 3), dtype=np.uint8))
+    return wnids
+
+
+def test_imagenet_source_reads_the_ilsvrc_folders(data_root):
+    from cl_vit.data import build_source
+
+    wnids = make_imagenet(data_root)
+    src = build_source("imagenet", data_root, img_size=16)
+    assert src.classes == sorted(wnids) and len(src.train) == 7 and len(src.test) == 3
+    assert src.train[0][0].shape == (3, 16, 16)
+    with pytest.raises(UserError, match="imagenet not found at"):
+        build_source("imagenet", data_root / "nowhere")
+
+
+# scripts/refiner_{s,m,l}.yaml: (model, drop_path L24, batch L5, img_size L29, cos_reg_component L13)
+OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 12), ("m", "refiner_vit_m", 0.2, 32, 224, 12),
+            ("l", "refiner_vit_l", 0.2, 12, 448, 0)]
+
+
+@pytest.mark.parametrize("size,model,drop_path,batch,img,n_cos", OFFICIAL)
+def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch, img, n_cos):
+    cfg = compose([f"experiment=refiner-vit-{size}-imagenet"])
+    assert (cfg.model.name, cfg.model.drop_path_rate, cfg.data.batch_size) == (model, drop_path, batch)
+    assert cfg.benchmark.source_args.img_size == img and cfg.benchmark.name == "imagenet"
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw", 5e-4, 0.05)
+    assert (cfg.trainer.max_epochs, cfg.scheduler.warmup_epochs) == (300, 5)
+    assert cfg.optimizer.lr * cfg.scheduler.min_lr_ratio == pytest.approx(1e-5)
+    mix = cfg.strategy.mixup
+    assert (mix.mixup, mix.cutmix, mix.label_smoothing) == (0.8, 1.0, 0.1)
+    aug = cfg.benchmark.source_args.augment
+    assert (aug.auto_augment, aug.re_prob) == ("rand-m9-mstd0.5-inc1", 0.25)
+    assert cfg.ema.decay == 0.99996
+    assert (cfg.strategy.cos_reg.n_components if "cos_reg" in cfg.strategy else 0) == n_cos
+    # the model configs alone carry the official drop_path too
+    assert compose([f"model={model}"]).model.drop_path_rate == drop_path
+
+
+def test_refiner_recipe_trains_on_generated_imagenet_jpegs(tmp_path, data_root):
+    make_imagenet(data_root, train_per_class=(4, 4, 4))
+    over = ["experiment=refiner-vit-s-imagenet", *TINY[1:], "model=refiner_vit_s", "+model.depth=4",
+            "benchmark.source_args.img_size=32", "data.batch_size=6", "data.num_workers=0",
+            "data.persistent_workers=false", "trainer.precision=32-true", "strategy.cos_reg.n_components=3",
+            "logger=tensorboard"]
+    doc = run(compose(over, data_root), tmp_path / "run")
+    assert doc["status"] == "completed" and doc["strategy"] == ["mixup", "cos_reg"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert "train/loss/cos_reg" in acc.Tags()["scalars"]
+
+
+def test_cos_reg_is_the_official_term():
+    """loss/cross_entropy.py SoftTargetCrossEntropyCosReg: 0.1 * sum_i CosineSimilarity(dim=1)(a_i, a_i+1) .mean()
+    / n, transcribed, on maps as the model passes them on."""
+    torch.manual_seed(0)
+    maps = [torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(5)]
+    n = 3
+    cos = torch.nn.CosineSimilarity(dim=1)
+    total = 0
+    for i in range(n):
+        total += cos(maps[i], maps[i + 1])
+    expected = 0.1 * total.mean() / n
+    assert torch.allclose(cos_reg_loss(maps, n), expected)
+    assert torch.allclose(cos_reg_loss([maps[0]] * 4, 3), torch.tensor(0.1))  # identical maps: cosine 1
+    with pytest.raises(UserError, match="needs 6 attention maps"):
+        cos_reg_loss(maps, 5)
+
+
+def test_cos_reg_reads_the_maps_the_blocks_pass_on(data_root):
+    """The hooks see every block's passed-on map (a share block's is the one it received), in training only."""
+    from cl_vit.run import build
+
+    cfg = compose(["model=refiner_vit_tiny", "strategy=cos_reg", "strategy.cos_reg.n_components=3", *TINY[1:]],
+                  data_root)
+    _, scenario, _, module, _ = build(cfg)
+    strategy = module.strategies[0]
+    x = torch.randn(4, 1, 8, 8)
+    module.net.train()
+    module.net(x)
+    assert len(strategy._maps) == 4 and torch.equal(strategy._maps[0], strategy._maps[1])  # block 1 shares block 0's
+    loss = strategy.training_loss(module, {}, {})["cos_reg"]
+    assert loss.requires_grad and strategy._maps == []
+    module.net.eval()
+    module.net(x)
+    assert strategy._maps == []
+    with pytest.raises(UserError, match="use model=refiner_vit_s/m/l"):
+        build(compose(["model=vit_micro", "strategy=cos_reg", *TINY[1:]], data_root))
+
+
+@pytest.mark.parametrize("size,millions", [("m", 55.0), ("l", 80.6)])
+def test_refiner_m_and_l_recipes_dry_run_on_the_real_layout(size, millions, tmp_path, data_root):
+    make_imagenet(data_root)
+    stream = run(compose([f"experiment=refiner-vit-{size}-imagenet", "dry_run=true", "data.num_workers=0",
+                          "data.persistent_workers=false"], data_root), tmp_path / size)
+    assert stream["model"] == f"refiner_vit_{size}" and len(stream["experiences"]) == 1
+    assert abs(stream["n_params"] / 1e6 - millions) < 1.5  # the official size, with a 3-class head here
