@@ -90,7 +90,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False, default=_json_default) + "\n")
+    atomic_write_text(path, dumps(obj))
+
+
+def dumps(obj: Any) -> str:
+    """JSON with one line per top-level key. An indented dump goes through json's pure-Python encoder, whose time
+    along a long stream grows with every confusion entry of results.json (rewritten after each experience); each
+    value here is encoded compactly by the C encoder."""
+    enc = functools.partial(json.dumps, allow_nan=False, default=_json_default, separators=(", ", ": "))
+    if not isinstance(obj, dict) or not obj:
+        return enc(obj) + "\n"
+    return "{\n" + ",\n".join(f" {enc(str(k))}: {enc(v)}" for k, v in obj.items()) + "\n}\n"
 
 
 def _json_default(o):
