@@ -238,6 +238,9 @@ class StreamResults:
     #: the process's resident memory after each experience (flat along a long stream: python -m cl_vit.bench
     #: memory); a resumed run continues the list from its own process
     rss_mib: list[float] = field(default_factory=list)
+    #: per (head, i, j): the accuracy and the results.json entry, computed once; results.json is rewritten after
+    #: every experience and holds O(experiences^2) confusions, so recomputing them all made a long stream slow down
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -251,6 +254,7 @@ class StreamResults:
         for head, per_exp in (evaluation or {}).items():
             for j, entries in per_exp.items():
                 self.confusions.setdefault(head, {})[(i, j)] = entries
+                self._cache.pop((head, i, j), None)
         self.wall_time.append(float(wall))
         self.completed = i + 1
 
@@ -264,13 +268,28 @@ class StreamResults:
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` experiences only (resume from an earlier checkpoint re-trains the rest)."""
         self.confusions = {h: {k: e for k, e in conf.items() if k[0] < n} for h, conf in self.confusions.items()}
+        self._cache.clear()
         self.wall_time = self.wall_time[:n]
         self.rss_mib = self.rss_mib[:n]
         self.completed = n
 
+    def _cached(self, head: str, key: tuple[int, int]) -> tuple[float, dict]:
+        got = self._cache.get((head, *key))
+        if got is None:
+            e = self.confusions[head][key]
+            got = self._cache[(head, *key)] = (
+                M.confusion_accuracy(e),
+                {"head": head, "trained_up_to": key[0], "evaluated": key[1], "entries": e.tolist()})
+        return got
+
     def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
+        """``R`` as ``metrics.accuracy_matrix`` gives it, each entry computed once."""
         rows = self.completed if upto is None else upto
-        return M.accuracy_matrix(self.confusions.get(head, {}), rows, self.n_cols)
+        R = np.full((rows, self.n_cols), np.nan)
+        for key in self.confusions.get(head, {}):
+            if key[0] < rows:
+                R[key] = self._cached(head, key)[0]
+        return R
 
     def metrics(self, head: str = "main") -> dict:
         R = self.accuracy_matrix(head)
@@ -288,7 +307,7 @@ class StreamResults:
         if not conf:
             return np.zeros((0, 3), dtype=np.int64)
         last = max(i for i, _ in conf)
-        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+        return np.concatenate([conf[k] for k in sorted(conf) if k[0] == last])
 
     def to_json(self, status: str) -> dict:
         R = self.accuracy_matrix()
@@ -310,11 +329,7 @@ class StreamResults:
             "wall_time": {"per_experience": self.wall_time, "total": float(sum(self.wall_time))},
             "rss_mib": {"per_experience": [round(v, 1) for v in self.rss_mib]},
             "versions": versions(),
-            "confusion": [
-                {"head": head, "trained_up_to": i, "evaluated": j, "entries": e.tolist()}
-                for head, conf in self.confusions.items()
-                for (i, j), e in sorted(conf.items())
-            ],
+            "confusion": [self._cached(head, key)[1] for head, conf in self.confusions.items() for key in sorted(conf)],
         }
         if self.meta.get("shot_groups"):
             doc.update(self.long_tail_results())
@@ -634,7 +649,7 @@ class Run:
         if not conf:
             return np.zeros((0, 3), dtype=np.int64)
         last = max(i for i, _ in conf)
-        return np.concatenate([e for (i, _), e in sorted(conf.items()) if i == last])
+        return np.concatenate([conf[k] for k in sorted(conf) if k[0] == last])
 
     # -- classes and the long tail -------------------------------------------------------------------------------
 
