@@ -626,7 +626,10 @@ class Run:
         else:
             raise KeyError(f"{self.path} has no head {name!r}: its heads are {self.head_names}")
         n_cols = len(self.results.get("eval_experiences", []))
-        R = np.array([_float_array(row) for row in doc.get("accuracy_matrix", [])], dtype=float).reshape(-1, n_cols)
+        rows = doc.get("accuracy_matrix", [])
+        if not rows:  # nothing evaluated yet, or a damaged run (no results to read)
+            return Head(name, np.zeros((0, n_cols)), dict(doc.get("metrics", {})))
+        R = np.array([_float_array(row) for row in rows], dtype=float).reshape(-1, n_cols)
         return Head(name, R, dict(doc.get("metrics", {})))
 
     @property

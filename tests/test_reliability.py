@@ -18,6 +18,7 @@ from conftest import REPO_ROOT, TINY, cli_env, compose, run_cli
 from cl_vit import strategies as S
 from cl_vit.checkpoints import DamagedCheckpoint, UnsafeCheckpoint
 from cl_vit.errors import Interrupted, NonFiniteLoss, UserError
+from cl_vit.report import main as report_main
 from cl_vit.results import RunDirectory, RunLock, load_run
 from cl_vit.run import resume_config, run
 from cl_vit.strategies.base import Strategy
@@ -180,7 +181,7 @@ def test_sigterm_prints_how_to_continue_and_exits_143(tmp_path, data_root):
 # -- 2: damaged run directories ---------------------------------------------------------------------------------------
 
 
-def test_a_truncated_checkpoint_and_a_damaged_results_json_are_recovered(tmp_path, data_root, caplog):
+def test_a_truncated_checkpoint_and_a_damaged_results_json_are_recovered(tmp_path, data_root, caplog, capsys):
     ref = run(compose(THREE, data_root), tmp_path / "ref")
     for case in ("checkpoint", "results"):
         cut = tmp_path / case
@@ -193,6 +194,7 @@ def test_a_truncated_checkpoint_and_a_damaged_results_json_are_recovered(tmp_pat
         kept = {p.name: _digest(p) for p in (cut / "checkpoints").glob("exp_00[01].pt")}
         if case == "results":
             assert load_run(cut).state.startswith("damaged (results.json cannot be read")
+            assert report_main([str(cut)]) == 0 and "damaged" in capsys.readouterr().out
         caplog.clear()
         out = run(resume_config(compose([*THREE, f"resume={cut}"], data_root), [f"resume={cut}"]), cut)
         notes = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
