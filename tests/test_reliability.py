@@ -260,7 +260,7 @@ def test_resume_accepts_logger_progress_bar_and_eval_batch_size_and_names_a_forb
                "trainer=cpu"]
     cfg = resume_config(compose(allowed, data_root), allowed)
     assert cfg.logger.name == "none" and cfg.data.eval_batch_size == 64 and cfg.trainer.enable_progress_bar is False
-    assert cfg.trainer.max_epochs == 1  # a trainer preset changes the device, not the epochs
+    assert cfg.trainer.max_epochs == 1 and "sync_batchnorm" not in cfg.trainer  # a preset changes the device only
     for bad in ("optimizer.lr=0.5", "trainer.max_epochs=3"):
         with pytest.raises(UserError) as e:
             resume_config(compose([f"resume={cut}", bad], data_root), [f"resume={cut}", bad])
