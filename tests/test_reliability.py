@@ -56,6 +56,10 @@ class Fault(Strategy):
         value = float("nan") if hit and self.kind == "nan" else 0.0
         return {"probe": torch.tensor(value)}
 
+    def after_backward(self, module):
+        if self.kind == "grad" and self.index == self.at and self.steps == self.step:  # an overflow in backward
+            next(p for p in module.net.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
 
 @pytest.fixture
 def fault_registered(monkeypatch):
@@ -127,6 +131,13 @@ def test_a_nan_loss_term_stops_the_run_and_resume_continues(tmp_path, data_root,
     assert out["accuracy_matrix"][0] == doc["accuracy_matrix"][0]
     assert _digest(cut / "checkpoints" / "exp_000.pt") == kept
     assert "resumed_with" in (cut / "config.yaml").read_text()
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_step(tmp_path, data_root, fault_registered):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite gradient in experience 1, epoch 1, step 2: parameter "):
+        run(compose([*TINY, "benchmark.n_experiences=2", "+strategy.fault.at=0", "+strategy.fault.kind=grad"],
+                    data_root), tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "failed"
 
 
 def test_a_nan_loss_exits_non_zero_with_one_line(tmp_path, data_root):
