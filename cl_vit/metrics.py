@@ -181,7 +181,7 @@ def summarize(R: np.ndarray, confusions: Mapping[tuple[int, int], np.ndarray]) -
     last = R.shape[0] - 1
     return {
         "final_average_accuracy": final_average_accuracy(R),
-        "global_accuracy": global_accuracy([e for (i, _), e in sorted(confusions.items()) if i == last]),
+        "global_accuracy": global_accuracy([confusions[k] for k in sorted(confusions) if k[0] == last]),
         "average_incremental_accuracy": average_incremental_accuracy(R),
         "forgetting_max": forgetting_max(R),
         "forgetting_first_last": forgetting_first_last(R),

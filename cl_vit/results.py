@@ -96,7 +96,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False, default=_json_default) + "\n")
+    atomic_write_text(path, dumps(obj))
+
+
+def dumps(obj: Any) -> str:
+    """JSON with one line per top-level key. An indented dump goes through json's pure-Python encoder, whose time
+    along a long stream grows with every confusion entry of results.json (rewritten after each experience); each
+    value here is encoded compactly by the C encoder."""
+    enc = functools.partial(json.dumps, allow_nan=False, default=_json_default, separators=(", ", ": "))
+    if not isinstance(obj, dict) or not obj:
+        return enc(obj) + "\n"
+    return "{\n" + ",\n".join(f" {enc(str(k))}: {enc(v)}" for k, v in obj.items()) + "\n}\n"
 
 
 def _json_default(o):
@@ -245,6 +255,9 @@ class StreamResults:
     rss_mib: list[float] = field(default_factory=list)
     #: experience -> per-epoch test numbers of its last and best epoch (cl_vit.epoch_eval.ShotGroupEpochEval.summary)
     epoch_selection: dict[int, dict] = field(default_factory=dict)
+    #: per (head, i, j): the accuracy and the results.json entry, computed once; results.json is rewritten after
+    #: every experience and holds O(experiences^2) confusions, so recomputing them all made a long stream slow down
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -259,6 +272,7 @@ class StreamResults:
         for head, per_exp in (evaluation or {}).items():
             for j, entries in per_exp.items():
                 self.confusions.setdefault(head, {})[(i, j)] = entries
+                self._cache.pop((head, i, j), None)
         self.wall_time.append(float(wall))
         self.cost = self.cost[:i] + [None] * (i - len(self.cost)) + [cost]
         self.completed = i + 1
@@ -273,14 +287,29 @@ class StreamResults:
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` experiences only (resume from an earlier checkpoint re-trains the rest)."""
         self.confusions = {h: {k: e for k, e in conf.items() if k[0] < n} for h, conf in self.confusions.items()}
+        self._cache.clear()
         self.wall_time = self.wall_time[:n]
         self.rss_mib = self.rss_mib[:n]
         self.cost = self.cost[:n]
         self.completed = n
 
+    def _cached(self, head: str, key: tuple[int, int]) -> tuple[float, dict]:
+        got = self._cache.get((head, *key))
+        if got is None:
+            e = self.confusions[head][key]
+            got = self._cache[(head, *key)] = (
+                M.confusion_accuracy(e),
+                {"head": head, "trained_up_to": key[0], "evaluated": key[1], "entries": e.tolist()})
+        return got
+
     def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
+        """``R`` as ``metrics.accuracy_matrix`` gives it, each entry computed once."""
         rows = self.completed if upto is None else upto
-        return M.accuracy_matrix(self.confusions.get(head, {}), rows, self.n_cols)
+        R = np.full((rows, self.n_cols), np.nan)
+        for key in self.confusions.get(head, {}):
+            if key[0] < rows:
+                R[key] = self._cached(head, key)[0]
+        return R
 
     def metrics(self, head: str = "main") -> dict:
         R = self.accuracy_matrix(head)
@@ -325,11 +354,7 @@ class StreamResults:
             "rss_mib": {"per_experience": [round(v, 1) for v in self.rss_mib]},
             "cost": {"per_experience": self.cost, **summarize_cost(self.cost)},
             "versions": versions(),
-            "confusion": [
-                {"head": head, "trained_up_to": i, "evaluated": j, "entries": e.tolist()}
-                for head, conf in self.confusions.items()
-                for (i, j), e in sorted(conf.items())
-            ],
+            "confusion": [self._cached(head, key)[1] for head, conf in self.confusions.items() for key in sorted(conf)],
         }
         if self.meta.get("shot_groups"):
             doc.update(self.long_tail_results())
@@ -651,7 +676,10 @@ class Run:
         else:
             raise KeyError(f"{self.path} has no head {name!r}: its heads are {self.head_names}")
         n_cols = len(self.results.get("eval_experiences", []))
-        R = np.array([_float_array(row) for row in doc.get("accuracy_matrix", [])], dtype=float).reshape(-1, n_cols)
+        rows = doc.get("accuracy_matrix", [])
+        if not rows:  # nothing evaluated yet, or a damaged run (no results to read)
+            return Head(name, np.zeros((0, n_cols)), dict(doc.get("metrics", {})))
+        R = np.array([_float_array(row) for row in rows], dtype=float).reshape(-1, n_cols)
         return Head(name, R, dict(doc.get("metrics", {})))
 
     @property

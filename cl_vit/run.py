@@ -221,7 +221,8 @@ def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:
         if key == "resume" or key.startswith("hydra."):
             continue
         for k in RESUME_DEVICE_KEYS if key == "trainer" else (key,):  # a trainer preset keeps max_epochs & co.
-            OmegaConf.update(saved, k, OmegaConf.select(cfg, k), merge=False)
+            if key != "trainer" or OmegaConf.select(cfg, k, default="<absent>") != "<absent>":
+                OmegaConf.update(saved, k, OmegaConf.select(cfg, k), merge=False)
         if _matches(key, RESUME_AFTER_FAILURE):
             fixes.append(o)
     if fixes:  # the next experiences train with the fix: config.yaml says so, and so does every later resume

@@ -43,13 +43,37 @@ def run(quick: bool = False) -> dict:
                          f"from cl_vit.bench.runner import bare_run; bare_run({overrides!r})"])
     imports = peak_rss_mib([sys.executable, "-c", "import cl_vit.run, cl_vit.runner, lightning, timm, avalanche"])
     case = "default run" + (" (1 epoch)" if quick else "")
+    slope, first = long_stream_slope(root, 30 if quick else 100)
     return {
         "name": "memory",
         "device": "cpu",
         "rows": [
             row(case, "peak RSS MiB: suite / bare", suite, bare),
             row(case, "peak RSS MiB: suite / imports", suite, imports),
+            # value: RSS growth per experience (MiB); baseline: the RSS after the first experience
+            row(f"{30 if quick else 100}-experience stream", "RSS slope MiB/exp / RSS", slope, first),
         ],
         "notes": ["python -m cl_vit.run (split-digits, TensorBoard) vs a bare PyTorch loop over the same stream "
                   "and vs importing the stack; each in a fresh process"],
     }
+
+
+def long_stream_slope(root: Path, n: int = 100) -> tuple[float, float]:
+    """A synthetic stream of ``n`` one-class experiences on the micro ViT in a fresh process: the least-squares slope
+    of its resident memory over the experiences (MiB per experience; flat is 0) and its RSS after the first one."""
+    import json
+
+    import numpy as np
+
+    run_dir = root / "long"
+    cmd = [sys.executable, "-m", "cl_vit.run", "model=vit_micro", "benchmark=synthetic", f"benchmark.n_experiences={n}",
+           f"benchmark.source_args.n_classes={n}", "benchmark.source_args.n_train=4", "benchmark.source_args.n_test=1",
+           "benchmark.source_args.size=8", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none",
+           "+trainer.enable_progress_bar=false", f"data_root={root / 'data'}", f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(PACKAGE_ROOT))
+    if out.returncode != 0:
+        raise RuntimeError(f"the {n}-experience stream failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    rss = json.loads((run_dir / "results.json").read_text())["rss_mib"]["per_experience"]
+    return float(np.polyfit(np.arange(len(rss)), rss, 1)[0]), float(rss[0])
