@@ -410,10 +410,18 @@ class Run:
     def wall_time(self) -> float | None:
         return (self.results.get("wall_time") or {}).get("total")
 
+    def computed_config(self) -> dict[str, Any]:
+        """The flattened config without ``EXECUTION_KEYS`` and without the benchmark's strengths for strategies the
+        run does not use (``benchmark.strategy_args.ewc.lam`` does not change a finetune run)."""
+        used = set(self.config_value("strategy", {}) or {})
+        unused = tuple(f"benchmark.strategy_args.{n}." for n in
+                       (self.config_value("benchmark.strategy_args", {}) or {}) if n not in used)
+        return {k: v for k, v in flatten_config(self.config).items()
+                if not _is_execution_key(k) and not k.startswith(unused)}
+
     def setting_key(self) -> str:
         """What the run computed, the seed aside: equal for runs that repeat one setting with other seeds."""
-        flat = {k: v for k, v in flatten_config(self.config).items() if not _is_execution_key(k)}
-        return json.dumps(flat, sort_keys=True, default=str)
+        return json.dumps(self.computed_config(), sort_keys=True, default=str)
 
     # -- results -------------------------------------------------------------------------------------------------
 
@@ -441,7 +449,9 @@ class Run:
         else:
             raise KeyError(f"{self.path} has no head {name!r}: its heads are {self.head_names}")
         n_cols = len(self.results.get("eval_experiences", []))
-        R = np.array([_float_array(row) for row in doc.get("accuracy_matrix", [])], dtype=float).reshape(-1, n_cols)
+        rows = [_float_array(row) for row in doc.get("accuracy_matrix", [])]
+        # a run that has written its results.json but no experience yet (still running) has no rows and no columns
+        R = np.array(rows, dtype=float).reshape(-1, n_cols) if rows else np.zeros((0, n_cols))
         return Head(name, R, dict(doc.get("metrics", {})))
 
     @property
@@ -684,7 +694,7 @@ def group_runs(runs: Sequence[Run], by_seed: bool = True) -> list[RunGroup]:
     for gs in same_label.values():
         if len(gs) < 2:
             continue
-        flats = [{k: v for k, v in flatten_config(g.runs[0].config).items() if not _is_execution_key(k)} for g in gs]
+        flats = [g.runs[0].computed_config() for g in gs]
         keys = sorted({k for f in flats for k in f if len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
         for g, f in zip(gs, flats):
             g.settings = {k: f.get(k) for k in keys}
