@@ -637,10 +637,16 @@ class Run:
     def wall_time(self) -> float | None:
         return (self.results.get("wall_time") or {}).get("total")
 
-    def setting(self) -> dict:
-        """What the run computed, the seed aside: its config without ``EXECUTION_KEYS``, and the train/test split it
-        read (``split``: name and sha256 of the file lists, from results.json), which the config alone does not fix."""
-        flat = {k: v for k, v in flatten_config(self.config).items() if not _is_execution_key(k)}
+    def setting(self) -> dict[str, Any]:
+        """What the run computed, the seed aside: its config without ``EXECUTION_KEYS`` and without the benchmark's
+        strengths for strategies the run does not use (``benchmark.strategy_args.ewc.lam`` does not change a finetune
+        run), and the train/test split it read (``split``: name and sha256 of the file lists, from results.json),
+        which the config alone does not fix."""
+        used = set(self.config_value("strategy", {}) or {})
+        unused = tuple(f"benchmark.strategy_args.{n}." for n in
+                       (self.config_value("benchmark.strategy_args", {}) or {}) if n not in used)
+        flat = {k: v for k, v in flatten_config(self.config).items()
+                if not _is_execution_key(k) and not k.startswith(unused)}
         split = (self.results.get("source") or {}).get("split")
         if isinstance(split, dict) and split.get("sha256"):
             flat["split"] = f"{split.get('name', '?')}:{split['sha256'][:12]}"

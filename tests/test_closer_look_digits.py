@@ -50,3 +50,25 @@ def test_checkpoint_head_false_keeps_the_classifier_at_its_initialisation(tmp_pa
     net = build_model({**spec, "checkpoint_head": False}, 10, 1, 8)
     assert not torch.equal(net.head.weight, ref.head.weight)
     assert torch.equal(net.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+
+
+def test_strengths_of_strategies_a_run_does_not_use_do_not_split_its_seeds():
+    from pathlib import Path
+
+    from cl_vit.results import Run, group_runs
+
+    def fake(seed, strategy, ewc_lam, l2_lam=1.0, matrix=((1.0,),)):
+        config = {"seed": seed, "strategy": {strategy: {}}, "model": {"name": "m"},
+                  "benchmark": {"name": "b", "strategy_args": {"ewc": {"lam": ewc_lam}, "l2": {"lam": l2_lam}}}}
+        doc = {"status": "completed", "completed_experiences": 1, "accuracy_matrix": [list(matrix[0])],
+               "eval_experiences": [[0]]}
+        return Run(Path(f"/r/{strategy}-{seed}-{ewc_lam}"), config, doc, None)
+
+    # the ewc strength changed between the seeds of finetune: one finetune setting; for ewc it is two
+    groups = group_runs([fake(0, "finetune", 1.0), fake(1, "finetune", 1000.0), fake(0, "ewc", 1.0),
+                         fake(1, "ewc", 1000.0), fake(2, "finetune", 1000.0, l2_lam=3.0)])
+    assert [[r.seed for r in g.runs] for g in groups] == [[0, 1, 2], [0], [1]]
+    assert [g.settings for g in groups[1:]] == [{"benchmark.strategy_args.ewc.lam": 1.0},
+                                                {"benchmark.strategy_args.ewc.lam": 1000.0}]
+    # a run whose results.json has no experience yet has an empty accuracy matrix, not an error
+    assert fake(0, "finetune", 1.0, matrix=((),)).head().accuracy_matrix.size == 0
