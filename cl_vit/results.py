@@ -221,6 +221,15 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def remove_if_unused(self) -> None:
+        """Remove the lock file, and the run directory with it when nothing else was written there."""
+        try:
+            if [p.name for p in self.file.parent.iterdir()] == [self.file.name]:
+                self.file.unlink()
+                self.file.parent.rmdir()
+        except OSError:  # another process took it meanwhile, or it is gone: leave it
+            pass
+
     def __enter__(self) -> "RunLock":
         return self
 

@@ -81,12 +81,15 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
         raise UserError(f"{rd.path} already holds a run: continue it with resume={rd.path}, or set another hydra.run.dir")
     # one live process per run directory (rank 0 of a DDP run; the others never write it)
     writer = distributed.env_rank() == 0 and os.environ.get("NODE_RANK", "0") in ("", "0") and not cfg.dry_run
+    created = not rd.path.exists()
     lock = rd.lock() if writer else None
     try:
         return _run(cfg, rd, scenario, resuming, trainer_args)
     finally:
         if lock is not None:
             lock.release()
+            if created:  # a run that stopped before writing anything leaves no empty directory behind
+                lock.remove_if_unused()
 
 
 def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
