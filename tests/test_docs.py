@@ -32,9 +32,15 @@ def code_lines(text: str) -> list[str]:
 
 
 def run_commands(text: str) -> list[list[str]]:
-    """The overrides of each ``python -m cl_vit.run ...`` in the code blocks (comments dropped)."""
-    cmds = []
+    """The overrides of each ``python -m cl_vit.run ...`` in the code blocks (comments dropped), with the shell
+    variables that the blocks set (``E=closer-look-digits`` then ``experiment=$E/l2``) substituted."""
+    cmds, env = [], {}
     for line in code_lines(text):
+        assign = re.fullmatch(r"([A-Za-z_]\w*)=(\S+)", line.strip())
+        if assign:
+            env[assign.group(1)] = assign.group(2)
+            continue
+        line = re.sub(r"\$\{?([A-Za-z_]\w*)\}?", lambda m: env.get(m.group(1), m.group(0)), line)
         for m in re.finditer(r"python -m cl_vit\.run\b([^#;&|]*)", line):
             cmds.append(shlex.split(m.group(1)))
     return cmds
@@ -60,6 +66,8 @@ def test_the_command_parser_finds_commands_and_their_choices():
     (cmd,) = run_commands(text)
     assert cmd == ["-m", "strategy=finetune,ftpp", "seed=0,1", "benchmark=x", "model=y"]
     assert group_args(cmd) == ["strategy=finetune", "strategy=ftpp", "benchmark=x", "model=y"]
+    (cmd,) = run_commands("    E=closer-look-digits\n    python -m cl_vit.run -m experiment=$E/l2,$E/ewc\n")
+    assert group_args(cmd) == ["experiment=closer-look-digits/l2", "experiment=closer-look-digits/ewc"]
     with pytest.raises(UserError, match="benchmark"):
         check_group_choices(["benchmark=x"])
 
