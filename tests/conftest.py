@@ -44,7 +44,7 @@ def cli_env(data_root: Path | None = None) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if data_root is not None:
         env["CL_VIT_DATA"] = str(data_root)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")  # the suite runs one worker per core (pytest-xdist): one thread each
     return env
 
 
