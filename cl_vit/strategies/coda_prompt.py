@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cl_vit.errors import ConfigError, UserError
-from cl_vit.strategies import register_strategy
+from cl_vit.strategies.base import register_strategy
 from cl_vit.strategies.prompting import PromptStrategy
 
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_vit.errors import UserError
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import Strategy
+from cl_vit.strategies.base import Strategy, register_strategy
 
 
 def cos_reg_loss(maps: list[torch.Tensor], n: int, weight: float = 0.1) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from cl_vit.errors import ConfigError, UserError
-from cl_vit.strategies import register_strategy
+from cl_vit.strategies.base import register_strategy
 from cl_vit.strategies.prompting import PromptStrategy, key_query_cosine, tensor_prompt
 
 

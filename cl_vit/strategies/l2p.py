@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cl_vit.errors import ConfigError
-from cl_vit.strategies import register_strategy
+from cl_vit.strategies.base import register_strategy
 from cl_vit.strategies.dualprompt import PromptPool
 from cl_vit.strategies.prompting import PromptStrategy
 

@@ -8,8 +8,7 @@ from typing import Sequence
 import torch
 from timm.data import Mixup
 
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 
 
 @register_strategy

@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 from cl_vit.strategies.embeddings import embedding_dim, experience_embeddings, freeze, replace_classifier
 
 

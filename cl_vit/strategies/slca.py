@@ -33,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cl_vit.errors import ConfigError, UserError
-from cl_vit.strategies import register_strategy
-from cl_vit.strategies.base import ExperienceInfo, Strategy
+from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 from cl_vit.strategies.embeddings import experience_embeddings
 from cl_vit.strategies.selection import classifier_names
 
