@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
+from timm.models._helpers import clean_state_dict
 import torch
 import torch.nn as nn
 
@@ -264,12 +265,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, head: bool = True) -> No
         # code. A cl_vit experience checkpoint also holds the run's model config under "model", which timm's reader
         # would take for the weights: its "module" is read directly. Otherwise the trained weights, not an EMA kept
         # beside them (DeiT-LT's students carry a never-evaluated "model_ema").
-        with torch.serialization.safe_globals(teachers.OFFICIAL_SAFE_GLOBALS):
-            raw = None if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state = timm.models.load_state_dict(str(path))
+        else:  # read once; unwrapped as timm's load_state_dict(use_ema=False) would
+            with torch.serialization.safe_globals(teachers.OFFICIAL_SAFE_GLOBALS):
+                raw = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(raw, dict) and isinstance(raw.get("module"), dict):
                 state = raw["module"]
             else:
-                state = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
+                key = next((k for k in ("state_dict", "model") if isinstance(raw, dict) and k in raw), None)
+                state = clean_state_dict(raw[key] if key else raw)
     except Exception as e:
         if pickle.UnpicklingError in (type(e), type(e.__cause__)):  # timm re-raises weights_only's refusal
             raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "
