@@ -299,35 +299,62 @@ def test_no_qpsolvers_warning_when_no_qp_solver_is_installed(tmp_path):
 # -- 7: long streams stay flat ----------------------------------------------------------------------------------------
 
 
-def test_a_hundred_experiences_keep_memory_and_time_flat(tmp_path, data_root, monkeypatch):
+def test_a_hundred_experiences_keep_memory_and_work_flat(tmp_path, data_root, monkeypatch):
+    """A 100-experience stream: memory stays flat, and every experience does exactly the work its protocol needs
+    (its own training images, then one pass over the test images seen so far), nothing more as the stream grows.
+
+    The work is counted in images through the network, not timed: a timed assertion failed in CI whenever another
+    test ran beside this one. How the time per experience evolves is measured by ``python -m cl_vit.bench runner``."""
+    import gc
+
+    import lightning as L
+
+    from cl_vit import module as module_lib
     from cl_vit import report
     from cl_vit.runner import ContinualRunner
 
-    ends, cpu, save = [], [], ContinualRunner._save
+    images, per_experience, save, outputs = [0], [], ContinualRunner._save, module_lib.net_outputs
 
-    def timed_save(self, i, status):  # an experience from its start to the end of its save
-        cpu.append(time.process_time())  # this process's CPU time: not skewed by other processes on the machine
+    def counted_outputs(net, x):
+        images[0] += int(x.shape[0])
+        return outputs(net, x)
+
+    def counted_save(self, i, status):  # an experience ends with its save
+        per_experience.append(images[0])
+        images[0] = 0
         save(self, i, status)
-        ends.append(time.perf_counter())
-        cpu.append(time.process_time())
+        if i % 10 == 9:
+            live.append(live_state())
 
-    monkeypatch.setattr(ContinualRunner, "_save", timed_save)
+    def live_state():  # what a leak would keep alive: trainers, modules, and the bytes of live tensors
+        gc.collect()
+        objs = gc.get_objects()
+        return (sum(isinstance(o, L.Trainer) for o in objs), sum(isinstance(o, L.LightningModule) for o in objs),
+                sum(o.untyped_storage().nbytes() for o in objs if torch.is_tensor(o) and not o.is_meta))
+
+    live = []
+
+    monkeypatch.setattr(module_lib, "net_outputs", counted_outputs)
+    monkeypatch.setattr(ContinualRunner, "_save", counted_save)
     monkeypatch.setattr(report, "finish_run", lambda *a, **k: None)  # the final figures are not what is measured
+    n_train = 4
     out = run(compose(["model=vit_micro", "benchmark=synthetic", "benchmark.n_experiences=100",
-                       "benchmark.source_args.n_classes=100", "benchmark.source_args.n_train=4",
+                       "benchmark.source_args.n_classes=100", f"benchmark.source_args.n_train={n_train}",
                        "benchmark.source_args.n_test=1", "benchmark.source_args.size=8",
                        "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none",
                        "+trainer.enable_progress_bar=false"], data_root), tmp_path / "long")
     assert out["completed_experiences"] == 100
     rss = out["rss_mib"]["per_experience"]
     first, last = sum(rss[:10]) / 10, sum(rss[-10:]) / 10
-    assert last <= first * 1.05, (first, last)
-    wall = out["wall_time"]["per_experience"]  # training and evaluation (the evaluation set grows to 100 images)
-    # the same span (training and evaluation, the save excluded) on the CPU clock, which a test running beside this
-    # one does not stretch: experience i runs from the end of save i-1 to the start of save i
-    work = [cpu[2 * i] - cpu[2 * i - 1] for i in range(1, len(cpu) // 2)]
-    assert sum(work[-10:]) <= 2 * sum(work[3:13]), work
-    # not asserted: saving grows with results.json, which holds a confusion per (trained, evaluated) pair
-    steps = [b - a for a, b in zip(ends, ends[1:])]
-    print(f"RSS {first:.0f} -> {last:.0f} MiB; train+eval {sum(wall[4:14]) / 10:.3f} -> {sum(wall[-10:]) / 10:.3f} s;"
-          f" with the save {sum(steps[4:14]) / 10:.3f} -> {sum(steps[-10:]) / 10:.3f} s")
+    # RSS grows by about 0.5 MiB an experience: the results themselves (one confusion per pair of experiences, so
+    # 5,050 here, kept and written to results.json) and the allocator's fragmentation; measured 4.6% over 100
+    assert last <= first * 1.15, (first, last)
+    # nothing else is left behind: the same trainers and modules alive after experience 20 as after 100, and tensor
+    # bytes grow only by the last evaluation's per-image outputs (labels, predictions, experience ids: measured
+    # 32 bytes an image; 80 test images more here). One leaked batch an experience would add 240 KiB.
+    assert all(state[:2] == live[1][:2] for state in live[1:]), live
+    assert live[-1][2] - live[1][2] <= 64 * 80, live
+    # experience i (1-based): one epoch over its class's n_train images, then the i test images seen so far
+    assert per_experience == [n_train + i for i in range(1, 101)], per_experience
+    wall = out["wall_time"]["per_experience"]
+    print(f"RSS {first:.0f} -> {last:.0f} MiB; train+eval {sum(wall[4:14]) / 10:.3f} -> {sum(wall[-10:]) / 10:.3f} s")

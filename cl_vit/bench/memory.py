@@ -43,7 +43,8 @@ def run(quick: bool = False) -> dict:
                          f"from cl_vit.bench.runner import bare_run; bare_run({overrides!r})"])
     imports = peak_rss_mib([sys.executable, "-c", "import cl_vit.run, cl_vit.runner, lightning, timm, avalanche"])
     case = "default run" + (" (1 epoch)" if quick else "")
-    slope, first = long_stream_slope(root, 30 if quick else 100)
+    n = 30 if quick else 100
+    slope, first, late, early = long_stream_slope(root, n)
     return {
         "name": "memory",
         "device": "cpu",
@@ -51,16 +52,19 @@ def run(quick: bool = False) -> dict:
             row(case, "peak RSS MiB: suite / bare", suite, bare),
             row(case, "peak RSS MiB: suite / imports", suite, imports),
             # value: RSS growth per experience (MiB); baseline: the RSS after the first experience
-            row(f"{30 if quick else 100}-experience stream", "RSS slope MiB/exp / RSS", slope, first),
+            row(f"{n}-experience stream", "RSS slope MiB/exp / RSS", slope, first),
+            # training + evaluation of one experience; the evaluation covers the n test images seen so far
+            row(f"{n}-experience stream", "s/exp: last 10 / exps 5-14", late, early),
         ],
         "notes": ["python -m cl_vit.run (split-digits, TensorBoard) vs a bare PyTorch loop over the same stream "
                   "and vs importing the stack; each in a fresh process"],
     }
 
 
-def long_stream_slope(root: Path, n: int = 100) -> tuple[float, float]:
+def long_stream_slope(root: Path, n: int = 100) -> tuple[float, float, float, float]:
     """A synthetic stream of ``n`` one-class experiences on the micro ViT in a fresh process: the least-squares slope
-    of its resident memory over the experiences (MiB per experience; flat is 0) and its RSS after the first one."""
+    of its resident memory over the experiences (MiB per experience; flat is 0), its RSS after the first one, and the
+    mean training plus evaluation time (s) of its last ten experiences and of experiences 5-14."""
     import json
 
     import numpy as np
@@ -75,5 +79,7 @@ def long_stream_slope(root: Path, n: int = 100) -> tuple[float, float]:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(PACKAGE_ROOT))
     if out.returncode != 0:
         raise RuntimeError(f"the {n}-experience stream failed (exit {out.returncode}): {out.stderr[-2000:]}")
-    rss = json.loads((run_dir / "results.json").read_text())["rss_mib"]["per_experience"]
-    return float(np.polyfit(np.arange(len(rss)), rss, 1)[0]), float(rss[0])
+    doc = json.loads((run_dir / "results.json").read_text())
+    rss, wall = doc["rss_mib"]["per_experience"], doc["wall_time"]["per_experience"]
+    return (float(np.polyfit(np.arange(len(rss)), rss, 1)[0]), float(rss[0]),
+            float(np.mean(wall[-10:])), float(np.mean(wall[4:14])))
