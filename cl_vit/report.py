@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -233,13 +234,14 @@ def legend(runs, head: str = "main", shots: str | None = None, grouped: bool = T
     return " ".join(parts)
 
 
-def markdown_table(runs, group: bool = True, head: str = "main", shots: str | None = None) -> str:
+def markdown_table(runs, group: bool = True, head: str = "main", shots: str | None = None,
+                   same: Sequence[str] = ()) -> str:
     """The report of runs (``Run`` objects, or paths of run directories / Hydra multirun folders) as Markdown."""
     from cl_vit.results import Run, group_runs, load_runs
 
     if isinstance(runs, (str, Path)) or not all(isinstance(r, Run) for r in runs):
         runs = load_runs(runs)
-    return format_markdown(summary_rows(group_runs(runs, by_seed=group), head, shots),
+    return format_markdown(summary_rows(group_runs(runs, by_seed=group, same=same), head, shots),
                            legend(runs, head, shots, group))
 
 
@@ -325,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", default=None, choices=("count", "index"),
                    help="shot-group definition: count (training images) or index (DeiT-LT's class-index cut-offs); "
                         "default: index where the benchmark has official cut-offs, else count")
+    p.add_argument("--same", action="append", default=[], metavar="KEY",
+                   help="a config key whose values change with the seed by design (e.g. strategy.deit_lt.teacher, a "
+                        "per-seed teacher run): runs that differ in it are still seeds of one setting; repeatable")
     args = p.parse_args(argv)
     try:
         runs = load_runs(args.paths)
-        rows = summary_rows(group_runs(runs, by_seed=not args.no_group), args.head, args.shots)
+        rows = summary_rows(group_runs(runs, by_seed=not args.no_group, same=args.same), args.head, args.shots)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

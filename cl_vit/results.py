@@ -646,24 +646,27 @@ class Run:
     def wall_time(self) -> float | None:
         return (self.results.get("wall_time") or {}).get("total")
 
-    def setting(self) -> dict[str, Any]:
+    def setting(self, same: Sequence[str] = ()) -> dict[str, Any]:
         """What the run computed, the seed aside: its config without ``EXECUTION_KEYS`` and without the benchmark's
         strengths for strategies the run does not use (``benchmark.strategy_args.ewc.lam`` does not change a finetune
         run), and the train/test split it read (``split``: name and sha256 of the file lists, from results.json),
-        which the config alone does not fix."""
+        which the config alone does not fix. ``same``: further keys (and the keys under them) left out, values
+        that change with the seed by design (a per-seed teacher run, ``strategy.deit_lt.teacher``)."""
         used = set(self.config_value("strategy", {}) or {})
         unused = tuple(f"benchmark.strategy_args.{n}." for n in
                        (self.config_value("benchmark.strategy_args", {}) or {}) if n not in used)
+        same = tuple(same)
         flat = {k: v for k, v in flatten_config(self.config).items()
-                if not _is_execution_key(k) and not k.startswith(unused)}
+                if not _is_execution_key(k) and not k.startswith(unused)
+                and not any(k == s or k.startswith(s + ".") for s in same)}
         split = (self.results.get("source") or {}).get("split")
         if isinstance(split, dict) and split.get("sha256"):
             flat["split"] = f"{split.get('name', '?')}:{split['sha256'][:12]}"
         return flat
 
-    def setting_key(self) -> str:
+    def setting_key(self, same: Sequence[str] = ()) -> str:
         """Equal for runs that repeat one setting (``setting``) with other seeds."""
-        return json.dumps(self.setting(), sort_keys=True, default=str)
+        return json.dumps(self.setting(same), sort_keys=True, default=str)
 
     # -- results -------------------------------------------------------------------------------------------------
 
@@ -952,12 +955,12 @@ class RunGroup:
         return np.stack([r.head(head).average_accuracy for r in self.runs])
 
 
-def group_runs(runs: Sequence[Run], by_seed: bool = True) -> list[RunGroup]:
-    """Finished runs that differ only by seed (and ``EXECUTION_KEYS``) form one group; an unfinished run is never
-    averaged with others. Groups keep the order of their first run."""
+def group_runs(runs: Sequence[Run], by_seed: bool = True, same: Sequence[str] = ()) -> list[RunGroup]:
+    """Finished runs that differ only by seed (and ``EXECUTION_KEYS``, and the config keys in ``same``) form one
+    group; an unfinished run is never averaged with others. Groups keep the order of their first run."""
     buckets: dict[str, list[Run]] = {}
     for r in runs:
-        key = r.setting_key() if by_seed and r.finished else f"path:{r.path}"
+        key = r.setting_key(same) if by_seed and r.finished else f"path:{r.path}"
         buckets.setdefault(key, []).append(r)
     groups = [RunGroup(rs) for rs in buckets.values()]
     same_label: dict[tuple, list[RunGroup]] = {}
@@ -966,7 +969,7 @@ def group_runs(runs: Sequence[Run], by_seed: bool = True) -> list[RunGroup]:
     for gs in same_label.values():
         if len(gs) < 2:
             continue
-        flats = [g.runs[0].setting() for g in gs]
+        flats = [g.runs[0].setting(same) for g in gs]
         keys = sorted({k for f in flats for k in f if len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
         for g, f in zip(gs, flats):
             g.settings = {k: f.get(k) for k in keys}

@@ -170,6 +170,23 @@ def test_runs_of_one_setting_group_by_seed_only():
     assert len(group_runs(runs, by_seed=False)) == 5
 
 
+def test_a_key_that_follows_the_seed_by_design_can_be_named_same():
+    """DeiT-LT students of seed s distil from the teacher run of seed s: the teacher path differs with the seed, and
+    ``--same strategy.deit_lt.teacher`` still groups them as seeds of one setting (and nothing else)."""
+    def fake(seed, teacher, alpha=0.5):
+        config = {"seed": seed, "strategy": {"deit_lt": {"teacher": teacher, "alpha": alpha}},
+                  "benchmark": {"name": "b"}, "model": {"name": "m"}}
+        return Run(Path(f"/r/{seed}-{alpha}"), config, {"status": "completed", "completed_experiences": 1}, None)
+
+    runs = [fake(s, f"teachers/seed{s}") for s in (0, 1, 2)] + [fake(s, f"teachers/seed{s}", 0.9) for s in (0, 1)]
+    assert len(group_runs(runs)) == 5  # every teacher path is its own setting
+    groups = group_runs(runs, same=["strategy.deit_lt.teacher"])
+    assert [[r.seed for r in g.runs] for g in groups] == [[0, 1, 2], [0, 1]]
+    assert [g.settings for g in groups] == [{"strategy.deit_lt.alpha": 0.5}, {"strategy.deit_lt.alpha": 0.9}]
+    # a key's prefix does not swallow its siblings: strategy.deit_lt.teacher_size would stay a setting
+    assert len(group_runs(runs, same=["strategy.deit_lt.teach"])) == 5
+
+
 def test_end_of_run_figures_are_written(sweep, lt_run):
     pngs = lambda d: sorted(p.name for p in d.glob("*.png"))  # noqa: E731
     assert pngs(lt_run) == ["accuracy_matrix.png", "average_accuracy.png", "per_class_accuracy.png"]

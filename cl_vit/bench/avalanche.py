@@ -1,4 +1,5 @@
-"""avalanche: the whole split-digits stream with plain fine-tuning, the suite against avalanche-lib's Naive strategy.
+"""avalanche: the whole split-digits stream with plain fine-tuning, the suite against avalanche-lib's Naive strategy;
+then the referee: the suite's finetune, ewc and lwf against avalanche-lib's Naive, EWC and LwF on split-fmnist.
 
 Same model (``cl_vit.builder.build``: same initial weights), same optimiser (timm's AdamW with the same parameter
 groups, created afresh for every experience as the suite does), same per-step cosine schedule, epochs and batch
@@ -25,6 +26,74 @@ from cl_vit.bench.runner import silenced, suite_run
 OVERRIDES = ["benchmark=split-digits", "strategy=finetune", "trainer.accelerator=cpu", "logger=none"]
 AIM = 0.8
 
+#: the referee's stream: split-fmnist (5 x 2 classes, 12,000 training images per experience) area-downsampled to 8x8
+#: with the micro ViT at patch 2 (16 tokens), 1 epoch of batch 64 (188 steps per experience): a CPU-sized setting in
+#: which the two libraries' methods can be told apart (docs/miniatures.md, "Referee")
+REFEREE = ["benchmark=split-fmnist", "benchmark.source_args.img_size=8", "model=vit_micro", "model.patch_size=2",
+           "trainer.accelerator=cpu", "logger=none"]
+REFEREE_SEEDS = (0, 1, 2)
+#: the suite's EWC strength for the referee; avalanche-lib's importances are the mean of squared batch gradients, the
+#: suite's (the closer-look authors') that times the batch size, so Avalanche gets lam x batch size
+EWC_LAM = 100.0
+LWF_ALPHA, LWF_T = 1.0, 2.0
+
+
+def method_pairs(batch_size: int) -> dict[str, tuple[list[str], str, dict]]:
+    """Each referee method: the suite's overrides, avalanche-lib's strategy and its arguments, set to one loss form.
+
+    - finetune / Naive: cross-entropy over the classes seen so far (Naive's output masked to them, SeenMasked).
+    - ewc / EWC: one accumulated Fisher with the latest weights as anchor (the suite's decay 1 = Avalanche's
+      mode="online", decay_factor=1), over every backbone parameter; no factor 1/2 in either penalty. Left as each
+      library defines it: the suite leaves the classifier out of the penalty and takes the Fisher of the CE over the
+      current experience's classes (the closer-look authors' EWC_MC); Avalanche penalises every parameter and takes
+      the Fisher of its training criterion (CE over the seen classes).
+    - lwf / LwF: CE + alpha x softmax distillation at temperature 2 over the classes of earlier experiences (the
+      suite's form=kd: cross-entropy to the old model's soft targets; Avalanche's: KL divergence, the same gradient).
+    """
+    return {
+        "finetune": ([], "naive", {}),
+        "ewc": (["strategy=ewc", 'strategy.ewc.params=["*"]', f"strategy.ewc.lam={EWC_LAM}"], "ewc",
+                {"ewc_lambda": EWC_LAM * batch_size, "mode": "online", "decay_factor": 1.0}),
+        "lwf": (["strategy=lwf", "strategy.lwf.form=kd", f"strategy.lwf.lam={LWF_ALPHA}",
+                 f"strategy.lwf.temperature={LWF_T}"], "lwf", {"alpha": LWF_ALPHA, "temperature": LWF_T}),
+    }
+
+
+def referee(quick: bool = False) -> tuple[list[dict], list[str]]:
+    """The suite's finetune, ewc and lwf against avalanche-lib's Naive, EWC and LwF on the referee stream, per seed:
+    same model and initial weights, data, optimiser, schedule, epochs and batch size. Returns rows (A_N, mean over
+    seeds, suite / Avalanche) and notes (each method's per-seed A_N).
+
+    ``quick``: split-digits, 1 epoch, seed 0 (a smoke run of the same code)."""
+    from cl_vit.errors import UserError
+
+    base = [*OVERRIDES, "trainer.max_epochs=1", "model=vit_micro"] if quick else REFEREE
+    seeds = (0,) if quick else REFEREE_SEEDS
+    cfg = compose_config(base)
+    bs = int(cfg.data.batch_size)
+    case = (f"{cfg.benchmark.name} {cfg.benchmark.source_args.get('img_size', '')}px, "
+            f"{cfg.trainer.max_epochs} epoch(s), {len(seeds)} seed(s)")
+    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_referee_"))
+    rows, notes = [], []
+    for name, (suite_args, method, method_args) in method_pairs(bs).items():
+        a_suite, a_av = [], []
+        for seed in seeds:
+            overrides = [*base, *(suite_args or ["strategy=finetune"]), f"seed={seed}"]
+            try:
+                a_suite.append(suite_run(overrides, root / f"{name}_{seed}")["metrics"]["final_average_accuracy"])
+            except UserError as e:  # the referee's data is not on this machine
+                return [], [f"referee not run: {e}"]
+            with silenced():
+                a_av.append(avalanche_run(overrides, method=method, **method_args)["final_average_accuracy"])
+        ms, ma = float(np.mean(a_suite)), float(np.mean(a_av))
+        sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+        rows.append(row(case, f"A_N: suite {name} / Avalanche {method}", ms, ma, aim="equal within the seeds' spread",
+                        suite_per_seed=a_suite, avalanche_per_seed=a_av, seeds=list(seeds)))
+        notes.append(f"referee {name}: suite {100 * ms:.2f} ± {100 * sd(a_suite):.2f}, Avalanche {method} "
+                     f"{100 * ma:.2f} ± {100 * sd(a_av):.2f} (A_N %, mean ± std over seeds {list(seeds)}; per seed "
+                     f"{[round(100 * a, 2) for a in a_suite]} vs {[round(100 * a, 2) for a in a_av]})")
+    return rows, notes
+
 
 class SeenMasked(torch.nn.Module):
     """The net with the logits of classes not seen yet at -inf: Naive's cross-entropy and argmax then cover the seen
@@ -39,13 +108,14 @@ class SeenMasked(torch.nn.Module):
         return self.net(x).masked_fill(~self.seen, float("-inf"))
 
 
-def avalanche_run(overrides: list[str], fused: bool = False) -> dict:
-    """The stream trained with avalanche.training.Naive; returns the accuracy matrix and A_N.
+def avalanche_run(overrides: list[str], fused: bool = False, method: str = "naive", **method_args) -> dict:
+    """The stream trained with avalanche.training.Naive (or ``method``: ``ewc``, ``lwf``, avalanche-lib's EWC and LwF
+    strategies with ``method_args``); returns the accuracy matrix and A_N.
 
     ``fused``: the suite's AdamW implementation (torch's fused kernel) instead of torch's default."""
     import lightning as L
     from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training import Naive
+    from avalanche.training import EWC, LwF, Naive
     from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
     from timm.optim import create_optimizer_v2
 
@@ -65,10 +135,12 @@ def avalanche_run(overrides: list[str], fused: bool = False) -> dict:
         return create_optimizer_v2(module.net, opt=opt_cfg["name"], lr=opt_cfg["lr"],
                                    weight_decay=opt_cfg["weight_decay"])
 
-    class FreshOptimizerNaive(Naive):
-        def make_optimizer(self, **kwargs):  # a new optimiser per experience, as the suite's Trainer makes one
-            self.optimizer = optimizer()
-            self.optimized_param_id = dict(self.model.named_parameters())
+    def make_optimizer(self, **kwargs):  # a new optimiser per experience, as the suite's Trainer makes one
+        self.optimizer = optimizer()
+        self.optimized_param_id = dict(self.model.named_parameters())
+
+    base = {"naive": Naive, "ewc": EWC, "lwf": LwF}[method]
+    FreshOptimizer = type(f"FreshOptimizer{base.__name__}", (base,), {"make_optimizer": make_optimizer})
 
     class PerStepCosine(SupervisedPlugin):
         def before_training_exp(self, strategy, **kwargs):
@@ -89,8 +161,8 @@ def avalanche_run(overrides: list[str], fused: bool = False) -> dict:
             model.seen[list(strategy.experience.classes_in_this_experience)] = True
 
     model = SeenMasked(module.net, info.n_classes)
-    strategy = FreshOptimizerNaive(
-        model=model, optimizer=optimizer(), criterion=torch.nn.CrossEntropyLoss(),
+    strategy = FreshOptimizer(
+        model=model, optimizer=optimizer(), criterion=torch.nn.CrossEntropyLoss(), **method_args,
         train_mb_size=bs, train_epochs=epochs, eval_mb_size=int(cfg.data.eval_batch_size), device="cpu",
         evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
         plugins=[Seeded(), SeenClasses(), PerStepCosine()],
@@ -132,12 +204,14 @@ def run(quick: bool = False) -> dict:
         for clock, times in (("wall", wall), ("CPU", cpu)):
             rows.append(row(label, f"{clock} s: suite / Naive", times["suite"], times[key], aim=f"<= {AIM:.2f}x",
                             target=AIM, accuracy=a_suite, baseline_accuracy=a_base))
+    referee_rows, referee_notes = referee(quick)
     return {
         "name": "avalanche",
         "device": "cpu",
         "rows": [
             *rows,
             row(case, "A_N: suite / Naive", a_suite, a_av, aim="equal accuracy"),
+            *referee_rows,
         ],
         "notes": [
             f"{cfg.model.name}, AdamW lr {cfg.optimizer.lr} + per-step cosine, batch {cfg.data.batch_size}; "
@@ -146,5 +220,6 @@ def run(quick: bool = False) -> dict:
             "Naive: torch's default AdamW loop, as an Avalanche script gets it; the 'Naive fused AdamW' rows give "
             "Naive the suite's fused AdamW",
             f"final A_N: suite {a_suite:.4f}, Avalanche Naive {a_av:.4f} (fused AdamW: {a_fused:.4f})",
+            *referee_notes,
         ],
     }
