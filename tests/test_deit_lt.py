@@ -353,3 +353,29 @@ def test_recipes_compose():
             assert cfg.strategy.deit_lt.drw_start_epoch < cfg.trainer.max_epochs and cfg.model.distilled is not False
         checked.append(path.stem)
     assert {"teacher-digits-lt", "deit-lt-digits-lt"} <= set(checked)
+
+
+def test_probe_reads_teacher_and_heads_as_the_runs_evaluated_them(teacher_dir, tmp_path, data_root, capsys):
+    """python -m cl_vit.experiments.deit_lt_probe: its accuracies are the ones the runs recorded (two code paths: the
+    runner's evaluation and the probe's own), and agreement with the teacher is counted, mistakes included."""
+    from cl_vit.experiments import deit_lt_probe
+
+    student = tmp_path / "student"
+    doc = run(_student_cfg(teacher_dir, data_root=data_root), student)
+    p = deit_lt_probe.predictions(student)
+    s = deit_lt_probe.summary(p)
+    teacher_doc = json.loads((teacher_dir / "results.json").read_text())
+    assert s["teacher/all"]["acc"] == pytest.approx(100 * teacher_doc["metrics"]["final_average_accuracy"])
+    for head in ("cls", "dist"):
+        assert s[f"{head}/all"]["acc"] == pytest.approx(100 * doc["heads"][head]["metrics"]["final_average_accuracy"])
+        agree = (p[head] == p["teacher"]).mean()
+        assert s[f"{head}/all"]["agree"] == pytest.approx(100 * agree)
+    wrong = p["teacher"] != p["y"]
+    assert wrong.any()  # a teacher trained for 2 batches is wrong on some images: "copies" is defined
+    assert s["dist/all"]["copies"] == pytest.approx(100 * (p["dist"][wrong] == p["teacher"][wrong]).mean())
+    assert set(p["group"]) <= {"many", "medium", "few"} and len(p["group"]) == len(p["y"])
+    assert deit_lt_probe.main([str(student)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"| {student} |") == 3
+    assert deit_lt_probe.main([str(teacher_dir)]) == 2  # a run without a teacher: one line, exit 2
+    assert "names no strategy.deit_lt.teacher" in capsys.readouterr().err
