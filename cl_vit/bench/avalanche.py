@@ -55,12 +55,12 @@ def method_pairs(batch_size: int) -> dict[str, tuple[list[str], str, dict]]:
     - lwf / LwF: CE + alpha x softmax distillation at temperature 2 over the classes of earlier experiences (the
       suite's form=kd: cross-entropy to the old model's soft targets; Avalanche's: KL divergence, the same gradient).
     """
+    ewc = ["strategy=ewc", 'strategy.ewc.params=["*"]', f"strategy.ewc.lam={EWC_LAM}"]
     ewc_args = {"ewc_lambda": EWC_LAM * batch_size, "mode": "online", "decay_factor": 1.0}
     return {
         "finetune": ([], "naive", {}),
-        "ewc": (["strategy=ewc", 'strategy.ewc.params=["*"]', f"strategy.ewc.lam={EWC_LAM}"], "ewc", ewc_args),
-        "ewc-backbone": (["strategy=ewc", 'strategy.ewc.params=["*"]', f"strategy.ewc.lam={EWC_LAM}"], "ewc",
-                         {**ewc_args, "backbone_only": True}),
+        "ewc": (ewc, "ewc", ewc_args),
+        "ewc-backbone": (ewc, "ewc", {**ewc_args, "backbone_only": True}),
         "lwf": (["strategy=lwf", "strategy.lwf.form=kd", f"strategy.lwf.lam={LWF_ALPHA}",
                  f"strategy.lwf.temperature={LWF_T}"], "lwf", {"alpha": LWF_ALPHA, "temperature": LWF_T}),
     }
@@ -86,7 +86,7 @@ def referee(quick: bool = False) -> tuple[list[dict], list[str]]:
         a_suite, a_av = [], []
         for seed in seeds:
             overrides = [*base, *(suite_args or ["strategy=finetune"]), f"seed={seed}"]
-            key = (tuple(overrides), seed)
+            key = tuple(overrides)
             if key not in suite_cache:  # ewc-backbone reuses the ewc runs
                 try:
                     suite_cache[key] = suite_run(overrides, root / f"{name}_{seed}")["metrics"]["final_average_accuracy"]
