@@ -58,7 +58,7 @@ def method_pairs(batch_size: int) -> dict[str, tuple[list[str], str, dict]]:
     ewc = ["strategy=ewc", 'strategy.ewc.params=["*"]', f"strategy.ewc.lam={EWC_LAM}"]
     ewc_args = {"ewc_lambda": EWC_LAM * batch_size, "mode": "online", "decay_factor": 1.0}
     return {
-        "finetune": ([], "naive", {}),
+        "finetune": (["strategy=finetune"], "naive", {}),
         "ewc": (ewc, "ewc", ewc_args),
         "ewc-backbone": (ewc, "ewc", {**ewc_args, "backbone_only": True}),
         "lwf": (["strategy=lwf", "strategy.lwf.form=kd", f"strategy.lwf.lam={LWF_ALPHA}",
@@ -85,7 +85,7 @@ def referee(quick: bool = False) -> tuple[list[dict], list[str]]:
     for name, (suite_args, method, method_args) in method_pairs(bs).items():
         a_suite, a_av = [], []
         for seed in seeds:
-            overrides = [*base, *(suite_args or ["strategy=finetune"]), f"seed={seed}"]
+            overrides = [*base, *suite_args, f"seed={seed}"]
             key = tuple(overrides)
             if key not in suite_cache:  # ewc-backbone reuses the ewc runs
                 try:
