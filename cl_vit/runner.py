@@ -430,11 +430,16 @@ class ContinualRunner:
                 cost.fit_started(self.module)
             if self.logger is not None and self.train:
                 self.logger.step_offset += trainer.global_step
+            t_eval = time.perf_counter()
             evaluation = None
             if (i + 1) % self.eval_every == 0 or i == n - 1:
                 evaluation = self.evaluate(i, trainer)
-            self.results.record(i, evaluation, time.perf_counter() - t0,
-                                cost.finish(self.module, self.module.strategies))
+            t_end = time.perf_counter()
+            # where the experience's time went: set-up, training and the strategies' hooks (prototypes, ridge,
+            # alignment) / evaluation; _save adds the checkpoint's write
+            spent = {"train": t_eval - t0, "evaluate": t_end - t_eval}
+            self.results.record(i, evaluation, t_end - t0,
+                                {**cost.finish(self.module, self.module.strategies), "time_s": spent})
             for cb in callbacks:  # the per-epoch test numbers: last and best epoch (selected on the test set)
                 if getattr(cb, "summary", None) and cb.summary() is not None:
                     self.results.epoch_selection[i] = cb.summary()
@@ -524,8 +529,12 @@ class ContinualRunner:
 
     def _save(self, i: int, status: str) -> None:
         rd = self.run_dir
-        doc = self.results.to_json(status)
+        t0 = time.perf_counter()
         rd.save_checkpoint(i, self.checkpoint_state(i))  # first: results.json never names a missing checkpoint
+        spent = (self.results.cost[i] or {}).get("time_s") if i < len(self.results.cost) else None
+        if spent is not None:
+            spent["checkpoint"] = time.perf_counter() - t0
+        doc = self.results.to_json(status)
         rd.write_json("results.json", doc)
         self._saved = doc
         rd.write_text("accuracy_matrix.csv", matrix_csv(self.results.accuracy_matrix()))

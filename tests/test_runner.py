@@ -111,6 +111,12 @@ def test_evaluation_counts_every_test_image_once(tmp_path, data_root):
     assert run_.finished and run_.metrics["final_average_accuracy"] == doc["metrics"]["final_average_accuracy"]
     assert doc["versions"]["torch"] and doc["versions"]["avalanche-lib"]
     assert len(doc["wall_time"]["per_experience"]) == 5
+    # where each experience's time went (cost.time_s): training (set-up and hooks included) and evaluation make up
+    # its wall time; the checkpoint's write is timed apart
+    for wall, cost in zip(doc["wall_time"]["per_experience"], doc["cost"]["per_experience"]):
+        spent = cost["time_s"]
+        assert min(spent["train"], spent["evaluate"], spent["checkpoint"]) > 0
+        assert spent["train"] + spent["evaluate"] == pytest.approx(wall, rel=1e-9)
 
 
 def test_joint_is_one_experience_evaluated_per_original_experience(tmp_path, data_root):
