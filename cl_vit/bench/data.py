@@ -36,17 +36,22 @@ def make_jpegs(root: Path, n_classes: int, per_class: int, seed: int = 0, short_
     content, so the images are neither flat nor pure noise."""
     rng = np.random.default_rng(seed)
     for c in range(n_classes):
-        folder = root / f"n{c:08d}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            short = int(rng.integers(*short_side))
-            long_ = int(short * rng.uniform(1.0, 1.6))
-            h, w = (short, long_) if rng.random() < 0.6 else (long_, short)
-            coarse = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
-            img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-            img += rng.normal(0, noise, img.shape)
-            cv2.imwrite(str(folder / f"art_{i}.jpg"), np.clip(img, 0, 255).astype(np.uint8),
-                        [cv2.IMWRITE_JPEG_QUALITY, 90])
+        make_class_jpegs(root / f"n{c:08d}", per_class, rng, short_side, noise)
+
+
+def make_class_jpegs(folder: Path, per_class: int, rng: np.random.Generator, short_side=(250, 900),
+                     noise: float = 10.0) -> None:
+    """One class folder of :func:`make_jpegs` (``art_<i>.jpg``)."""
+    folder.mkdir(parents=True)
+    for i in range(per_class):
+        short = int(rng.integers(*short_side))
+        long_ = int(short * rng.uniform(1.0, 1.6))
+        h, w = (short, long_) if rng.random() < 0.6 else (long_, short)
+        coarse = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3)).astype(np.uint8)
+        img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        img += rng.normal(0, noise, img.shape)
+        cv2.imwrite(str(folder / f"art_{i}.jpg"), np.clip(img, 0, 255).astype(np.uint8),
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def _loaders(root: Path, batch_size: int, workers: int):

@@ -32,7 +32,7 @@ PEAK_BF16 = (
 AIM = 0.90
 
 
-class _Repeat:
+class Repeat:
     """The same batch ``n`` times: a loader without data-loading cost."""
 
     def __init__(self, batch, n: int):
@@ -62,71 +62,121 @@ def training_flops_per_image(net: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / x.shape[0]
 
 
-def measure(model_name: str, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, batch: int = 128,
-            steps: int = 20, warmup: int = 5, device: str = "cuda", precision: str = "bf16-mixed") -> dict:
-    """images/s of the suite and of a bare loop, and FLOPs per training image, for one timm model."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-    from timm.optim import create_optimizer_v2
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
+
+def _autocast(device: str, precision: str):
+    if precision.startswith(("bf16", "16")):
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return torch.autocast(device.split(":")[0], dtype=dtype)
+    return torch.autocast(device.split(":")[0], enabled=False)
+
+
+def _net(model_name: str, num_classes: int, in_chans: int, img_size: int, device: str) -> torch.nn.Module:
     from cl_vit.models import build_model
-    from cl_vit.module import ContinualModule
-    from cl_vit.strategies.finetune import Finetune
-    from cl_vit.strategies.base import ExperienceInfo
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    torch.manual_seed(0)
+    return build_model({"name": model_name}, num_classes, in_chans, img_size).to(device)
 
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+
+def bare_step(model_name: str, img_size: int, batch: int, device: str, precision: str, num_classes: int = 1000):
+    """One training step of a bare PyTorch loop (autocast, the suite's fused AdamW) on a resident batch."""
+    from cl_vit.hardware import create_optimizer
+
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    model = _net(model_name, num_classes, 3, img_size, device)
+    opt = create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
 
-    def net():
-        torch.manual_seed(0)
-        return build_model({"name": model_name}, num_classes, in_chans, img_size).to(device)
-
-    model = net()
-    with torch.autocast(device.split(":")[0], dtype=dtype):
-        flops = training_flops_per_image(model, x[:2])
-
-    opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=dtype):
+    def step():
+        with _autocast(device, precision):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sync()
-    bare_ips = batch * steps / (time.perf_counter() - t0)
-    del model, opt
+
+    return step
+
+
+def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list, loader, warmup: int, steps: int,
+                       batch: int, device: str, precision: str, compile_: bool = False,
+                       class_counts=None) -> dict:
+    """images/s and peak memory of the suite's training step: ContinualModule (``strategies``, AdamW) in a Lightning
+    Trainer over ``loader`` (``warmup + steps`` batches), timed from batch ``warmup`` to the end of fit."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from cl_vit.hardware import compile_forward
+    from cl_vit.module import ContinualModule
+    from cl_vit.strategies.base import ExperienceInfo
 
     class Timer(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch_, batch_idx):
             if batch_idx == warmup:
-                sync()
+                _sync(device)
                 self.t0 = time.perf_counter()
 
         def on_train_end(self, trainer, pl_module):
-            sync()
+            _sync(device)
             self.elapsed = time.perf_counter() - self.t0
 
-    module = ContinualModule(net(), num_classes, [Finetune()],
+    module = ContinualModule(net, num_classes, strategies,
                              optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
                              scheduler={"name": "constant"})
+    if compile_:
+        compile_forward(module)
     classes = list(range(num_classes))
-    module.start_experience(ExperienceInfo(0, 1, classes, classes, num_classes))
+    info = ExperienceInfo(0, 1, classes, classes, num_classes, class_counts=class_counts)
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    module.to(device)
+    module.start_experience(info)
+    for s in strategies:
+        s.before_experience(module, info)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     timer = Timer()
-    trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
-                        max_steps=warmup + steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    trainer.fit(module, train_dataloaders=_Repeat((x, y), warmup + steps))
-    suite_ips = batch * steps / timer.elapsed
-    return {"images_per_s": suite_ips, "bare_images_per_s": bare_ips, "flops_per_image": flops}
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, train_dataloaders=loader)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return {"images_per_s": batch * steps / timer.elapsed, "peak_memory_bytes": peak}
+
+
+def measure(model_name: str, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, batch: int = 128,
+            steps: int = 20, warmup: int = 5, device: str = "cuda", precision: str = "bf16-mixed",
+            compile_: bool = False, bare: bool = True) -> dict:
+    """images/s of the suite (and of a bare loop, ``bare``), its peak memory and FLOPs per training image, for one
+    timm model."""
+    from cl_vit.strategies.finetune import Finetune
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    model = _net(model_name, num_classes, in_chans, img_size, device)
+    with _autocast(device, precision):
+        flops = training_flops_per_image(model, x[:2])
+    del model
+    out = {"flops_per_image": flops}
+    if bare:
+        step = bare_step(model_name, img_size, batch, device, precision, num_classes)
+        for i in range(warmup + steps):
+            if i == warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+            step()
+        _sync(device)
+        out["bare_images_per_s"] = batch * steps / (time.perf_counter() - t0)
+        del step
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    out.update(train_images_per_s(_net(model_name, num_classes, in_chans, img_size, device), num_classes,
+                                  [Finetune()], Repeat((x, y), warmup + steps), warmup, steps, batch, device,
+                                  precision, compile_=compile_))
+    return out
 
 
 def run(quick: bool = False) -> dict:

@@ -1,0 +1,463 @@
+"""``python -m cl_vit.bench.gpu_check OUT [--cpu] [--budget S]``: every GPU number of docs/scale.md from one command.
+
+``scripts/gpu_check.sh OUT`` runs it on a machine whose Python lacks some of the suite's dependencies (wheels in
+``.whl/``). Each section is written to ``OUT/results.json`` and ``OUT/summary.md`` as soon as it is measured; a section
+that fails is recorded with its error and the others go on; one that would overrun the time budget is skipped and
+says so. Sections, in the order they run:
+
+* ``peak``: the bf16 matrix-product rate measured on this GPU (8192^3, median of 10 after 3 warm-ups), beside the
+  data sheet's dense bf16 peak: the two denominators of model FLOP utilisation (MFU).
+* ``train``: the suite's training step (ContinualModule with the finetune strategy in a Lightning Trainer,
+  bf16-mixed, fused AdamW) on one batch resident on the GPU, for ViT-B/16 and Refiner-ViT-S at 224, batch 256:
+  images/s, peak memory, FLOPs per image counted by ``torch.utils.flop_counter`` (forward + backward), MFU; a bare
+  PyTorch loop with the same model and optimiser beside it (the suite's overhead); later the same with
+  ``compile=true``.
+* ``deit_lt``: the DeiT-LT student step of experiment=deit-lt-imagenet-lt (deit_base_distilled_patch16_224, Mixup /
+  CutMix, hard distillation from a ResNet-50 at 224) against the same student with ``distillation=none``.
+* ``data``: the ImageNet-R training pipeline (cl_vit.data.transforms.imagenet_transforms, reduced JPEG decode) on
+  generated 250-900 px JPEGs with 4, 8 and 16 DataLoader workers, against the GPU step's images/s.
+* ``recipe``: one experience of ``benchmark=imagenet-r`` (the closer-look L2 recipe) and of
+  ``experiment=coda-prompt-imagenet-r``, end to end through ``python -m cl_vit.run`` on generated ImageNet-R-shaped
+  data (20 classes, 120 training images each, as one real experience), random initial weights (none can be
+  downloaded): wall time split into training, evaluation and checkpoint (results.json ``cost.time_s``), training
+  images/s, peak memory.
+* ``profile``: torch.profiler tables of the eager steps (``OUT/profiles.txt``) and a trace of Refiner-ViT-S's.
+
+``--cpu`` runs every section with tiny sizes on the CPU: a check of the script, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from cl_vit.bench.gpu import MODELS, measure, peak_bf16_flops
+
+
+#: the sections, in the order they run (each one's estimate of seconds is in ``main``)
+SECTIONS = ("peak", "train", "deit_lt", "data", "recipe", "profile", "train_compiled")
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise SectionTimeout in this (main) thread after ``seconds`` (a compile that would eat the whole budget)."""
+    def handler(signum, frame):
+        raise SectionTimeout(f"stopped after {seconds:.0f} s (time budget)")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class Check:
+    """The output folder, the budget and the sections' results."""
+
+    def __init__(self, out: Path, cpu: bool, budget: float):
+        self.out, self.cpu, self.deadline = out, cpu, time.monotonic() + budget
+        self.device = "cpu" if cpu else "cuda"
+        self.doc: dict = {"environment": environment(self.device), "sections": {}}
+        self.work = Path(os.environ.get("CL_VIT_GPU_CHECK_WORK", "/tmp/cl_vit-gpu-check"))
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def section(self, name: str, fn, estimate: float):
+        """Run ``fn()`` if ``estimate`` seconds are left; record its result, error or skip."""
+        if self.left() < estimate:
+            self.record(name, {"skipped": f"{self.left():.0f} s left of the budget, {estimate:.0f} s needed"})
+            return None
+        print(f"== {name} ({self.left():.0f} s left)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            with time_limit(self.left() - 5):
+                result = fn()
+        except (Exception, SectionTimeout) as e:  # noqa: BLE001 - every failure is recorded, the rest goes on
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"}
+        result["section_s"] = round(time.perf_counter() - t0, 1)
+        self.record(name, result)
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return result
+
+    def record(self, name: str, result: dict) -> None:
+        self.doc["sections"][name] = result
+        print(json.dumps({name: result}, indent=1, default=str), flush=True)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.doc, indent=1, default=str))
+        tmp.replace(self.out / "results.json")
+        try:
+            (self.out / "summary.md").write_text(summary(self.doc))
+        except Exception:  # noqa: BLE001 - the summary is a view of results.json, never a reason to stop
+            traceback.print_exc()
+
+
+def environment(device: str) -> dict:
+    import lightning
+    import timm
+
+    env = {"torch": torch.__version__, "timm": timm.__version__, "lightning": lightning.__version__,
+           "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "cpus": os.cpu_count()}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(), capability=f"{p.major}.{p.minor}",
+                   gpu_memory_gib=round(p.total_memory / 2**30, 1), multiprocessors=p.multi_processor_count,
+                   cuda=torch.version.cuda)
+        with contextlib.suppress(Exception):
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+    else:
+        env["gpu"] = None
+    return env
+
+
+# -- sections --------------------------------------------------------------------------------------------------------
+
+
+def matmul_peak(device: str, n: int, dtype=torch.bfloat16, repeats: int = 10) -> dict:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(3 + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    rate = 2 * n ** 3 / statistics.median(times)
+    out = {"n": n, "dtype": str(dtype), "measured_flops": rate}
+    if device == "cuda":
+        out["datasheet_flops"] = peak_bf16_flops(torch.cuda.get_device_name())
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_section(check: Check, compile_: bool) -> dict:
+    g = sizes(check.cpu)
+    peak = (check.doc["sections"].get("peak") or {}).get("measured_flops")
+    sheet = (check.doc["sections"].get("peak") or {}).get("datasheet_flops")
+    out = {}
+    for label, name in MODELS.items():
+        try:
+            m = measure(name, img_size=g["img"], batch=g["batch"], steps=g["steps"], warmup=g["warmup"],
+                        device=check.device, precision=g["precision"], compile_=compile_, bare=not compile_)
+        except SectionTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001 - one model failing leaves the other's numbers
+            traceback.print_exc()
+            out[label] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        flops = m["flops_per_image"] * m["images_per_s"]
+        m["model_flops_per_s"] = flops
+        if peak:
+            m["mfu_measured_peak"] = flops / peak
+        if sheet:
+            m["mfu_datasheet_peak"] = flops / sheet
+        out[label] = m
+        if check.device == "cuda":
+            torch.cuda.empty_cache()
+    vit, ref = out.get("ViT-B/16", {}), out.get("Refiner-ViT-S", {})
+    if "images_per_s" in vit and "images_per_s" in ref:
+        out["refiner_s_over_vit_b"] = ref["images_per_s"] / vit["images_per_s"]
+    return {"batch": g["batch"], "img_size": g["img"], "precision": g["precision"], "compile": compile_, **out}
+
+
+def deit_lt_section(check: Check) -> dict:
+    """Images/s of the DeiT-LT student step with its teacher's forward, and without a teacher."""
+    import timm
+
+    from cl_vit.bench.gpu import Repeat, train_images_per_s
+    from cl_vit.models import build_model
+    from cl_vit.models.teachers import Teacher
+    from cl_vit.strategies.deit_lt import DeiTLT
+
+    g = sizes(check.cpu)
+    n_classes, batch = 1000, g["batch"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, g["img"], g["img"], generator=gen).to(check.device)
+    y = torch.randint(0, n_classes, (batch,), generator=gen).to(check.device)
+    out = {"student": "deit_base_distilled_patch16_224", "teacher": "resnet50 at the student's size",
+           "batch": batch, "img_size": g["img"]}
+    for label, distillation in (("with_teacher", "hard"), ("without_teacher", "none")):
+        torch.manual_seed(0)
+        net = build_model({"name": "deit_base_distilled_patch16_224", "drop_path_rate": 0.1}, n_classes, 3, g["img"])
+        strategy = DeiTLT(teacher="generated" if distillation == "hard" else None, distillation=distillation,
+                          drw_start_epoch=0)
+        if distillation == "hard":
+            teacher = timm.create_model("resnet50", num_classes=n_classes).eval().requires_grad_(False)
+            strategy.teacher = Teacher(teacher, [str(c) for c in range(n_classes)], [1] * n_classes,
+                                       (3, g["img"], g["img"]), {"name": "resnet50"}, "generated")
+        counts = [max(1, int(1280 * 0.01 ** (c / (n_classes - 1)))) for c in range(n_classes)]
+        out[label] = train_images_per_s(net, n_classes, [strategy], Repeat((x, y), g["warmup"] + g["steps"]),
+                                        g["warmup"], g["steps"], batch, check.device, g["precision"],
+                                        class_counts=counts)
+    out["teacher_cost"] = out["without_teacher"]["images_per_s"] / out["with_teacher"]["images_per_s"]
+    return out
+
+
+def make_imagenet_r(root: Path, classes: list[str], per_class: int, workers: int) -> None:
+    """ImageNet-R's layout (<root>/imagenet-r/<wnid>/*.jpg) with photo-like JPEGs of 250-900 px (cl_vit.bench.data),
+    one process per class folder."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(root / "imagenet-r" / wnid, per_class, i) for i, wnid in enumerate(classes)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_make_class, jobs))
+
+
+def _make_class(job) -> None:
+    import numpy as np
+
+    from cl_vit.bench.data import make_class_jpegs
+
+    folder, per_class, seed = job
+    make_class_jpegs(folder, per_class, np.random.default_rng(seed))
+
+
+def data_section(check: Check) -> dict:
+    from torch.utils.data import DataLoader
+
+    from cl_vit.data.base import ImageFileDataset, scan_image_folder
+    from cl_vit.data.imagenet_r import imagenet_r_wnids
+    from cl_vit.data.transforms import imagenet_transforms
+
+    g = sizes(check.cpu)
+    classes = imagenet_r_wnids()[: g["classes"]]
+    root = check.work / "data"
+    t0 = time.perf_counter()
+    make_imagenet_r(root, classes, g["per_class"], workers=min(16, os.cpu_count() or 1))
+    gen_s = time.perf_counter() - t0
+    samples, _ = scan_image_folder(root / "imagenet-r", classes)
+    decode, transform = imagenet_transforms(224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), train=True)
+    ds = ImageFileDataset(samples, transform, decode=decode)
+    out = {"images": len(samples), "generate_s": gen_s, "batch": g["data_batch"], "workers": {}}
+    for workers in g["workers"]:
+        loader = DataLoader(ds, batch_size=g["data_batch"], shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=check.device == "cuda", drop_last=True)
+        n, t0 = 0, None
+        for epoch in range(2):
+            for i, (xb, _) in enumerate(loader):
+                if t0 is None and epoch == 0 and i == 1:  # the workers have started and filled their queues once
+                    t0, n = time.perf_counter(), 0
+                n += len(xb)
+        out["workers"][str(workers)] = {"images_per_s": n / (time.perf_counter() - t0), "images": n}
+        del loader
+    step = ((check.doc["sections"].get("train") or {}).get("ViT-B/16") or {}).get("images_per_s")
+    if step:
+        out["gpu_step_images_per_s"] = step
+        out["fed_with"] = {w: v["images_per_s"] / step for w, v in out["workers"].items()}
+    return out
+
+
+def recipe_section(check: Check) -> dict:
+    """One experience of the L2 and CODA-P recipes end to end through the command line."""
+    g = sizes(check.cpu)
+    from cl_vit.data.imagenet_r import imagenet_r_wnids
+
+    classes = imagenet_r_wnids()[: g["classes"]]
+    root = check.work / "data"
+    if not (root / "imagenet-r").is_dir():
+        make_imagenet_r(root, classes, g["per_class"], workers=min(16, os.cpu_count() or 1))
+    common = ["benchmark.source_args.split=own", f"benchmark.source_args.wnids=[{','.join(classes)}]",
+              "benchmark.n_experiences=1", f"trainer.max_epochs={g['epochs']}", "model.pretrained=false",
+              f"data_root={root}", "logger=none", "data.verify=none",
+              *(["trainer=cpu", "data.num_workers=0", "data.persistent_workers=false",
+                 f"benchmark.source_args.img_size={g['img']}", f"model.img_size={g['img']}",
+                 "data.batch_size=8"] if check.cpu else ["trainer=gpu"])]
+    arms = {"l2": ["benchmark=imagenet-r"], "coda_prompt": ["experiment=coda-prompt-imagenet-r"]}
+    out = {"epochs": g["epochs"], "classes": len(classes), "images_per_class": g["per_class"]}
+    for arm, args in arms.items():
+        run_dir = check.work / "runs" / arm
+        cmd = [sys.executable, "-m", "cl_vit.run", *args, *common, f"hydra.run.dir={run_dir}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, check.left() - 10))
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            out[arm] = {"error": f"exit {proc.returncode}", "command": " ".join(cmd[1:]),
+                        "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+            continue
+        doc = json.loads((run_dir / "results.json").read_text())
+        stream = json.loads((run_dir / "stream.json").read_text())
+        cost = doc["cost"]["per_experience"][0]
+        n_train = stream["experiences"][0]["n_train"]
+        out[arm] = {"process_wall_s": wall, "experience_wall_s": doc["wall_time"]["per_experience"][0],
+                    "time_s": cost["time_s"], "train_images": n_train,
+                    "train_images_per_s": n_train * g["epochs"] / cost["time_s"]["train"],
+                    "peak_memory_bytes": cost["device_peak_bytes"] or cost["host_peak_rss_bytes"],
+                    "params_trainable": cost["params_trainable"], "params_total": cost["params_total"],
+                    "accuracy": doc["accuracy_matrix"][0][0], "command": "python " + " ".join(cmd[1:])}
+    if "train_images_per_s" in out.get("l2", {}) and "train_images_per_s" in out.get("coda_prompt", {}):
+        out["coda_over_l2_images_per_s"] = out["coda_prompt"]["train_images_per_s"] / out["l2"]["train_images_per_s"]
+        out["coda_over_l2_peak_memory"] = out["coda_prompt"]["peak_memory_bytes"] / out["l2"]["peak_memory_bytes"]
+    return out
+
+
+def profile_section(check: Check) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from cl_vit.bench.gpu import bare_step
+
+    g = sizes(check.cpu)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if check.device == "cuda" else [])
+    sort = "self_cuda_time_total" if check.device == "cuda" else "self_cpu_time_total"
+    text, out = [], {}
+    for label, name in MODELS.items():
+        step = bare_step(name, g["img"], g["batch"], check.device, g["precision"])
+        for _ in range(3):
+            step()
+        sync(check.device)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync(check.device)
+        try:
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+        except (KeyError, AttributeError, ValueError):  # newer torch names the column after the device
+            table = prof.key_averages().table(sort_by=sort.replace("cuda", "device"), row_limit=25,
+                                              max_name_column_width=70)
+        text.append(f"## {label} at {g['img']}, batch {g['batch']}, {g['precision']}, bare eager step x3\n\n{table}\n")
+        if label == "Refiner-ViT-S":
+            trace = check.work / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            with open(trace, "rb") as f, gzip.open(check.out / "trace_refiner_s.json.gz", "wb") as z:
+                shutil.copyfileobj(f, z)
+            if (check.out / "trace_refiner_s.json.gz").stat().st_size > 15 * 2**20:
+                (check.out / "trace_refiner_s.json.gz").unlink()
+        out[label] = "profiles.txt"
+        del step
+        if check.device == "cuda":
+            torch.cuda.empty_cache()
+    (check.out / "profiles.txt").write_text("\n".join(text))
+    return out
+
+
+def sizes(cpu: bool) -> dict:
+    if cpu:
+        return dict(img=32, batch=4, steps=2, warmup=1, precision="32-true", matmul=256, classes=4, per_class=10,
+                    data_batch=8, workers=(0, 2), epochs=1)
+    from cl_vit.hardware import trainer_kwargs
+
+    precision = trainer_kwargs({"accelerator": "gpu", "precision": "bf16-mixed"})["precision"]
+    return dict(img=224, batch=256, steps=20, warmup=5, precision=precision, matmul=8192, classes=20,
+                per_class=150, data_batch=128, workers=(4, 8, 16), epochs=4)
+
+
+# -- summary ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.3g}{unit}" if abs(v) < 100 else f"{v:,.0f}{unit}"
+    return f"{v}{unit}"
+
+
+def _gib(v) -> str:
+    return "—" if v is None else f"{v / 2**30:.2f}"
+
+
+def summary(doc: dict) -> str:
+    env, s = doc["environment"], doc["sections"]
+    lines = [f"# GPU check: {env.get('gpu') or 'CPU (script check only)'}", "",
+             f"{env['date']} · torch {env['torch']} · timm {env['timm']} · lightning {env['lightning']}"
+             + (f" · CUDA {env.get('cuda')} · driver {env.get('driver')}" if env.get("gpu") else ""), ""]
+    for name, res in s.items():
+        if "error" in res or "skipped" in res:
+            lines.append(f"- {name}: {res.get('error') or 'skipped: ' + res['skipped']}")
+    peak = s.get("peak") or {}
+    if "measured_flops" in peak:
+        sheet = peak.get("datasheet_flops")
+        lines += ["", f"Matrix product {peak['n']}^3 {peak['dtype']}: {_fmt(peak['measured_flops'] / 1e12)} TFLOP/s "
+                  f"measured; data sheet {_fmt(sheet / 1e12 if sheet else None)} TFLOP/s"]
+    for key in ("train", "train_compiled"):
+        res = s.get(key) or {}
+        rows = [(k, v) for k, v in res.items() if isinstance(v, dict) and "images_per_s" in v]
+        if rows:
+            lines += ["", f"| {key} (batch {res['batch']}, {res['img_size']} px, {res['precision']}) | images/s | "
+                      "bare loop | peak GiB | GFLOP/img | MFU (measured) | MFU (sheet) |", "|---|---:|---:|---:|---:|---:|---:|"]
+            for k, v in rows:
+                lines.append(f"| {k} | {v['images_per_s']:.0f} | {_fmt(v.get('bare_images_per_s'))} | "
+                             f"{_gib(v.get('peak_memory_bytes'))} | {v['flops_per_image'] / 1e9:.1f} | "
+                             f"{_fmt(v.get('mfu_measured_peak'))} | {_fmt(v.get('mfu_datasheet_peak'))} |")
+    d = s.get("deit_lt") or {}
+    if "teacher_cost" in d:
+        lines += ["", f"DeiT-LT student step: {d['with_teacher']['images_per_s']:.0f} images/s with the teacher, "
+                  f"{d['without_teacher']['images_per_s']:.0f} without ({d['teacher_cost']:.2f}x)"]
+    dt = s.get("data") or {}
+    if dt.get("workers"):
+        lines += ["", "Data pipeline images/s: " + ", ".join(f"{w} workers {v['images_per_s']:.0f}"
+                                                           for w, v in dt["workers"].items())
+                  + (f" (GPU step {dt['gpu_step_images_per_s']:.0f})" if dt.get("gpu_step_images_per_s") else "")]
+    r = s.get("recipe") or {}
+    for arm in ("l2", "coda_prompt"):
+        v = r.get(arm) or {}
+        if "time_s" in v:
+            t = v["time_s"]
+            lines.append(f"- recipe {arm}: {v['train_images_per_s']:.0f} training images/s, train {t['train']:.1f} s, "
+                         f"evaluate {t['evaluate']:.1f} s, checkpoint {t.get('checkpoint', 0):.1f} s, process "
+                         f"{v['process_wall_s']:.1f} s, peak {_gib(v.get('peak_memory_bytes'))} GiB")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cl_vit.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="output folder (results.json, summary.md, profiles.txt, a trace)")
+    p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for all sections (default: %(default)s)")
+    p.add_argument("--skip", nargs="*", default=[], metavar="SECTION", choices=SECTIONS,
+                   help=f"sections to leave out, of {list(SECTIONS)}")
+    args = p.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("error: no CUDA device: run on a GPU machine, or give --cpu to check the script", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, args.cpu, args.budget)
+    g = sizes(args.cpu)
+    sections = {
+        "peak": (lambda: matmul_peak(check.device, g["matmul"], torch.float32 if args.cpu else torch.bfloat16), 10),
+        "train": (lambda: train_section(check, compile_=False), 40),
+        "deit_lt": (lambda: deit_lt_section(check), 40),
+        "data": (lambda: data_section(check), 45),
+        "recipe": (lambda: recipe_section(check), 100),
+        "profile": (lambda: profile_section(check), 25),
+        "train_compiled": (lambda: train_section(check, compile_=True), 90),
+    }
+    for name in SECTIONS:
+        if name not in args.skip:
+            check.section(name, *sections[name])
+    print(summary(check.doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
