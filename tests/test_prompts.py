@@ -30,7 +30,10 @@ def micro():
 
 def block_outputs(net, x):
     outs = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone())) for b in net.blocks]
+    def keep(m, i, o):
+        outs.append((o[0] if isinstance(o, tuple) else o).detach().clone())  # a Refiner-ViT block returns (x, map)
+
+    hooks = [b.register_forward_hook(keep) for b in net.blocks]
     try:
         net.forward_features(x)
     finally:
