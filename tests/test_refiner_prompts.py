@@ -10,7 +10,8 @@ from test_prompts import block_outputs
 import cl_vit  # noqa: F401  (registers refiner_vit_tiny)
 from cl_vit.errors import UserError
 from cl_vit.models.refiner import RefinerAttention
-from cl_vit.run import run
+from cl_vit.results import RunDirectory
+from cl_vit.run import build, run
 from cl_vit.strategies.prompting import enable_prefixes, set_prefixes
 
 B, N, C, H, L = 2, 5, 8, 2, 3
@@ -195,6 +196,13 @@ def test_shared_layout_a_prefix_changes_its_block_and_those_reusing_its_map():
 def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path, data_root):
     over = ["model=refiner_vit_tiny", *TINY_ANY_MODEL, "trainer.limit_train_batches=2", "benchmark.n_experiences=2",
             f"strategy={name}", *small]
-    result = run(compose(over, data_root), tmp_path / name)
+    cfg = compose(over, data_root)
+    init = {k: v.clone() for k, v in build(cfg)[3].net.state_dict().items()}
+    result = run(cfg, tmp_path / name)
     assert len(result["accuracy_matrix"]) == 2
-    assert result["cost"]["per_experience"][0]["params_trainable"] > 0
+    after = RunDirectory(tmp_path / name).load_checkpoint(1)["module"]
+    assert any(".refiner.norm" in k and "running_mean" in k for k in init)
+    changed = {k for k, v in init.items() if not torch.equal(after[f"net.{k}"], v)}
+    # the backbone is frozen, its batch-norm statistics included (they are part of the query's function)
+    assert all(k.startswith(("prompt.", "head.")) for k in changed), changed
+    assert any(k.startswith("prompt.") for k in changed)

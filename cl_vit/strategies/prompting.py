@@ -108,6 +108,15 @@ def install_prompt(net: nn.Module, prompt: nn.Module) -> None:
     net.forward_outputs = MethodType(prompted_outputs, net)
 
 
+def freeze_norm_statistics(net: nn.Module) -> None:
+    """Batch norms of the frozen backbone (Refiner-ViT's refiner) normalise with their loaded running statistics and
+    do not update them: the query is then the frozen pre-trained model's, as in the official code (whose ViT has no
+    running statistics), and not a function that follows each experience's data."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def tensor_prompt(*shape: int) -> nn.Parameter:
     """zoo.py ``tensor_prompt`` L342-351: uniform [0, 1) (the orthogonal init is not used by L2P / DualPrompt)."""
     return nn.Parameter(torch.empty(*shape).uniform_())
@@ -146,6 +155,10 @@ class PromptStrategy(Strategy):
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         train_only_prompt_and_classifier(module.net)
         module.net.prompt.start_task(experience.index, experience.n_experiences)
+
+    def before_batch(self, module, batch: dict) -> dict:
+        freeze_norm_statistics(module.net)
+        return batch
 
     def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
         loss = outputs.get("prompt_loss")
