@@ -37,6 +37,20 @@ def test_arms_differ_only_where_documented():
         check_group_choices(["experiment=closer-look-digits/nope"])
 
 
+def test_prompt_arms_keep_the_official_prompts_with_the_documented_changes():
+    cfgs = {arm: compose([f"experiment=closer-look-digits/{arm}"]) for arm in ("l2p", "dualprompt", "coda_prompt")}
+    for arm, cfg in cfgs.items():
+        assert list(cfg.strategy) == [arm] and cfg.model.name == "refiner_vit_tiny"
+        assert cfg.model.checkpoint.endswith("pretrain-fmnist-8/checkpoints/exp_000.pt")
+        assert not cfg.model.checkpoint_head
+        assert cfg.optimizer.weight_decay == 0 and cfg.loss.mask_old_logits and cfg.benchmark.name == "split-digits"
+    assert dict(cfgs["l2p"].strategy.l2p) == {"pool_size": 30, "length": 20, "top_k": 5, "deep": False}
+    assert dict(cfgs["dualprompt"].strategy.dualprompt) == {"pool_size": 10, "e_length": 20, "g_length": 6}
+    coda = cfgs["coda_prompt"]
+    assert dict(coda.strategy.coda_prompt) == {"pool_size": 50, "length": 8, "ortho_mu": 0.0}
+    assert coda.strategy.coda_prompt.pool_size // coda.benchmark.n_experiences == 10  # the official 100 / 10 tasks
+
+
 def test_checkpoint_head_false_keeps_the_classifier_at_its_initialisation(tmp_path):
     torch.manual_seed(1)
     ref = timm.create_model("vit_micro_patch2_8", num_classes=10)

@@ -30,7 +30,10 @@ def micro():
 
 def block_outputs(net, x):
     outs = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone())) for b in net.blocks]
+    def keep(m, i, o):
+        outs.append((o[0] if isinstance(o, tuple) else o).detach().clone())  # a Refiner-ViT block returns (x, map)
+
+    hooks = [b.register_forward_hook(keep) for b in net.blocks]
     try:
         net.forward_features(x)
     finally:
@@ -157,6 +160,18 @@ def test_bad_values_fail_in_one_line():
         assert "\n" not in str(e.value) and "strategy" in str(e.value)
     with pytest.raises(UserError, match="pool_size=5"):
         PromptPool(2, 2, 2, 2, (0,), (), 1, True).start_task(0, 5)
+
+
+def test_coda_prompt_warns_when_its_keys_cannot_all_be_orthogonal(caplog):
+    from cl_vit.strategies.coda_prompt import CodaPrompt
+
+    CodaPrompt(pool_size=8, length=2).make_prompt(8, 5)
+    assert "pool_size <= 8" not in caplog.text
+    pool = CodaPrompt(pool_size=12, length=2).make_prompt(8, 5)
+    assert "pool_size <= 8" in caplog.text
+    pool.start_task(0, 1)
+    K = pool.e_k_0.detach()
+    assert (K @ K.T - torch.eye(12)).abs()[8:].max() > 0.1  # components past the key width are not orthogonal
 
 
 # -- through the runner ----------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ Normalisation inside the refiner (``refiner_norm``; the conv stem follows it unl
   class-skewed batches (rehearsal, long-tailed streams), and for anything evaluated on a different distribution than
   the last training batches. ``"instance"`` is the closer analogue of BatchNorm's per-channel normalisation.
 
+Prompt prefixes (the prompt methods L2P, DualPrompt, CODA-Prompt): :class:`RefinerAttention` takes a prefix
+(P_k, P_v) prepended to its keys and values; the refiner and the carried map act on the token part of the map only.
+
 Extending: the prefix tokens (class token, and e.g. a distillation token in a subclass) are handled only by timm's
 ``VisionTransformer._pos_embed`` and ``num_prefix_tokens``; ``RefinerViT`` changes only how blocks are chained
 (``_run_blocks``), so timm's token/head mixins such as ``VisionTransformerDistilled`` compose with it by inheritance.
@@ -124,7 +127,18 @@ class RefinerAttention(nn.Module):
     ``v``). Otherwise the block computes ``softmax(q k^T)``; ``carry`` adds ``scale * A_prev``; ``refine`` applies the
     refiner to its own map (layout ``every``). A non-refining block whose map nobody downstream needs keeps timm's
     fused ``scaled_dot_product_attention``.
+
+    Prompt prefixes (no official code; the design of docs/models.md "Prompt prefixes"): ``self.prefix = (P_k, P_v)``,
+    B x L x C each, is prepended to the keys and values in embedding space and split into heads like them (as
+    cl_vit/strategies/prompting.py does for timm's Attention). A map is then N x (L + N), prefix columns first; the
+    softmax runs over all L + N keys, while the carried map (its token columns only) is added to, and the refiner
+    convolves, the token part alone: prefix columns have no place in the token grid. A share block refines the token
+    part of the map it receives; with a prefix of its own (of the map's prefix length: it has no keys, so P_k is
+    unused) its P_v are the values of the map's prefix columns, without one those columns are dropped.
     """
+
+    #: (P_k, P_v), B x L x C each, or None: set by the prompt methods for one forward pass (not a parameter)
+    prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, share: bool = False, refine: bool = False,
@@ -150,37 +164,66 @@ class RefinerAttention(nn.Module):
     def _heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
         return t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _refined(self, attn: torch.Tensor, L: int) -> torch.Tensor:
+        """The refiner (and adapt norm) over the token part of an N x (L + N) map; the L prefix columns pass as
+        they are."""
+        if L == 0:
+            return self.adapt_norm(self.refiner(attn)).contiguous()
+        return torch.cat((attn[..., :L], self.adapt_norm(self.refiner(attn[..., L:])).contiguous()), dim=-1)
+
     def forward(self, x: torch.Tensor, attn_prev: Optional[torch.Tensor] = None, need_map: bool = False,
                 maps: Optional[list] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns (output, map for later blocks or None). ``maps``: a list to append {"raw", "refined"} to."""
         B, N, C = x.shape
         attn_next = None
+        prefix = self.prefix if self.prefix is not None and self.prefix[1].shape[1] > 0 else None
         if self.share:
             if attn_prev is None:
                 raise RuntimeError("a share block needs the attention map of an earlier block")
+            L = attn_prev.shape[-1] - N  # the prefix columns of the map it reuses
             # (R * scale) @ v computed as R @ (v * scale): the scale touches [B, N, C] instead of [B, H, N, N]
             v = self._heads(self.v(x) * self.scale, B, N)
-            attn = self.adapt_norm(self.refiner(attn_prev)).contiguous()
+            if prefix is None:  # only the token part applies
+                attn = self.adapt_norm(self.refiner(attn_prev[..., L:] if L else attn_prev)).contiguous()
+            else:
+                if prefix[1].shape[1] != L:
+                    raise UserError(
+                        f"a Refiner-ViT share block got a prompt prefix of {prefix[1].shape[1]} tokens, but the "
+                        f"attention map it reuses has {L} prefix columns: give it the prefix length of the attend "
+                        "block before it, or no prefix")
+                attn = self._refined(attn_prev, L)
+                v = torch.cat((self._heads(prefix[1].to(v.dtype) * self.scale, B, L), v), dim=2)
             if maps is not None:
                 maps.append({"raw": attn_prev.detach(), "refined": attn.detach() * self.scale})
             out = attn @ v
             attn_next = attn_prev
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            v_tokens, L = v, 0
+            if prefix is not None:
+                L = prefix[0].shape[1]
+                pk, pv = (self._heads(p.to(k.dtype), B, L) for p in prefix)
+                k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+            prev = None
+            if self.carry and attn_prev is not None:  # the carried map's token columns only
+                prev = attn_prev if attn_prev.shape[-1] == N else attn_prev[..., -N:]
             explicit = self.refine or need_map or maps is not None
             if not explicit:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-                if self.carry and attn_prev is not None:
+                if prev is not None:
                     # softmax(qk)v + s*A_prev v: only the carried map needs an explicit product
-                    out = out + attn_prev @ (v * self.scale)
+                    out = out + prev @ (v_tokens * self.scale)
             else:
                 # the official code scales q and k each by sqrt(scale); one multiply of q is the same product
                 raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-                attn = torch.add(raw, attn_prev, alpha=self.scale) if self.carry and attn_prev is not None else raw
+                attn = raw
+                if prev is not None:
+                    attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
+                        torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
                 attn = self.attn_drop(attn)
                 refined = None
                 if self.refine:
-                    attn = refined = self.adapt_norm(self.refiner(attn)).contiguous()
+                    attn = refined = self._refined(attn, L)
                 if maps is not None:
                     maps.append({"raw": raw.detach(), "refined": None if refined is None else refined.detach()})
                 out = attn @ v
@@ -472,7 +515,8 @@ class RefinerViT(vit.VisionTransformer):
 
         One dict per block: ``"raw"`` [B, H, N, N] is the softmax map the block computed (for a share block: the map
         it received); ``"refined"`` [B, H, N, N] is the map the block multiplied with V after the refiner, or None
-        for a block that does not refine. N counts the prefix tokens first (index 0 = class token).
+        for a block that does not refine. N counts the prefix tokens first (index 0 = class token). While prompt
+        prefixes are set (:class:`RefinerAttention`), a map has L + N columns, the L prompt columns first.
         """
         was_training = self.training
         self.eval()

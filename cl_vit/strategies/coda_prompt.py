@@ -14,6 +14,8 @@ sets ``loss.mask_old_logits``).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from cl_vit.errors import ConfigError, UserError
 from cl_vit.strategies.base import register_strategy
 from cl_vit.strategies.prompting import PromptStrategy
+
+log = logging.getLogger("cl_vit")
 
 
 def gram_schmidt(vv: torch.Tensor, s: int, f: int) -> torch.Tensor:
@@ -105,6 +109,10 @@ class CodaPrompt(PromptStrategy):
         self.pool_size, self.length, self.ortho_mu = pool_size, length, float(ortho_mu)
 
     def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
+        if self.pool_size > emb_d:
+            log.warning("CODA-Prompt: %d components with %d-dimensional keys; Gram-Schmidt makes at most %d of them "
+                        "orthogonal, the rest are normalised round-off: set strategy.coda_prompt.pool_size <= %d",
+                        self.pool_size, emb_d, emb_d, emb_d)
         # zoo.py L46: blocks 0-4
         return CodaPromptPool(emb_d, self.pool_size, self.length, self.ortho_mu, [b for b in range(5) if b < depth])
 

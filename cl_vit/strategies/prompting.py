@@ -1,4 +1,4 @@
-"""Prefix-tuning of a timm ViT for the prompt methods (L2P, DualPrompt, CODA-Prompt), as GT-RIPL/CODA-Prompt does it.
+"""Prefix-tuning of a ViT for the prompt methods (L2P, DualPrompt, CODA-Prompt), as GT-RIPL/CODA-Prompt does it.
 
 CODA-Prompt's repository implements all three the same way (models/zoo.py ``ViTZoo.forward``, models/vit.py):
 
@@ -9,6 +9,10 @@ CODA-Prompt's repository implements all three the same way (models/zoo.py ``ViTZ
   prefix tokens are in the embedding space and bypass the qkv projection;
 * the classifier reads the [CLS] token of the prompted pass (zoo.py L396-403); the prompt losses of all blocks are
   summed into the training loss (vit.py L186-192, learners/prompt.py L37).
+
+Any timm ViT (blocks whose ``attn`` is timm's ``Attention``) and Refiner-ViT (``RefinerAttention``, which takes a
+prefix itself; design in docs/models.md) work. Prompts go only into blocks the network has: the official block lists
+(0-4) are clipped to the depth, e.g. blocks 0-3 of the 4-block refiner_vit_tiny.
 
 Here the attention modules of the network are given a prefix-aware forward (their parameters and state-dict keys stay
 as they are) and the network a ``forward_outputs`` that runs the two passes; a prompt module is attached to the
@@ -48,18 +52,25 @@ def prefix_attention_forward(self, x: torch.Tensor, attn_mask=None, is_causal: b
 
 
 def enable_prefixes(net: nn.Module) -> list[nn.Module]:
-    """Give every block's attention the prefix-aware forward; returns the attention modules in block order."""
+    """Make every block's attention take a prefix; returns the attention modules in block order.
+
+    timm ``Attention`` gets the prefix-aware forward above; Refiner-ViT's ``RefinerAttention`` takes a prefix itself
+    (cl_vit/models/refiner.py: the softmax runs over prefix and token keys, the refiner and the carried map act on
+    the token columns only, a share block reuses the prefix columns of the map it receives)."""
     from timm.models.vision_transformer import Attention
+
+    from cl_vit.models.refiner import RefinerAttention
 
     blocks = getattr(net, "blocks", None)
     attns = [getattr(b, "attn", None) for b in (blocks or [])]
-    if not attns or not all(isinstance(a, Attention) for a in attns):
-        raise UserError(f"the prompt methods insert prefixes into the attention of a timm ViT's blocks; "
-                        f"{type(net).__name__}'s blocks have no timm Attention (net.blocks[i].attn): use a timm "
-                        "ViT, e.g. model=vit_base_patch16_224 (Refiner-ViT's refined attention maps take no prefix)")
+    if not attns or not all(isinstance(a, (Attention, RefinerAttention)) for a in attns):
+        raise UserError(f"the prompt methods insert prefixes into the attention of a ViT's blocks; "
+                        f"{type(net).__name__}'s blocks have neither timm's Attention nor RefinerAttention "
+                        "(net.blocks[i].attn): use a timm ViT or a Refiner-ViT, e.g. model=vit_base_patch16_224")
     for a in attns:
         a.prefix = None
-        a.forward = MethodType(prefix_attention_forward, a)
+        if isinstance(a, Attention):
+            a.forward = MethodType(prefix_attention_forward, a)
     return attns
 
 
@@ -97,6 +108,15 @@ def install_prompt(net: nn.Module, prompt: nn.Module) -> None:
     net.forward_outputs = MethodType(prompted_outputs, net)
 
 
+def freeze_norm_statistics(net: nn.Module) -> None:
+    """Batch norms of the frozen backbone (Refiner-ViT's refiner) normalise with their loaded running statistics and
+    do not update them: the query is then the frozen pre-trained model's, as in the official code (whose ViT has no
+    running statistics), and not a function that follows each experience's data."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def tensor_prompt(*shape: int) -> nn.Parameter:
     """zoo.py ``tensor_prompt`` L342-351: uniform [0, 1) (the orthogonal init is not used by L2P / DualPrompt)."""
     return nn.Parameter(torch.empty(*shape).uniform_())
@@ -119,8 +139,8 @@ def key_query_cosine(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 class PromptStrategy(Strategy):
     """The shared policy of the prompt methods: a prompt module on a frozen backbone, a new task each experience.
 
-    Subclasses build the module (``make_prompt(emb_d, depth)``, prompting only blocks below ``depth``); it has ``start_task(index, n_experiences)`` and ``forward(query,
-    layer, train) -> (prefix or None, loss)``."""
+    Subclasses build the module (``make_prompt(emb_d, depth)``, prompting only blocks below ``depth``); it has
+    ``start_task(index, n_experiences)`` and ``forward(query, layer, train) -> (prefix or None, loss)``."""
 
     def make_prompt(self, emb_d: int, depth: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -135,6 +155,10 @@ class PromptStrategy(Strategy):
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         train_only_prompt_and_classifier(module.net)
         module.net.prompt.start_task(experience.index, experience.n_experiences)
+
+    def before_batch(self, module, batch: dict) -> dict:
+        freeze_norm_statistics(module.net)
+        return batch
 
     def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
         loss = outputs.get("prompt_loss")
