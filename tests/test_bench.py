@@ -85,3 +85,41 @@ def test_gpu_measurement_runs_on_cpu_with_a_tiny_model():
         vit(torch.zeros(2, 1, 8, 8))
     # backward ~ twice the forward (a little more for attention, whose backward recomputes the scores)
     assert 2.5 < m["flops_per_image"] / (fwd.get_total_flops() / 2) < 3.5
+
+
+def test_gpu_check_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    from cl_vit.bench import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no CUDA device") and "--cpu" in err[0]
+
+
+def test_gpu_check_on_cpu_writes_each_section_and_survives_a_failing_one(tmp_path, monkeypatch):
+    """The GPU check's script path with tiny sizes on the CPU: each section lands in results.json as it is measured;
+    a section that fails is recorded with its error and the next one still runs; the budget skips what cannot fit."""
+    from cl_vit.bench import gpu_check
+
+    monkeypatch.setenv("CL_VIT_GPU_CHECK_WORK", str(tmp_path / "work"))
+
+    def broken(check):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(gpu_check, "deit_lt_section", broken)
+    out = tmp_path / "out"
+    keep = {"peak", "deit_lt", "data"}
+    assert gpu_check.main([str(out), "--cpu", "--skip", *(s for s in gpu_check.SECTIONS if s not in keep)]) == 0
+    sections = json.loads((out / "results.json").read_text())["sections"]
+    assert list(sections) == ["peak", "deit_lt", "data"]
+    assert sections["peak"]["measured_flops"] > 0
+    assert sections["deit_lt"]["error"] == "RuntimeError: injected"
+    data = sections["data"]
+    # 4 classes x 10 generated JPEGs, batch 8, two passes without the first batch (the workers' start)
+    assert data["images"] == 40 and {w: v["images"] for w, v in data["workers"].items()} == {"0": 72, "2": 72}
+    assert len(list((tmp_path / "work" / "data" / "imagenet-r").glob("n*/*.jpg"))) == 40
+    assert "Data pipeline images/s" in (out / "summary.md").read_text()
+
+    assert gpu_check.main([str(tmp_path / "none"), "--cpu", "--budget", "5"]) == 0
+    skipped = json.loads((tmp_path / "none" / "results.json").read_text())["sections"]
+    assert all("skipped" in v for k, v in skipped.items() if k != "peak") and len(skipped) == len(gpu_check.SECTIONS)

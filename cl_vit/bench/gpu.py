@@ -74,21 +74,24 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device.split(":")[0], enabled=False)
 
 
-def _net(model_name: str, num_classes: int, in_chans: int, img_size: int, device: str) -> torch.nn.Module:
+def _net(model: str | dict, num_classes: int, in_chans: int, img_size: int, device: str) -> torch.nn.Module:
+    """``model``: a timm name, or a model config (``{"name": ..., timm keyword arguments}``)."""
     from cl_vit.models import build_model
 
     torch.manual_seed(0)
-    return build_model({"name": model_name}, num_classes, in_chans, img_size).to(device)
+    spec = {"name": model} if isinstance(model, str) else dict(model)
+    return build_model(spec, num_classes, in_chans, img_size).to(device)
 
 
-def bare_step(model_name: str, img_size: int, batch: int, device: str, precision: str, num_classes: int = 1000):
+def bare_step(model_name: str | dict, img_size: int, batch: int, device: str, precision: str, num_classes: int = 1000,
+              in_chans: int = 3):
     """One training step of a bare PyTorch loop (autocast, the suite's fused AdamW) on a resident batch."""
     from cl_vit.hardware import create_optimizer
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
+    x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    model = _net(model_name, num_classes, 3, img_size, device)
+    model = _net(model_name, num_classes, in_chans, img_size, device)
     opt = create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
 
     def step():
@@ -103,7 +106,8 @@ def bare_step(model_name: str, img_size: int, batch: int, device: str, precision
 
 def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list, loader, warmup: int, steps: int,
                        batch: int, device: str, precision: str, compile_: bool = False,
-                       class_counts=None) -> dict:
+                       class_counts=None, optimizer: dict | None = None, mask_old_logits: bool = False,
+                       classes=None) -> dict:
     """images/s and peak memory of the suite's training step: ContinualModule (``strategies``, AdamW) in a Lightning
     Trainer over ``loader`` (``warmup + steps`` batches), timed from batch ``warmup`` to the end of fit."""
     import lightning as L
@@ -123,12 +127,14 @@ def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list,
             _sync(device)
             self.elapsed = time.perf_counter() - self.t0
 
-    module = ContinualModule(net, num_classes, strategies,
-                             optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
+    module = ContinualModule(net, num_classes, strategies, mask_old_logits=mask_old_logits,
+                             optimizer=optimizer or {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
                              scheduler={"name": "constant"})
+    for s in strategies:  # as cl_vit.builder.build: a strategy installs what it needs (prompts, a DIST head)
+        s.setup(module)
     if compile_:
         compile_forward(module)
-    classes = list(range(num_classes))
+    classes = list(classes if classes is not None else range(num_classes))
     info = ExperienceInfo(0, 1, classes, classes, num_classes, class_counts=class_counts)
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     module.to(device)
@@ -143,10 +149,13 @@ def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list,
                         enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    return {"images_per_s": batch * steps / timer.elapsed, "peak_memory_bytes": peak}
+    params = list(module.parameters())
+    return {"images_per_s": batch * steps / timer.elapsed, "peak_memory_bytes": peak,
+            "params_trainable": sum(p.numel() for p in params if p.requires_grad),
+            "params_total": sum(p.numel() for p in params)}
 
 
-def measure(model_name: str, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, batch: int = 128,
+def measure(model_name: str | dict, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, batch: int = 128,
             steps: int = 20, warmup: int = 5, device: str = "cuda", precision: str = "bf16-mixed",
             compile_: bool = False, bare: bool = True) -> dict:
     """images/s of the suite (and of a bare loop, ``bare``), its peak memory and FLOPs per training image, for one
@@ -162,7 +171,7 @@ def measure(model_name: str, img_size: int = 224, in_chans: int = 3, num_classes
     del model
     out = {"flops_per_image": flops}
     if bare:
-        step = bare_step(model_name, img_size, batch, device, precision, num_classes)
+        step = bare_step(model_name, img_size, batch, device, precision, num_classes, in_chans)
         for i in range(warmup + steps):
             if i == warmup:
                 _sync(device)

@@ -47,7 +47,9 @@ from cl_vit.bench.gpu import MODELS, measure, peak_bf16_flops
 
 
 #: the sections, in the order they run (each one's estimate of seconds is in ``main``)
-SECTIONS = ("peak", "train", "deit_lt", "data", "recipe", "profile", "train_compiled")
+SECTIONS = ("peak", "train", "twin", "prompt_step", "deit_lt", "data", "recipe", "profile", "train_compiled")
+#: Refiner-ViT-S's plain twin: a timm ViT of its width, depth, heads and MLP ratio (patch embedding for the conv stem)
+TWIN = {"name": "vit_small_patch16_224", "embed_dim": 384, "depth": 16, "num_heads": 12, "mlp_ratio": 3.0}
 
 
 class SectionTimeout(Exception):
@@ -188,6 +190,48 @@ def train_section(check: Check, compile_: bool) -> dict:
     if "images_per_s" in vit and "images_per_s" in ref:
         out["refiner_s_over_vit_b"] = ref["images_per_s"] / vit["images_per_s"]
     return {"batch": g["batch"], "img_size": g["img"], "precision": g["precision"], "compile": compile_, **out}
+
+
+def twin_section(check: Check) -> dict:
+    """Refiner-ViT-S against its plain ViT twin (the same blocks without the refiner): what the refiner costs."""
+    g = sizes(check.cpu)
+    m = measure(TWIN, img_size=g["img"], batch=g["batch"], steps=g["steps"], warmup=g["warmup"],
+                device=check.device, precision=g["precision"])
+    out = {"twin": TWIN, "batch": g["batch"], **m}
+    ref = ((check.doc["sections"].get("train") or {}).get("Refiner-ViT-S") or {}).get("images_per_s")
+    if ref:
+        out["refiner_s_over_twin"] = ref / m["images_per_s"]
+    return out
+
+
+def prompt_step_section(check: Check) -> dict:
+    """The training step of the L2 recipe against CODA-P's (two passes: the query without prompts, then the prompted
+    pass), ViT-B/16 at the recipe's batch 128 on a batch resident on the GPU: compute, not data loading."""
+    from cl_vit.bench.gpu import Repeat, _net, train_images_per_s
+    from cl_vit.strategies.coda_prompt import CodaPrompt
+    from cl_vit.strategies.l2 import L2
+
+    g = sizes(check.cpu)
+    batch, n_classes = g["batch"] // 2, 200
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, g["img"], g["img"], generator=gen).to(check.device)
+    y = torch.randint(0, 20, (batch,), generator=gen).to(check.device)
+    out = {"model": "vit_base_patch16_224", "batch": batch, "classes": "20 of 200 (one ImageNet-R experience)"}
+    arms = {"l2": lambda: L2(lam=1e-3, params=["*attn.qkv.*"], train_only_selected=True),
+            "coda_prompt": lambda: CodaPrompt(pool_size=100, length=8, ortho_mu=0.0)}
+    for arm, make in arms.items():
+        net = _net("vit_base_patch16_224", n_classes, 3, g["img"], check.device)
+        out[arm] = train_images_per_s(net, n_classes, [make()], Repeat((x, y), g["warmup"] + g["steps"]),
+                                      g["warmup"], g["steps"], batch, check.device, g["precision"],
+                                      optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+                                      mask_old_logits=True, classes=range(20))
+        del net
+        if check.device == "cuda":
+            torch.cuda.empty_cache()
+    out["coda_over_l2_images_per_s"] = out["coda_prompt"]["images_per_s"] / out["l2"]["images_per_s"]
+    if out["l2"]["peak_memory_bytes"]:
+        out["coda_over_l2_peak_memory"] = out["coda_prompt"]["peak_memory_bytes"] / out["l2"]["peak_memory_bytes"]
+    return out
 
 
 def deit_lt_section(check: Check) -> dict:
@@ -408,6 +452,15 @@ def summary(doc: dict) -> str:
                 lines.append(f"| {k} | {v['images_per_s']:.0f} | {_fmt(v.get('bare_images_per_s'))} | "
                              f"{_gib(v.get('peak_memory_bytes'))} | {v['flops_per_image'] / 1e9:.1f} | "
                              f"{_fmt(v.get('mfu_measured_peak'))} | {_fmt(v.get('mfu_datasheet_peak'))} |")
+    t = s.get("twin") or {}
+    if "refiner_s_over_twin" in t:
+        lines += ["", f"Refiner-ViT-S / its plain ViT twin: {t['refiner_s_over_twin']:.2f}x images/s "
+                  f"(twin {t['images_per_s']:.0f}, bare {_fmt(t.get('bare_images_per_s'))})"]
+    ps = s.get("prompt_step") or {}
+    if "coda_over_l2_images_per_s" in ps:
+        lines += ["", f"Step, ViT-B/16 batch {ps['batch']}: L2 {ps['l2']['images_per_s']:.0f} images/s, CODA-P "
+                  f"{ps['coda_prompt']['images_per_s']:.0f} ({ps['coda_over_l2_images_per_s']:.2f}x), peak "
+                  f"{_gib(ps['l2']['peak_memory_bytes'])} vs {_gib(ps['coda_prompt']['peak_memory_bytes'])} GiB"]
     d = s.get("deit_lt") or {}
     if "teacher_cost" in d:
         lines += ["", f"DeiT-LT student step: {d['with_teacher']['images_per_s']:.0f} images/s with the teacher, "
@@ -446,6 +499,8 @@ def main(argv=None) -> int:
     sections = {
         "peak": (lambda: matmul_peak(check.device, g["matmul"], torch.float32 if args.cpu else torch.bfloat16), 10),
         "train": (lambda: train_section(check, compile_=False), 40),
+        "twin": (lambda: twin_section(check), 20),
+        "prompt_step": (lambda: prompt_step_section(check), 30),
         "deit_lt": (lambda: deit_lt_section(check), 40),
         "data": (lambda: data_section(check), 45),
         "recipe": (lambda: recipe_section(check), 100),
