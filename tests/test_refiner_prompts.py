@@ -4,7 +4,7 @@ methods through the runner on refiner_vit_tiny."""
 import pytest
 import timm
 import torch
-from conftest import TINY_ANY_MODEL, compose
+from conftest import TINY_ANY_MODEL, compose, interrupt_after, state_equal
 from test_prompts import block_outputs
 
 import cl_vit  # noqa: F401  (registers refiner_vit_tiny)
@@ -193,7 +193,7 @@ def test_shared_layout_a_prefix_changes_its_block_and_those_reusing_its_map():
     ("dualprompt", ["strategy.dualprompt.pool_size=2"]),
     ("l2p", ["strategy.l2p.pool_size=6", "strategy.l2p.top_k=2", "strategy.l2p.deep=true"]),
 ])
-def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path, data_root):
+def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path, data_root, monkeypatch):
     over = ["model=refiner_vit_tiny", *TINY_ANY_MODEL, "trainer.limit_train_batches=2", "benchmark.n_experiences=2",
             f"strategy={name}", *small]
     cfg = compose(over, data_root)
@@ -206,3 +206,13 @@ def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path
     # the backbone is frozen, its batch-norm statistics included (they are part of the query's function)
     assert all(k.startswith(("prompt.", "head.")) for k in changed), changed
     assert any(k.startswith("prompt.") for k in changed)
+
+    # resume after the first experience reproduces the uninterrupted run (prompts, keys and the frozen statistics)
+    Stop = interrupt_after(monkeypatch, 0)
+    with pytest.raises(Stop):
+        run(compose(over, data_root), tmp_path / "cut")
+    monkeypatch.undo()
+    resumed = run(compose(over + [f"resume={tmp_path / 'cut'}"], data_root), tmp_path / "cut")
+    assert resumed["accuracy_matrix"] == result["accuracy_matrix"]
+    whole, cut = RunDirectory(tmp_path / name).load_checkpoint(1), RunDirectory(tmp_path / "cut").load_checkpoint(1)
+    assert state_equal(whole["module"], cut["module"])
