@@ -229,3 +229,19 @@ def test_imagenet_r_recipes_compose_with_the_published_settings():
     slca = compose(["experiment=slca-imagenet-r"])
     assert list(slca.scheduler.milestones) == [40] and slca.strategy.slca.backbone_lr_scale == 0.01
     assert list(compose(["experiment=simplecil-imagenet-r"]).strategy) == ["simplecil"]
+
+
+def test_cifar100_recipes_compose_under_the_coda_prompt_protocol_with_each_methods_settings():
+    for name, strategy in (("coda-prompt", "coda_prompt"), ("dualprompt", "dualprompt"), ("l2p", "l2p")):
+        cfg = compose([f"experiment={name}-cifar100"])
+        assert list(cfg.strategy) == [strategy] and cfg.benchmark.name == "cifar100-coda"
+        assert (cfg.benchmark.n_experiences, cfg.optimizer.name, cfg.optimizer.lr, cfg.trainer.max_epochs,
+                cfg.data.batch_size) == (10, "adam", 1e-3, 20, 128)  # configs/cifar-100_prompt.yaml
+        assert cfg.loss.mask_old_logits and cfg.model.pretrained_tag == "augreg_in21k_ft_in1k"
+    slca = compose(["experiment=slca-cifar100"])
+    assert (slca.optimizer.name, slca.optimizer.lr, slca.trainer.max_epochs, list(slca.scheduler.milestones)) == \
+        ("sgd", 0.01, 20, [18])  # exps/slca/slca_cifar.json
+    ranpac = compose(["experiment=ranpac-cifar100"])
+    assert (ranpac.strategy.ranpac.M, ranpac.data.batch_size, ranpac.trainer.max_epochs) == (10000, 48, 20)
+    for cfg in (slca, ranpac, compose(["experiment=simplecil-cifar100"])):  # ImageNet-21k weights, as published
+        assert cfg.model.pretrained_tag == "augreg_in21k" and cfg.benchmark.name == "cifar100-coda"

@@ -182,6 +182,11 @@ def test_cifar100_coda_protocol_values_and_dry_run(tmp_path, data_root):
                  tmp_path / "run")
     assert [len(e["classes"]) for e in stream["experiences"]] == [10] * 10 and stream["class_order"] == list(range(100))
     assert 85e6 < stream["n_params"] < 87e6
+    # a prompt method's recipe on the same protocol builds its prompts into the network (5 blocks of CODA's pool)
+    coda = run(compose(["experiment=coda-prompt-cifar100", "model.pretrained=false", "dry_run=true"], data_root),
+               tmp_path / "coda")
+    assert coda["experiences"] == stream["experiences"] and coda["n_params"] - stream["n_params"] == \
+        5 * (100 * 8 * 768 + 2 * 100 * 768)
 
 
 def test_coda_cifar_transforms_give_224_px_in_unit_range(data_root):
