@@ -74,7 +74,7 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device.split(":")[0], enabled=False)
 
 
-def _net(model: str | dict, num_classes: int, in_chans: int, img_size: int, device: str) -> torch.nn.Module:
+def make_net(model: str | dict, num_classes: int, in_chans: int, img_size: int, device: str) -> torch.nn.Module:
     """``model``: a timm name, or a model config (``{"name": ..., timm keyword arguments}``)."""
     from cl_vit.models import build_model
 
@@ -91,7 +91,7 @@ def bare_step(model_name: str | dict, img_size: int, batch: int, device: str, pr
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    model = _net(model_name, num_classes, in_chans, img_size, device)
+    model = make_net(model_name, num_classes, in_chans, img_size, device)
     opt = create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
 
     def step():
@@ -165,7 +165,7 @@ def measure(model_name: str | dict, img_size: int = 224, in_chans: int = 3, num_
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    model = _net(model_name, num_classes, in_chans, img_size, device)
+    model = make_net(model_name, num_classes, in_chans, img_size, device)
     with _autocast(device, precision):
         flops = training_flops_per_image(model, x[:2])
     del model
@@ -182,7 +182,7 @@ def measure(model_name: str | dict, img_size: int = 224, in_chans: int = 3, num_
         del step
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    out.update(train_images_per_s(_net(model_name, num_classes, in_chans, img_size, device), num_classes,
+    out.update(train_images_per_s(make_net(model_name, num_classes, in_chans, img_size, device), num_classes,
                                   [Finetune()], Repeat((x, y), warmup + steps), warmup, steps, batch, device,
                                   precision, compile_=compile_))
     return out

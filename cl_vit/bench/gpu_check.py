@@ -207,7 +207,7 @@ def twin_section(check: Check) -> dict:
 def prompt_step_section(check: Check) -> dict:
     """The training step of the L2 recipe against CODA-P's (two passes: the query without prompts, then the prompted
     pass), ViT-B/16 at the recipe's batch 128 on a batch resident on the GPU: compute, not data loading."""
-    from cl_vit.bench.gpu import Repeat, _net, train_images_per_s
+    from cl_vit.bench.gpu import Repeat, make_net, train_images_per_s
     from cl_vit.strategies.coda_prompt import CodaPrompt
     from cl_vit.strategies.l2 import L2
 
@@ -220,7 +220,7 @@ def prompt_step_section(check: Check) -> dict:
     arms = {"l2": lambda: L2(lam=1e-3, params=["*attn.qkv.*"], train_only_selected=True),
             "coda_prompt": lambda: CodaPrompt(pool_size=100, length=8, ortho_mu=0.0)}
     for arm, make in arms.items():
-        net = _net("vit_base_patch16_224", n_classes, 3, g["img"], check.device)
+        net = make_net("vit_base_patch16_224", n_classes, 3, g["img"], check.device)
         out[arm] = train_images_per_s(net, n_classes, [make()], Repeat((x, y), g["warmup"] + g["steps"]),
                                       g["warmup"], g["steps"], batch, check.device, g["precision"],
                                       optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
