@@ -193,13 +193,15 @@ def test_shared_layout_a_prefix_changes_its_block_and_those_reusing_its_map():
     ("dualprompt", ["strategy.dualprompt.pool_size=2"]),
     ("l2p", ["strategy.l2p.pool_size=6", "strategy.l2p.top_k=2", "strategy.l2p.deep=true"]),
 ])
-def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path, data_root, monkeypatch):
+def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path, data_root, monkeypatch, recwarn):
     over = ["model=refiner_vit_tiny", *TINY_ANY_MODEL, "trainer.limit_train_batches=2", "benchmark.n_experiences=2",
             f"strategy={name}", *small]
     cfg = compose(over, data_root)
     init = {k: v.clone() for k, v in build(cfg)[3].net.state_dict().items()}
     result = run(cfg, tmp_path / name)
     assert len(result["accuracy_matrix"]) == 2
+    # the frozen norms are back in training mode when each fit starts (frozen again per batch): no Lightning note
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]
     after = RunDirectory(tmp_path / name).load_checkpoint(1)["module"]
     assert any(".refiner.norm" in k and "running_mean" in k for k in init)
     changed = {k for k, v in init.items() if not torch.equal(after[f"net.{k}"], v)}

@@ -156,6 +156,14 @@ class PromptStrategy(Strategy):
         train_only_prompt_and_classifier(module.net)
         module.net.prompt.start_task(experience.index, experience.n_experiences)
 
+    def on_fit_start(self, module) -> None:
+        # the norms left in evaluation mode by the last experience's batches go back to training mode, as Lightning
+        # expects every module at the start of a fit (else it prints a note per experience); before_batch freezes
+        # them again before the first forward pass
+        for m in module.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
     def before_batch(self, module, batch: dict) -> dict:
         freeze_norm_statistics(module.net)
         return batch
