@@ -1,4 +1,5 @@
 """The one exception type that reaches the user as a single line."""
+import sys
 
 
 class UserError(Exception):
@@ -16,6 +17,13 @@ class UserError(Exception):
             last = message.rstrip().splitlines()[-1]
             message = last.split(": ", 1)[1] if ": " in last else last
         super().__init__(" ".join(message.split()))  # always one line
+
+
+def report_error(error) -> int:
+    """A command's answer to a :class:`UserError` (or any one-line problem): ``error: <message>`` on stderr, and the
+    exit status 2 to return."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 class ConfigError(UserError):

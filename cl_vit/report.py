@@ -312,7 +312,7 @@ def finish_run(run_dir: str | Path, writer=None) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from cl_vit.errors import UserError
+    from cl_vit.errors import UserError, report_error
     from cl_vit.results import group_runs, load_runs
 
     p = argparse.ArgumentParser(
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.paths)
         rows = summary_rows(group_runs(runs, by_seed=not args.no_group, same=args.same), args.head, args.shots)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     if args.csv:
         sys.stdout.write(format_csv(rows))
     else:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_vit.builder import build, data_root, dataset_labels, source_arguments  # noqa: F401  (re-exported)
 from cl_vit.config import CONFIG_DIR, check_group_choices, validate
-from cl_vit.errors import Interrupted, RunStopped, UserError
+from cl_vit.errors import Interrupted, RunStopped, UserError, report_error
 
 log = logging.getLogger("cl_vit")
 
@@ -257,8 +257,7 @@ def _main(cfg: DictConfig) -> None:
             cfg = resume_config(cfg, list(hc.overrides.task))
         run(cfg, hc.runtime.output_dir)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(e))
     except RunStopped as e:  # the completed experiences are kept; results.json says status and reason
         rd = getattr(e, "run_dir", hc.runtime.output_dir)
         again = f"python -m cl_vit.run resume={rd}"
@@ -277,8 +276,7 @@ def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(e))
     _main()
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from cl_vit.bench.gpu import MODELS, measure, peak_bf16_flops
+from cl_vit.errors import report_error
 
 
 #: the sections, in the order they run (each one's estimate of seconds is in ``main``)
@@ -490,8 +491,7 @@ def main(argv=None) -> int:
                    help=f"sections to leave out, of {list(SECTIONS)}")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
-        print("error: no CUDA device: run on a GPU machine, or give --cpu to check the script", file=sys.stderr)
-        return 2
+        return report_error("no CUDA device: run on a GPU machine, or give --cpu to check the script")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, args.cpu, args.budget)

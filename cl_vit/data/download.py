@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from cl_vit.errors import UserError
+from cl_vit.errors import UserError, report_error
 
 
 @dataclass(frozen=True)
@@ -275,8 +275,7 @@ def main(argv=None) -> int:
             for path in download(name, args.root, args.mirror, args.keep_archive, progress=sys.stderr.isatty()):
                 print(f"{name}: {path}")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cl_vit.errors import UserError
+from cl_vit.errors import UserError, report_error
 
 GROUPS = ("all", "many", "medium", "few")
 
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 copies = "—" if head == "teacher" else f"{s[f'{head}/all']['copies']:.2f}"
                 print(f"| {run_dir} | {head} | {acc} | {agree} | {copies} |", flush=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     return 0
 
 
