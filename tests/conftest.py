@@ -82,6 +82,18 @@ def interrupt_after(monkeypatch, index):
     return Stop
 
 
+def cut_and_resume(monkeypatch, overrides, data_root, run_dir, after: int = 0) -> dict:
+    """Run ``overrides`` into ``run_dir``, stopped right after experience ``after`` is saved, then resume it there
+    (``monkeypatch`` is undone in between); returns the resumed run's results."""
+    from cl_vit.run import run
+
+    Stop = interrupt_after(monkeypatch, after)
+    with pytest.raises(Stop):
+        run(compose(overrides, data_root), run_dir)
+    monkeypatch.undo()
+    return run(compose([*overrides, f"resume={run_dir}"], data_root), run_dir)
+
+
 def state_equal(a, b) -> bool:
     """Nested checkpoint state (dicts, lists, tensors, plain values) equal bit for bit."""
     if isinstance(a, torch.Tensor):

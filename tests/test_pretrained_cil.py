@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose, interrupt_after, state_equal
+from conftest import TINY, compose, cut_and_resume, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit import distributed
@@ -240,11 +240,7 @@ def test_slca_slow_backbone_frozen_old_rows_and_alignment(runs):
 @pytest.mark.parametrize("name", ["simplecil", "ranpac", "slca"])
 def test_resume_reproduces_an_uninterrupted_run(name, runs, tmp_path, monkeypatch):
     _, data_root, root, whole = runs(name)
-    Stop = interrupt_after(monkeypatch, 0)
-    with pytest.raises(Stop):
-        run(compose(over(name), data_root), tmp_path / "cut")
-    monkeypatch.undo()
-    resumed = run(compose(over(name) + [f"resume={tmp_path / 'cut'}"], data_root), tmp_path / "cut")
+    resumed = cut_and_resume(monkeypatch, over(name), data_root, tmp_path / "cut")
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     for i in (0, 1):
         a, b = RunDirectory(root / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)

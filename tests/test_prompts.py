@@ -3,7 +3,7 @@ attention, prompt selection, Gram-Schmidt components, two experiences through th
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose, interrupt_after, state_equal
+from conftest import TINY, compose, cut_and_resume, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -205,11 +205,7 @@ def test_two_experiences_train_only_prompts_and_classifier_and_resume_exactly(na
         plain = module.net.get_classifier()(module.net.forward_head(module.net.forward_features(x), pre_logits=True))
     assert not torch.allclose(prompted, plain)
 
-    Stop = interrupt_after(monkeypatch, 0)
-    with pytest.raises(Stop):
-        run(compose(over, data_root), tmp_path / "cut")
-    monkeypatch.undo()
-    resumed = run(compose(over + [f"resume={tmp_path / 'cut'}"], data_root), tmp_path / "cut")
+    resumed = cut_and_resume(monkeypatch, over, data_root, tmp_path / "cut")
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     for i in (0, 1):
         a, b = RunDirectory(tmp_path / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)

@@ -4,7 +4,7 @@ methods through the runner on refiner_vit_tiny."""
 import pytest
 import timm
 import torch
-from conftest import TINY_ANY_MODEL, compose, interrupt_after, state_equal
+from conftest import TINY_ANY_MODEL, compose, cut_and_resume, state_equal
 from test_prompts import block_outputs
 
 import cl_vit  # noqa: F401  (registers refiner_vit_tiny)
@@ -210,11 +210,7 @@ def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path
     assert any(k.startswith("prompt.") for k in changed)
 
     # resume after the first experience reproduces the uninterrupted run (prompts, keys and the frozen statistics)
-    Stop = interrupt_after(monkeypatch, 0)
-    with pytest.raises(Stop):
-        run(compose(over, data_root), tmp_path / "cut")
-    monkeypatch.undo()
-    resumed = run(compose(over + [f"resume={tmp_path / 'cut'}"], data_root), tmp_path / "cut")
+    resumed = cut_and_resume(monkeypatch, over, data_root, tmp_path / "cut")
     assert resumed["accuracy_matrix"] == result["accuracy_matrix"]
     whole, cut = RunDirectory(tmp_path / name).load_checkpoint(1), RunDirectory(tmp_path / "cut").load_checkpoint(1)
     assert state_equal(whole["module"], cut["module"])
