@@ -165,6 +165,20 @@ class _FileSizeLimitAt(Callback):
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
+class _EpochTimes(Callback):
+    """Wall time of each training epoch (results.json ``cost.time_s.epochs``): the steady speed of a fit, apart from
+    its set-up and its first batches."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds.append(time.perf_counter() - self._t0)
+
+
 class _StopOnSignal(Callback):
     """Ends training or evaluation after the current step once SIGINT or SIGTERM arrived (``ContinualRunner``)."""
 
@@ -408,7 +422,8 @@ class ContinualRunner:
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
             # Lightning would wrap the repeated-augmentation sampler in its own distributed one: it shards already
             callbacks = self._fit_callbacks(i)
-            trainer = self._trainer(i, callbacks=callbacks, log_every_n_steps=every,
+            epochs = _EpochTimes()
+            trainer = self._trainer(i, callbacks=[epochs, *callbacks], log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
@@ -437,7 +452,7 @@ class ContinualRunner:
             t_end = time.perf_counter()
             # where the experience's time went: set-up, training and the strategies' hooks (prototypes, ridge,
             # alignment) / evaluation; _save adds the checkpoint's write
-            spent = {"train": t_eval - t0, "evaluate": t_end - t_eval}
+            spent = {"train": t_eval - t0, "evaluate": t_end - t_eval, "epochs": epochs.seconds}
             self.results.record(i, evaluation, t_end - t0,
                                 {**cost.finish(self.module, self.module.strategies), "time_s": spent})
             for cb in callbacks:  # the per-epoch test numbers: last and best epoch (selected on the test set)

@@ -117,6 +117,7 @@ def test_evaluation_counts_every_test_image_once(tmp_path, data_root):
         spent = cost["time_s"]
         assert min(spent["train"], spent["evaluate"], spent["checkpoint"]) > 0
         assert spent["train"] + spent["evaluate"] == pytest.approx(wall, rel=1e-9)
+        assert len(spent["epochs"]) == 1 and 0 < spent["epochs"][0] < spent["train"]  # TINY: one epoch each
 
 
 def test_joint_is_one_experience_evaluated_per_original_experience(tmp_path, data_root):

@@ -356,11 +356,17 @@ def recipe_section(check: Check) -> dict:
         out[arm] = {"process_wall_s": wall, "experience_wall_s": doc["wall_time"]["per_experience"][0],
                     "time_s": cost["time_s"], "train_images": n_train,
                     "train_images_per_s": n_train * g["epochs"] / cost["time_s"]["train"],
+                    # after the first epoch (workers started, kernels chosen): the speed of a long run
+                    "steady_images_per_s": (n_train / statistics.median(cost["time_s"]["epochs"][1:])
+                                            if len(cost["time_s"].get("epochs", [])) > 1 else None),
                     "peak_memory_bytes": cost["device_peak_bytes"] or cost["host_peak_rss_bytes"],
                     "params_trainable": cost["params_trainable"], "params_total": cost["params_total"],
                     "accuracy": doc["accuracy_matrix"][0][0], "command": "python " + " ".join(cmd[1:])}
     if "train_images_per_s" in out.get("l2", {}) and "train_images_per_s" in out.get("coda_prompt", {}):
         out["coda_over_l2_images_per_s"] = out["coda_prompt"]["train_images_per_s"] / out["l2"]["train_images_per_s"]
+        if out["l2"]["steady_images_per_s"] and out["coda_prompt"]["steady_images_per_s"]:
+            out["coda_over_l2_steady_images_per_s"] = (out["coda_prompt"]["steady_images_per_s"]
+                                                       / out["l2"]["steady_images_per_s"])
         out["coda_over_l2_peak_memory"] = out["coda_prompt"]["peak_memory_bytes"] / out["l2"]["peak_memory_bytes"]
     return out
 
@@ -407,7 +413,7 @@ def profile_section(check: Check) -> dict:
 def sizes(cpu: bool) -> dict:
     if cpu:
         return dict(img=32, batch=4, steps=2, warmup=1, precision="32-true", matmul=256, classes=4, per_class=10,
-                    data_batch=8, workers=(0, 2), epochs=1)
+                    data_batch=8, workers=(0, 2), epochs=2)
     from cl_vit.hardware import trainer_kwargs
 
     precision = trainer_kwargs({"accelerator": "gpu", "precision": "bf16-mixed"})["precision"]
@@ -476,7 +482,8 @@ def summary(doc: dict) -> str:
         v = r.get(arm) or {}
         if "time_s" in v:
             t = v["time_s"]
-            lines.append(f"- recipe {arm}: {v['train_images_per_s']:.0f} training images/s, train {t['train']:.1f} s, "
+            lines.append(f"- recipe {arm}: {v['train_images_per_s']:.0f} training images/s "
+                         f"({_fmt(v.get('steady_images_per_s'))} after the first epoch), train {t['train']:.1f} s, "
                          f"evaluate {t['evaluate']:.1f} s, checkpoint {t.get('checkpoint', 0):.1f} s, process "
                          f"{v['process_wall_s']:.1f} s, peak {_gib(v.get('peak_memory_bytes'))} GiB")
     return "\n".join(lines) + "\n"
