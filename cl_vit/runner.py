@@ -546,9 +546,7 @@ class ContinualRunner:
         rd = self.run_dir
         t0 = time.perf_counter()
         rd.save_checkpoint(i, self.checkpoint_state(i))  # first: results.json never names a missing checkpoint
-        spent = (self.results.cost[i] or {}).get("time_s") if i < len(self.results.cost) else None
-        if spent is not None:
-            spent["checkpoint"] = time.perf_counter() - t0
+        self.results.cost[i]["time_s"]["checkpoint"] = time.perf_counter() - t0  # recorded just before
         doc = self.results.to_json(status)
         rd.write_json("results.json", doc)
         self._saved = doc

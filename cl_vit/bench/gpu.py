@@ -74,6 +74,13 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device.split(":")[0], enabled=False)
 
 
+def resident_batch(batch: int, in_chans: int, img_size: int, num_classes: int, device: str):
+    """A seeded random batch ``(x, y)`` on ``device``: the input of every step the GPU bench times."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
+    return x, torch.randint(0, num_classes, (batch,), generator=g).to(device)
+
+
 def make_net(model: str | dict, num_classes: int, in_chans: int, img_size: int, device: str) -> torch.nn.Module:
     """``model``: a timm name, or a model config (``{"name": ..., timm keyword arguments}``)."""
     from cl_vit.models import build_model
@@ -88,9 +95,7 @@ def bare_step(model_name: str | dict, img_size: int, batch: int, device: str, pr
     """One training step of a bare PyTorch loop (autocast, the suite's fused AdamW) on a resident batch."""
     from cl_vit.hardware import create_optimizer
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    x, y = resident_batch(batch, in_chans, img_size, num_classes, device)
     model = make_net(model_name, num_classes, in_chans, img_size, device)
     opt = create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
 
@@ -162,9 +167,7 @@ def measure(model_name: str | dict, img_size: int = 224, in_chans: int = 3, num_
     timm model."""
     from cl_vit.strategies.finetune import Finetune
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    x, y = resident_batch(batch, in_chans, img_size, num_classes, device)
     model = make_net(model_name, num_classes, in_chans, img_size, device)
     with _autocast(device, precision):
         flops = training_flops_per_image(model, x[:2])

@@ -108,13 +108,13 @@ def install_prompt(net: nn.Module, prompt: nn.Module) -> None:
     net.forward_outputs = MethodType(prompted_outputs, net)
 
 
-def freeze_norm_statistics(net: nn.Module) -> None:
+def freeze_norm_statistics(net: nn.Module, frozen: bool = True) -> None:
     """Batch norms of the frozen backbone (Refiner-ViT's refiner) normalise with their loaded running statistics and
     do not update them: the query is then the frozen pre-trained model's, as in the official code (whose ViT has no
-    running statistics), and not a function that follows each experience's data."""
+    running statistics), and not a function that follows each experience's data. ``frozen=False``: training mode."""
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+            m.train(not frozen)
 
 
 def tensor_prompt(*shape: int) -> nn.Parameter:
@@ -160,9 +160,7 @@ class PromptStrategy(Strategy):
         # the norms left in evaluation mode by the last experience's batches go back to training mode, as Lightning
         # expects every module at the start of a fit (else it prints a note per experience); before_batch freezes
         # them again before the first forward pass
-        for m in module.net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
+        freeze_norm_statistics(module.net, frozen=False)
 
     def before_batch(self, module, batch: dict) -> dict:
         freeze_norm_statistics(module.net)
