@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from cl_vit.plugins import TARGET
+from cl_vit.loading import TARGET
 
 
 def data_root(cfg) -> str:

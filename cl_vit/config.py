@@ -72,7 +72,7 @@ def _choice(cfg, key, choices):
 def validate(cfg: DictConfig) -> None:
     """Check the values a run reads; raises :class:`ConfigError` on the first bad one."""
     from cl_vit.module import LOSSES
-    from cl_vit.plugins import TARGET
+    from cl_vit.loading import TARGET
     from cl_vit.strategies import STRATEGIES
 
     _int(cfg, "seed", 0)

@@ -172,6 +172,17 @@ def _all_reduce(module, values, op):
     return out[""] if single else out
 
 
+def agree_on_stop(signum: int | None) -> int | None:
+    """The stop signal as every process sees it: this process's, or one that reached another rank (the largest
+    number wins); one small all-reduce per call under DDP, nothing otherwise."""
+    if world_size() == 1:
+        return signum
+    flag = torch.tensor([float(signum or 0)], device=_comm_device(None))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    got = int(flag.item())
+    return got or None
+
+
 def reduce_mean(module: nn.Module | None, values):
     """Mean over processes of a tensor, or of every tensor of a mapping (returned as a new dict).
 

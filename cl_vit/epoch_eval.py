@@ -7,7 +7,7 @@ Lightning fit, on the test data of the experiences seen so far, and logs
     epoch_eval/<head>/overall, epoch_eval/<head>/many, .../medium, .../few
 
 where ``<head>`` is ``main`` (the model's output: the mean of the two heads for a distilled student) and each extra
-head (``cls``, ``dist``). The shot groups are the run's default definition (cl_vit.data.longtail.default_shot_kind: the
+head (``cls``, ``dist``). The shot groups are the run's default definition (cl_vit.metrics.default_shot_kind: the
 official index cut-offs where the benchmark has them, else by training images per class, many > 100, medium 20-100,
 few < 20); every other definition is logged too, named: ``epoch_eval/<head>/count/many``. The final, stored numbers
 come from the runner's evaluation (results.json); these curves are for watching training.
@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cl_vit import metrics as M
-from cl_vit.data.longtail import default_shot_kind, shot_groups
+from cl_vit.data.longtail import shot_groups
+from cl_vit.metrics import default_shot_kind
 
 
 class ShotGroupEpochEval(Callback):

@@ -1,5 +1,24 @@
 """The one exception type that reaches the user as a single line."""
+import re
+import shlex
 import sys
+
+#: override values Hydra's lexer and a POSIX shell both take as they are
+_BARE = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
+def override(key: str, value) -> str:
+    """``key=value`` as one command-line word that pastes as printed: Hydra-quoted when the value has characters its
+    lexer would split or read (a space, a quote, a non-ASCII letter), then shell-quoted."""
+    v = str(value)
+    if not _BARE.match(v):  # Hydra keeps a backslash as it is unless a quote or the closing quote follows it
+        v = '"' + re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, v).replace('"', '\\"') + '"'
+    return shlex.quote(f"{key}={v}")
+
+
+def resume_command(run_dir) -> str:
+    """The command that continues the run in ``run_dir``, ready to paste."""
+    return f"python -m cl_vit.run {override('resume', run_dir)}"
 
 
 class UserError(Exception):
@@ -48,6 +67,13 @@ class RunStopped(Exception):
         super().__init__(" ".join(str(message).split()))
         #: the index of the experience that was under way
         self.experience = experience
+
+
+class BadDataDuringRun(RunStopped):
+    """A data file that fails while the run reads it (an image that no longer decodes): the run stops with
+    ``failed``; ``resume=RUN_DIR skip_corrupt=true`` leaves such files out, or the repaired file lets it continue."""
+
+    resume_args = ("skip_corrupt=true",)
 
 
 class NonFiniteLoss(RunStopped):

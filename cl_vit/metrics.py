@@ -188,3 +188,9 @@ def summarize(R: np.ndarray, confusions: Mapping[tuple[int, int], np.ndarray]) -
         "forgetting_consecutive": forgetting_consecutive(R),
         "bwt": bwt(R),
     }
+
+
+def default_shot_kind(record: dict | None) -> str:
+    """The definition a run reports by default: the official index cut-offs where the benchmark has them (as the
+    papers count), else the count thresholds."""
+    return "index" if isinstance((record or {}).get("index"), dict) else "count"

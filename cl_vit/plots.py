@@ -44,7 +44,7 @@ def _nanstd(a, axis=0):
 
 def save_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG file atomically (a run killed while writing never leaves half an image)."""
-    from cl_vit.results import atomic_write_bytes
+    from cl_vit.rundir import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")

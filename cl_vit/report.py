@@ -237,7 +237,7 @@ def legend(runs, head: str = "main", shots: str | None = None, grouped: bool = T
 def markdown_table(runs, group: bool = True, head: str = "main", shots: str | None = None,
                    same: Sequence[str] = ()) -> str:
     """The report of runs (``Run`` objects, or paths of run directories / Hydra multirun folders) as Markdown."""
-    from cl_vit.results import Run, group_runs, load_runs
+    from cl_vit.runs import Run, group_runs, load_runs
 
     if isinstance(runs, (str, Path)) or not all(isinstance(r, Run) for r in runs):
         runs = load_runs(runs)
@@ -264,7 +264,7 @@ def shot_table(runs, shots: str | None = None) -> str:
 
 def hparams_of(run) -> dict:
     """The run's config flattened to TensorBoard hparams values (numbers, strings, booleans)."""
-    from cl_vit.results import flatten_config
+    from cl_vit.runs import flatten_config
 
     out = {"strategy": run.strategy}
     for k, v in flatten_config(run.config).items():
@@ -292,7 +292,7 @@ def finish_run(run_dir: str | Path, writer=None) -> list[Path]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from cl_vit import plots
-    from cl_vit.results import load_run
+    from cl_vit.runs import load_run
 
     if rank_zero_only.rank != 0:  # every DDP rank runs the stream; one draws
         return []
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from cl_vit.errors import UserError, report_error
-    from cl_vit.results import group_runs, load_runs
+    from cl_vit.runs import group_runs, load_runs
 
     p = argparse.ArgumentParser(
         prog="python -m cl_vit.report",

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_vit.builder import build, data_root, dataset_labels, source_arguments  # noqa: F401  (re-exported)
 from cl_vit.config import CONFIG_DIR, check_group_choices, validate
-from cl_vit.errors import Interrupted, RunStopped, UserError, report_error
+from cl_vit.errors import Interrupted, RunStopped, UserError, override, report_error, resume_command
 
 log = logging.getLogger("cl_vit")
 
@@ -36,7 +36,8 @@ RESUME_DEVICE_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.num_nod
                       "trainer.precision", "trainer.sync_batchnorm")
 RESUME_OVERRIDABLE = ("trainer", *RESUME_DEVICE_KEYS, "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                       "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size",
-                      "data.verify", "data_root", "logger", "logger.", "epoch_eval", "compile", "hydra.", "resume")
+                      "data.verify", "data_root", "logger", "logger.", "epoch_eval", "compile", "hydra.", "resume",
+                      "trust_code", "skip_corrupt")
 #: what may also change when the run stopped with status ``failed`` (a non-finite loss): the fix for the next
 #: experiences, recorded in config.yaml under ``resumed_with``
 RESUME_AFTER_FAILURE = ("optimizer.", "scheduler.", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
@@ -66,9 +67,16 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
 
     ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
     """
+    from cl_vit import loading
+
+    with loading.trust_code(bool(cfg.get("trust_code", False))):  # configs read from files may name code only then
+        return _run_locked(cfg, run_dir, scenario)
+
+
+def _run_locked(cfg: DictConfig, run_dir, scenario):
     from cl_vit import distributed
     from cl_vit.hardware import trainer_kwargs
-    from cl_vit.results import RunDirectory
+    from cl_vit.rundir import RunDirectory
 
     distributed.quiet_other_ranks()
     validate(cfg)
@@ -76,13 +84,21 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
     rd = RunDirectory(run_dir)
     resuming = bool(cfg.get("resume"))
     if resuming and not rd.config_path.exists():
-        raise UserError(f"resume={rd.path} holds no run (no config.yaml): give the run directory of an earlier run")
+        raise UserError(f"{override('resume', rd.path)} holds no run (no config.yaml): give the run directory of an "
+                        "earlier run")
+    if resuming and Path(str(cfg.resume)).expanduser().resolve() != rd.path:
+        raise UserError(f"{override('resume', cfg.resume)} continues that run in its own directory, not in {rd.path}: "
+                        "leave hydra.run.dir out (a resume writes where the run is)")
     if not resuming and rd.has_results():
-        raise UserError(f"{rd.path} already holds a run: continue it with resume={rd.path}, or set another hydra.run.dir")
+        raise UserError(f"{rd.path} already holds a run: continue it with {override('resume', rd.path)}, or set "
+                        "another hydra.run.dir")
     # one live process per run directory (rank 0 of a DDP run; the others never write it)
     writer = distributed.env_rank() == 0 and os.environ.get("NODE_RANK", "0") in ("", "0") and not cfg.dry_run
     created = not rd.path.exists()
     lock = rd.lock() if writer else None
+    if lock is not None and resuming:  # no live writer now: what a killed one left half-written goes
+        for stale in rd.remove_stale_temporaries():
+            log.info("removed %s, left by a process killed while writing it", stale.name)
     try:
         return _run(cfg, rd, scenario, resuming, trainer_args)
     finally:
@@ -96,7 +112,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
     from cl_vit import distributed, report
     from cl_vit.data.longtail import shot_group_record
     from cl_vit.models import weights_origin, weights_record
-    from cl_vit.results import StreamResults, recover
+    from cl_vit.stream_results import StreamResults
+    from cl_vit.runs import recover
     from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
 
@@ -144,6 +161,7 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
     if cfg.logger.name == "tensorboard":
         logger = StreamLogger(save_dir=str(rd.path), name="tensorboard", version="", default_hp_metric=False)
     if resuming:
+        _check_same_data(rd, meta["source"])
         results, state, notes = recover(rd, info)  # a damaged checkpoint or results.json: one line each
         for note in notes:
             log.warning("%s", note)
@@ -217,7 +235,11 @@ def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:
             "change the device (trainer=gpu, trainer.devices, trainer.precision), trainer.enable_progress_bar, "
             f"logger, data loading (data.eval_batch_size, data.num_workers) and data_root{after}"
         )
-    saved = OmegaConf.load(saved_path)
+    from cl_vit import loading
+
+    saved = OmegaConf.create(loading.read_yaml(saved_path))
+    # the saved config is a file: a received run directory must not choose code to run
+    loading.check_file_config(saved, str(saved_path), trusted=bool(cfg.get("trust_code")))
     OmegaConf.set_struct(saved, False)
     fixes = []
     for o, key in zip(task_overrides, keys):
@@ -229,13 +251,29 @@ def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:
         if _matches(key, RESUME_AFTER_FAILURE):
             fixes.append(o)
     if fixes:  # the next experiences train with the fix: config.yaml says so, and so does every later resume
-        from cl_vit.results import atomic_write_text, load_run
+        from cl_vit.rundir import atomic_write_text
+        from cl_vit.runs import load_run
 
         done = load_run(run_dir).completed_experiences
         saved.resumed_with = [*(saved.get("resumed_with") or []), {"after_experience": done, "overrides": fixes}]
         atomic_write_text(saved_path, OmegaConf.to_yaml(saved))
     saved.resume = str(run_dir)
+    saved.trust_code = bool(cfg.get("trust_code"))
     return saved
+
+
+def _check_same_data(rd, source_meta: dict) -> None:
+    """A resume reads the data the run started on: a split whose content changed since (a file added or removed) is
+    refused in one line naming both digests."""
+    try:
+        saved = (rd.read_results() or {}).get("source") or {}
+    except UserError:  # a damaged results.json is rebuilt from the checkpoints (runs.recover)
+        return
+    before = (saved.get("split") or {}).get("sha256") if isinstance(saved.get("split"), dict) else None
+    now = (source_meta.get("split") or {}).get("sha256") if isinstance(source_meta.get("split"), dict) else None
+    if before and now and before != now:
+        raise UserError(f"{override('resume', rd.path)}: the train/test split changed since the run started (sha256 {before[:16]}... "
+                        f"then, {now[:16]}... now): restore the data the run started on, or start a new run")
 
 
 def _saved_status(run_dir: Path) -> str | None:
@@ -260,12 +298,13 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(report_error(e))
     except RunStopped as e:  # the completed experiences are kept; results.json says status and reason
         rd = getattr(e, "run_dir", hc.runtime.output_dir)
-        again = f"python -m cl_vit.run resume={rd}"
+        again = resume_command(rd)
         if isinstance(e, Interrupted):
             k = f" {e.experience + 1}" if e.experience is not None else ""
             print(f"interrupted during experience{k}: continue with {again}", file=sys.stderr)
         else:
-            print(f"error: {e}; then continue with {again}", file=sys.stderr)
+            extra = "".join(f" {a}" for a in getattr(e, "resume_args", ()))
+            print(f"error: {e}; then continue with {again}{extra}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C before the first experience started: nothing was trained
         print("interrupted before training started: nothing was trained", file=sys.stderr)

@@ -38,9 +38,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from cl_vit import distributed
 from cl_vit import metrics as M
 from cl_vit.cost import ExperienceCost
-from cl_vit.errors import DiskFull, Interrupted, RunStopped
+from cl_vit.errors import BadDataDuringRun, DiskFull, Interrupted, RunStopped, UserError
 from cl_vit.module import ContinualModule
-from cl_vit.results import LOCAL, RunDirectory, StreamResults, matrix_csv
+from cl_vit.stream_results import LOCAL, StreamResults, matrix_csv
+from cl_vit.rundir import RunDirectory
 from cl_vit.streams import StreamInfo
 from cl_vit.strategies.base import ExperienceInfo
 
@@ -186,8 +187,12 @@ class _StopOnSignal(Callback):
         self.runner, self.index = runner, index
 
     def _check(self):
-        if self.runner.stop_signal is not None:
-            raise Interrupted(self.runner.stop_signal, self.index)
+        # under DDP every process stops at the same step: a signal that reached one rank only is agreed on before
+        # the next collective, which would otherwise wait for the rank that left
+        signum = distributed.agree_on_stop(self.runner.stop_signal)
+        if signum is not None:
+            self.runner.stop_signal = signum
+            raise Interrupted(signum, self.index)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._check()
@@ -333,6 +338,9 @@ class ContinualRunner:
 
     #: SIGINT or SIGTERM received during ``run``: the current step ends, then the run stops (``Interrupted``)
     stop_signal: int | None = None
+    #: the experience under way (the one a stop names), and whether its results are being written just now
+    _index: int = 0
+    _saving: bool = False
 
     def run(self) -> StreamResults:
         """Train and evaluate every experience after the completed ones. A fault (``RunStopped``: a non-finite loss,
@@ -345,6 +353,10 @@ class ContinualRunner:
             except RunStopped as e:
                 self._stopped(e)
                 raise
+            except UserError as e:  # a data file that fails mid-run (an image that no longer decodes)
+                stop = BadDataDuringRun(str(e), self._index)
+                self._stopped(stop)
+                raise stop from e
             except OSError as e:
                 if e.errno not in DISK_ERRNOS:
                     raise
@@ -363,8 +375,10 @@ class ContinualRunner:
         self.stop_signal = None
 
         def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise Interrupted(signum, self.results.completed)
+            # a second signal stops at once, except while a checkpoint and results.json are written: that finishes
+            # first, so the experience just trained is kept and results.json agrees with the checkpoints
+            if self.stop_signal is not None and not self._saving:
+                raise Interrupted(signum, self._index)
             self.stop_signal = signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -373,6 +387,13 @@ class ContinualRunner:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def _check_stop(self, i: int) -> None:
+        """Stop before the next collective when a signal reached this process or any other (DDP)."""
+        signum = distributed.agree_on_stop(self.stop_signal)
+        if signum is not None:
+            self.stop_signal = signum
+            raise Interrupted(signum, i)
 
     def _stopped(self, stop: RunStopped) -> None:
         """results.json after a fault: the last saved results, with the status and the reason."""
@@ -394,8 +415,8 @@ class ContinualRunner:
         for i, experience in enumerate(self.scenario.train_stream):
             if i < start:
                 continue
-            if self.stop_signal is not None:
-                raise Interrupted(self.stop_signal, i)
+            self._index = i
+            self._check_stop(i)
             t0 = time.perf_counter()
             L.seed_everything(experience_seed(self.seed, i), workers=True, verbose=False)
             seen = sorted({c for exp in self.info.train_classes[: i + 1] for c in exp})
@@ -436,8 +457,7 @@ class ContinualRunner:
                 cost.fit_started(self.module)
                 if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
                     trainer.fit(self.module, train_dataloaders=loader)
-                if self.stop_signal is not None:  # arrived in fit's last step or outside a step
-                    raise Interrupted(self.stop_signal, i)
+                self._check_stop(i)  # arrived in fit's last step or outside a step
                 self.module.to(device)
                 for s in self.module.strategies:
                     s.after_experience(self.module, info)
@@ -463,8 +483,7 @@ class ContinualRunner:
                  **{f"the state of strategy {s.name!r}": s.state_dict() for s in self.module.strategies}},
                 when=f"after experience {i + 1}",
             )
-            if self.stop_signal is not None:
-                raise Interrupted(self.stop_signal, i)
+            self._check_stop(i)
             self.results.rss_mib.append(rss_mib())
             if distributed.is_rank_zero():
                 self._save(i, status="completed" if i == n - 1 else "running")
@@ -543,6 +562,13 @@ class ContinualRunner:
         }
 
     def _save(self, i: int, status: str) -> None:
+        self._saving = True
+        try:
+            self._write(i, status)
+        finally:
+            self._saving = False
+
+    def _write(self, i: int, status: str) -> None:
         rd = self.run_dir
         t0 = time.perf_counter()
         rd.save_checkpoint(i, self.checkpoint_state(i))  # first: results.json never names a missing checkpoint

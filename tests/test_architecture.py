@@ -14,12 +14,12 @@ from conftest import REPO_ROOT, TINY, TINY_ANY_MODEL, compose, run_cli
 #: The package root (cl_vit/__init__.py) stands outside them: it only registers the backbones with timm on import.
 ROOT = "cl_vit"
 LAYERS = [
-    ("core", ["cl_vit.errors", "cl_vit.checkpoints", "cl_vit.plugins", "cl_vit.hardware", "cl_vit.distributed",
-              "cl_vit.cost", "cl_vit.metrics", "cl_vit.optim"]),
+    ("core", ["cl_vit.errors", "cl_vit.loading", "cl_vit.rundir", "cl_vit.hardware", "cl_vit.distributed",
+              "cl_vit.cost", "cl_vit.metrics", "cl_vit.stream_results", "cl_vit.optim"]),
     ("data and models", ["cl_vit.data", "cl_vit.models"]),
     ("learning", ["cl_vit.streams", "cl_vit.strategies", "cl_vit.module", "cl_vit.ema"]),
     ("assembly", ["cl_vit.builder", "cl_vit.config"]),
-    ("loop and results", ["cl_vit.runner", "cl_vit.results", "cl_vit.plots", "cl_vit.epoch_eval"]),
+    ("loop and results", ["cl_vit.runner", "cl_vit.runs", "cl_vit.plots", "cl_vit.epoch_eval"]),
     ("entry points", ["cl_vit.run", "cl_vit.report", "cl_vit.bench", "cl_vit.experiments"]),
 ]
 

@@ -69,7 +69,7 @@ def test_checkpoint_head_false_keeps_the_classifier_at_its_initialisation(tmp_pa
 def test_strengths_of_strategies_a_run_does_not_use_do_not_split_its_seeds():
     from pathlib import Path
 
-    from cl_vit.results import Run, group_runs
+    from cl_vit.runs import Run, group_runs
 
     def fake(seed, strategy, ewc_lam, l2_lam=1.0, matrix=((1.0,),)):
         config = {"seed": seed, "strategy": {strategy: {}}, "model": {"name": "m"},

@@ -289,7 +289,7 @@ def test_pilot_split_reads_their_folders_with_imagefolder_labels_and_numpy_order
 
 
 def test_report_groups_runs_by_split_as_well_as_config(tmp_path):
-    from cl_vit.results import Run, group_runs
+    from cl_vit.runs import Run, group_runs
 
     def fake(i, seed, sha):
         results = {"status": "completed", "seed": seed, "benchmark": "imagenet-r", "model": "m", "strategy": ["l2"],

@@ -6,7 +6,8 @@ from conftest import TINY, compose
 
 from cl_vit import metrics as M
 from cl_vit.data.longtail import DEIT_LT_CUTOFFS, index_shot_groups, shot_group_record, shot_groups
-from cl_vit.results import StreamResults, load_run
+from cl_vit.stream_results import StreamResults
+from cl_vit.runs import load_run
 from cl_vit.streams import StreamInfo
 
 

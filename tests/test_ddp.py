@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, cli_env, compose
 
 from cl_vit import distributed
 from cl_vit.errors import UserError
-from cl_vit.results import RunDirectory
+from cl_vit.rundir import RunDirectory
 from cl_vit.run import build, run
 from cl_vit.runner import ContinualRunner, LoaderConfig, merge_predictions
 

@@ -14,7 +14,7 @@ import cl_vit.runner as runner_mod
 from cl_vit.errors import UserError
 from cl_vit.models import build_model
 from cl_vit.models.gated import DriftProjector, GatedNet, sab_features
-from cl_vit.results import RunDirectory
+from cl_vit.rundir import RunDirectory
 from cl_vit.run import build, run
 from cl_vit.strategies import STRATEGIES, register_strategy
 from cl_vit.strategies.base import Strategy

@@ -8,7 +8,7 @@ from conftest import TINY, compose
 from data_gen import make_cifar
 
 from cl_vit import metrics as M
-from cl_vit.results import StreamResults
+from cl_vit.stream_results import StreamResults
 from cl_vit.run import build, run
 from cl_vit.streams import StreamInfo, load_class_order_file
 

@@ -13,7 +13,7 @@ import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit import distributed
 from cl_vit.errors import UserError
 from cl_vit.module import net_outputs
-from cl_vit.results import RunDirectory
+from cl_vit.rundir import RunDirectory
 from cl_vit.run import build, run
 from cl_vit.strategies import build_strategies
 from cl_vit.strategies.base import ExperienceInfo

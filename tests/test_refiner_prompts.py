@@ -10,7 +10,7 @@ from test_prompts import block_outputs
 import cl_vit  # noqa: F401  (registers refiner_vit_tiny)
 from cl_vit.errors import UserError
 from cl_vit.models.refiner import RefinerAttention
-from cl_vit.results import RunDirectory
+from cl_vit.rundir import RunDirectory
 from cl_vit.run import build, run
 from cl_vit.strategies.prompting import enable_prefixes, set_prefixes
 

@@ -16,10 +16,11 @@ import torch
 from conftest import REPO_ROOT, TINY, cli_env, compose, run_cli
 
 from cl_vit import strategies as S
-from cl_vit.checkpoints import DamagedCheckpoint, UnsafeCheckpoint
+from cl_vit.loading import DamagedCheckpoint, UnsafeCheckpoint
 from cl_vit.errors import Interrupted, NonFiniteLoss, UserError
 from cl_vit.report import main as report_main
-from cl_vit.results import RunDirectory, RunLock, load_run
+from cl_vit.rundir import RunDirectory, RunLock
+from cl_vit.runs import load_run
 from cl_vit.run import resume_config, run
 from cl_vit.strategies.base import Strategy
 
@@ -229,7 +230,7 @@ def test_restore_of_a_damaged_checkpoint_is_one_line(tmp_path):
 
 def test_a_live_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, data_root):
     rd = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cl_vit.results import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cl_vit.rundir import RunLock\n"
                                f"lock = RunLock(__import__('pathlib').Path({str(rd)!r}))\nprint('held', flush=True)\n"
                                "time.sleep(600)"], cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, text=True)
     try:

@@ -13,7 +13,7 @@ from analysis_helpers import killed, lt_run, results, sweep  # noqa: F401  (fixt
 from conftest import run_cli
 
 from cl_vit import report
-from cl_vit.results import Run, group_runs, load_run, load_runs
+from cl_vit.runs import Run, group_runs, load_run, load_runs
 
 
 def _jobs(sweep: Path) -> dict[tuple[str, int], Path]:

@@ -7,10 +7,10 @@ import torch
 from conftest import TINY, compose
 
 from cl_vit import strategies as S
-from cl_vit.results import load_run
+from cl_vit.runs import load_run
 from cl_vit.run import build, run
 from cl_vit.runner import ContinualRunner
-from cl_vit.results import RunDirectory
+from cl_vit.rundir import RunDirectory
 from cl_vit.strategies.base import Strategy
 
 
@@ -182,7 +182,7 @@ def test_runs_a_ready_avalanche_scenario(tmp_path, data_root):
 
 
 def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path):
-    from cl_vit.results import _atomic_write, atomic_write_json
+    from cl_vit.rundir import _atomic_write, atomic_write_json
 
     path = tmp_path / "results.json"
     atomic_write_json(path, {"a": 1})

@@ -13,7 +13,8 @@ from conftest import TINY, compose, interrupt_after, run_cli, state_equal
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import ConfigError, UserError
 from cl_vit.module import ContinualModule, classification_loss, coda_cosine
-from cl_vit.results import RunDirectory, load_run
+from cl_vit.rundir import RunDirectory
+from cl_vit.runs import load_run
 from cl_vit.run import build, run
 from cl_vit.strategies import build_strategies
 from cl_vit.strategies.ewc import EWC

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY, compose
 
 from cl_vit.module import task_local_predictions
-from cl_vit.results import load_run
+from cl_vit.runs import load_run
 from cl_vit.run import run
 
 

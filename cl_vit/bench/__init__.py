@@ -12,10 +12,11 @@ both alike.
 """
 from __future__ import annotations
 
-import importlib
 import statistics
 import time
 from typing import Callable
+
+from cl_vit.loading import import_own
 
 #: benchmark modules, in the order ``python -m cl_vit.bench`` runs them
 BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "gpu")
@@ -25,7 +26,7 @@ def available() -> list[str]:
     out = []
     for name in BENCHES:
         try:
-            importlib.import_module(f"cl_vit.bench.{name}")
+            import_own(f"cl_vit.bench.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"cl_vit.bench.{name}":
                 raise
@@ -46,7 +47,7 @@ def compose_config(overrides=()):
 
 
 def run_bench(name: str, quick: bool = False) -> dict:
-    return importlib.import_module(f"cl_vit.bench.{name}").run(quick=quick)
+    return import_own(f"cl_vit.bench.{name}").run(quick=quick)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:

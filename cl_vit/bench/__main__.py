@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from cl_vit.bench import available, run_bench
-from cl_vit.results import atomic_write_json
+from cl_vit.rundir import atomic_write_json
 
 
 def format_table(results: list[dict]) -> str:

@@ -16,7 +16,7 @@ from cl_vit.data.imagenet import build_imagenet
 from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
 from cl_vit.errors import UserError
-from cl_vit.plugins import TARGET, resolve_target
+from cl_vit.loading import TARGET, resolve_target
 
 SOURCES: dict[str, Callable[..., Source]] = {
     "digits": build_digits,

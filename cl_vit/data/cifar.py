@@ -6,7 +6,6 @@ cannot pass; the archive itself is checked by ``python -m cl_vit.data.download``
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ from cl_vit.data.transforms import (
     resize_pipeline,
     resolve_normalization,
 )
+from cl_vit import loading
 from cl_vit.errors import UserError
 
 ARCHIVES = {
@@ -49,9 +49,10 @@ class ArrayImageDataset(TensorImageDataset):
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(path)
-    try:
-        with open(path, "rb") as f:
-            doc = pickle.load(f, encoding="latin1")  # the archives are Python 2 pickles
+    try:  # the archives are Python 2 pickles; only arrays and plain values are admitted
+        doc = loading.load_pickle(path, "CIFAR file", encoding="latin1")
+    except loading.UnsafeFile:
+        raise
     except Exception as e:
         raise UserError(f"CIFAR file {path} cannot be read ({type(e).__name__}): it is corrupt; delete the folder and "
                         "download the archive again") from e

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
-
 from cl_vit.data.base import Source, scan_image_folder
 from cl_vit.data.transforms import check_pipelines, imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
+from cl_vit import loading
 from cl_vit.errors import UserError
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
@@ -48,9 +47,7 @@ def imagenet_r_wnids() -> list[str]:
 
 
 def _yaml_load(path: Path):
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads the 24,000-entry file in ~1 s
-    with open(path) as f:
-        return yaml.load(f, Loader=loader)
+    return loading.read_yaml(path)
 
 
 def read_split_file(path: Path, root: Path, n_classes: int) -> tuple[list[tuple[str, int]], list[str]]:

@@ -158,12 +158,6 @@ def index_shot_groups(train_counts: Sequence[int], cutoffs: Sequence[int]) -> li
     return ["many" if r < a else "medium" if r < b else "few" for r in rank]
 
 
-def default_shot_kind(record: dict | None) -> str:
-    """The definition a run reports by default: the official index cut-offs where the benchmark has them (as the
-    papers count), else the count thresholds."""
-    return "index" if isinstance((record or {}).get("index"), dict) else "count"
-
-
 def shot_group_record(train_counts: Sequence[int], cutoffs: Sequence[int] | None = None,
                       order: Sequence[int] | None = None) -> dict:
     """results.json's ``shot_groups``: each definition with the group of every stream label.

@@ -50,14 +50,16 @@ def linear_probe(checkpoint: str | None, seed: int) -> float:
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from cl_vit.models import _backbone_state
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from cl_vit.loading import load_checkpoint
+
+    state = load_checkpoint(path)
     return _backbone_state(state)
 
 
 def drift(run_dir: Path) -> dict[str, float]:
-    import yaml
+    from cl_vit.loading import read_yaml
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = read_yaml(run_dir / "config.yaml")
     ckpts = sorted((run_dir / "checkpoints").glob("exp_*.pt"))
     start = cfg["model"].get("checkpoint")
     w0 = _weights(Path(start)) if start else _weights(ckpts[0])

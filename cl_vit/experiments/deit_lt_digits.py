@@ -26,7 +26,7 @@ import numpy as np
 
 from cl_vit import metrics as M
 from cl_vit.data.longtail import shot_groups
-from cl_vit.results import atomic_write_json
+from cl_vit.rundir import atomic_write_json
 
 GROUPS = ("many", "medium", "few")
 

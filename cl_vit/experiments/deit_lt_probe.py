@@ -32,7 +32,7 @@ GROUPS = ("all", "many", "medium", "few")
 def predictions(run_dir: Path, batch_size: int = 500) -> dict[str, np.ndarray]:
     """Labels and the predicted stream labels of the teacher and the student's heads on the test set."""
     from cl_vit.models.teachers import load_teacher
-    from cl_vit.results import load_run
+    from cl_vit.runs import load_run
     from cl_vit.strategies.deit_lt import resize_for_teacher, teacher_permutation
 
     run = load_run(run_dir)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import sys
 import threading
@@ -14,9 +13,9 @@ from timm.models._helpers import clean_state_dict
 import torch
 import torch.nn as nn
 
-from cl_vit.checkpoints import UnsafeCheckpoint
+from cl_vit import loading
 from cl_vit.errors import UserError
-from cl_vit.plugins import TARGET, resolve_target
+from cl_vit.loading import TARGET, resolve_target
 from cl_vit.models import micro  # noqa: F401  (registers vit_micro_patch2_8)
 from cl_vit.models import refiner  # noqa: F401  (registers refiner_vit_*)
 from cl_vit.models import teachers  # noqa: F401  (registers resnet32_cifar, resnet50_ldam)
@@ -265,21 +264,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, head: bool = True) -> No
         # code. A cl_vit experience checkpoint also holds the run's model config under "model", which timm's reader
         # would take for the weights: its "module" is read directly. Otherwise the trained weights, not an EMA kept
         # beside them (DeiT-LT's students carry a never-evaluated "model_ema").
-        if path.suffix == ".safetensors":
-            state = timm.models.load_state_dict(str(path))
-        else:  # read once; unwrapped as timm's load_state_dict(use_ema=False) would
-            with torch.serialization.safe_globals(teachers.OFFICIAL_SAFE_GLOBALS):
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(raw, dict) and isinstance(raw.get("module"), dict):
-                state = raw["module"]
-            else:
-                key = next((k for k in ("state_dict", "model") if isinstance(raw, dict) and k in raw), None)
-                state = clean_state_dict(raw[key] if key else raw)
+        raw = loading.load_weights(path, "model.checkpoint", allow=teachers.OFFICIAL_SAFE_GLOBALS)
+        if isinstance(raw, dict) and isinstance(raw.get("module"), dict):
+            state = raw["module"]
+        else:  # unwrapped as timm's load_state_dict(use_ema=False) would
+            key = next((k for k in ("state_dict", "model") if isinstance(raw, dict) and k in raw), None)
+            state = clean_state_dict(raw[key] if key else raw)
+    except loading.CheckpointError:
+        raise
     except Exception as e:
-        if pickle.UnpicklingError in (type(e), type(e.__cause__)):  # timm re-raises weights_only's refusal
-            raise UnsafeCheckpoint(f"model.checkpoint {path} holds pickled objects other than tensors and plain "
-                                   "values: loading it could run code, so it is refused; give a .safetensors file or "
-                                   "a plain state dict") from e
         raise UserError(f"model.checkpoint {path.name} could not be read ({type(e).__name__}: {e}): give a "
                         ".safetensors, .pth or .bin file of model weights") from e
     state = _backbone_state(state)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from cl_vit import checkpoints
+from cl_vit import loading
 from cl_vit.errors import UserError
 
 __all__ = ["NormedLinear", "ResNetCifar", "Teacher", "load_teacher"]
@@ -205,6 +205,7 @@ class Teacher:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Teacher":
+        loading.check_file_config(state["model"], "the teacher saved in this run's checkpoint", prefix="model")
         net = _build_net(state["model"], len(state["class_names"]), state["input_size"])
         net.load_state_dict(state["net"])
         return cls(_freeze(net), list(state["class_names"]), list(state["class_counts"]),
@@ -253,7 +254,7 @@ OFFICIAL_SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsP
 
 def read_official(file: str | Path) -> dict:
     """A teacher checkpoint read with weights_only (its argparse arguments allowed); one line if it cannot be."""
-    return checkpoints.load(file, "teacher checkpoint", allow=OFFICIAL_SAFE_GLOBALS)
+    return loading.load_checkpoint(file, "teacher checkpoint", allow=OFFICIAL_SAFE_GLOBALS)
 
 
 def _paco_teacher(state: dict, file: Path) -> Teacher:
@@ -298,6 +299,10 @@ def load_teacher(path: str | Path) -> Teacher:
             "train the teacher with python -m cl_vit.run experiment=teacher-<benchmark>"
         )
     names = list(state["class_names"])
+    if not isinstance(state["model"], dict):
+        raise UserError(f"teacher checkpoint {file} holds no model config (a dict under 'model'): train the teacher "
+                        "with python -m cl_vit.run experiment=teacher-<benchmark>")
+    loading.check_file_config(state["model"], f"teacher checkpoint {file}", prefix="model")
     net = _build_net(state["model"], len(names), state["input_size"])
     weights = {k[len("net."):]: v for k, v in state["module"].items() if k.startswith("net.")}
     net.load_state_dict(weights)

@@ -6,16 +6,13 @@ convention: ``strategy.<name>._target_: mypkg.MyStrategy``, the other keys being
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Mapping
 
 from cl_vit.errors import UserError
-from cl_vit.plugins import TARGET, resolve_target
+from cl_vit.loading import TARGET, import_submodules, resolve_target
 from cl_vit.strategies.base import STRATEGIES, ExperienceInfo, Strategy, register_strategy
 
-for _m in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_m.name}")
+import_submodules(__name__, __path__)
 
 def strategy_class(name: str, kwargs: Mapping | None) -> type[Strategy]:
     """The class that ``strategy.<name>`` selects: its ``_target_`` when given, else the registered one."""

@@ -1,419 +1,32 @@
-"""The run directory: the unit of results.
+"""Reading run directories back: ``load_run`` / ``load_runs`` / ``group_runs`` for the report, the plots and the
+notebooks; ``recover`` for a resume; ``Run.restore`` to rebuild a trained module from its config and a checkpoint.
 
-Layout::
-
-    RUN_DIR/
-      config.yaml            the resolved config of the run
-      stream.json            the protocol: classes and train/test sizes of every experience, parameter count
-      results.json           schema-versioned results (rewritten after every experience, atomically)
-      accuracy_matrix.csv    rows = trained up to experience i, columns = evaluated experience j
-      checkpoints/exp_XXX.pt network, masks, strategy state and log step after experience XXX
-      tensorboard/           TensorBoard events
-
-Every file is written to a temporary file in the same folder and renamed into place, so a run killed at any moment
-leaves each file either as it was or complete. ``load_run`` is the public way to read a run back.
+The public, typed view of run directories: load_run(path) -> Run; load_runs(paths) also expands Hydra multirun
+folders; group_runs(runs) -> [RunGroup], the runs of one setting that differ only by seed. Nothing here needs the code
+that made a run, except ``Run.restore``, which builds through ``cl_vit.builder`` and refuses a config that names
+code (``_target_``) unless told to trust it (``cl_vit.loading.check_file_config``).
 """
 from __future__ import annotations
 
-import csv
-import functools
-import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import torch
 import yaml
 
-from cl_vit import checkpoints
+from cl_vit import loading
 from cl_vit import metrics as M
-from cl_vit.checkpoints import DamagedCheckpoint
 from cl_vit.cost import COST_KEYS
-from cl_vit.cost import summarize as summarize_cost
-from cl_vit.data.longtail import default_shot_kind
 from cl_vit.errors import UserError
+from cl_vit.loading import DamagedCheckpoint
+from cl_vit.rundir import DamagedResults, RunDirectory
+from cl_vit.stream_results import SCHEMA_VERSION, StreamResults
 
 if TYPE_CHECKING:  # reading results back needs no Avalanche import
     from cl_vit.streams import StreamInfo
-
-SCHEMA_VERSION = 1
-#: the confusions of the task-incremental predictions (the task id given; CODA-Prompt's "local" accuracy): stored
-#: beside the heads' and reported under results.json "task_incremental", not as a head of the model
-LOCAL = "local"
-
-
-class _Writes:
-    """A file that remembers the first error of a write: torch.save reports a failed write (a full disk) as an
-    unrelated RuntimeError, and the OSError behind it is what the user needs to see."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writes = _Writes(f)
-            try:
-                write(writes)
-                f.flush()
-                os.fsync(f.fileno())
-            except Exception as e:
-                err = writes.error or (e if isinstance(e, OSError) else None)
-                if err is None:
-                    raise
-                raise OSError(err.errno, err.strerror, str(path)) from e  # the file that could not be written
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, dumps(obj))
-
-
-def dumps(obj: Any) -> str:
-    """JSON with one line per top-level key. An indented dump goes through json's pure-Python encoder, whose time
-    along a long stream grows with every confusion entry of results.json (rewritten after each experience); each
-    value here is encoded compactly by the C encoder."""
-    enc = functools.partial(json.dumps, allow_nan=False, default=_json_default, separators=(", ", ": "))
-    if not isinstance(obj, dict) or not obj:
-        return enc(obj) + "\n"
-    return "{\n" + ",\n".join(f" {enc(str(k))}: {enc(v)}" for k, v in obj.items()) + "\n}\n"
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"cannot serialise {type(o).__name__}")
-
-
-def versions() -> dict:
-    return dict(_versions())
-
-
-@functools.lru_cache(maxsize=None)
-def _versions() -> dict:  # reading package metadata takes tens of ms; results.json is written every experience
-    out = {}
-    for pkg in ("torch", "timm", "lightning", "avalanche-lib", "torchmetrics", "albumentations", "hydra-core"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _clean(x):
-    """NaN -> None for JSON (results.json never holds NaN)."""
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
-
-
-class RunDirectory:
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser().resolve()
-
-    config_path = property(lambda self: self.path / "config.yaml")
-    results_path = property(lambda self: self.path / "results.json")
-    stream_path = property(lambda self: self.path / "stream.json")
-    matrix_csv_path = property(lambda self: self.path / "accuracy_matrix.csv")
-    checkpoint_dir = property(lambda self: self.path / "checkpoints")
-    tensorboard_dir = property(lambda self: self.path / "tensorboard")
-
-    def checkpoint_path(self, i: int) -> Path:
-        return self.checkpoint_dir / f"exp_{i:03d}.pt"
-
-    def has_results(self) -> bool:
-        return self.results_path.exists()
-
-    def write_json(self, name: str, obj) -> None:
-        atomic_write_json(self.path / name, obj)
-
-    def write_text(self, name: str, text: str) -> None:
-        atomic_write_text(self.path / name, text)
-
-    def save_checkpoint(self, i: int, state: dict) -> Path:
-        path = self.checkpoint_path(i)
-        state = checkpoints.plain(state, f"checkpoint {path.name}")  # loadable with weights_only=True
-        _atomic_write(path, lambda f: torch.save(state, f))
-        return path
-
-    def load_checkpoint(self, i: int) -> dict:
-        """The checkpoint after experience ``i`` (weights_only); ``DamagedCheckpoint`` when it cannot be read."""
-        return checkpoints.load(self.checkpoint_path(i), "checkpoint")
-
-    def read_results(self) -> dict | None:
-        """results.json, None when there is none yet; ``DamagedResults`` when it cannot be read."""
-        if not self.has_results():
-            return None
-        try:
-            doc = json.loads(self.results_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise DamagedResults(f"{self.results_path} cannot be read ({type(e).__name__}: {e})") from e
-        if not isinstance(doc, dict) or "completed_experiences" not in doc:
-            raise DamagedResults(f"{self.results_path} cannot be read (not a cl_vit results document)")
-        return doc
-
-    def lock(self) -> "RunLock":
-        """Hold this run directory for this process (``RunLock``); a second live process is refused in one line."""
-        return RunLock(self.path)
-
-
-class DamagedResults(UserError):
-    """results.json is truncated or not JSON."""
-
-
-class RunLock:
-    """An advisory lock (``fcntl.flock``) on ``RUN_DIR/.lock`` for as long as one process writes the run.
-
-    The kernel drops the lock when its process ends, however it ends (a SIGKILL leaves no stale lock behind); the
-    file itself stays and says which process held it last."""
-
-    def __init__(self, path: Path):
-        import fcntl
-
-        path.mkdir(parents=True, exist_ok=True)
-        self.file = path / ".lock"
-        self._fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
-            os.close(self._fd)
-            self._fd = None
-            raise UserError(f"{path} is being written by another process ({holder or 'pid unknown'}): wait for it "
-                            "to end or stop it; one run directory takes one process at a time") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def remove_if_unused(self) -> None:
-        """Remove the lock file, and the run directory with it when nothing else was written there."""
-        try:
-            if [p.name for p in self.file.parent.iterdir()] == [self.file.name]:
-                self.file.unlink()
-                self.file.parent.rmdir()
-        except OSError:  # another process took it meanwhile, or it is gone: leave it
-            pass
-
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def __del__(self):
-        self.release()
-
-
-#: how results.json describes the best-epoch numbers
-EPOCH_SELECTION = ("best epoch: the epoch (of those evaluated, every epoch_eval epochs) with the highest overall test "
-             "accuracy of the main head (a DeiT-LT student: the mean of CLS and DIST), every head's numbers taken at "
-             "that epoch. Selected on the test set, as DeiT-LT's reported numbers are (main.py keeps the best test "
-             "accuracy over epochs): not a held-out selection. last: the final epoch.")
-
-
-@dataclass
-class StreamResults:
-    """Everything measured along a stream; the source of results.json."""
-
-    info: StreamInfo
-    #: head -> {(trained_up_to, evaluated): sparse confusion}; head "main" is the model's output
-    confusions: dict[str, dict[tuple[int, int], np.ndarray]] = field(default_factory=lambda: {"main": {}})
-    wall_time: list[float] = field(default_factory=list)
-    #: per experience: parameters, strategy state and peak memory (cl_vit.cost)
-    cost: list[dict | None] = field(default_factory=list)
-    completed: int = 0
-    meta: dict = field(default_factory=dict)
-    #: the process's resident memory after each experience (flat along a long stream: python -m cl_vit.bench
-    #: memory); a resumed run continues the list from its own process
-    rss_mib: list[float] = field(default_factory=list)
-    #: experience -> per-epoch test numbers of its last and best epoch (cl_vit.epoch_eval.ShotGroupEpochEval.summary)
-    epoch_selection: dict[int, dict] = field(default_factory=dict)
-    #: per (head, i, j): the accuracy and the results.json entry, computed once; results.json is rewritten after
-    #: every experience and holds O(experiences^2) confusions, so recomputing them all made a long stream slow down
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.info.train_classes)
-
-    @property
-    def n_cols(self) -> int:
-        return len(self.info.eval_classes)
-
-    def record(self, i: int, evaluation: dict[str, dict[int, np.ndarray]] | None, wall: float,
-               cost: dict | None = None) -> None:
-        for head, per_exp in (evaluation or {}).items():
-            for j, entries in per_exp.items():
-                self.confusions.setdefault(head, {})[(i, j)] = entries
-                self._cache.pop((head, i, j), None)
-        self.wall_time.append(float(wall))
-        self.cost = self.cost[:i] + [None] * (i - len(self.cost)) + [cost]
-        self.completed = i + 1
-
-    def row(self, i: int) -> dict:
-        """What experience ``i`` added (its evaluation and wall time): every checkpoint carries it, so that a damaged
-        results.json is rebuilt from the checkpoints (``recover``)."""
-        evaluation = {head: {j: entries for (r, j), entries in conf.items() if r == i}
-                      for head, conf in self.confusions.items()}
-        return {"evaluation": {h: e for h, e in evaluation.items() if e}, "wall_time": self.wall_time[i]}
-
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` experiences only (resume from an earlier checkpoint re-trains the rest)."""
-        self.confusions = {h: {k: e for k, e in conf.items() if k[0] < n} for h, conf in self.confusions.items()}
-        self._cache.clear()
-        self.wall_time = self.wall_time[:n]
-        self.rss_mib = self.rss_mib[:n]
-        self.cost = self.cost[:n]
-        self.completed = n
-
-    def _cached(self, head: str, key: tuple[int, int]) -> tuple[float, dict]:
-        got = self._cache.get((head, *key))
-        if got is None:
-            e = self.confusions[head][key]
-            got = self._cache[(head, *key)] = (
-                M.confusion_accuracy(e),
-                {"head": head, "trained_up_to": key[0], "evaluated": key[1], "entries": e.tolist()})
-        return got
-
-    def accuracy_matrix(self, head: str = "main", upto: int | None = None) -> np.ndarray:
-        """``R`` as ``metrics.accuracy_matrix`` gives it, each entry computed once."""
-        rows = self.completed if upto is None else upto
-        R = np.full((rows, self.n_cols), np.nan)
-        for key in self.confusions.get(head, {}):
-            if key[0] < rows:
-                R[key] = self._cached(head, key)[0]
-        return R
-
-    def metrics(self, head: str = "main") -> dict:
-        R = self.accuracy_matrix(head)
-        if R.shape[0] == 0 or np.all(np.isnan(R)):
-            return {k: None for k in M.METRIC_KEYS}
-        evaluated = [i for i in range(R.shape[0]) if not np.all(np.isnan(R[i]))]
-        last = evaluated[-1]
-        conf = {k: v for k, v in self.confusions[head].items() if k[0] <= last}
-        out = M.summarize(R[: last + 1], conf)
-        return {k: _clean(v) for k, v in out.items()}
-
-    def final_entries(self, head: str = "main") -> np.ndarray:
-        """Pooled confusion of the last evaluated row (every seen test sample once)."""
-        conf = self.confusions.get(head, {})
-        if not conf:
-            return np.zeros((0, 3), dtype=np.int64)
-        return self.row_entries(head, max(i for i, _ in conf))
-
-    def row_entries(self, head: str, row: int) -> np.ndarray:
-        """Pooled confusion after training experience ``row`` (every test sample seen by then, once)."""
-        parts = [e for (i, _), e in sorted(self.confusions.get(head, {}).items()) if i == row]
-        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-
-    def to_json(self, status: str) -> dict:
-        R = self.accuracy_matrix()
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "status": status,
-            "completed_experiences": self.completed,
-            "n_experiences": self.n_rows,
-            **self.meta,
-            "class_order": self.info.class_order,
-            "class_order_rule": self.info.class_order_rule,
-            "class_names": self.info.class_names,
-            "experiences": self.info.train_classes,
-            "eval_experiences": self.info.eval_classes,
-            "accuracy_matrix": [[_clean(float(v)) for v in row] for row in R],
-            "average_accuracy_per_experience": [_clean(float(v)) for v in M.average_accuracy(R)] if len(R) else [],
-            "metrics": self.metrics(),
-            "heads": {},
-            "wall_time": {"per_experience": self.wall_time, "total": float(sum(self.wall_time))},
-            "rss_mib": {"per_experience": [round(v, 1) for v in self.rss_mib]},
-            "cost": {"per_experience": self.cost, **summarize_cost(self.cost)},
-            "versions": versions(),
-            "confusion": [self._cached(head, key)[1] for head, conf in self.confusions.items() for key in sorted(conf)],
-        }
-        if self.meta.get("shot_groups"):
-            doc.update(self.long_tail_results())
-            kind = default_shot_kind(self.meta["shot_groups"])  # the flat keys: the official cut-offs if any
-            doc["shot_definition"] = kind
-            doc["metrics"].update({f"{g}_shot_accuracy": doc["shot_accuracy"].get("main", {}).get(kind, {}).get(g)
-                                   for g in ("many", "medium", "few")})
-        if self.epoch_selection:
-            doc["epoch_selection"] = {"definition": EPOCH_SELECTION,
-                                      "experiences": {str(i): v for i, v in sorted(self.epoch_selection.items())}}
-        for head in self.confusions:
-            if head != "main":
-                Rh = self.accuracy_matrix(head)
-                entry = {"accuracy_matrix": [[_clean(float(v)) for v in row] for row in Rh], "metrics": self.metrics(head)}
-                if head == LOCAL:
-                    doc["task_incremental"] = entry
-                else:
-                    doc["heads"][head] = entry
-        return doc
-
-    def long_tail_results(self) -> dict:
-        """Shot-group accuracy of every head under every group definition in ``meta["shot_groups"]``, and the
-        main head's per-class accuracy, from the last evaluated row (the classes seen so far)."""
-        definitions = {name: d["groups"] for name, d in self.meta["shot_groups"].items()}
-        shot = {head: {name: M.shot_group_accuracy(self.final_entries(head), groups)
-                       for name, groups in definitions.items()}
-                for head in self.confusions if head != LOCAL}
-        per_class = M.per_class_accuracy(self.final_entries("main"), self.info.n_classes)
-        # after each evaluated experience, over the classes seen by then (long-tailed CIL reports it per task)
-        rows = {head: {i for i, _ in conf} for head, conf in self.confusions.items()}
-        per_exp = {head: {name: [M.shot_group_accuracy(self.row_entries(head, i), groups) if i in rows[head] else None
-                                 for i in range(self.completed)]
-                          for name, groups in definitions.items()}
-                   for head in self.confusions}
-        return {"shot_accuracy": shot, "shot_accuracy_per_experience": per_exp,
-                "per_class_accuracy": [_clean(float(v)) for v in per_class]}
-
-    @classmethod
-    def from_json(cls, doc: dict, info: StreamInfo) -> "StreamResults":
-        res = cls(info=info, wall_time=list(doc["wall_time"]["per_experience"]),
-                  completed=int(doc["completed_experiences"]),
-                  rss_mib=list((doc.get("rss_mib") or {}).get("per_experience", [])),
-                  cost=list((doc.get("cost") or {}).get("per_experience", [])))
-        res.confusions = {}
-        for c in doc.get("confusion", []):
-            entries = np.asarray(c["entries"], dtype=np.int64).reshape(-1, 3)
-            res.confusions.setdefault(c["head"], {})[(c["trained_up_to"], c["evaluated"])] = entries
-        res.confusions.setdefault("main", {})
-        res.epoch_selection = {int(i): v for i, v in (doc.get("epoch_selection") or {}).get("experiences", {}).items()}
-        return res
 
 
 def recover(rd: RunDirectory, info: StreamInfo) -> tuple[StreamResults, dict | None, list[str]]:
@@ -465,17 +78,6 @@ def recover(rd: RunDirectory, info: StreamInfo) -> tuple[StreamResults, dict | N
         notes.append(f"results.json rebuilt from {results.completed} checkpoints; continuing after experience "
                      f"{results.completed}")
     return results, state, notes
-
-
-def matrix_csv(R: np.ndarray) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["trained_up_to"] + [f"exp_{j}" for j in range(R.shape[1])])
-    for i, row in enumerate(R):
-        w.writerow([f"exp_{i}"] + ["" if np.isnan(v) else f"{v:.6f}" for v in row])
-    return buf.getvalue()
-
-
 
 
 # -- reading runs back -------------------------------------------------------------------------------------------
@@ -812,11 +414,14 @@ class Run:
             experience += self.completed_experiences
         return RunDirectory(self.path).checkpoint_path(experience)
 
-    def restore(self, experience: int = -1, data_root: str | Path | None = None) -> Restored:
+    def restore(self, experience: int = -1, data_root: str | Path | None = None,
+                trust_code: bool = False) -> Restored:
         """Rebuild the run's source, stream and module from config.yaml and load the checkpoint after ``experience``.
 
         ``data_root`` overrides where the dataset is (the run's own is used otherwise). Custom timm models must be
-        registered (their module imported) first.
+        registered (their module imported) first. A config.yaml that names code (``_target_``: a custom model,
+        strategy or source) is refused unless ``trust_code=True``: a run directory received from someone else must
+        not choose code to run.
         """
         from omegaconf import OmegaConf
 
@@ -826,11 +431,13 @@ class Run:
         if not path.exists():
             raise UserError(f"{self.path} has no checkpoint {path.name} ({self.completed_experiences} experiences "
                             "completed): choose an experience that was completed")
+        loading.check_file_config(self.config, f"{self.path / 'config.yaml'}", trusted=trust_code)
         cfg = OmegaConf.create(self.config)
         if data_root is not None:
             cfg.data_root = str(data_root)
-        source, scenario, info, module, _ = build(cfg)
-        state = checkpoints.load(path, "checkpoint")
+        with loading.trust_code(trust_code):
+            source, scenario, info, module, _ = build(cfg)
+        state = loading.load_checkpoint(path, "checkpoint")
         for s in module.strategies:  # before the weights: a strategy may regrow the network
             s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
         module.load_state_dict(state["module"])
@@ -853,7 +460,7 @@ def load_run(path: str | Path) -> Run:
                            "Hydra multirun folder")
     damage = []
     try:
-        config = yaml.safe_load(config_path.read_text()) or {}
+        config = loading.read_yaml(config_path) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         config, damage = {}, [f"{config_path.name} cannot be read ({type(e).__name__})"]
     try:
@@ -869,7 +476,7 @@ def load_run(path: str | Path) -> Run:
     hydra_path = rd.path / ".hydra" / "hydra.yaml"
     choices = {}
     if hydra_path.exists():
-        choices = ((yaml.safe_load(hydra_path.read_text()) or {}).get("hydra", {}).get("runtime", {})
+        choices = ((loading.read_yaml(hydra_path) or {}).get("hydra", {}).get("runtime", {})
                    .get("choices") or {})
     return Run(path=rd.path, config=config, results=results, stream=stream, choices=dict(choices))
 

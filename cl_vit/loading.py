@@ -1,0 +1,223 @@
+"""Reading files without running what they hold: the one module through which the suite loads anything that could
+carry code.
+
+- Checkpoints: ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, tuples, dicts) or safetensors.
+- Data pickles (CIFAR's python archives): an unpickler that admits the builtin containers, bytes, str, numbers and
+  numpy arrays, nothing else.
+- YAML: the safe loader only.
+- Import paths (``_target_``): resolved only from the user's own config and command line, through Hydra's target
+  policy (its blocklist of execution-capable targets). A config that came from a file (a checkpoint's model config,
+  a teacher file, a run directory's config.yaml) may not name code unless the user passed ``trust_code=true``
+  (``trust_code``); even then the target goes through Hydra's policy.
+- The suite's own modules (strategy and bench plug-ins) are imported by name from the package, never from a file.
+
+``tests/test_safety.py`` walks the package and fails on ``torch.load``, ``pickle``, ``yaml.load``, Hydra's
+``get_object``/``get_class``/``get_method``/``instantiate``, ``eval``/``exec`` and ``import_module`` anywhere else.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import pickle
+import pkgutil
+import re
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from cl_vit.errors import UserError
+
+TARGET = "_target_"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: damaged (``DamagedCheckpoint``) or holding code (``UnsafeCheckpoint``)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """Truncated, empty or not a torch checkpoint at all."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """Holds pickled objects beyond tensors and plain values: loading it could run code."""
+
+
+class UnsafeFile(UserError):
+    """A data file (a pickle) that would construct objects other than plain values and arrays."""
+
+
+class CodeFromFile(UserError):
+    """A config read from a file names code to import (``_target_``) and the user did not pass ``trust_code=true``."""
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint", allow: Sequence[type] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; one-line errors for a damaged file or one that holds code.
+
+    ``allow``: classes the file may also construct (released DeiT-LT files pickle their argparse.Namespace)."""
+    import torch
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would construct arbitrary objects
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        obj = f" ({found.group(1)})" if found else ""
+        raise UnsafeCheckpoint(
+            f"{what} {path} holds pickled objects other than tensors and plain values{obj}: loading it could run "
+            "code, so it is refused; use a checkpoint written by cl_vit, or a .safetensors file"
+        ) from e
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a truncated zip, an empty file, something that is no checkpoint
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpoint(f"{what} {path} cannot be read ({type(e).__name__}: {detail}): it is truncated or "
+                                "damaged") from e
+
+
+def load_weights(path: str | Path, what: str = "checkpoint", allow: Sequence[type] = ()) -> Any:
+    """A weights file as stored: a safetensors file's tensors, or a torch file read as ``load_checkpoint`` does."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise DamagedCheckpoint(f"{what} {path} cannot be read ({type(e).__name__}): it is truncated or "
+                                    "damaged") from e
+    return load_checkpoint(path, what, allow)
+
+
+# -- data pickles ------------------------------------------------------------------------------------------------
+
+#: what a data pickle may construct besides builtin containers, bytes, str and numbers: numpy arrays and dtypes
+#: (numpy 1 and 2 spell their reconstructors under numpy.core / numpy._core), and the latin-1 bytes of protocol 2
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        if module.startswith("numpy.core"):  # numpy 2 keeps the old names as a deprecated alias of numpy._core
+            import numpy
+
+            if int(numpy.__version__.split(".")[0]) >= 2:
+                module = "numpy._core" + module[len("numpy.core"):]
+        return getattr(importlib.import_module(module), name)
+
+
+def load_pickle(path: str | Path, what: str = "data file", encoding: str = "ASCII") -> Any:
+    """A data pickle holding only builtin containers, bytes, str, numbers and numpy arrays; anything else is refused
+    in one line before it is constructed (nothing it names is imported or called)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return _DataUnpickler(io.BytesIO(data), encoding=encoding).load()
+    except pickle.UnpicklingError as e:
+        if str(e) and "." in str(e) and " " not in str(e):
+            raise UnsafeFile(f"{what} {path} would construct {e} when read: a data file holds arrays and plain "
+                             "values only, so it is refused; download the archive again from its official "
+                             "source") from None
+        raise
+
+
+# -- YAML --------------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file through the safe loader (the C one where PyYAML has it: a 24,000-entry split file in ~1 s)."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=loader)  # noqa: S506  (a safe loader)
+
+
+# -- import paths ------------------------------------------------------------------------------------------------
+
+_TRUST = [False]
+
+
+def code_trusted() -> bool:
+    """Whether configs read from files may name code (``trust_code=true`` for this run)."""
+    return _TRUST[-1]
+
+
+@contextlib.contextmanager
+def trust_code(flag: bool) -> Iterator[None]:
+    """Within the block, configs read from files may (``True``) or may not (``False``) name code to import."""
+    _TRUST.append(bool(flag))
+    try:
+        yield
+    finally:
+        _TRUST.pop()
+
+
+def _targets(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict) or hasattr(obj, "items") and hasattr(obj, "keys"):
+        found = []
+        for k, v in obj.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            found += [(key, v)] if k == TARGET else _targets(v, key)
+        return found
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _targets(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_file_config(cfg: Any, where: str, trusted: bool | None = None, prefix: str = "") -> None:
+    """Refuse, in one line, a config read from ``where`` (a file) that names code to import (``_target_`` at any
+    depth; ``prefix``: where ``cfg`` sits in the config, for the message), unless ``trusted`` (default:
+    ``trust_code`` of this run)."""
+    found = _targets(cfg, prefix)
+    if not found or (code_trusted() if trusted is None else trusted):
+        return
+    key, value = found[0]
+    raise CodeFromFile(f"{where} names code to import ({key}={value!r}): a file the suite reads may not choose code "
+                       "to run, so it is refused; if you trust whoever wrote it, pass trust_code=true")
+
+
+def resolve_target(key: str, target: str, base: type | None = None):
+    """The object that ``key=target`` names (``module.attr``), checked by Hydra's target policy (targets that run
+    commands or code, such as ``os.system`` or ``builtins.eval``, are refused) and to be a ``base`` subclass when
+    given. Only for targets from the user's own config and command line (``check_file_config`` guards the rest)."""
+    from hydra.utils import instantiate
+
+    try:
+        obj = instantiate({TARGET: "hydra.utils.get_object", "path": str(target)})
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "blocklist" in str(e) or "cannot be" in str(e):
+            raise UserError(f"{key}={target!r} is refused by Hydra's target policy ({msg.strip()}): name a class or "
+                            "function of your own") from None
+        raise UserError(f"{key}={target!r} cannot be imported ({msg}): give an importable module.attr (is its "
+                        "folder on PYTHONPATH?)") from None
+    if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+        raise UserError(f"{key}={target!r} is not a {base.__module__}.{base.__qualname__} subclass")
+    if base is None and not callable(obj):
+        raise UserError(f"{key}={target!r} is not callable: give a class or a function")
+    return obj
+
+
+def import_submodules(package: str, path: Sequence[str]) -> None:
+    """Import every module of one of the suite's own packages (its plug-ins register themselves on import)."""
+    for m in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{m.name}")
+
+
+def import_own(name: str):
+    """One of the suite's own modules by its dotted name (``cl_vit.bench.runner``); no other module."""
+    if not (name == "cl_vit" or name.startswith("cl_vit.")):
+        raise ValueError(f"{name} is not a module of cl_vit")
+    return importlib.import_module(name)

@@ -1,0 +1,254 @@
+"""Nothing runs that the user did not ask for (docs/reliability.md, "No code runs from a file").
+
+Each payload below would run if the suite resolved what a file names: a module on ``sys.path`` whose function
+writes a marker file. Every test asserts that nothing ran and the user got one line; the trusted variants show that
+the same payload does run once the user says ``trust_code=true``, so the refusals are what stops it.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, TINY, compose, run_cli
+
+from cl_vit import loading
+from cl_vit.loading import CodeFromFile, UnsafeFile
+
+
+@pytest.fixture
+def payload(tmp_path, monkeypatch):
+    """``payload_mod.boom(**kwargs)`` writes ``marker`` and raises: what an attacker's target would do."""
+    folder = tmp_path / "attacker"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "payload_mod.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+
+        def boom(*args, **kwargs):
+            Path({str(marker)!r}).write_text("ran")
+            raise RuntimeError("payload ran")
+    """))
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("payload_mod", None)
+    return folder, marker
+
+
+def _teacher_file(root: Path) -> Path:
+    path = root / "teacher" / "checkpoints" / "exp_000.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"module": {"net.w": torch.zeros(1)}, "input_size": [1, 8, 8], "class_names": ["a", "b"],
+                "class_counts": [1, 1], "model": {"_target_": "payload_mod.boom", "argv": ["-c", "1"]}}, path)
+    return path
+
+
+def _one_line(e) -> str:
+    text = str(e.value if hasattr(e, "value") else e)
+    assert "\n" not in text
+    return text
+
+
+# -- 1, 2: a teacher file, and the teacher kept in a run's own checkpoint -------------------------------------------
+
+
+def test_a_teacher_whose_model_config_names_code_runs_nothing(tmp_path, payload):
+    from cl_vit.models.teachers import load_teacher
+
+    _, marker = payload
+    file = _teacher_file(tmp_path)
+    for path in (file.parent.parent, file):  # strategy.deit_lt.teacher=<run dir> or =<checkpoint>
+        with pytest.raises(CodeFromFile) as e:
+            load_teacher(path)
+        assert "payload_mod.boom" in _one_line(e) and "trust_code=true" in str(e.value) and str(file) in str(e.value)
+        assert not marker.exists()
+    with loading.trust_code(True), pytest.raises(Exception):  # the user vouches for the file: it is resolved
+        load_teacher(file)
+    assert marker.exists()
+
+
+def test_a_resumed_teacher_state_that_names_code_runs_nothing(payload):
+    from cl_vit.models.teachers import Teacher
+
+    _, marker = payload
+    state = {"net": {}, "class_names": ["a"], "class_counts": [1], "input_size": [1, 8, 8], "path": "",
+             "model": {"name": "vit_micro_patch2_8", "block": {"_target_": "payload_mod.boom"}}}
+    with pytest.raises(CodeFromFile) as e:
+        Teacher.from_state_dict(state)
+    assert "model.block._target_" in _one_line(e)  # found at any depth
+    assert not marker.exists()
+
+
+def test_the_teacher_payload_through_the_command_line_is_one_line(tmp_path, payload):
+    folder, marker = payload
+    file = _teacher_file(tmp_path)
+    proc = run_cli("experiment=deit-lt-digits-lt", f"strategy.deit_lt.teacher={file.parent.parent}", "dry_run=true",
+                   f"hydra.run.dir={tmp_path / 'student'}", env={"PYTHONPATH": f"{REPO_ROOT}:{folder}"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "trust_code=true" in lines[0]
+    assert not marker.exists()
+
+
+# -- 3: a data pickle ----------------------------------------------------------------------------------------------
+
+
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def test_a_cifar_pickle_that_would_run_a_command_is_refused_before_it_runs(tmp_path):
+    from data_gen import make_cifar
+
+    root = tmp_path / "data"
+    make_cifar(root, "cifar10", train_counts=[2] * 10, test_per_class=1)
+    marker = tmp_path / "ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _System(f"touch {marker}"), b"labels": [0]}, protocol=2))
+    proc = run_cli("benchmark=cifar10", "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}", data_root=root)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "would construct posix.system" in lines[0] and str(batch) in lines[0], lines
+    assert not marker.exists()
+
+
+def test_data_pickles_admit_arrays_and_plain_values_only(tmp_path):
+    doc = {b"data": np.arange(12, dtype=np.uint8).reshape(2, 6), b"labels": [1, 2], "batch_label": "x",
+           "f": 1.5, "t": (1, None)}
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"p{protocol}"
+        path.write_bytes(pickle.dumps(doc, protocol=protocol))
+        got = loading.load_pickle(path, encoding="latin1")
+        assert np.array_equal(got[b"data"], doc[b"data"]) and got[b"labels"] == [1, 2] and got["t"] == (1, None)
+    for evil in (_System("true"), {"k": Path("x")}, [type]):
+        path = tmp_path / "evil"
+        path.write_bytes(pickle.dumps(evil, protocol=2))
+        with pytest.raises(UnsafeFile) as e:
+            loading.load_pickle(path)
+        assert "would construct" in _one_line(e)
+
+
+# -- 4: a received run directory -----------------------------------------------------------------------------------
+
+
+def _received_run(tmp_path: Path) -> Path:
+    """A run directory whose config.yaml names an attacker's model, with everything restore and resume look at."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(TINY), resolve=True)
+    cfg["model"] = {"_target_": "payload_mod.boom", "name": "custom"}
+    run_dir = tmp_path / "received"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run_dir / "results.json").write_text(json.dumps({"status": "running", "completed_experiences": 1,
+                                                      "n_experiences": 5}))
+    torch.save({"module": {}}, run_dir / "checkpoints" / "exp_000.pt")
+    return run_dir
+
+
+def test_restore_of_a_received_run_directory_runs_nothing(tmp_path, payload):
+    from cl_vit.runs import load_run
+
+    _, marker = payload
+    run = load_run(_received_run(tmp_path))
+    with pytest.raises(CodeFromFile) as e:
+        run.restore(0)
+    assert "model._target_='payload_mod.boom'" in _one_line(e) and "config.yaml" in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(Exception):
+        run.restore(0, trust_code=True)
+    assert marker.exists()
+
+
+def test_resume_of_a_received_run_directory_runs_nothing(tmp_path, payload):
+    folder, marker = payload
+    run_dir = _received_run(tmp_path)
+    proc = run_cli(f"resume={run_dir}", env={"PYTHONPATH": f"{REPO_ROOT}:{folder}"})
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "names code to import" in lines[0] and "trust_code=true" in lines[0], lines
+    assert not marker.exists()
+
+
+# -- even the user's own targets go through Hydra's target policy ---------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "subprocess.run"])
+def test_execution_capable_targets_are_refused_even_from_the_command_line(target):
+    from cl_vit.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        loading.resolve_target("model._target_", target)
+    assert "target policy" in _one_line(e)
+
+
+def test_an_own_target_still_resolves():
+    from cl_vit.strategies.base import Strategy
+
+    assert loading.resolve_target("strategy.x._target_", "cl_vit.strategies.finetune.Finetune", Strategy).name
+
+
+# -- one module loads what could carry code ------------------------------------------------------------------------
+
+#: calls that read code or data that could carry code: allowed in cl_vit/loading.py only
+LOADERS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("yaml", "load"),
+           ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "load_all"), ("importlib", "import_module"),
+           ("OmegaConf", "load")}
+LOADER_NAMES = {"get_object", "get_class", "get_method", "instantiate", "eval", "exec", "__import__",
+                "import_module", "_locate"}
+
+
+#: attribute calls that resolve import paths whatever they are called on (``hydra.utils.instantiate(...)``)
+RESOLVERS = {"get_object", "get_class", "get_method", "instantiate", "import_module", "_locate"}
+
+
+def _calls(tree):
+    """(node, (owner, name), name) of every call (owner: the name it is called on, "<expr>" for an expression, None
+    for a bare name) and of every ``from X import`` of a loader."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute):
+                yield node, (f.value.id if isinstance(f.value, ast.Name) else "<expr>", f.attr), f.attr
+            elif isinstance(f, ast.Name):
+                yield node, (None, f.id), f.id
+        elif isinstance(node, ast.ImportFrom) and node.module in ("pickle", "hydra.utils", "importlib"):
+            for a in node.names:
+                if a.name in {"load", "loads", "Unpickler", "get_object", "get_class", "get_method", "instantiate",
+                              "import_module", "call"}:
+                    yield node, (node.module, a.name), a.name
+
+
+def _forbidden(node, owner, attr) -> bool:
+    return (isinstance(node, ast.ImportFrom) or (owner, attr) in LOADERS or (owner is None and attr in LOADER_NAMES)
+            or (owner is not None and attr in RESOLVERS))
+
+
+def test_only_the_loading_module_loads_code_or_pickles():
+    found = []
+    for path in sorted((REPO_ROOT / "cl_vit").rglob("*.py")):
+        if path.name == "loading.py" and path.parent.name == "cl_vit":
+            continue
+        for node, (owner, attr), name in _calls(ast.parse(path.read_text())):
+            if _forbidden(node, owner, attr):
+                found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {owner}.{attr}")
+    assert not found, "load through cl_vit/loading.py instead:\n" + "\n".join(found)
+
+
+def test_the_walk_finds_a_forbidden_call():
+    src = ("import torch, pickle, copy\nfrom hydra.utils import get_object\ntorch.load('x')\npickle.loads(b'')\n"
+           "eval('1')\nhydra.utils.instantiate({})\ncopy.deepcopy(net).eval()\nnet.eval()\n")
+    hits = sorted(f"{o}.{a}" for node, (o, a), _ in _calls(ast.parse(src)) if _forbidden(node, o, a))
+    assert hits == ["<expr>.instantiate", "None.eval", "hydra.utils.get_object", "pickle.loads", "torch.load"]
