@@ -83,12 +83,12 @@ def _run_locked(cfg: DictConfig, run_dir, scenario):
     trainer_args = trainer_kwargs(OmegaConf.to_container(cfg.trainer))
     rd = RunDirectory(run_dir)
     resuming = bool(cfg.get("resume"))
+    if resuming and Path(str(cfg.resume)).expanduser().resolve() != rd.path:  # never another run's directory
+        raise UserError(f"{override('resume', cfg.resume)} continues that run in its own directory, not in {rd.path}: "
+                        "leave hydra.run.dir out (a resume writes where the run is)")
     if resuming and not rd.config_path.exists():
         raise UserError(f"{override('resume', rd.path)} holds no run (no config.yaml): give the run directory of an "
                         "earlier run")
-    if resuming and Path(str(cfg.resume)).expanduser().resolve() != rd.path:
-        raise UserError(f"{override('resume', cfg.resume)} continues that run in its own directory, not in {rd.path}: "
-                        "leave hydra.run.dir out (a resume writes where the run is)")
     if not resuming and rd.has_results():
         raise UserError(f"{rd.path} already holds a run: continue it with {override('resume', rd.path)}, or set "
                         "another hydra.run.dir")
@@ -180,7 +180,7 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         log.info("Resuming %s after experience %d of %d", rd.path, results.completed, len(info.train_classes))
     elif distributed.is_rank_zero():
         rd.path.mkdir(parents=True, exist_ok=True)
-        rd.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        rd.write_file("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         rd.write_json("stream.json", stream_doc)
     distributed.barrier()
 

@@ -21,6 +21,7 @@ reader of checkpoints). What the results of a stream are lives in ``cl_vit.strea
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -90,6 +91,22 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+@contextlib.contextmanager
+def open_partial(path: str | Path, append: bool):
+    """A file written bit by bit and renamed by its writer once complete (a download's ``.part``, resumable across
+    processes, so not a temporary file of ours): opened to append or anew, with the umask's mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), _new_file_mode())
+    with os.fdopen(fd, "ab" if append else "wb") as f:
+        yield f
+
+
+def write_in_place(path: str | Path, data: str) -> None:
+    """Write a file that is not a result and cannot be renamed into place: a kernel interface such as
+    ``/proc/self/clear_refs``."""
+    with open(path, "w") as f:
+        f.write(data)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
@@ -157,7 +174,7 @@ class RunDirectory:
     def write_json(self, name: str, obj) -> None:
         atomic_write_json(self.path / name, obj)
 
-    def write_text(self, name: str, text: str) -> None:
+    def write_file(self, name: str, text: str) -> None:
         atomic_write_text(self.path / name, text)
 
     def save_checkpoint(self, i: int, state: dict) -> Path:

@@ -353,8 +353,10 @@ class ContinualRunner:
             except RunStopped as e:
                 self._stopped(e)
                 raise
-            except UserError as e:  # a data file that fails mid-run (an image that no longer decodes)
-                stop = BadDataDuringRun(str(e), self._index)
+            except UserError as e:
+                if getattr(e, "path", None) is None:  # bad input found by a hook: one line, as before training
+                    raise
+                stop = BadDataDuringRun(str(e), self._index)  # a data file that failed mid-run
                 self._stopped(stop)
                 raise stop from e
             except OSError as e:
@@ -576,7 +578,7 @@ class ContinualRunner:
         doc = self.results.to_json(status)
         rd.write_json("results.json", doc)
         self._saved = doc
-        rd.write_text("accuracy_matrix.csv", matrix_csv(self.results.accuracy_matrix()))
+        rd.write_file("accuracy_matrix.csv", matrix_csv(self.results.accuracy_matrix()))
 
     def _report(self, i: int) -> None:
         R = self.results.accuracy_matrix()

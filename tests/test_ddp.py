@@ -4,8 +4,10 @@ One 2-process run of split-digits (2 experiences, 1 epoch); then every checkpoin
 process and must give the same confusions (hence the same accuracy matrix) as the distributed evaluation did.
 """
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +120,48 @@ def test_consistency_check_names_the_part_that_differs():
         net.weight[0, 0] += 1e-3
     assert distributed.first_mismatch([same, {**same, "the network": distributed.fingerprint(net)}]) == \
         ("the network", 1)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only (a node's scheduler, or a user's kill of one process): both ranks agree on the stop
+    before the next collective, nothing hangs, and rank 0 records the interruption."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cl_vit.run", *DDP, "trainer.max_epochs=3", "model=vit_micro", "logger=none",
+           f"hydra.run.dir={run_dir}", f"data_root={tmp_path / 'data'}"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**cli_env(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # experience 1 is saved; experience 2 trains for 3 epochs
+            if line.startswith("Experience 2/2"):
+                break
+        ranks = []
+        for _ in range(100):
+            ranks = [c for c in _children(proc.pid) if "cl_vit.run" in Path(f"/proc/{c}/cmdline").read_text()]
+            if ranks:
+                break
+            time.sleep(0.1)
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0], signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["status"] == "interrupted" and doc["completed_experiences"] == 1

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, TINY, cli_env, compose, run_cli
 
 from cl_vit import strategies as S
 from cl_vit.loading import DamagedCheckpoint, UnsafeCheckpoint
-from cl_vit.errors import Interrupted, NonFiniteLoss, UserError
+from cl_vit.errors import Interrupted, NonFiniteLoss, RunStopped, UserError
 from cl_vit.report import main as report_main
 from cl_vit.rundir import RunDirectory, RunLock
 from cl_vit.runs import load_run
@@ -54,6 +54,11 @@ class Fault(Strategy):
         hit = self.index == self.at and self.steps == self.step
         if hit and self.kind == "signal":
             os.kill(os.getpid(), signal.SIGINT)
+        if hit and self.kind == "data":  # an image that stopped decoding since the run started
+            e = UserError("cannot decode image /data/imagenet-r/n01443537/broken.jpg (corrupt or not an image): "
+                          "remove it or run with skip_corrupt=true")
+            e.path = "/data/imagenet-r/n01443537/broken.jpg"
+            raise e
         value = float("nan") if hit and self.kind == "nan" else 0.0
         return {"probe": torch.tensor(value)}
 
@@ -363,3 +368,109 @@ def test_a_hundred_experiences_keep_memory_and_work_flat(tmp_path, data_root, mo
     assert per_experience == [n_train + i for i in range(1, 101)], per_experience
     wall = out["wall_time"]["per_experience"]
     print(f"RSS {first:.0f} -> {last:.0f} MiB; train+eval {sum(wall[4:14]) / 10:.3f} -> {sum(wall[-10:]) / 10:.3f} s")
+
+
+# -- runs never mixed, nothing left behind, files the group can read (issue 23, cases 5, 6, 8-13) ------------------
+
+
+def test_resume_into_another_run_directory_is_refused_in_one_line(tmp_path, data_root):
+    ref = tmp_path / "ref"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("seed: 1\n")  # another (l2) run killed after 2 experiences
+    before = sorted(p.name for p in other.iterdir())
+    with pytest.raises(UserError) as e:
+        run(compose([*TINY, f"resume={ref}"], data_root), other)
+    assert "\n" not in str(e.value) and "not in" in str(e.value) and "hydra.run.dir" in str(e.value)
+    assert sorted(p.name for p in other.iterdir()) == before
+
+
+def test_a_split_that_changed_since_the_run_started_is_refused_naming_both_digests(tmp_path):
+    from cl_vit.run import _check_same_data
+
+    rd = RunDirectory(tmp_path)
+    rd.write_json("results.json", {"completed_experiences": 1, "source": {"split": {"name": "own", "sha256": "a" * 64}}})
+    _check_same_data(rd, {"split": {"name": "own", "sha256": "a" * 64}})  # the same data: nothing to say
+    _check_same_data(rd, {"name": "digits"})  # a source without a split digest
+    with pytest.raises(UserError) as e:
+        _check_same_data(rd, {"split": {"name": "own", "sha256": "b" * 64}})
+    assert "\n" not in str(e.value) and "aaaaaaaaaaaaaaaa" in str(e.value) and "bbbbbbbbbbbbbbbb" in str(e.value)
+
+
+def test_a_data_file_failing_mid_run_marks_it_failed_and_resume_with_skip_corrupt_continues(
+        tmp_path, data_root, fault_registered):
+    cut = tmp_path / "cut"
+    with pytest.raises(RunStopped) as e:
+        run(compose([*THREE, "+strategy.fault.at=1", "+strategy.fault.kind=data"], data_root), cut)
+    assert e.value.resume_args == ("skip_corrupt=true",) and "broken.jpg" in str(e.value)
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["status"] == "failed" and "broken.jpg" in doc["reason"] and doc["completed_experiences"] == 1
+    assert doc["stopped_in_experience"] == 2
+    # the suggested fix is accepted by a resume (it changes which files are read, nothing else)
+    cfg = resume_config(compose([*THREE, f"resume={cut}", "skip_corrupt=true"], data_root),
+                        [f"resume={cut}", "skip_corrupt=true"])
+    assert cfg.skip_corrupt is True
+    assert run(compose([*THREE, f"resume={cut}"], data_root), cut)["status"] == "completed"
+
+
+def test_a_second_signal_during_the_checkpoint_write_keeps_that_experience(tmp_path, data_root, monkeypatch):
+    save = RunDirectory.save_checkpoint
+
+    def save_with_two_signals(self, i, state):
+        if i == 1:  # a scheduler's SIGTERM, and a second one 20 ms later, while the checkpoint is written
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(self, i, state)
+
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", save_with_two_signals)
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        run(compose(THREE, data_root), cut)
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["status"] == "interrupted" and doc["completed_experiences"] == 2
+    assert doc["stopped_in_experience"] == doc["completed_experiences"] + 1
+    assert (cut / "checkpoints" / "exp_001.pt").exists() and load_run(cut).state == "interrupted (2/3)"
+
+
+def test_resume_removes_temporary_files_left_by_a_killed_write(tmp_path, data_root, monkeypatch):
+    from conftest import interrupt_after
+
+    cut = tmp_path / "cut"
+    Stop = interrupt_after(monkeypatch, 0)
+    with pytest.raises(Stop):
+        run(compose(THREE, data_root), cut)
+    monkeypatch.undo()
+    stale = [cut / "checkpoints" / ".exp_001.pt.k2j4h5g6.tmp", cut / ".results.json.a1b2c3d4.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    keep = cut / "notes.tmp"  # not the suite's own temporary file: left alone
+    keep.write_text("mine")
+    run(compose([*THREE, f"resume={cut}"], data_root), cut)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not [p for p in cut.rglob(".*.tmp")]
+
+
+def test_run_files_get_the_umask_mode(tmp_path, data_root):
+    old = os.umask(0o027)
+    try:
+        run(compose([*TINY, "benchmark.n_experiences=2"], data_root), tmp_path / "run")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {"results.json", "config.yaml", "stream.json", "accuracy_matrix.csv", "exp_001.pt"} <= {p.name for p in files}
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o640)}, modes
+
+
+@pytest.mark.parametrize("path", ["/tmp/runs/a-1", "/tmp/my runs/é x", "/tmp/it's/x", "/tmp/a\\b c/x=y,z"])
+def test_a_printed_resume_line_pastes_as_printed(path):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cl_vit.errors import resume_command
+
+    words = shlex.split(resume_command(path))
+    assert words[:3] == ["python", "-m", "cl_vit.run"] and len(words) == 4
+    parsed = OverridesParser.create().parse_override(words[3])
+    assert parsed.key_or_group == "resume" and parsed.value() == path

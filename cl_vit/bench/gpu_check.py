@@ -45,6 +45,7 @@ import torch
 
 from cl_vit.bench.gpu import MODELS, measure, peak_bf16_flops
 from cl_vit.errors import report_error
+from cl_vit.rundir import atomic_write_bytes, atomic_write_text
 
 
 #: the sections, in the order they run (each one's estimate of seconds is in ``main``)
@@ -108,11 +109,9 @@ class Check:
     def record(self, name: str, result: dict) -> None:
         self.doc["sections"][name] = result
         print(json.dumps({name: result}, indent=1, default=str), flush=True)
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(self.doc, indent=1, default=str))
-        tmp.replace(self.out / "results.json")
+        atomic_write_text(self.out / "results.json", json.dumps(self.doc, indent=1, default=str))
         try:
-            (self.out / "summary.md").write_text(summary(self.doc))
+            atomic_write_text(self.out / "summary.md", summary(self.doc))
         except Exception:  # noqa: BLE001 - the summary is a view of results.json, never a reason to stop
             traceback.print_exc()
 
@@ -394,15 +393,14 @@ def profile_section(check: Check) -> dict:
         if label == "Refiner-ViT-S":
             trace = check.work / "trace.json"
             prof.export_chrome_trace(str(trace))
-            with open(trace, "rb") as f, gzip.open(check.out / "trace_refiner_s.json.gz", "wb") as z:
-                shutil.copyfileobj(f, z)
+            atomic_write_bytes(check.out / "trace_refiner_s.json.gz", gzip.compress(trace.read_bytes()))
             if (check.out / "trace_refiner_s.json.gz").stat().st_size > 15 * 2**20:
                 (check.out / "trace_refiner_s.json.gz").unlink()
         out[label] = "profiles.txt"
         del step
         if check.device == "cuda":
             torch.cuda.empty_cache()
-    (check.out / "profiles.txt").write_text("\n".join(text))
+    atomic_write_text(check.out / "profiles.txt", "\n".join(text))
     return out
 
 

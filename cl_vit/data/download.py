@@ -29,6 +29,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from cl_vit.errors import UserError, report_error
+from cl_vit.rundir import open_partial
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> None:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         done, last = offset, 0.0
-        with open(part, "ab" if resumed else "wb") as f:
+        with open_partial(part, append=bool(resumed)) as f:
             while True:
                 block = response.read(1 << 20)
                 if not block:

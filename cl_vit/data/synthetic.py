@@ -17,6 +17,7 @@ import numpy as np
 
 from cl_vit.data.base import ImageFileDataset, Source, scan_image_folder
 from cl_vit.data.transforms import resize_pipeline
+from cl_vit.rundir import atomic_write_text
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -48,7 +49,7 @@ def generate(root: Path, n_classes: int, n_train: int, n_test: int, size: int, n
                     img = render_class_image(c, n_classes, size, rng, noise)
                     cv2.imwrite(str(folder / f"{i:05d}.{fmt}"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         spec = dict(n_classes=n_classes, n_train=n_train, n_test=n_test, size=size, noise=noise, seed=seed, fmt=fmt)
-        (tmp / "spec.json").write_text(json.dumps(spec))
+        atomic_write_text(tmp / "spec.json", json.dumps(spec))
         try:
             os.rename(tmp, root)
         except OSError:  # another process generated it first: theirs is identical
