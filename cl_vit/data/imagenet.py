@@ -19,12 +19,14 @@ LAYOUT = "<root>/train/<wnid>/<images> and <root>/val/<wnid>/<images> (ILSVRC-20
 IMAGE_ARGS = dict(img_size=224, normalize="imagenet", mean=None, std=None, test_resize="crop", skip_corrupt=False,
                   verify="header")
 PIPELINE_ARGS = dict(train_transform="default", test_transform="default", augment=None)
+DECODE_ARGS = dict(backend="opencv", crop_scale=(0.08, 1.0), train_interpolation="bilinear",
+                   test_interpolation="bilinear")
 
 
 def build_imagenet(data_root: str | Path, root: str | Path | None = None, n_classes: int | None = None,
                    **args) -> Source:
     """``n_classes``: the first n sorted wnids only (tests, quick runs); default all (1,000). ``args``: the image
-    and pipeline arguments of every file source (:data:`IMAGE_ARGS`, :data:`PIPELINE_ARGS`)."""
+    and pipeline arguments of every file source (:data:`IMAGE_ARGS`, :data:`PIPELINE_ARGS`, :data:`DECODE_ARGS`)."""
     from cl_vit.data.download import missing_dataset_error
     from cl_vit.data.filelist import _make_source
 
@@ -42,5 +44,6 @@ def build_imagenet(data_root: str | Path, root: str | Path | None = None, n_clas
     meta = {"root": str(root), "layout": "ILSVRC-2012 train/ and val/ class folders, labels = sorted wnids"}
     image = {k: args.get(k, v) for k, v in IMAGE_ARGS.items()}
     pipelines = {k: args.get(k, v) for k, v in PIPELINE_ARGS.items()}
+    decode = {k: args.get(k, v) for k, v in DECODE_ARGS.items()}
     return _make_source("imagenet", train, test, classes, data_root=data_root, map_targets_flag=False, meta=meta,
-                        pipelines=pipelines, **image)
+                        pipelines=pipelines, decode=decode, **image)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
@@ -120,27 +121,36 @@ def cifar_eval_pipeline(img_size: int, mean, std) -> A.Compose:
 
 # -- crops decided before decoding ----------------------------------------------------------------------------------
 #
-# A JPEG can be decoded at 1/2, 1/4 or 1/8 scale for a fraction of the cost (libjpeg scales in the DCT domain). The
-# training crop (RandomResizedCrop) and the evaluation crop (resize + centre crop) only shrink most of an image, so
-# both are decided from the header's size first; the image is then decoded at the smallest scale that still keeps
-# the crop at least as large as the output (so only downsampling follows, never upsampling a reduced image), and
-# the crop is resized with OpenCV on uint8. The crop distribution is torchvision's RandomResizedCrop exactly.
+# backend=opencv (fast): a JPEG can be decoded at 1/2, 1/4 or 1/8 scale for a fraction of the cost (libjpeg scales in
+# the DCT domain). The training crop (RandomResizedCrop) and the evaluation crop (resize + centre crop) only shrink
+# most of an image, so both are decided from the header's size first; the image is then decoded at the smallest
+# scale that still keeps the crop at least as large as the output (so only downsampling follows, never upsampling a
+# reduced image), and the crop is resized with OpenCV on uint8. The crop distribution is torchvision's
+# RandomResizedCrop exactly; the pixels are not: OpenCV's bilinear/bicubic resize of a reduced decode is not PIL's
+# antialiased resize of the whole image.
+# backend=pil (the official pipelines): the whole image decoded by PIL and torchvision's own RandomResizedCrop /
+# Resize + CenterCrop on the PIL image, as CODA-Prompt, RanPAC and RevisitingCIL build them; several times slower.
+# Both apply the EXIF orientation once (cl_vit.data.base.image_header), before any size or crop is computed.
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+BACKENDS = ("opencv", "pil")
+#: interpolation names -> (OpenCV flag, torchvision InterpolationMode name)
+INTERPOLATIONS = {"bilinear": (cv2.INTER_LINEAR, "BILINEAR"), "bicubic": (cv2.INTER_CUBIC, "BICUBIC")}
 
 
-def image_size(path: str) -> tuple[int, int, str] | None:
-    """``(height, width, format)`` from the file header (PIL parses it lazily), ``None`` if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0], im.format or ""
-    except Exception:  # read_image reports the file with a proper message
-        return None
+def check_interpolation(key: str, value: str) -> str:
+    if value not in INTERPOLATIONS:
+        raise ConfigError(f"benchmark.source_args.{key}", value, f"one of {list(INTERPOLATIONS)}")
+    return value
 
 
-def _crop_resize(img, box, full_hw, size: int):
+def _torchvision_interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return getattr(InterpolationMode, INTERPOLATIONS[name][1])
+
+
+def _crop_resize(img, box, full_hw, size: int, interpolation: str = "bilinear"):
     """Crop ``box = (top, left, height, width)`` given in full-resolution pixels out of ``img`` (possibly decoded
     at a reduced scale) and resize it to ``size`` squared."""
     sy, sx = img.shape[0] / full_hw[0], img.shape[1] / full_hw[1]
@@ -150,26 +160,31 @@ def _crop_resize(img, box, full_hw, size: int):
     img = img[top:top + h, left:left + w]
     if (h, w) == (size, size):
         return img
-    # bilinear, as albumentations' RandomResizedCrop; the reduced decode already did most of any large shrink
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    # the reduced decode already did most of any large shrink
+    return cv2.resize(img, (size, size), interpolation=INTERPOLATIONS[interpolation][0])
 
 
-def decode_crop(path: str, box_of, size: int):
+def decode_crop(path: str, box_of, size: int, interpolation: str = "bilinear"):
     """Decode ``path`` and return the crop ``box_of(height, width)`` resized to ``size`` squared (RGB uint8); a JPEG
-    is decoded at the largest reduction keeping the crop's shorter side >= ``size``."""
-    from cl_vit.data.base import read_image
+    is decoded at the largest reduction keeping the crop's shorter side >= ``size``. Heights and widths are those of
+    the image as displayed (EXIF orientation applied)."""
+    from cl_vit.data.base import CorruptImage, image_header, read_image
 
-    header = image_size(path)
+    header = image_header(path)
     if header is None:  # not parsable by PIL: OpenCV decodes it, or read_image raises the line naming the file
-        img = read_image(path)
-        return _crop_resize(img, box_of(*img.shape[:2]), img.shape[:2], size)
-    h, w, fmt = header
+        img = read_image(path, orientation=1)
+        return _crop_resize(img, box_of(*img.shape[:2]), img.shape[:2], size, interpolation)
+    h, w, fmt, orientation = header
     box = box_of(h, w)
     factor = 1
     if fmt == "JPEG":
         factor = next((r for r in (8, 4, 2) if min(box[2], box[3]) / r >= size), 1)
-    img = read_image(path, _REDUCED[factor] if factor > 1 else cv2.IMREAD_COLOR)
-    return _crop_resize(img, box, (h, w), size)
+    img = read_image(path, _REDUCED[factor] if factor > 1 else cv2.IMREAD_COLOR, orientation=orientation)
+    expected = (-(-h // factor), -(-w // factor))  # libjpeg's scaled size rounds up
+    if img.shape[:2] != expected:
+        raise CorruptImage("", path=path, problem=f"decoded {img.shape[1]}x{img.shape[0]}, the header says "
+                                                  f"{expected[1]}x{expected[0]}")
+    return _crop_resize(img, box, (h, w), size, interpolation)
 
 
 def random_resized_crop_box(h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=None):
@@ -196,28 +211,50 @@ def random_resized_crop_box(h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 /
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-class DecodeRandomResizedCrop:
-    """Training decode: torchvision's RandomResizedCrop(size) decided on the header, then a reduced decode."""
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError("benchmark.source_args.backend", backend, f"one of {list(BACKENDS)}")
+    return backend
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+
+class DecodeRandomResizedCrop:
+    """Training decode: torchvision's RandomResizedCrop(size, scale, ratio, interpolation). ``opencv``: decided on
+    the header, then a reduced decode; ``pil``: torchvision's own transform on the PIL image (torch's RNG)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear",
+                 backend: str = "opencv"):
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.interpolation = check_interpolation("train_interpolation", interpolation)
+        self.backend = check_backend(backend)
 
     def __call__(self, path: str):
-        return decode_crop(path, lambda h, w: random_resized_crop_box(h, w, self.scale, self.ratio), self.size)
+        if self.backend == "pil":
+            from torchvision import transforms as T
+
+            from cl_vit.data.base import read_image_pil
+
+            crop = T.RandomResizedCrop(self.size, self.scale, self.ratio, _torchvision_interpolation(self.interpolation))
+            return np.asarray(crop(read_image_pil(path)))
+        return decode_crop(path, lambda h, w: random_resized_crop_box(h, w, self.scale, self.ratio), self.size,
+                           self.interpolation)
 
     def __repr__(self):
-        return f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+        return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"interpolation={self.interpolation}, backend={self.backend})")
 
 
 class DecodeResizeCenterCrop:
     """Evaluation decode: shorter side to ``size * 256 / 224`` and the centre ``size`` crop (``crop``), or the
-    whole image resized to ``size`` squared (``squash``), with the same reduced decode."""
+    whole image resized to ``size`` squared (``squash``). ``opencv``: the same reduced decode; ``pil``: torchvision's
+    Resize + CenterCrop on the PIL image (antialiased)."""
 
-    def __init__(self, size: int, test_resize: str = "crop"):
+    def __init__(self, size: int, test_resize: str = "crop", interpolation: str = "bilinear", backend: str = "opencv"):
         if test_resize not in TEST_RESIZE:
             raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
         self.size, self.mode = int(size), test_resize
         self.resize = int(round(size * 256 / 224))
+        self.interpolation = check_interpolation("test_interpolation", interpolation)
+        self.backend = check_backend(backend)
 
     def box(self, h: int, w: int):
         if self.mode == "squash":
@@ -227,43 +264,72 @@ class DecodeResizeCenterCrop:
         return int(round((h - ch) / 2)), int(round((w - cw) / 2)), max(1, int(round(ch))), max(1, int(round(cw)))
 
     def __call__(self, path: str):
-        return decode_crop(path, self.box, self.size)
+        if self.backend == "pil":
+            from torchvision.transforms import functional as F
+
+            from cl_vit.data.base import read_image_pil
+
+            mode = _torchvision_interpolation(self.interpolation)
+            img = read_image_pil(path)
+            if self.mode == "squash":
+                return np.asarray(F.resize(img, [self.size, self.size], mode))
+            return np.asarray(F.center_crop(F.resize(img, self.resize, mode), [self.size, self.size]))
+        return decode_crop(path, self.box, self.size, self.interpolation)
 
     def __repr__(self):
-        return f"DecodeResizeCenterCrop(size={self.size}, resize={self.resize}, mode={self.mode})"
+        return (f"DecodeResizeCenterCrop(size={self.size}, resize={self.resize}, mode={self.mode}, "
+                f"interpolation={self.interpolation}, backend={self.backend})")
 
 
-def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str = "crop", scale=(0.08, 1.0)):
+def decode_options(backend: str = "opencv", crop_scale=(0.08, 1.0), train_interpolation: str = "bilinear",
+                   test_interpolation: str = "bilinear") -> dict:
+    """The default pipelines' options (``benchmark.source_args``; recipes set the official ones), validated, as
+    ``Source.meta["transforms"]["decode"]`` records them."""
+    scale = tuple(float(v) for v in crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError("benchmark.source_args.crop_scale", list(crop_scale), "[min, max] with 0 < min <= max <= 1")
+    return {"backend": check_backend(backend), "crop_scale": list(scale),
+            "train_interpolation": check_interpolation("train_interpolation", train_interpolation),
+            "test_interpolation": check_interpolation("test_interpolation", test_interpolation)}
+
+
+def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str = "crop", **options):
     """``(decode, transform)`` for ImageFileDataset: the crop at decode time, then albumentations on the uint8 crop
-    (horizontal flip for training) and normalisation."""
+    (horizontal flip for training) and normalisation. ``options``: :func:`decode_options`."""
+    o = decode_options(**options)
     if train:
-        return DecodeRandomResizedCrop(img_size, scale), A.Compose([A.HorizontalFlip(p=0.5),
-                                                                    *normalize_to_tensor(mean, std)])
-    return DecodeResizeCenterCrop(img_size, test_resize), A.Compose(normalize_to_tensor(mean, std))
+        decode = DecodeRandomResizedCrop(img_size, o["crop_scale"], interpolation=o["train_interpolation"],
+                                         backend=o["backend"])
+        return decode, A.Compose([A.HorizontalFlip(p=0.5), *normalize_to_tensor(mean, std)])
+    decode = DecodeResizeCenterCrop(img_size, test_resize, o["test_interpolation"], o["backend"])
+    return decode, A.Compose(normalize_to_tensor(mean, std))
 
 
 def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: str = "crop",
-                            train_transform: str = "default", test_transform: str = "default", augment=None):
+                            train_transform: str = "default", test_transform: str = "default", augment=None,
+                            decode: dict | None = None):
     """Training and test ImageFileDatasets of ImageNet-like photos (ImageNet-R, ImageNet-LT, iNaturalist).
 
-    ``default``: the crops decided on the JPEG header (fast). ``deit``: DeiT's pipelines on the fully decoded image
-    (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
+    ``default``: the crops of :class:`DecodeRandomResizedCrop` / :class:`DecodeResizeCenterCrop` with the options
+    ``decode`` (:func:`decode_options`: backend, crop scale, interpolations). ``deit``: DeiT's pipelines on the fully
+    decoded image (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
     from cl_vit.data.base import ImageFileDataset
 
     check_pipelines(train_transform, test_transform, augment, test_resize)
+    decode = dict(decode or {})
     if train_transform == "deit":
         train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment))
     elif train_transform == "torchvision":
         train_ds = ImageFileDataset(train, torchvision_train_transform(img_size, mean, std))
     else:
-        decode, transform = imagenet_transforms(img_size, mean, std, True)
-        train_ds = ImageFileDataset(train, transform, decode=decode)
+        crop, transform = imagenet_transforms(img_size, mean, std, True, **decode)
+        train_ds = ImageFileDataset(train, transform, decode=crop)
     if test_transform == "deit":
         return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std))
     if test_transform == "torchvision":
         return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std))
-    decode, transform = imagenet_transforms(img_size, mean, std, False, test_resize)
-    return train_ds, ImageFileDataset(test, transform, decode=decode)
+    crop, transform = imagenet_transforms(img_size, mean, std, False, test_resize, **decode)
+    return train_ds, ImageFileDataset(test, transform, decode=crop)
 
 
 # -- DeiT's pipelines: timm's transform factory on PIL images ---------------------------------------------------------
