@@ -191,3 +191,50 @@ def test_a_file_that_fails_mid_run_raises_corrupt_image_with_its_path_through_th
     with pytest.raises(CorruptImage) as e:  # PIL refuses what OpenCV would fill with grey
         read_image_pil(truncated)
     assert e.value.path == str(truncated)
+
+
+@pytest.mark.parametrize("test_resize,resize", [("squash", 224), ("crop", 256)])
+def test_cifar_at_224_with_pil_backend_is_ranpac_and_revisitingcil_transform(tmp_path, test_resize, resize):
+    """CIFAR upscaled to 224 as RanPAC (utils/data.py L20-43, iCIFAR224: Resize(224, BICUBIC) + CenterCrop(224)) and
+    RevisitingCIL (utils/data.py L69-87: Resize(256, BICUBIC) + CenterCrop(224)) transform it, on the PIL image of
+    the array (torchvision's CIFAR100 dataset returns Image.fromarray): equal to float rounding."""
+    from torchvision import transforms as T
+
+    from cl_vit.data import build_source
+    from data_gen import make_cifar
+
+    make_cifar(tmp_path, "cifar100", train_counts=[1] * 100, test_per_class=1)
+    src = build_source("cifar100", tmp_path, img_size=224, normalize="coda", train_transform="coda",
+                       test_transform="coda", backend="pil", crop_scale=[0.05, 1.0], test_interpolation="bicubic",
+                       test_resize=test_resize)
+    official = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                          T.ToTensor()])
+    for i in (0, 57):
+        ours, _ = src.test[i]
+        ref = official(Image.fromarray(src.test.images[i]))
+        assert (ours - ref).abs().max().item() <= 1e-6
+    crop = T.RandomResizedCrop(224, scale=(0.05, 1.0))
+    torch.manual_seed(3)
+    ref = np.asarray(crop(Image.fromarray(src.train.images[5])))
+    torch.manual_seed(3)
+    assert np.array_equal(np.asarray(src.train.transform.geometry(Image.fromarray(src.train.images[5]))), ref)
+    assert src.meta["transforms"]["decode"] == {"backend": "pil", "crop_scale": [0.05, 1.0],
+                                                "train_interpolation": "bilinear", "test_interpolation": "bicubic"}
+
+
+@pytest.mark.parametrize("experiment,expected", [
+    # CODA-Prompt's torchvision defaults on PIL images (benchmark=imagenet-r, cifar100-coda)
+    ("coda-prompt-imagenet-r", ("pil", [0.08, 1.0], "bilinear", "bilinear", "crop")),
+    ("coda-prompt-cifar100", ("pil", [0.08, 1.0], "bilinear", "bilinear", "squash")),
+    # RanPAC utils/data.py L20-43, RevisitingCIL utils/data.py L69-93
+    ("ranpac-imagenet-r", ("pil", [0.05, 1.0], "bilinear", "bicubic", "crop")),
+    ("simplecil-imagenet-r", ("pil", [0.05, 1.0], "bilinear", "bicubic", "crop")),
+    ("ranpac-cifar100", ("pil", [0.05, 1.0], "bilinear", "bicubic", "squash")),
+    ("simplecil-cifar100", ("pil", [0.05, 1.0], "bilinear", "bicubic", "crop")),
+])
+def test_recipes_bring_their_official_crop_scale_interpolation_and_backend(experiment, expected):
+    from conftest import compose
+
+    args = compose([f"experiment={experiment}"]).benchmark.source_args
+    keys = ("backend", "crop_scale", "train_interpolation", "test_interpolation", "test_resize")
+    assert tuple(list(v) if k == "crop_scale" else v for k, v in ((k, args[k]) for k in keys)) == expected

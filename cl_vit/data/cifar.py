@@ -16,13 +16,13 @@ import torch
 from cl_vit.data.base import Source, TensorImageDataset
 from cl_vit.data.longtail import longtail_subset
 from cl_vit.data.transforms import (
+    array_pipeline,
     check_pipelines,
     cifar_eval_pipeline,
     cifar_train_pipeline,
+    decode_options,
     deit_eval_transform,
     deit_train_transform,
-    imagenet_train_pipeline,
-    resize_pipeline,
     resolve_normalization,
 )
 from cl_vit.errors import UserError
@@ -114,6 +114,11 @@ def build_cifar(
     train_transform: str = "default",
     test_transform: str = "default",
     augment: dict | None = None,
+    backend: str = "opencv",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    train_interpolation: str = "bilinear",
+    test_interpolation: str = "bilinear",
+    test_resize: str = "squash",
     **_,
 ) -> Source:
     """CIFAR-10/100; with ``imbalance_ratio`` the long-tailed training set of LDAM-DRW (the test set stays balanced).
@@ -122,11 +127,15 @@ def build_cifar(
     to ``img_size`` first when it is not 32); ``deit`` is DeiT-LT's student pipeline on the 32x32 image (timm's
     RandomResizedCrop to ``img_size``, RandAugment, random erasing; evaluation resize + centre crop); ``coda`` is
     CODA-Prompt's (RandomResizedCrop to ``img_size`` + flip; evaluation: resize to ``img_size``), see
-    cl_vit.data.transforms."""
+    cl_vit.data.transforms; ``backend``, ``crop_scale``, ``train_interpolation``, ``test_interpolation`` and
+    ``test_resize`` (``squash``: Resize(img_size); ``crop``: Resize(img_size * 256 / 224) + CenterCrop) set its
+    options (RanPAC's and RevisitingCIL's variants: configs/experiment/ranpac-cifar100.yaml)."""
     coda = {"train": train_transform == "coda", "test": test_transform == "coda"}
     transforms = check_pipelines("default" if coda["train"] else train_transform,
                                  "default" if coda["test"] else test_transform, augment)
     if any(coda.values()):
+        transforms["decode"] = decode_options(backend, crop_scale, train_interpolation, test_interpolation)
+        transforms["test_resize"] = test_resize
         transforms.update({k: "coda" for k, on in coda.items() if on},
                           coda_source="GT-RIPL/CODA-Prompt dataloaders/utils.py L42-62: train RandomResizedCrop + "
                                       "flip, test Resize")
@@ -149,13 +158,13 @@ def build_cifar(
     if train_transform == "deit":
         train_tf = deit_train_transform(img_size, mean, std, augment, resize_im=resize_im)
     elif coda["train"]:
-        train_tf = imagenet_train_pipeline(img_size, mean, std)  # torchvision's RandomResizedCrop defaults + flip
+        train_tf = array_pipeline(img_size, mean, std, True, **transforms["decode"])
     else:
         train_tf = cifar_train_pipeline(img_size, mean, std)
     if test_transform == "deit":
         test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im)
     elif coda["test"]:
-        test_tf = resize_pipeline(img_size, mean, std)  # the whole 32 px image, bilinear, to img_size squared
+        test_tf = array_pipeline(img_size, mean, std, False, test_resize, **transforms["decode"])
     else:
         test_tf = cifar_eval_pipeline(img_size, mean, std)
     return Source(

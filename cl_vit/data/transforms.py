@@ -29,6 +29,10 @@ NORMALIZATIONS = {
 }
 
 
+#: interpolation names -> (OpenCV flag, torchvision InterpolationMode name)
+INTERPOLATIONS = {"bilinear": (cv2.INTER_LINEAR, "BILINEAR"), "bicubic": (cv2.INTER_CUBIC, "BICUBIC")}
+
+
 def model_normalization(model_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """Mean and std of the backbone's pretrained config (timm ``pretrained_cfg``), without creating the model.
 
@@ -71,12 +75,13 @@ def resize_pipeline(img_size: int, mean: Sequence[float], std: Sequence[float]) 
     return A.Compose([A.Resize(img_size, img_size), *normalize_to_tensor(mean, std)])
 
 
-def imagenet_train_pipeline(img_size: int, mean, std, scale=(0.08, 1.0)) -> A.Compose:
+def imagenet_train_pipeline(img_size: int, mean, std, scale=(0.08, 1.0), interpolation: str = "bilinear"
+                            ) -> A.Compose:
     """RandomResizedCrop + horizontal flip: torchvision's RandomResizedCrop defaults (scale 0.08-1, ratio 3/4-4/3,
     bilinear), as CODA-Prompt's ImageNet-R training transform (dataloaders/utils.py) and DeiT's."""
     return A.Compose([
         A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(scale), ratio=(3 / 4, 4 / 3),
-                            interpolation=cv2.INTER_LINEAR),
+                            interpolation=INTERPOLATIONS[interpolation][0]),
         A.HorizontalFlip(p=0.5),
         *normalize_to_tensor(mean, std),
     ])
@@ -85,16 +90,18 @@ def imagenet_train_pipeline(img_size: int, mean, std, scale=(0.08, 1.0)) -> A.Co
 TEST_RESIZE = ("crop", "squash")
 
 
-def imagenet_eval_pipeline(img_size: int, mean, std, test_resize: str = "crop") -> A.Compose:
+def imagenet_eval_pipeline(img_size: int, mean, std, test_resize: str = "crop", interpolation: str = "bilinear"
+                           ) -> A.Compose:
     """``crop``: shorter side to ``img_size * 256 / 224``, centre crop (Resize(256) + CenterCrop(224) at 224, the
     ImageNet-R authors' evaluation in hendrycks/imagenet-r eval.py, and CODA-Prompt's for ImageNet-R:
     GT-RIPL/CODA-Prompt dataloaders/utils.py L50-56). ``squash``: resize to ``img_size`` squared, ignoring the aspect
     ratio (CODA-Prompt's Resize((size, size)) of ImageNet32/84, dataloaders/utils.py L37-40)."""
+    flag = INTERPOLATIONS[interpolation][0]
     if test_resize == "crop":
-        geometry = [A.SmallestMaxSize(max_size=int(round(img_size * 256 / 224)), interpolation=cv2.INTER_LINEAR),
+        geometry = [A.SmallestMaxSize(max_size=int(round(img_size * 256 / 224)), interpolation=flag),
                     A.CenterCrop(img_size, img_size)]
     elif test_resize == "squash":
-        geometry = [A.Resize(img_size, img_size, interpolation=cv2.INTER_LINEAR)]
+        geometry = [A.Resize(img_size, img_size, interpolation=flag)]
     else:
         raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
     return A.Compose([*geometry, *normalize_to_tensor(mean, std)])
@@ -134,8 +141,6 @@ def cifar_eval_pipeline(img_size: int, mean, std) -> A.Compose:
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 BACKENDS = ("opencv", "pil")
-#: interpolation names -> (OpenCV flag, torchvision InterpolationMode name)
-INTERPOLATIONS = {"bilinear": (cv2.INTER_LINEAR, "BILINEAR"), "bicubic": (cv2.INTER_CUBIC, "BICUBIC")}
 
 
 def check_interpolation(key: str, value: str) -> str:
@@ -144,10 +149,38 @@ def check_interpolation(key: str, value: str) -> str:
     return value
 
 
-def _torchvision_interpolation(name: str):
-    from torchvision.transforms import InterpolationMode
+def pil_geometry(size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear",
+                 test_resize: str = "crop"):
+    """torchvision's own geometry on PIL images (PIL's antialiased resampling), as the official pipelines build it:
+    RandomResizedCrop(size, scale, ratio) for training; Resize(int(size * 256 / 224)) + CenterCrop(size) (``crop``) or
+    Resize((size, size)) (``squash``) for evaluation. (A square image: Resize(size) = ``squash``.)"""
+    from torchvision import transforms as T
 
-    return getattr(InterpolationMode, INTERPOLATIONS[name][1])
+    if test_resize not in TEST_RESIZE:
+        raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
+    mode = getattr(T.InterpolationMode, INTERPOLATIONS[interpolation][1])
+    if train:
+        return T.RandomResizedCrop(size, tuple(scale), tuple(ratio), mode)
+    if test_resize == "squash":
+        return T.Resize((size, size), mode)
+    return T.Compose([T.Resize(int(256 / 224 * size), mode), T.CenterCrop(size)])  # RanPAC's int(), 256 at 224
+
+
+class PILGeometry:
+    """An albumentations-style step (``image=`` uint8 array in and out) that runs :func:`pil_geometry` on a PIL
+    image of the array, then ``tail`` (an albumentations pipeline ending in ToTensorV2): in-memory sources with
+    ``backend=pil``."""
+
+    def __init__(self, geometry, tail):
+        self.geometry, self.tail = geometry, tail
+
+    def __call__(self, image, **_):
+        from PIL import Image
+
+        return self.tail(image=np.asarray(self.geometry(Image.fromarray(image))))
+
+    def __repr__(self):
+        return f"PILGeometry({self.geometry}, {self.tail})"
 
 
 def _crop_resize(img, box, full_hw, size: int, interpolation: str = "bilinear"):
@@ -226,15 +259,13 @@ class DecodeRandomResizedCrop:
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.interpolation = check_interpolation("train_interpolation", interpolation)
         self.backend = check_backend(backend)
+        self.pil = pil_geometry(self.size, True, self.scale, self.ratio, self.interpolation)
 
     def __call__(self, path: str):
         if self.backend == "pil":
-            from torchvision import transforms as T
-
             from cl_vit.data.base import read_image_pil
 
-            crop = T.RandomResizedCrop(self.size, self.scale, self.ratio, _torchvision_interpolation(self.interpolation))
-            return np.asarray(crop(read_image_pil(path)))
+            return np.asarray(self.pil(read_image_pil(path)))
         return decode_crop(path, lambda h, w: random_resized_crop_box(h, w, self.scale, self.ratio), self.size,
                            self.interpolation)
 
@@ -255,6 +286,7 @@ class DecodeResizeCenterCrop:
         self.resize = int(round(size * 256 / 224))
         self.interpolation = check_interpolation("test_interpolation", interpolation)
         self.backend = check_backend(backend)
+        self.pil = pil_geometry(self.size, False, interpolation=self.interpolation, test_resize=test_resize)
 
     def box(self, h: int, w: int):
         if self.mode == "squash":
@@ -265,15 +297,9 @@ class DecodeResizeCenterCrop:
 
     def __call__(self, path: str):
         if self.backend == "pil":
-            from torchvision.transforms import functional as F
-
             from cl_vit.data.base import read_image_pil
 
-            mode = _torchvision_interpolation(self.interpolation)
-            img = read_image_pil(path)
-            if self.mode == "squash":
-                return np.asarray(F.resize(img, [self.size, self.size], mode))
-            return np.asarray(F.center_crop(F.resize(img, self.resize, mode), [self.size, self.size]))
+            return np.asarray(self.pil(read_image_pil(path)))
         return decode_crop(path, self.box, self.size, self.interpolation)
 
     def __repr__(self):
@@ -303,6 +329,21 @@ def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str 
         return decode, A.Compose([A.HorizontalFlip(p=0.5), *normalize_to_tensor(mean, std)])
     decode = DecodeResizeCenterCrop(img_size, test_resize, o["test_interpolation"], o["backend"])
     return decode, A.Compose(normalize_to_tensor(mean, std))
+
+
+def array_pipeline(img_size: int, mean, std, train: bool, test_resize: str = "squash", **options):
+    """RandomResizedCrop + flip (training) or resize (+ centre crop) for in-memory uint8 images (CIFAR at 224, as
+    CODA-Prompt, RanPAC and RevisitingCIL upscale it): albumentations on OpenCV (``backend=opencv``) or torchvision
+    on PIL (``pil``, the official pipelines). ``options``: :func:`decode_options`."""
+    o = decode_options(**options)
+    if o["backend"] == "pil":
+        interpolation = o["train_interpolation"] if train else o["test_interpolation"]
+        geometry = pil_geometry(img_size, train, o["crop_scale"], interpolation=interpolation, test_resize=test_resize)
+        flip = [A.HorizontalFlip(p=0.5)] if train else []
+        return PILGeometry(geometry, A.Compose([*flip, *normalize_to_tensor(mean, std)]))
+    if train:
+        return imagenet_train_pipeline(img_size, mean, std, o["crop_scale"], o["train_interpolation"])
+    return imagenet_eval_pipeline(img_size, mean, std, test_resize, o["test_interpolation"])
 
 
 def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: str = "crop",
