@@ -71,7 +71,8 @@ class CorruptImage(UserError):
     Raised inside DataLoader workers too: torch re-raises it in the main process as ``CorruptImage(message)``, so the
     path is recovered from the message, whose form is fixed for that reason."""
 
-    PREFIX, SUFFIX = "cannot decode image ", ": replace the file (re-download the dataset) or run with skip_corrupt=true"
+    PREFIX = "cannot decode image "
+    SUFFIX = ": replace the file (re-download the dataset) or run with skip_corrupt=true"
 
     def __init__(self, message: str, path: str | Path | None = None, problem: str | None = None):
         if path is not None:  # the problem in brackets keeps the path recoverable from the message
