@@ -106,7 +106,8 @@ def test_gcab_tiny_imagenet_runs_in_miniature(tmp_path, data_root):
     over = ["experiment=gcab-tiny-imagenet", *TINY_ANY_MODEL, "model.img_size=16", "model.patch_size=8",
             "model.embed_dim=4", "model.num_heads=2", "model.depth=2", "model.local_up_to_layer=1",
             "benchmark.source_args.img_size=16", "benchmark.class_order=identity", "benchmark.n_experiences=2",
-            "strategy.gcab.projector_norm=token", "data.num_workers=0", "data.persistent_workers=false", "data.drop_last=false", "epoch_eval=0"]
+            "strategy.gcab.projector_norm=token", "data.num_workers=0", "data.persistent_workers=false",
+            "data.drop_last=false", "epoch_eval=0"]
     run(compose(over, data_root), tmp_path / "run")
     doc = yaml.safe_load((tmp_path / "run" / "results.json").read_text())
     assert doc["status"] == "completed" and np.asarray(doc["accuracy_matrix"]).shape == (2, 2)
