@@ -154,3 +154,51 @@ def make_inat(data_root: Path, train_counts, val_per_class: int = 2, seed: int =
                                   for c in range(len(train_counts))]}
             (root / f"{split}2018.json").write_text(json.dumps(doc))
     return root
+
+
+def make_tiny_imagenet(data_root: Path, n_classes: int = 4, train: int = 3, val: int = 2, seed: int = 0) -> Path:
+    """``<data_root>/tiny-imagenet-200/`` as the official zip extracts: wnids.txt (unsorted, as theirs),
+    train/<wnid>/images/<wnid>_<i>.JPEG with train/<wnid>/<wnid>_boxes.txt, val/images/val_<k>.JPEG with
+    val/val_annotations.txt (file, wnid, box; tab-separated), test/images/ without labels."""
+    rng = np.random.default_rng(seed)
+    root = data_root / "tiny-imagenet-200"
+    wnids = [f"n0{(53 * c + 31) % 97:07d}" for c in range(n_classes)]  # not in sorted order
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    annotations = []
+    k = 0
+    for w in wnids:
+        label = sorted(wnids).index(w)
+        boxes = []
+        for i in range(train):
+            write_jpeg(root / "train" / w / "images" / f"{w}_{i}.JPEG", class_image(label, rng, 64, 64))
+            boxes.append(f"{w}_{i}.JPEG\t0\t0\t63\t63\n")
+        (root / "train" / w / f"{w}_boxes.txt").write_text("".join(boxes))
+        for _ in range(val):
+            write_jpeg(root / "val" / "images" / f"val_{k}.JPEG", class_image(label, rng, 64, 64))
+            annotations.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63\n")
+            k += 1
+    (root / "val" / "val_annotations.txt").write_text("".join(annotations))
+    write_jpeg(root / "test" / "images" / "test_0.JPEG", class_image(0, rng, 64, 64))
+    return root
+
+
+def make_imagenet100(data_root: Path, wnids, train: int = 3, val: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """An ImageNet folder (``<data_root>/imagenet/{train,val}/<wnid>/``, ILSVRC file names) holding ``wnids`` and
+    one more class outside the subset, and DyTox's split files (``<data_root>/imagenet100-splits/{train,val}_100.txt``,
+    lines ``train/<wnid>/<file>.JPEG <label>``, label = position of the wnid in ``wnids``)."""
+    rng = np.random.default_rng(seed)
+    root = data_root / "imagenet"
+    lines = {"train": [], "val": []}
+    for label, w in enumerate(list(wnids) + ["n09999999"]):
+        for split, n in (("train", train), ("val", val)):
+            for i in range(n):
+                name = f"{w}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{label:04d}{i:04d}.JPEG"
+                write_jpeg(root / split / w / name, class_image(label, rng, 40, 48))
+                if label < len(wnids):
+                    lines[split].append(f"{split}/{w}/{name} {label}\n")
+    splits = data_root / "imagenet100-splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    for split, rows in lines.items():
+        (splits / f"{split}_100.txt").write_text("".join(rows))
+    return root, splits

@@ -3,8 +3,9 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, compose
 from data_gen import make_cifar
+from omegaconf import OmegaConf
 
 from cl_vit.data import build_source
 from cl_vit.data.longtail import longtail_counts
@@ -58,8 +59,6 @@ def test_dytox_order_file_and_stream(tmp_path):
 
 
 def test_benchmark_configs_compose():
-    from conftest import compose
-
     cfg = compose(["benchmark=cifar100", "benchmark.class_order=file:cifar100-dytox.yaml"])
     assert cfg.benchmark.n_experiences == 10 and cfg.benchmark.source == "cifar100"
     cfg = compose(["benchmark=cifar100-lt", "benchmark.imbalance_ratio=50"])
@@ -90,3 +89,45 @@ def test_bad_pickles_are_named(tmp_path):
     (folder / "data_batch_5").unlink()
     with pytest.raises(UserError, match="data_batch_5 is missing"):
         build_source("cifar10", tmp_path / "b")
+
+
+def test_ltcil_holdout_is_the_official_validation_split_with_its_quirk():
+    """Long-Tailed-CIL holds back round(n / 10) images per class and task; a class of <= 5 images pops its task's
+    first image instead (memory_dataset.py L121-122): in ordered B0 the last task's class 90 keeps 2 of its 7."""
+    from cl_vit.data.longtail import ltcil_holdout
+
+    counts = longtail_counts(500, 100, 100)
+    labels = np.repeat(np.arange(100), counts)  # the long-tailed set is sorted by class, as IMBALANCECIFAR100's
+    kept, held = ltcil_holdout(labels, list(range(100)), [10] * 10, 0.1, seed=0)
+    assert sorted(kept.tolist() + held.tolist()) == list(range(len(labels)))
+    left = np.bincount(labels[kept], minlength=100)
+    assert counts[90:] == [7, 7, 6, 6, 6, 6, 5, 5, 5, 5]
+    # 90: one sampled + four pops (classes 96-99, n = 5: numpy rounds 0.5 to 0); 91-95 lose one; 96-99 keep all
+    assert left[90:].tolist() == [2, 6, 5, 5, 5, 5, 5, 5, 5, 5]
+    expected = np.asarray(counts) - np.round(np.asarray(counts) * 0.1).astype(int)
+    assert (left[:90] == expected[:90]).all() and len(held) == 1093
+    # shuffled B50: the task lists mix head and tail classes, so the pops fall on another class's images
+    order = load_class_order_file("cifar100-ltcil.yaml")
+    kept_s, held_s = ltcil_holdout(labels, order, [50] + [5] * 10, 0.1, seed=0)
+    assert len(held_s) == 1092 and not np.array_equal(held_s, held)
+    # which images: Python's random.sample under the run's seed
+    kept_1, _ = ltcil_holdout(labels, list(range(100)), [10] * 10, 0.1, seed=1)
+    assert not np.array_equal(kept, kept_1) and np.array_equal(np.bincount(labels[kept_1]), left)
+
+
+def test_ltcil_benchmarks_hold_back_validation_by_default_and_count_their_shot_groups(tmp_path):
+    make_cifar(tmp_path, "cifar100", train_counts=[60] * 100, test_per_class=1)
+    counts = np.asarray(longtail_counts(60, 100, 10))  # 60 .. 6 images: no class small enough for the quirk
+    for name in ("ordered-b0", "ordered-b50", "shuffled-b0", "shuffled-b50"):
+        cfg = compose([f"benchmark=cifar100-ltcil-{name}", "benchmark.imbalance_ratio=10"])
+        assert cfg.benchmark.shot_index_cutoffs is None
+        args = {**OmegaConf.to_container(cfg.benchmark.source_args, resolve=True), "normalize": "cifar"}
+        src = build_source(cfg.benchmark.source, tmp_path, **args)
+        assert src.train_counts().tolist() == (counts - np.round(counts * 0.1).astype(int)).tolist()
+        assert src.meta["holdout"]["n_held_out"] == int(np.round(counts * 0.1).sum())
+    args["holdout"] = None
+    assert build_source("cifar100-lt", tmp_path, **args).train_counts().tolist() == counts.tolist()
+    with pytest.raises(UserError, match="holdout leaves class"):
+        make_cifar(tmp_path / "tiny", "cifar100", train_counts=[20] * 100, test_per_class=1)
+        build_source("cifar100-lt", tmp_path / "tiny", imbalance_ratio=10, holdout={"n_experiences": 10},
+                     normalize="cifar")

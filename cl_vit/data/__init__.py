@@ -12,9 +12,10 @@ from cl_vit.data.cifar import build_cifar10, build_cifar10_lt, build_cifar100, b
 from cl_vit.data.digits import build_digits, build_digits_lt
 from cl_vit.data.fashion_mnist import build_fashion_mnist, build_fashion_mnist_lt
 from cl_vit.data.filelist import build_imagenet_lt, build_inat2018
-from cl_vit.data.imagenet import build_imagenet
+from cl_vit.data.imagenet import build_imagenet, build_imagenet100
 from cl_vit.data.imagenet_r import build_imagenet_r
 from cl_vit.data.synthetic import build_synthetic
+from cl_vit.data.tiny_imagenet import build_tiny_imagenet
 from cl_vit.errors import UserError
 from cl_vit.loading import TARGET, resolve_target
 
@@ -32,6 +33,8 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "fashion-mnist": build_fashion_mnist,
     "fashion-mnist-lt": build_fashion_mnist_lt,
     "imagenet": build_imagenet,
+    "imagenet100": build_imagenet100,
+    "tiny-imagenet": build_tiny_imagenet,
 }
 
 

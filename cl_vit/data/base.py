@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from cl_vit.errors import UserError
@@ -64,16 +65,102 @@ class TensorImageDataset(Dataset):
         return (self.transform(x) if self.transform is not None else x), self.targets[i]
 
 
-def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array ``[H, W, 3]`` with OpenCV; a clear error names a bad file.
+class CorruptImage(UserError):
+    """An image file that cannot be decoded, found while a run reads it; ``path`` names the file.
 
-    ``flags``: ``cv2.IMREAD_REDUCED_COLOR_{2,4,8}`` decode a JPEG at a reduced scale (cl_vit.data.transforms)."""
-    img = cv2.imread(str(path), flags)
+    Raised inside DataLoader workers too: torch re-raises it in the main process as ``CorruptImage(message)``, so the
+    path is recovered from the message, whose form is fixed for that reason."""
+
+    PREFIX = "cannot decode image "
+    SUFFIX = ": replace the file (re-download the dataset) or run with skip_corrupt=true"
+
+    def __init__(self, message: str, path: str | Path | None = None, problem: str | None = None):
+        if path is not None:  # the problem in brackets keeps the path recoverable from the message
+            problem = str(problem or "corrupt or not an image").replace("(", "[").replace(")", "]")
+            message = f"{self.PREFIX}{path} ({problem}){self.SUFFIX}"
+        super().__init__(message)
+        text = str(self)
+        if path is None and text.startswith(self.PREFIX) and text.endswith(self.SUFFIX):
+            path = text[len(self.PREFIX):-len(self.SUFFIX)].rsplit(" (", 1)[0]
+        #: the file's path (None if the message did not come from this class)
+        self.path = None if path is None else str(path)
+
+
+#: EXIF orientation -> numpy ops on an ``[H, W, C]`` array giving the image as it is meant to be seen
+#: (the TIFF/EXIF 2.3 definition; PIL's ImageOps.exif_transpose does the same, the tests compare with it)
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+_T = Image.Transpose  # the same on PIL images (PIL rotates counter-clockwise)
+_PIL_ORIENT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE, 6: _T.ROTATE_270,
+               7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+
+
+def image_header(path: str | Path) -> tuple[int, int, str, int] | None:
+    """``(height, width, format, orientation)`` from the file header, the size *as displayed*: with the EXIF
+    orientation applied (5-8 swap height and width). ``None`` if PIL cannot parse the header.
+
+    The one place orientation is read: the reduced decode sizes its crop with it, and :func:`read_image` rotates the
+    pixels with it, so that size, crop and pixels agree (OpenCV's own orientation handling is switched off)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            fmt = im.format or ""
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:  # a damaged EXIF block is the same image, unrotated
+                orientation = 1
+    except Exception:  # read_image reports the file with a proper message
+        return None
+    orientation = orientation if orientation in _ORIENT else 1
+    return (w, h, fmt, orientation) if orientation >= 5 else (h, w, fmt, orientation)
+
+
+def orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels ``img`` as displayed under EXIF ``orientation`` (1 or unknown: unchanged)."""
+    op = _ORIENT.get(int(orientation))
+    return img if op is None else np.ascontiguousarray(op(img))
+
+
+def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR, orientation: int | None = None) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array ``[H, W, 3]`` with OpenCV, EXIF orientation applied; a clear
+    error names a bad file (:class:`CorruptImage`).
+
+    ``flags``: ``cv2.IMREAD_REDUCED_COLOR_{2,4,8}`` decode a JPEG at a reduced scale (cl_vit.data.transforms).
+    ``orientation``: from :func:`image_header` when the caller already read it."""
+    if orientation is None:
+        header = image_header(path)
+        orientation = header[3] if header else 1
+    img = cv2.imread(str(path), flags | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         if not Path(path).exists():
             raise UserError(f"image file {path} does not exist: check data_root and the split file")
-        raise UserError(f"cannot decode image {path} (corrupt or not an image): remove it or run with skip_corrupt=true")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        raise CorruptImage("", path=path, problem="corrupt or not an image")
+    return orient(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation)
+
+
+def read_image_pil(path: str | Path):
+    """Decode fully with PIL, as torchvision's ImageFolder loader does (``convert("RGB")``), EXIF orientation
+    applied: the decode of the official pipelines that resize with PIL (cl_vit.data.transforms, ``backend=pil``)."""
+    if not Path(path).exists():
+        raise UserError(f"image file {path} does not exist: check data_root and the split file")
+    try:
+        with Image.open(path) as im:
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:
+                orientation = 1
+            im = im.convert("RGB")  # loads the whole image: a truncated file raises here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for damaged files
+        raise CorruptImage("", path=path, problem=f"PIL: {e}") from None
+    op = _PIL_ORIENT.get(orientation)
+    return im if op is None else im.transpose(op)
 
 
 class ImageFileDataset(Dataset):

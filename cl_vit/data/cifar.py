@@ -13,15 +13,15 @@ import numpy as np
 import torch
 
 from cl_vit.data.base import Source, TensorImageDataset
-from cl_vit.data.longtail import longtail_subset
+from cl_vit.data.longtail import longtail_subset, ltcil_holdout
 from cl_vit.data.transforms import (
+    array_pipeline,
     check_pipelines,
     cifar_eval_pipeline,
     cifar_train_pipeline,
+    decode_options,
     deit_eval_transform,
     deit_train_transform,
-    imagenet_train_pipeline,
-    resize_pipeline,
     resolve_normalization,
 )
 from cl_vit import loading
@@ -115,6 +115,12 @@ def build_cifar(
     train_transform: str = "default",
     test_transform: str = "default",
     augment: dict | None = None,
+    backend: str = "opencv",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    train_interpolation: str = "bilinear",
+    test_interpolation: str = "bilinear",
+    test_resize: str = "squash",
+    holdout: dict | None = None,
     **_,
 ) -> Source:
     """CIFAR-10/100; with ``imbalance_ratio`` the long-tailed training set of LDAM-DRW (the test set stays balanced).
@@ -123,11 +129,17 @@ def build_cifar(
     to ``img_size`` first when it is not 32); ``deit`` is DeiT-LT's student pipeline on the 32x32 image (timm's
     RandomResizedCrop to ``img_size``, RandAugment, random erasing; evaluation resize + centre crop); ``coda`` is
     CODA-Prompt's (RandomResizedCrop to ``img_size`` + flip; evaluation: resize to ``img_size``), see
-    cl_vit.data.transforms."""
+    cl_vit.data.transforms; ``backend``, ``crop_scale``, ``train_interpolation``, ``test_interpolation`` and
+    ``test_resize`` (``squash``: Resize(img_size); ``crop``: Resize(img_size * 256 / 224) + CenterCrop) set its
+    options (RanPAC's and RevisitingCIL's variants: configs/experiment/ranpac-cifar100.yaml).
+
+    ``holdout``: Long-Tailed-CIL's validation split (:func:`_ltcil_holdout`), on the long-tailed training set."""
     coda = {"train": train_transform == "coda", "test": test_transform == "coda"}
     transforms = check_pipelines("default" if coda["train"] else train_transform,
                                  "default" if coda["test"] else test_transform, augment)
     if any(coda.values()):
+        transforms["decode"] = decode_options(backend, crop_scale, train_interpolation, test_interpolation)
+        transforms["test_resize"] = test_resize
         transforms.update({k: "coda" for k, on in coda.items() if on},
                           coda_source="GT-RIPL/CODA-Prompt dataloaders/utils.py L42-62: train RandomResizedCrop + "
                                       "flip, test Resize")
@@ -145,18 +157,24 @@ def build_cifar(
         name = f"{variant}-lt"
         meta.update(imbalance_ratio=imbalance_ratio, train_counts=counts,
                     profile="LDAM-DRW exponential profile, per-class indices shuffled by numpy seed 0, first n_i kept")
+    if holdout:
+        if imbalance_ratio is None:
+            raise UserError("benchmark.source_args.holdout is Long-Tailed-CIL's validation split of the long-tailed "
+                            "training set: use it with a -lt source, or set it to null")
+        keep, meta["holdout"] = _ltcil_holdout(y_tr, len(names), **holdout)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
     meta.update(n_train=int(len(y_tr)), n_test=int(len(y_te)))
     resize_im = img_size > 32  # build_transform_deit's test: CIFAR at its own size is padded and cropped, not resized
     if train_transform == "deit":
         train_tf = deit_train_transform(img_size, mean, std, augment, resize_im=resize_im)
     elif coda["train"]:
-        train_tf = imagenet_train_pipeline(img_size, mean, std)  # torchvision's RandomResizedCrop defaults + flip
+        train_tf = array_pipeline(img_size, mean, std, True, **transforms["decode"])
     else:
         train_tf = cifar_train_pipeline(img_size, mean, std)
     if test_transform == "deit":
         test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im)
     elif coda["test"]:
-        test_tf = resize_pipeline(img_size, mean, std)  # the whole 32 px image, bilinear, to img_size squared
+        test_tf = array_pipeline(img_size, mean, std, False, test_resize, **transforms["decode"])
     else:
         test_tf = cifar_eval_pipeline(img_size, mean, std)
     return Source(
@@ -168,6 +186,31 @@ def build_cifar(
         img_size=img_size,
         meta=meta,
     )
+
+
+def _ltcil_holdout(labels, n_classes: int, fraction: float = 0.1, seed: int = 0, class_order="identity",
+                   n_experiences=None, classes_per_experience=None) -> tuple[np.ndarray, dict]:
+    """Positions kept for training and the record of what Long-Tailed-CIL's validation split held back
+    (cl_vit.data.longtail.ltcil_holdout); the class order and task sizes are the stream's, as the official split is
+    made per task."""
+    from cl_vit.streams import experience_sizes, resolve_class_order  # the stream's own rules (imported late: the
+    # stream module builds on cl_vit.data)
+
+    if not 0 <= float(fraction) < 1:
+        raise UserError(f"benchmark.source_args.holdout.fraction={fraction} must be in [0, 1)")
+    order, rule = resolve_class_order(class_order, n_classes, int(seed))
+    sizes = experience_sizes(n_classes, n_experiences, classes_per_experience)
+    kept, held = ltcil_holdout(labels, order, sizes, float(fraction), int(seed))
+    left = np.bincount(np.asarray(labels)[kept], minlength=n_classes)
+    if (left == 0).any():  # the n <= 5 quirk can empty a class of a tiny data set (never the real CIFAR-100-LT)
+        raise UserError(f"benchmark.source_args.holdout leaves class {int(np.argmin(left))} without training images: "
+                        "set benchmark.source_args.holdout=null, or use more images per class")
+    return kept, {"rule": "xialeiliu/Long-Tailed-CIL memory_dataset.py L116-130: round(n * fraction) random images "
+                          "per class and task held back (random.sample, the run's seed); n <= 5 pops the task's first "
+                          "image instead (L121-122)",
+                  "fraction": float(fraction), "seed": int(seed), "class_order": rule, "sizes": sizes,
+                  "n_held_out": int(len(held)),
+                  "held_out_per_class": np.bincount(np.asarray(labels)[held], minlength=n_classes).tolist()}
 
 
 def build_cifar10(data_root, **kw) -> Source:

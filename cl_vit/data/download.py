@@ -4,6 +4,7 @@ its published md5, extract it where the source looks for it.
     python -m cl_vit.data.download cifar100 --root ~/data          # -> ~/data/cifar-100-python/
     python -m cl_vit.data.download imagenet-r --root ~/data        # -> ~/data/imagenet-r/<wnid>/*.jpg, and
                                                                    #    ~/data/imagenet-r-splits/coda/ (CODA-Prompt's split)
+    python -m cl_vit.data.download tiny-imagenet --root ~/data     # -> ~/data/tiny-imagenet-200/
     python -m cl_vit.data.download fashion-mnist                   # -> $CL_VIT_DATA (else ~/data)/fashion-mnist/*.gz
 
 An interrupted download leaves ``<archive>.part``; the next run asks the server for the rest (HTTP Range) and
@@ -22,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -73,6 +75,9 @@ DATASETS: dict[str, list[Archive]] = {
                                         ("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe"),
                                         ("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79"),
                                         ("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310"))],
+    # the CS231n zip; md5 as Avalanche's and continuum's TinyImagenet classes
+    "tiny-imagenet": [Archive("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de",
+                              provides="tiny-imagenet-200")],
 }
 #: single files fetched beside a dataset (no extraction), checked against their sha256: CODA-Prompt's ImageNet-R
 #: split files from a pinned commit of GT-RIPL/CODA-Prompt (dataloaders/splits/), the default split of the suite
@@ -92,6 +97,9 @@ MANUAL = {
     "imagenet-lt": "ImageNet-LT needs ImageNet (ILSVRC-2012, an account at image-net.org) and OLTR's "
                    "ImageNet_LT_{train,val,test}.txt lists: put the lists in <root>/imagenet-lt/ and link ImageNet's "
                    "train/ and val/ folders there",
+    "imagenet100": "ImageNet-100 needs ImageNet (ILSVRC-2012, an account at image-net.org) as <root>/imagenet/train/"
+                   "<wnid>/ and val/<wnid>/ and DyTox's split files train_100.txt and val_100.txt "
+                   "(github.com/arthurdouillard/dytox, imagenet100_splits/) in <root>/imagenet100-splits/",
 }
 
 
@@ -209,12 +217,16 @@ def extract(archive: Path, into: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", dir=into))
     try:
         try:
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):  # no absolute paths, links out of the folder or device files
-                    tar.extractall(tmp, filter="data")
-                else:  # Python < 3.10.12 / 3.11.4
-                    tar.extractall(tmp)
-        except (tarfile.TarError, EOFError, OSError) as e:
+            if zipfile.is_zipfile(archive):  # zipfile drops absolute paths and '..' from member names
+                with zipfile.ZipFile(archive) as z:
+                    z.extractall(tmp)
+            else:
+                with tarfile.open(archive) as tar:
+                    if hasattr(tarfile, "data_filter"):  # no absolute paths, links out of the folder or device files
+                        tar.extractall(tmp, filter="data")
+                    else:  # Python < 3.10.12 / 3.11.4
+                        tar.extractall(tmp)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
             raise UserError(f"cannot extract {archive} ({type(e).__name__}: {e}): delete it and download again") from e
         for entry in tmp.iterdir():
             target = into / entry.name

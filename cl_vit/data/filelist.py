@@ -19,7 +19,7 @@ import numpy as np
 
 from cl_vit.data.base import Source
 from cl_vit.data.longtail import frequency_order
-from cl_vit.data.transforms import check_pipelines, imagenet_style_datasets, resolve_normalization
+from cl_vit.data.transforms import check_pipelines, decode_options, imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
 from cl_vit.errors import UserError
 
@@ -81,8 +81,9 @@ def map_targets(train_labels: Sequence[int], n_classes: int) -> np.ndarray:
 
 
 def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img_size, normalize, mean, std,
-                 test_resize, skip_corrupt, verify, meta, pipelines) -> Source:
+                 test_resize, skip_corrupt, verify, meta, pipelines, decode=None) -> Source:
     meta["transforms"] = check_pipelines(**pipelines, test_resize=test_resize)
+    meta["transforms"]["decode"] = decode = decode_options(**(decode or {}))
     n = len(classes)
     if map_targets_flag:
         class_map = map_targets([y for _, y in train], n)
@@ -105,7 +106,8 @@ def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img
     if skip_corrupt:
         meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
     meta.update(n_train=len(train), n_test=len(test))
-    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize, **pipelines)
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize, **pipelines,
+                                                decode=decode)
     return Source(
         name=name,
         train=train_ds,
@@ -134,6 +136,10 @@ def build_imagenet_lt(
     train_transform: str = "default",
     test_transform: str = "default",
     augment: dict | None = None,
+    backend: str = "opencv",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    train_interpolation: str = "bilinear",
+    test_interpolation: str = "bilinear",
     **_,
 ) -> Source:
     """Lists in ``root`` (default ``<data_root>/imagenet-lt``); images under ``image_root`` (default: ``root``,
@@ -163,7 +169,9 @@ def build_imagenet_lt(
     return _make_source("imagenet-lt", train, test, classes, data_root=data_root, map_targets_flag=map_targets,
                         img_size=img_size, normalize=normalize, mean=mean, std=std, test_resize=test_resize,
                         skip_corrupt=skip_corrupt, verify=verify, meta=meta,
-                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment))
+                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment),
+                        decode=dict(backend=backend, crop_scale=crop_scale, train_interpolation=train_interpolation,
+                                    test_interpolation=test_interpolation))
 
 
 def _imagenet_lt_list(root: Path, split: str) -> Path:
@@ -199,6 +207,10 @@ def build_inat2018(
     train_transform: str = "default",
     test_transform: str = "default",
     augment: dict | None = None,
+    backend: str = "opencv",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    train_interpolation: str = "bilinear",
+    test_interpolation: str = "bilinear",
     **_,
 ) -> Source:
     """``root`` (default ``<data_root>/inat2018``) holds ``train_val2018/`` and either DeiT-LT's
@@ -235,4 +247,6 @@ def build_inat2018(
     return _make_source("inat2018", train, test, classes, data_root=data_root, map_targets_flag=map_targets,
                         img_size=img_size, normalize=normalize, mean=mean, std=std, test_resize=test_resize,
                         skip_corrupt=skip_corrupt, verify=verify, meta=meta,
-                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment))
+                        pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment),
+                        decode=dict(backend=backend, crop_scale=crop_scale, train_interpolation=train_interpolation,
+                                    test_interpolation=test_interpolation))

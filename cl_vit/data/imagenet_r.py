@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 from cl_vit.data.base import Source, scan_image_folder
-from cl_vit.data.transforms import check_pipelines, imagenet_style_datasets, resolve_normalization
+from cl_vit.data.transforms import check_pipelines, decode_options, imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
 from cl_vit import loading
 from cl_vit.errors import UserError
@@ -142,12 +142,17 @@ def build_imagenet_r(
     train_transform: str = "default",
     test_transform: str = "default",
     augment: dict | None = None,
+    backend: str = "opencv",
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    train_interpolation: str = "bilinear",
+    test_interpolation: str = "bilinear",
     **_,
 ) -> Source:
     """``split``: ``coda`` | ``pilot`` | ``own`` (module docstring); ``split_dir``: where the ``coda`` files are.
     ``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order (split files then hold
     labels below its length).
-    ``train_transform``, ``test_transform``, ``augment``: see cl_vit.data.transforms.imagenet_style_datasets."""
+    ``train_transform``, ``test_transform``, ``augment``, and for the default pipelines ``backend``, ``crop_scale``,
+    ``train_interpolation``, ``test_interpolation``: see cl_vit.data.transforms.imagenet_style_datasets."""
     from cl_vit.data.download import missing_dataset_error
 
     data_root = Path(data_root).expanduser()
@@ -164,6 +169,8 @@ def build_imagenet_r(
     pipelines = dict(train_transform=train_transform, test_transform=test_transform, augment=augment)
     meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize,
             "transforms": check_pipelines(**pipelines, test_resize=test_resize)}
+    meta["transforms"]["decode"] = decode = decode_options(backend, crop_scale, train_interpolation,
+                                                           test_interpolation)
     if split not in SPLITS:
         raise UserError(f"benchmark.source_args.split={split!r} is not an ImageNet-R split: choose from {list(SPLITS)}")
     if split == "coda":
@@ -207,7 +214,8 @@ def build_imagenet_r(
     test, skipped_test = verify_images(test, mode=verify, skip_corrupt=skip_corrupt, cache_dir=cache, name="imagenet-r")
     if skip_corrupt:
         meta["skipped_corrupt"] = skipped_record(skipped_train + skipped_test)
-    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize, **pipelines)
+    train_ds, test_ds = imagenet_style_datasets(train, test, img_size, mean, std, test_resize, **pipelines,
+                                                decode=decode)
     return Source(
         name="imagenet-r",
         train=train_ds,

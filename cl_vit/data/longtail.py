@@ -1,6 +1,7 @@
 """Long-tail profiles and shot groups (LDAM-DRW / DeiT-LT protocol)."""
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 import numpy as np
@@ -175,3 +176,35 @@ def shot_group_record(train_counts: Sequence[int], cutoffs: Sequence[int] | None
                                       f"{a} <= rank < {b} medium, rank >= {b} few",
                         "cutoffs": [a, b], "groups": [groups[c] for c in order]}
     return out
+
+
+def ltcil_holdout(labels: Sequence[int], class_order: Sequence[int], sizes: Sequence[int], fraction: float = 0.1,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images Long-Tailed-CIL holds back from training: ``(kept, held)`` positions into ``labels``.
+
+    As xialeiliu/Long-Tailed-CIL src/datasets/memory_dataset.py L116-130 (``validation=.1``, data_loader.py L18):
+    the images go to per-task lists in ``labels`` order (the long-tailed set is sorted by class, L86-93); per task,
+    per task-local class (``class_order`` within the task), ``round(n * fraction)`` random positions of that class
+    (Python's ``random.sample``, the global generator seeded with the run's seed by ``utils.seed_everything`` just
+    before the loaders are built, main_incremental.py L199) leave the list, popped from the back. The quirk, L121-122:
+    a class with ``round(n * fraction) == 0`` (n <= 5, NumPy rounds 0.5 to even) pops position 0 of its task's list
+    instead, the first remaining image of the task's lowest-labelled class, and keeps all its own."""
+    rng = random.Random(seed)
+    local = {int(c): i for i, c in enumerate(class_order)}
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+    tasks: list[list[tuple[int, int]]] = [[] for _ in sizes]
+    for pos, y in enumerate(labels):
+        k = local[int(y)]
+        t = int((k >= ends).sum())
+        tasks[t].append((pos, k - int(starts[t])))
+    held = []
+    for t, items in enumerate(tasks):
+        for cc in range(int(sizes[t])):
+            cls_idx = [i for i, (_, y) in enumerate(items) if y == cc]
+            n = int(np.round(len(cls_idx) * fraction))
+            picks = [0] if n == 0 else rng.sample(cls_idx, n)
+            for i in sorted(picks, reverse=True):
+                held.append(items.pop(i)[0])
+    kept = sorted(pos for items in tasks for pos, _ in items)
+    return np.asarray(kept, dtype=np.int64), np.asarray(sorted(held), dtype=np.int64)

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
@@ -26,6 +27,10 @@ NORMALIZATIONS = {
     # CIFAR-100's own statistics, as DyTox / GCAB-CFDC normalise it (continual/datasets.py L133, L147)
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
+
+
+#: interpolation names -> (OpenCV flag, torchvision InterpolationMode name)
+INTERPOLATIONS = {"bilinear": (cv2.INTER_LINEAR, "BILINEAR"), "bicubic": (cv2.INTER_CUBIC, "BICUBIC")}
 
 
 def model_normalization(model_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...], str]:
@@ -70,12 +75,13 @@ def resize_pipeline(img_size: int, mean: Sequence[float], std: Sequence[float]) 
     return A.Compose([A.Resize(img_size, img_size), *normalize_to_tensor(mean, std)])
 
 
-def imagenet_train_pipeline(img_size: int, mean, std, scale=(0.08, 1.0)) -> A.Compose:
+def imagenet_train_pipeline(img_size: int, mean, std, scale=(0.08, 1.0), interpolation: str = "bilinear"
+                            ) -> A.Compose:
     """RandomResizedCrop + horizontal flip: torchvision's RandomResizedCrop defaults (scale 0.08-1, ratio 3/4-4/3,
     bilinear), as CODA-Prompt's ImageNet-R training transform (dataloaders/utils.py) and DeiT's."""
     return A.Compose([
         A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(scale), ratio=(3 / 4, 4 / 3),
-                            interpolation=cv2.INTER_LINEAR),
+                            interpolation=INTERPOLATIONS[interpolation][0]),
         A.HorizontalFlip(p=0.5),
         *normalize_to_tensor(mean, std),
     ])
@@ -84,16 +90,18 @@ def imagenet_train_pipeline(img_size: int, mean, std, scale=(0.08, 1.0)) -> A.Co
 TEST_RESIZE = ("crop", "squash")
 
 
-def imagenet_eval_pipeline(img_size: int, mean, std, test_resize: str = "crop") -> A.Compose:
+def imagenet_eval_pipeline(img_size: int, mean, std, test_resize: str = "crop", interpolation: str = "bilinear"
+                           ) -> A.Compose:
     """``crop``: shorter side to ``img_size * 256 / 224``, centre crop (Resize(256) + CenterCrop(224) at 224, the
     ImageNet-R authors' evaluation in hendrycks/imagenet-r eval.py, and CODA-Prompt's for ImageNet-R:
     GT-RIPL/CODA-Prompt dataloaders/utils.py L50-56). ``squash``: resize to ``img_size`` squared, ignoring the aspect
     ratio (CODA-Prompt's Resize((size, size)) of ImageNet32/84, dataloaders/utils.py L37-40)."""
+    flag = INTERPOLATIONS[interpolation][0]
     if test_resize == "crop":
-        geometry = [A.SmallestMaxSize(max_size=int(round(img_size * 256 / 224)), interpolation=cv2.INTER_LINEAR),
+        geometry = [A.SmallestMaxSize(max_size=int(round(img_size * 256 / 224)), interpolation=flag),
                     A.CenterCrop(img_size, img_size)]
     elif test_resize == "squash":
-        geometry = [A.Resize(img_size, img_size, interpolation=cv2.INTER_LINEAR)]
+        geometry = [A.Resize(img_size, img_size, interpolation=flag)]
     else:
         raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
     return A.Compose([*geometry, *normalize_to_tensor(mean, std)])
@@ -120,27 +128,62 @@ def cifar_eval_pipeline(img_size: int, mean, std) -> A.Compose:
 
 # -- crops decided before decoding ----------------------------------------------------------------------------------
 #
-# A JPEG can be decoded at 1/2, 1/4 or 1/8 scale for a fraction of the cost (libjpeg scales in the DCT domain). The
-# training crop (RandomResizedCrop) and the evaluation crop (resize + centre crop) only shrink most of an image, so
-# both are decided from the header's size first; the image is then decoded at the smallest scale that still keeps
-# the crop at least as large as the output (so only downsampling follows, never upsampling a reduced image), and
-# the crop is resized with OpenCV on uint8. The crop distribution is torchvision's RandomResizedCrop exactly.
+# backend=opencv (fast): a JPEG can be decoded at 1/2, 1/4 or 1/8 scale for a fraction of the cost (libjpeg scales in
+# the DCT domain). The training crop (RandomResizedCrop) and the evaluation crop (resize + centre crop) only shrink
+# most of an image, so both are decided from the header's size first; the image is then decoded at the smallest
+# scale that still keeps the crop at least as large as the output (so only downsampling follows, never upsampling a
+# reduced image), and the crop is resized with OpenCV on uint8. The crop distribution is torchvision's
+# RandomResizedCrop exactly; the pixels are not: OpenCV's bilinear/bicubic resize of a reduced decode is not PIL's
+# antialiased resize of the whole image.
+# backend=pil (the official pipelines): the whole image decoded by PIL and torchvision's own RandomResizedCrop /
+# Resize + CenterCrop on the PIL image, as CODA-Prompt, RanPAC and RevisitingCIL build them; several times slower.
+# Both apply the EXIF orientation once (cl_vit.data.base.image_header), before any size or crop is computed.
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+BACKENDS = ("opencv", "pil")
 
 
-def image_size(path: str) -> tuple[int, int, str] | None:
-    """``(height, width, format)`` from the file header (PIL parses it lazily), ``None`` if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0], im.format or ""
-    except Exception:  # read_image reports the file with a proper message
-        return None
+def check_interpolation(key: str, value: str) -> str:
+    if value not in INTERPOLATIONS:
+        raise ConfigError(f"benchmark.source_args.{key}", value, f"one of {list(INTERPOLATIONS)}")
+    return value
 
 
-def _crop_resize(img, box, full_hw, size: int):
+def pil_geometry(size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear",
+                 test_resize: str = "crop"):
+    """torchvision's own geometry on PIL images (PIL's antialiased resampling), as the official pipelines build it:
+    RandomResizedCrop(size, scale, ratio) for training; Resize(int(size * 256 / 224)) + CenterCrop(size) (``crop``) or
+    Resize((size, size)) (``squash``) for evaluation. (A square image: Resize(size) = ``squash``.)"""
+    from torchvision import transforms as T
+
+    if test_resize not in TEST_RESIZE:
+        raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
+    mode = getattr(T.InterpolationMode, INTERPOLATIONS[interpolation][1])
+    if train:
+        return T.RandomResizedCrop(size, tuple(scale), tuple(ratio), mode)
+    if test_resize == "squash":
+        return T.Resize((size, size), mode)
+    return T.Compose([T.Resize(int(256 / 224 * size), mode), T.CenterCrop(size)])  # RanPAC's int(), 256 at 224
+
+
+class PILGeometry:
+    """An albumentations-style step (``image=`` uint8 array in and out) that runs :func:`pil_geometry` on a PIL
+    image of the array, then ``tail`` (an albumentations pipeline ending in ToTensorV2): in-memory sources with
+    ``backend=pil``."""
+
+    def __init__(self, geometry, tail):
+        self.geometry, self.tail = geometry, tail
+
+    def __call__(self, image, **_):
+        from PIL import Image
+
+        return self.tail(image=np.asarray(self.geometry(Image.fromarray(image))))
+
+    def __repr__(self):
+        return f"PILGeometry({self.geometry}, {self.tail})"
+
+
+def _crop_resize(img, box, full_hw, size: int, interpolation: str = "bilinear"):
     """Crop ``box = (top, left, height, width)`` given in full-resolution pixels out of ``img`` (possibly decoded
     at a reduced scale) and resize it to ``size`` squared."""
     sy, sx = img.shape[0] / full_hw[0], img.shape[1] / full_hw[1]
@@ -150,26 +193,31 @@ def _crop_resize(img, box, full_hw, size: int):
     img = img[top:top + h, left:left + w]
     if (h, w) == (size, size):
         return img
-    # bilinear, as albumentations' RandomResizedCrop; the reduced decode already did most of any large shrink
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    # the reduced decode already did most of any large shrink
+    return cv2.resize(img, (size, size), interpolation=INTERPOLATIONS[interpolation][0])
 
 
-def decode_crop(path: str, box_of, size: int):
+def decode_crop(path: str, box_of, size: int, interpolation: str = "bilinear"):
     """Decode ``path`` and return the crop ``box_of(height, width)`` resized to ``size`` squared (RGB uint8); a JPEG
-    is decoded at the largest reduction keeping the crop's shorter side >= ``size``."""
-    from cl_vit.data.base import read_image
+    is decoded at the largest reduction keeping the crop's shorter side >= ``size``. Heights and widths are those of
+    the image as displayed (EXIF orientation applied)."""
+    from cl_vit.data.base import CorruptImage, image_header, read_image
 
-    header = image_size(path)
+    header = image_header(path)
     if header is None:  # not parsable by PIL: OpenCV decodes it, or read_image raises the line naming the file
-        img = read_image(path)
-        return _crop_resize(img, box_of(*img.shape[:2]), img.shape[:2], size)
-    h, w, fmt = header
+        img = read_image(path, orientation=1)
+        return _crop_resize(img, box_of(*img.shape[:2]), img.shape[:2], size, interpolation)
+    h, w, fmt, orientation = header
     box = box_of(h, w)
     factor = 1
     if fmt == "JPEG":
         factor = next((r for r in (8, 4, 2) if min(box[2], box[3]) / r >= size), 1)
-    img = read_image(path, _REDUCED[factor] if factor > 1 else cv2.IMREAD_COLOR)
-    return _crop_resize(img, box, (h, w), size)
+    img = read_image(path, _REDUCED[factor] if factor > 1 else cv2.IMREAD_COLOR, orientation=orientation)
+    expected = (-(-h // factor), -(-w // factor))  # libjpeg's scaled size rounds up
+    if img.shape[:2] != expected:
+        raise CorruptImage("", path=path, problem=f"decoded {img.shape[1]}x{img.shape[0]}, the header says "
+                                                  f"{expected[1]}x{expected[0]}")
+    return _crop_resize(img, box, (h, w), size, interpolation)
 
 
 def random_resized_crop_box(h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=None):
@@ -196,28 +244,49 @@ def random_resized_crop_box(h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 /
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-class DecodeRandomResizedCrop:
-    """Training decode: torchvision's RandomResizedCrop(size) decided on the header, then a reduced decode."""
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError("benchmark.source_args.backend", backend, f"one of {list(BACKENDS)}")
+    return backend
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+
+class DecodeRandomResizedCrop:
+    """Training decode: torchvision's RandomResizedCrop(size, scale, ratio, interpolation). ``opencv``: decided on
+    the header, then a reduced decode; ``pil``: torchvision's own transform on the PIL image (torch's RNG)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear",
+                 backend: str = "opencv"):
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.interpolation = check_interpolation("train_interpolation", interpolation)
+        self.backend = check_backend(backend)
+        self.pil = pil_geometry(self.size, True, self.scale, self.ratio, self.interpolation)
 
     def __call__(self, path: str):
-        return decode_crop(path, lambda h, w: random_resized_crop_box(h, w, self.scale, self.ratio), self.size)
+        if self.backend == "pil":
+            from cl_vit.data.base import read_image_pil
+
+            return np.asarray(self.pil(read_image_pil(path)))
+        return decode_crop(path, lambda h, w: random_resized_crop_box(h, w, self.scale, self.ratio), self.size,
+                           self.interpolation)
 
     def __repr__(self):
-        return f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+        return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"interpolation={self.interpolation}, backend={self.backend})")
 
 
 class DecodeResizeCenterCrop:
     """Evaluation decode: shorter side to ``size * 256 / 224`` and the centre ``size`` crop (``crop``), or the
-    whole image resized to ``size`` squared (``squash``), with the same reduced decode."""
+    whole image resized to ``size`` squared (``squash``). ``opencv``: the same reduced decode; ``pil``: torchvision's
+    Resize + CenterCrop on the PIL image (antialiased)."""
 
-    def __init__(self, size: int, test_resize: str = "crop"):
+    def __init__(self, size: int, test_resize: str = "crop", interpolation: str = "bilinear", backend: str = "opencv"):
         if test_resize not in TEST_RESIZE:
             raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
         self.size, self.mode = int(size), test_resize
         self.resize = int(round(size * 256 / 224))
+        self.interpolation = check_interpolation("test_interpolation", interpolation)
+        self.backend = check_backend(backend)
+        self.pil = pil_geometry(self.size, False, interpolation=self.interpolation, test_resize=test_resize)
 
     def box(self, h: int, w: int):
         if self.mode == "squash":
@@ -227,43 +296,81 @@ class DecodeResizeCenterCrop:
         return int(round((h - ch) / 2)), int(round((w - cw) / 2)), max(1, int(round(ch))), max(1, int(round(cw)))
 
     def __call__(self, path: str):
-        return decode_crop(path, self.box, self.size)
+        if self.backend == "pil":
+            from cl_vit.data.base import read_image_pil
+
+            return np.asarray(self.pil(read_image_pil(path)))
+        return decode_crop(path, self.box, self.size, self.interpolation)
 
     def __repr__(self):
-        return f"DecodeResizeCenterCrop(size={self.size}, resize={self.resize}, mode={self.mode})"
+        return (f"DecodeResizeCenterCrop(size={self.size}, resize={self.resize}, mode={self.mode}, "
+                f"interpolation={self.interpolation}, backend={self.backend})")
 
 
-def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str = "crop", scale=(0.08, 1.0)):
+def decode_options(backend: str = "opencv", crop_scale=(0.08, 1.0), train_interpolation: str = "bilinear",
+                   test_interpolation: str = "bilinear") -> dict:
+    """The default pipelines' options (``benchmark.source_args``; recipes set the official ones), validated, as
+    ``Source.meta["transforms"]["decode"]`` records them."""
+    scale = tuple(float(v) for v in crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError("benchmark.source_args.crop_scale", list(crop_scale), "[min, max] with 0 < min <= max <= 1")
+    return {"backend": check_backend(backend), "crop_scale": list(scale),
+            "train_interpolation": check_interpolation("train_interpolation", train_interpolation),
+            "test_interpolation": check_interpolation("test_interpolation", test_interpolation)}
+
+
+def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str = "crop", **options):
     """``(decode, transform)`` for ImageFileDataset: the crop at decode time, then albumentations on the uint8 crop
-    (horizontal flip for training) and normalisation."""
+    (horizontal flip for training) and normalisation. ``options``: :func:`decode_options`."""
+    o = decode_options(**options)
     if train:
-        return DecodeRandomResizedCrop(img_size, scale), A.Compose([A.HorizontalFlip(p=0.5),
-                                                                    *normalize_to_tensor(mean, std)])
-    return DecodeResizeCenterCrop(img_size, test_resize), A.Compose(normalize_to_tensor(mean, std))
+        decode = DecodeRandomResizedCrop(img_size, o["crop_scale"], interpolation=o["train_interpolation"],
+                                         backend=o["backend"])
+        return decode, A.Compose([A.HorizontalFlip(p=0.5), *normalize_to_tensor(mean, std)])
+    decode = DecodeResizeCenterCrop(img_size, test_resize, o["test_interpolation"], o["backend"])
+    return decode, A.Compose(normalize_to_tensor(mean, std))
+
+
+def array_pipeline(img_size: int, mean, std, train: bool, test_resize: str = "squash", **options):
+    """RandomResizedCrop + flip (training) or resize (+ centre crop) for in-memory uint8 images (CIFAR at 224, as
+    CODA-Prompt, RanPAC and RevisitingCIL upscale it): albumentations on OpenCV (``backend=opencv``) or torchvision
+    on PIL (``pil``, the official pipelines). ``options``: :func:`decode_options`."""
+    o = decode_options(**options)
+    if o["backend"] == "pil":
+        interpolation = o["train_interpolation"] if train else o["test_interpolation"]
+        geometry = pil_geometry(img_size, train, o["crop_scale"], interpolation=interpolation, test_resize=test_resize)
+        flip = [A.HorizontalFlip(p=0.5)] if train else []
+        return PILGeometry(geometry, A.Compose([*flip, *normalize_to_tensor(mean, std)]))
+    if train:
+        return imagenet_train_pipeline(img_size, mean, std, o["crop_scale"], o["train_interpolation"])
+    return imagenet_eval_pipeline(img_size, mean, std, test_resize, o["test_interpolation"])
 
 
 def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: str = "crop",
-                            train_transform: str = "default", test_transform: str = "default", augment=None):
+                            train_transform: str = "default", test_transform: str = "default", augment=None,
+                            decode: dict | None = None):
     """Training and test ImageFileDatasets of ImageNet-like photos (ImageNet-R, ImageNet-LT, iNaturalist).
 
-    ``default``: the crops decided on the JPEG header (fast). ``deit``: DeiT's pipelines on the fully decoded image
-    (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
+    ``default``: the crops of :class:`DecodeRandomResizedCrop` / :class:`DecodeResizeCenterCrop` with the options
+    ``decode`` (:func:`decode_options`: backend, crop scale, interpolations). ``deit``: DeiT's pipelines on the fully
+    decoded image (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
     from cl_vit.data.base import ImageFileDataset
 
     check_pipelines(train_transform, test_transform, augment, test_resize)
+    decode = dict(decode or {})
     if train_transform == "deit":
         train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment))
     elif train_transform == "torchvision":
         train_ds = ImageFileDataset(train, torchvision_train_transform(img_size, mean, std))
     else:
-        decode, transform = imagenet_transforms(img_size, mean, std, True)
-        train_ds = ImageFileDataset(train, transform, decode=decode)
+        crop, transform = imagenet_transforms(img_size, mean, std, True, **decode)
+        train_ds = ImageFileDataset(train, transform, decode=crop)
     if test_transform == "deit":
         return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std))
     if test_transform == "torchvision":
         return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std))
-    decode, transform = imagenet_transforms(img_size, mean, std, False, test_resize)
-    return train_ds, ImageFileDataset(test, transform, decode=decode)
+    crop, transform = imagenet_transforms(img_size, mean, std, False, test_resize, **decode)
+    return train_ds, ImageFileDataset(test, transform, decode=crop)
 
 
 # -- DeiT's pipelines: timm's transform factory on PIL images ---------------------------------------------------------
