@@ -38,7 +38,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from cl_vit import distributed
 from cl_vit import metrics as M
 from cl_vit.cost import ExperienceCost
-from cl_vit.errors import BadDataDuringRun, DiskFull, Interrupted, RunStopped, UserError
+from cl_vit.data.base import CorruptImage
+from cl_vit.errors import BadDataDuringRun, DiskFull, Interrupted, RunStopped
 from cl_vit.module import ContinualModule
 from cl_vit.stream_results import LOCAL, StreamResults, matrix_csv
 from cl_vit.rundir import RunDirectory
@@ -353,10 +354,8 @@ class ContinualRunner:
             except RunStopped as e:
                 self._stopped(e)
                 raise
-            except UserError as e:
-                if getattr(e, "path", None) is None:  # bad input found by a hook: one line, as before training
-                    raise
-                stop = BadDataDuringRun(str(e), self._index)  # a data file that failed mid-run
+            except CorruptImage as e:  # an image that no longer decodes (bad input found by a hook stays one line)
+                stop = BadDataDuringRun(str(e), self._index)
                 self._stopped(stop)
                 raise stop from e
             except OSError as e:

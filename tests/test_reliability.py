@@ -55,10 +55,9 @@ class Fault(Strategy):
         if hit and self.kind == "signal":
             os.kill(os.getpid(), signal.SIGINT)
         if hit and self.kind == "data":  # an image that stopped decoding since the run started
-            e = UserError("cannot decode image /data/imagenet-r/n01443537/broken.jpg (corrupt or not an image): "
-                          "remove it or run with skip_corrupt=true")
-            e.path = "/data/imagenet-r/n01443537/broken.jpg"
-            raise e
+            from cl_vit.data.base import CorruptImage
+
+            raise CorruptImage("", path="/data/imagenet-r/n01443537/broken.jpg", problem="truncated")
         value = float("nan") if hit and self.kind == "nan" else 0.0
         return {"probe": torch.tensor(value)}
 

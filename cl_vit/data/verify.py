@@ -28,12 +28,12 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 from cl_vit.errors import ConfigError, UserError
+from cl_vit.rundir import atomic_write_json
 
 log = logging.getLogger("cl_vit")
 
@@ -116,12 +116,8 @@ def _load_cache(path: Path | None) -> dict:
 def _save_cache(path: Path | None, cache: dict) -> None:
     if path is None:
         return
-    try:  # temp file + rename (not cl_vit.results' writer: importing that pulls in Avalanche, seconds per process)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)
+    try:
+        atomic_write_json(path, cache)
     except OSError:  # a read-only data_root only costs the next run another pass
         pass
 
