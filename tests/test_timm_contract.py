@@ -4,11 +4,10 @@ The checks run over timm's registry (every entry point defined under ``cl_vit.``
 covered without touching this file. Large models are built through their own entry point at a reduced depth, width
 and input size (``SMALL``); a model without an entry there is checked as registered.
 
-``python tests/test_timm_contract.py`` runs the same checks and prints the yes/no table of docs/models.md.
+``PYTHONPATH=. python tests/test_timm_contract.py`` runs the same checks and prints the yes/no table of docs/models.md.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import re
 import sys
@@ -20,7 +19,8 @@ import torch
 import torch.nn as nn
 from timm.models import _registry
 
-import cl_vit.models  # noqa: F401  (registers the suite's models)
+from cl_vit.errors import UserError
+from cl_vit.models import build_model
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 
@@ -35,8 +35,6 @@ SMALL = (
     ("resnet32_cifar", dict(depths=(1, 1, 1)), None),
     ("resnet50_ldam", dict(layers=(1, 1, 1, 1)), 32),
 )
-#: models torch.export is required for (the others are checked too where it works: see the table)
-EXPORT = ("refiner_vit_*", "vit_*_patch16_224_refined")
 BATCH = 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -279,10 +277,13 @@ def check_prune_intermediate_layers(name):
 
 
 def check_unknown_keyword(name):
-    """An unknown keyword is refused with a TypeError (what timm's callers catch), in one line."""
-    with pytest.raises(TypeError) as e:
+    """An unknown keyword is refused with a TypeError (what timm's callers catch); through the suite's config
+    (``model.not_an_argument=1``) with one line naming it."""
+    with pytest.raises(TypeError, match="not_an_argument"):
         make(name, not_an_argument=1)
-    assert "not_an_argument" in str(e.value)
+    with pytest.raises(UserError, match="not_an_argument") as e:
+        build_model({"name": name, "not_an_argument": 1, **_small(name)[0]}, 3, in_chans=3, img_size=32)
+    assert "\n" not in str(e.value)
 
 
 CHECKS = {
@@ -305,10 +306,6 @@ CHECKS = {
 }
 
 
-def required(name: str, point: str) -> bool:
-    return point != "torch.export" or any(fnmatch.fnmatchcase(name, p) for p in EXPORT)
-
-
 def test_the_registry_holds_the_suite_models():
     assert {"refiner_vit_tiny", "refiner_vit_l", "vit_base_patch16_224_refined", "vit_micro_patch2_8",
             "resnet32_cifar", "resnet50_ldam", "refiner_vit_s_distilled"} <= set(SUITE)
@@ -317,9 +314,23 @@ def test_the_registry_holds_the_suite_models():
 @pytest.mark.parametrize("point", list(CHECKS))
 @pytest.mark.parametrize("name", SUITE)
 def test_contract(name, point):
-    if not required(name, point):
-        pytest.skip(f"{point} is not required of {name}")
     CHECKS[point](name)
+
+
+@pytest.mark.parametrize("kw", [dict(dynamic_img_size=True), dict(reg_tokens=2, no_embed_class=True),
+                                dict(pos_embed="none", reg_tokens=1)])
+@pytest.mark.parametrize("name", ["vit_micro_patch2_8_distilled", "refiner_vit_tiny_distilled"])
+def test_student_token_embedding_is_the_backbones_plus_dist(name, kw):
+    """A student's own _pos_embed (scriptable) is its backbone's, with the DIST token after the class token."""
+    m = make(name, **kw).eval()
+    x = batch(name, m)
+    if kw.get("dynamic_img_size"):  # another input size: pos_embed is resampled
+        x = torch.cat([x, x], dim=-1)
+    patches = m.patch_embed(x)
+    with m._pos_embed_prefix():
+        want = type(m)._backbone_class._pos_embed(m, patches)
+    want = torch.cat((want[:, :1], m.dist_token.expand(len(x), -1, -1), want[:, 1:]), dim=1)
+    torch.testing.assert_close(m._pos_embed(patches), want, rtol=0, atol=0)
 
 
 # -- the table in docs/models.md --------------------------------------------------------------------------------------
@@ -328,16 +339,16 @@ TABLE_START = "<!-- timm-contract-table -->"
 
 
 def table() -> str:
-    """The yes/no table: each check run on each model ('-' where it is not required and fails)."""
+    """The yes/no table of docs/models.md: each check above run on each registered model."""
     rows = ["| model | " + " | ".join(CHECKS) + " |", "| --- |" + " --- |" * len(CHECKS)]
     for name in SUITE:
         cells = []
-        for point, fn in CHECKS.items():
+        for fn in CHECKS.values():
             try:
                 fn(name)
                 cells.append("yes")
             except Exception:  # noqa: BLE001  (a failed check of any kind is a "no")
-                cells.append("no" if required(name, point) else "-")
+                cells.append("no")
         rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -350,9 +361,9 @@ def test_docs_table_lists_every_model_and_point():
     assert header == ["model", *CHECKS]
     rows = [ln for ln in lines[2:] if ln.startswith("| `")]
     assert [re.match(r"\| `([^`]+)`", r).group(1) for r in rows] == SUITE
-    for r in rows:  # every required point holds (the tests above check each of them)
+    for r in rows:  # the goal is all yes; test_contract checks each cell
         cells = [c.strip() for c in r.strip("|").split("|")[1:]]
-        assert set(cells) <= {"yes", "-"}, r
+        assert cells == ["yes"] * len(CHECKS), r
 
 
 if __name__ == "__main__":
