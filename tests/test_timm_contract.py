@@ -317,6 +317,41 @@ def test_contract(name, point):
     CHECKS[point](name)
 
 
+@pytest.mark.parametrize("name", SUITE)
+def test_pretrained_true_loads_a_local_file_by_timms_route(name, tmp_path):
+    """``pretrained=True, pretrained_cfg_overlay=dict(file=...)``: the model's own weights load exactly; a student
+    (``*_distilled``) loads its backbone's, its DIST token and head kept at their initialisation."""
+    from safetensors.torch import save_file
+
+    base = name[: -len("_distilled")] if name.endswith("_distilled") else name
+    source = make(base, seed=1)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    fresh = make(name, seed=2)
+    loaded = make(name, seed=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    own = loaded.state_dict()
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+    for k in set(own) - set(source.state_dict()):  # the student's own parts
+        torch.testing.assert_close(own[k], fresh.state_dict()[k], rtol=0, atol=0, msg=k)
+    assert set(own) - set(source.state_dict()) == ({"dist_token", "head_dist.weight", "head_dist.bias"}
+                                                   if name != base else set())
+
+
+def test_resnet50_weights_load_into_resnet50_ldam_but_its_cosine_classifier(tmp_path):
+    from safetensors.torch import save_file
+
+    small = _small("resnet50_ldam")[0]
+    torch.manual_seed(1)
+    plain = timm.create_model("resnet50", **small)
+    path = tmp_path / "resnet50.safetensors"
+    save_file(plain.state_dict(), str(path))
+    fresh = make("resnet50_ldam", seed=2)
+    loaded = make("resnet50_ldam", seed=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, (fresh if k == "fc.weight" else plain).state_dict()[k], rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.parametrize("kw", [dict(dynamic_img_size=True), dict(reg_tokens=2, no_embed_class=True),
                                 dict(pos_embed="none", reg_tokens=1)])
 @pytest.mark.parametrize("name", ["vit_micro_patch2_8_distilled", "refiner_vit_tiny_distilled"])

@@ -101,8 +101,9 @@ class _DistToken(DistilledMixin):
     """Adds the DIST token to a backbone that has none: inserted after the class token, after position embedding.
 
     ``num_prefix_tokens`` counts the DIST token (the blocks, heads and ``forward_intermediates`` see it), but
-    ``pos_embed`` has no row for it: everything that resamples ``pos_embed`` (``set_input_size``, dynamic image sizes,
-    checkpoint loading) runs under ``_pos_embed_prefix``, which counts the prefix rows ``pos_embed`` really has.
+    ``pos_embed`` has no row for it: what resamples ``pos_embed`` (``set_input_size``, checkpoint loading) runs under
+    ``_pos_embed_prefix``, which counts the prefix rows ``pos_embed`` really has, and ``_pos_embed`` (dynamic image
+    sizes) counts them itself.
     """
 
     @contextmanager
@@ -230,7 +231,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 default_cfgs: dict = {}
 
 #: keywords of timm's features_only wrapping, applied to the student (not to the backbone inside it)
-_FEATURE_KEYS = ("features_only", "out_indices", "feature_cls", "output_fmt")
+_FEATURE_KEYS = ("features_only", "out_indices", "feature_cls")
 
 
 def register_distilled(base_name: str) -> str:

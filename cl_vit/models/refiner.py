@@ -49,9 +49,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.layers.format import Format, nchw_to
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.layers.helpers import get_device_dtype
 from timm.models._manipulate import adapt_input_conv, checkpoint
 from timm.models import vision_transformer as vit
 

@@ -27,7 +27,7 @@ import pathlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -257,7 +257,10 @@ def resnet32_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
 
 
 def _ldam_filter(state_dict: dict, model: ResNetLDAM) -> dict:
-    """resnet50 weights for resnet50_ldam: the classifier (a plain Linear there) stays at its initialisation."""
+    """resnet50 weights for resnet50_ldam: a plain Linear classifier (it has a bias; NormedLinear has none) is not
+    loaded, the cosine classifier stays at its initialisation; resnet50_ldam's own weights load as they are."""
+    if "fc.bias" not in state_dict:
+        return state_dict
     out = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     if isinstance(model.fc, NormedLinear):
         out["fc.weight"] = model.fc.weight.detach().clone()
