@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.layers import PatchDropout, resample_abs_pos_embed, trunc_normal_
+from timm.layers.helpers import get_device_dtype
+from timm.models import build_model_with_cfg, register_model
 from timm.models.deit import VisionTransformerDistilled
 
 from cl_vit.errors import UserError
+from cl_vit.models.cfgs import mirror_cfgs
 
 __all__ = ["distill", "is_distilled", "register_distilled", "DistilledMixin"]
 
@@ -56,15 +58,11 @@ class DistilledMixin:
     def set_distilled_training(self, enable: bool = True) -> None:
         self.distilled_training = enable
 
-    def _head_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _head_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         cls_tok, dist_tok = x[:, 0], x[:, 1]
-        fc_norm = getattr(self, "fc_norm", None)
-        if fc_norm is not None:
-            cls_tok, dist_tok = fc_norm(cls_tok), fc_norm(dist_tok)
-        drop = getattr(self, "head_drop", None)
-        if drop is not None:
-            cls_tok, dist_tok = drop(cls_tok), drop(dist_tok)
-        return cls_tok, dist_tok
+        # every student has fc_norm and head_drop (distill() adds identities where a backbone has none)
+        cls_tok, dist_tok = self.fc_norm(cls_tok), self.fc_norm(dist_tok)
+        return self.head_drop(cls_tok), self.head_drop(dist_tok)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         cls_tok, dist_tok = self._head_tokens(x)
@@ -89,9 +87,9 @@ class DistilledMixin:
         if global_pool not in (None, "", "token"):
             raise ValueError("a distilled model reads the class and distillation tokens: global_pool must be 'token'")
         self.num_classes = num_classes
-        dev = self.dist_token.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
-        self.head_dist = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head_dist = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -103,8 +101,9 @@ class _DistToken(DistilledMixin):
     """Adds the DIST token to a backbone that has none: inserted after the class token, after position embedding.
 
     ``num_prefix_tokens`` counts the DIST token (the blocks, heads and ``forward_intermediates`` see it), but
-    ``pos_embed`` has no row for it: everything that resamples ``pos_embed`` (``set_input_size``, dynamic image sizes,
-    checkpoint loading) runs under ``_pos_embed_prefix``, which counts the prefix rows ``pos_embed`` really has.
+    ``pos_embed`` has no row for it: what resamples ``pos_embed`` (``set_input_size``, checkpoint loading) runs under
+    ``_pos_embed_prefix``, which counts the prefix rows ``pos_embed`` really has, and ``_pos_embed`` (dynamic image
+    sizes) counts them itself.
     """
 
     @contextmanager
@@ -120,11 +119,31 @@ class _DistToken(DistilledMixin):
             super().set_input_size(*args, **kwargs)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        with self._pos_embed_prefix():
-            x = super()._pos_embed(x)
+        # timm's VisionTransformer._pos_embed for the backbone's own prefix tokens (pos_embed has no DIST row),
+        # written out: TorchScript compiles neither super() nor the context manager above
+        B = x.shape[0]
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            _, H, W, C = x.shape
+            if pos_embed is not None:
+                pos_embed = resample_abs_pos_embed(
+                    pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
+                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens - 1)
+            x = x.view(B, -1, C)
+        tokens: List[torch.Tensor] = [self.cls_token.expand(B, -1, -1)]
+        if self.reg_token is not None:
+            tokens.append(self.reg_token.expand(B, -1, -1))
+        if pos_embed is None:
+            x = torch.cat(tokens + [x.view(B, -1, x.shape[-1])], dim=1)
+        else:
+            if self.no_embed_class:
+                x = torch.cat(tokens + [x + pos_embed], dim=1)
+            else:
+                x = torch.cat(tokens + [x], dim=1) + pos_embed
+            x = self.pos_drop(x)
         # DeiT gives the DIST token its own row of pos_embed; a learned token plus a learned offset is one learned
         # vector, so the token alone is the same model and leaves pos_embed (and plain checkpoints) untouched.
-        return torch.cat((x[:, :1], self.dist_token.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        return torch.cat((x[:, :1], self.dist_token.expand(B, -1, -1), x[:, 1:]), dim=1)
 
 
 _CLASSES: dict[type, type] = {}
@@ -168,15 +187,20 @@ def distill(model: nn.Module) -> nn.Module:
             f"a distilled student reads the class and distillation tokens, but {type(model).__name__} pools "
             f"with global_pool={model.global_pool!r}: set model.global_pool=token"
         )
-    dev = model.cls_token.device
-    model.dist_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, device=dev))
+    dd = dict(device=model.cls_token.device, dtype=model.cls_token.dtype)
+    model.dist_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim, **dd))
     trunc_normal_(model.dist_token, std=0.02)
     n = getattr(model, "num_classes", 0)
-    model.head_dist = nn.Linear(model.embed_dim, n, device=dev) if n > 0 else nn.Identity()
+    model.head_dist = nn.Linear(model.embed_dim, n, **dd) if n > 0 else nn.Identity()
     if n > 0:
         trunc_normal_(model.head_dist.weight, std=0.02)
         nn.init.zeros_(model.head_dist.bias)
+    for name in ("fc_norm", "head_drop"):  # what the two heads read (_head_tokens)
+        if not isinstance(getattr(model, name, None), nn.Module):
+            setattr(model, name, nn.Identity())
     model.num_prefix_tokens += 1
+    if isinstance(getattr(model, "patch_drop", None), PatchDropout):  # it keeps the prefix tokens, DIST included
+        model.patch_drop.num_prefix_tokens += 1
     model.__class__ = _student_class(type(model))
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if cfg:
@@ -203,16 +227,35 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return state_dict
 
 
+#: the students' pretrained cfgs, read by timm's register_model: the backbone's, under the student's name
+default_cfgs: dict = {}
+
+#: keywords of timm's features_only wrapping, applied to the student (not to the backbone inside it)
+_FEATURE_KEYS = ("features_only", "out_indices", "feature_cls")
+
+
 def register_distilled(base_name: str) -> str:
-    """Register ``<base_name>_distilled`` with timm: the backbone made a student by ``distill``."""
+    """Register ``<base_name>_distilled`` with timm: the backbone made a student by ``distill``, with a pretrained
+    cfg of its own name and timm's features_only wrappers."""
     name = f"{base_name}_distilled"
 
     def entrypoint(pretrained: bool = False, **kwargs):
-        return distill(timm.create_model(base_name, pretrained=pretrained, **kwargs))
+        features = {k: kwargs.pop(k) for k in _FEATURE_KEYS if k in kwargs}
+        cfg_args = {k: kwargs.get(k) for k in ("pretrained_cfg", "pretrained_cfg_overlay")}
+
+        def build(**_):  # the backbone (with its weights when pretrained), made a student; then timm's wrapping
+            return distill(timm.create_model(base_name, pretrained=pretrained, **kwargs))
+
+        # kwargs_filter: the cfg's default sizes would override the backbone's real ones in the model's traits
+        return build_model_with_cfg(build, name, False, feature_cfg=dict(feature_cls="getter"), **cfg_args,
+                                    kwargs_filter=("num_classes", "global_pool", "in_chans", "img_size"), **features)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{base_name} with a DIST token and head (DeiT / DeiT-LT student)."
+    # the backbone's cfgs, both heads the classifier: a student of base.tag starts from that backbone's weights
+    # (its DIST token and head at their initialisation)
+    default_cfgs[name] = mirror_cfgs(base_name, classifier=("head", "head_dist"))
     register_model(entrypoint)
     return name
 

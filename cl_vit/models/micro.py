@@ -29,8 +29,10 @@ default_cfgs = generate_default_cfgs({"vit_micro_patch2_8.untrained": _cfg()})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's own ViTs
     return build_model_with_cfg(
-        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs
     )
 
 

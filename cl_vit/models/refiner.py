@@ -38,18 +38,18 @@ Extending: the prefix tokens (class token, and e.g. a distillation token in a su
 ``VisionTransformer._pos_embed`` and ``num_prefix_tokens``; ``RefinerViT`` changes only how blocks are chained
 (``_run_blocks``), so timm's token/head mixins such as ``VisionTransformerDistilled`` compose with it by inheritance.
 """
-from __future__ import annotations
 
 import inspect
 import logging
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.layers.format import Format, nchw_to
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv, checkpoint
@@ -57,22 +57,31 @@ from timm.models import vision_transformer as vit
 
 from cl_vit.errors import UserError
 
-__all__ = ["RefinerViT", "Refiner", "RefinerAttention", "RefinerBlock", "ConvStem", "checkpoint_filter_fn"]
+__all__ = ["RefinerViT", "Refiner", "RefinerAttention", "RefinerBlock", "ConvStem", "checkpoint_filter_fn",
+           "UnknownArgument"]
 
 _logger = logging.getLogger(__name__)
 
 LAYOUTS = ("shared", "every")
 NORMS = ("batch", "instance", "layer")
 
+#: an attention map per block as get_attention_maps returns it
+Maps = List[Dict[str, Optional[torch.Tensor]]]
 
-def conv_norm(kind: str, channels: int) -> nn.Module:
+
+class UnknownArgument(UserError, TypeError):
+    """A keyword the model does not take: one line for the suite, a TypeError for timm's callers (create_model)."""
+
+
+def conv_norm(kind: str, channels: int, device=None, dtype=None) -> nn.Module:
     """A normalisation over [B, C, H, W] maps: ``batch`` (official), ``instance`` or ``layer`` (batch-independent)."""
+    dd = dict(device=device, dtype=dtype)
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels, **dd)
     if kind == "instance":
-        return nn.GroupNorm(channels, channels)
+        return nn.GroupNorm(channels, channels, **dd)
     if kind == "layer":
-        return nn.GroupNorm(1, channels)
+        return nn.GroupNorm(1, channels, **dd)
     raise UserError(f"refiner norm {kind!r} is not one of {NORMS}: set model.refiner_norm to one of them")
 
 
@@ -84,19 +93,20 @@ class Refiner(nn.Module):
     """
 
     def __init__(self, num_heads: int, expand_ratio: float = 3.0, kernel_size: int = 3, norm: str = "batch",
-                 zero_init_last: bool = False):
+                 zero_init_last: bool = False, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if kernel_size % 2 != 1:
             raise UserError(f"model.refiner_kernel_size={kernel_size} must be odd (same padding)")
         hidden = round(num_heads * expand_ratio)
         self.zero_init_last = zero_init_last
         # expand_ratio 1 skips the expansion, as in the official DLA
-        self.expand = nn.Conv2d(num_heads, hidden, 1, bias=False) if hidden != num_heads else None
-        self.norm1 = conv_norm(norm, hidden) if self.expand is not None else None
-        self.dw = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
-        self.norm2 = conv_norm(norm, hidden)
-        self.reduce = nn.Conv2d(hidden, num_heads, 1, bias=False)
-        self.norm3 = conv_norm(norm, num_heads)
+        self.expand = nn.Conv2d(num_heads, hidden, 1, bias=False, **dd) if hidden != num_heads else None
+        self.norm1 = conv_norm(norm, hidden, **dd) if self.expand is not None else None
+        self.dw = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False, **dd)
+        self.norm2 = conv_norm(norm, hidden, **dd)
+        self.reduce = nn.Conv2d(hidden, num_heads, 1, bias=False, **dd)
+        self.norm3 = conv_norm(norm, num_heads, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -110,14 +120,15 @@ class Refiner(nn.Module):
         attn = attn.contiguous(memory_format=torch.channels_last)
         x = attn
         if self.expand is not None:
-            x = F.relu6(self.norm1(_conv1x1(self.expand, x)), inplace=True)
+            x = F.relu6(self.norm1(_conv1x1(self.expand.weight, x)), inplace=True)
         x = F.relu6(self.norm2(self.dw(x)), inplace=True)
-        return attn + self.norm3(_conv1x1(self.reduce, x))
+        return attn + self.norm3(_conv1x1(self.reduce.weight, x))
 
 
-def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A bias-free 1x1 convolution of a channels_last map as one matrix product (no copies either way)."""
-    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1)).permute(0, 3, 1, 2)
+def _conv1x1(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A bias-free 1x1 convolution (of ``weight``) of a channels_last map as one matrix product (no copies either
+    way)."""
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)
 
 
 class RefinerAttention(nn.Module):
@@ -138,27 +149,33 @@ class RefinerAttention(nn.Module):
     """
 
     #: (P_k, P_v), B x L x C each, or None: set by the prompt methods for one forward pass (not a parameter)
-    prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    prefix: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    # constants to TorchScript, which then compiles only the branch a block takes (a share block has no qkv)
+    share: Final[bool]
+    refine: Final[bool]
+    carry: Final[bool]
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, share: bool = False, refine: bool = False,
                  carry: bool = False, expand_ratio: float = 3.0, kernel_size: int = 3, norm: str = "batch",
-                 adapt_norm: bool = True, zero_init_last: bool = False):
+                 adapt_norm: bool = True, zero_init_last: bool = False, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         assert dim % num_heads == 0, "dim should be divisible by num_heads"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
+        self.prefix = None
         self.share, self.refine, self.carry = share, refine and not share, carry and not share
         if share:
-            self.v = nn.Linear(dim, dim, bias=qkv_bias)  # official: `qkv` of width dim, i.e. V only
+            self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)  # official: `qkv` of width dim, i.e. V only
         else:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         if share or self.refine:
-            self.refiner = Refiner(num_heads, expand_ratio, kernel_size, norm, zero_init_last)
-            self.adapt_norm = conv_norm(norm, num_heads) if adapt_norm else nn.Identity()
+            self.refiner = Refiner(num_heads, expand_ratio, kernel_size, norm, zero_init_last, **dd)
+            self.adapt_norm = conv_norm(norm, num_heads, **dd) if adapt_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
@@ -172,19 +189,21 @@ class RefinerAttention(nn.Module):
         return torch.cat((attn[..., :L], self.adapt_norm(self.refiner(attn[..., L:])).contiguous()), dim=-1)
 
     def forward(self, x: torch.Tensor, attn_prev: Optional[torch.Tensor] = None, need_map: bool = False,
-                maps: Optional[list] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                maps: Optional[Maps] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns (output, map for later blocks or None). ``maps``: a list to append {"raw", "refined"} to."""
         B, N, C = x.shape
-        attn_next = None
-        prefix = self.prefix if self.prefix is not None and self.prefix[1].shape[1] > 0 else None
+        attn_next: Optional[torch.Tensor] = None
+        prefix = self.prefix
+        if prefix is not None and prefix[1].shape[1] == 0:
+            prefix = None
         if self.share:
             if attn_prev is None:
                 raise RuntimeError("a share block needs the attention map of an earlier block")
             L = attn_prev.shape[-1] - N  # the prefix columns of the map it reuses
             # (R * scale) @ v computed as R @ (v * scale): the scale touches [B, N, C] instead of [B, H, N, N]
             v = self._heads(self.v(x) * self.scale, B, N)
-            if prefix is None:  # only the token part applies
-                attn = self.adapt_norm(self.refiner(attn_prev[..., L:] if L else attn_prev)).contiguous()
+            if prefix is None:  # only the token part applies (all of the map for L = 0: no branch on a traced shape)
+                attn = self.adapt_norm(self.refiner(attn_prev[..., L:])).contiguous()
             else:
                 if prefix[1].shape[1] != L:
                     raise UserError(
@@ -194,7 +213,9 @@ class RefinerAttention(nn.Module):
                 attn = self._refined(attn_prev, L)
                 v = torch.cat((self._heads(prefix[1].to(v.dtype) * self.scale, B, L), v), dim=2)
             if maps is not None:
-                maps.append({"raw": attn_prev.detach(), "refined": attn.detach() * self.scale})
+                entry: Dict[str, Optional[torch.Tensor]] = {"raw": attn_prev.detach(),
+                                                            "refined": attn.detach() * self.scale}
+                maps.append(entry)
             out = attn @ v
             attn_next = attn_prev
         else:
@@ -202,11 +223,11 @@ class RefinerAttention(nn.Module):
             v_tokens, L = v, 0
             if prefix is not None:
                 L = prefix[0].shape[1]
-                pk, pv = (self._heads(p.to(k.dtype), B, L) for p in prefix)
+                pk, pv = self._heads(prefix[0].to(k.dtype), B, L), self._heads(prefix[1].to(k.dtype), B, L)
                 k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
-            prev = None
-            if self.carry and attn_prev is not None:  # the carried map's token columns only
-                prev = attn_prev if attn_prev.shape[-1] == N else attn_prev[..., -N:]
+            prev: Optional[torch.Tensor] = None
+            if self.carry and attn_prev is not None:  # the carried map's token columns only (all of a plain map)
+                prev = attn_prev[..., -N:]
             explicit = self.refine or need_map or maps is not None
             if not explicit:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
@@ -221,11 +242,14 @@ class RefinerAttention(nn.Module):
                     attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
                         torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
                 attn = self.attn_drop(attn)
-                refined = None
+                refined: Optional[torch.Tensor] = None
                 if self.refine:
-                    attn = refined = self._refined(attn, L)
+                    attn = self._refined(attn, L)
+                    refined = attn
                 if maps is not None:
-                    maps.append({"raw": raw.detach(), "refined": None if refined is None else refined.detach()})
+                    record: Dict[str, Optional[torch.Tensor]] = {
+                        "raw": raw.detach(), "refined": None if refined is None else refined.detach()}
+                    maps.append(record)
                 out = attn @ v
                 if need_map:
                     attn_next = attn
@@ -257,25 +281,24 @@ class RefinerBlock(nn.Module):
         if attn_layer not in (None, "attn", vit.Attention):
             raise UserError(f"model.attn_layer={getattr(attn_layer, '__name__', attn_layer)!r} is not supported by "
                             "Refiner-ViT (its attention is RefinerAttention): remove it")
-        if device is not None or dtype is not None:
-            raise UserError("Refiner-ViT is built on the CPU in float32: move or cast the model after creation")
+        dd = dict(device=device, dtype=dtype)
         self.index = depth  # timm passes the block index as `depth`
         share = layout == "shared" and depth % 2 == 1
         self.residual_scale = residual_scale
         if residual_scale != 1.0:
             eps = norm_layer(1).eps * residual_scale ** 2
             norm_layer = partial(norm_layer, eps=eps)
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = RefinerAttention(
             dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            share=share, refine=layout == "every", carry=layout == "shared", **(refiner_args or {}))
-        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+            share=share, refine=layout == "every", carry=layout == "shared", **(refiner_args or {}), **dd)
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = norm_layer(dim, **dd)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
-                             bias=proj_bias, drop=proj_drop)
+                             bias=proj_bias, drop=proj_drop, **dd)
         ls2 = mlp_init_values or init_values
-        self.ls2 = LayerScale(dim, init_values=ls2) if ls2 else nn.Identity()
+        self.ls2 = LayerScale(dim, init_values=ls2, **dd) if ls2 else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     @property
@@ -283,7 +306,7 @@ class RefinerBlock(nn.Module):
         return self.attn.share
 
     def forward(self, x: torch.Tensor, attn_prev: Optional[torch.Tensor] = None, need_map: bool = False,
-                maps: Optional[list] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                maps: Optional[Maps] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         r = self.residual_scale  # the norms' eps holds the division by r (see the class docstring)
         y, attn_next = self.attn(self.norm1(x), attn_prev, need_map, maps)
         x = torch.add(x, self.drop_path1(self.ls1(y)), alpha=r)
@@ -305,8 +328,7 @@ class ConvStem(PatchEmbed):
                  strict_img_size: bool = True, dynamic_img_pad: bool = False, stem_norm: str = "batch",
                  stem_chs: Tuple[int, int, int] = (32, 64, 128), device=None, dtype=None):
         nn.Module.__init__(self)
-        if device is not None or dtype is not None:
-            raise UserError("Refiner-ViT is built on the CPU in float32: move or cast the model after creation")
+        dd = dict(device=device, dtype=dtype)
         p = int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
         if p < 2 or p % 2:
             raise UserError(f"model.patch_size={patch_size} does not fit the conv stem (stride 2 then patch/2): "
@@ -321,12 +343,13 @@ class ConvStem(PatchEmbed):
         self.dynamic_img_pad = dynamic_img_pad
         c1, c2, c3 = stem_chs
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False), conv_norm(stem_norm, c1), nn.ReLU(True),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), conv_norm(stem_norm, c2), nn.ReLU(True),
-            nn.Conv2d(c2, c3, 3, padding=1, bias=False), conv_norm(stem_norm, c3), nn.ReLU(True),
+            nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False, **dd), conv_norm(stem_norm, c1, **dd),
+            nn.ReLU(True),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False, **dd), conv_norm(stem_norm, c2, **dd), nn.ReLU(True),
+            nn.Conv2d(c2, c3, 3, padding=1, bias=False, **dd), conv_norm(stem_norm, c3, **dd), nn.ReLU(True),
         )
-        self.proj = nn.Conv2d(c3, embed_dim, kernel_size=p // 2, stride=p // 2, bias=bias)
-        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+        self.proj = nn.Conv2d(c3, embed_dim, kernel_size=p // 2, stride=p // 2, bias=bias, **dd)
+        self.norm = norm_layer(embed_dim, **dd) if norm_layer else nn.Identity()
 
     def set_input_size(self, img_size=None, patch_size=None):
         if patch_size is not None and tuple(to_2tuple(patch_size)) != self.patch_size:
@@ -392,8 +415,8 @@ class RefinerViT(vit.VisionTransformer):
                 raise UserError(f"model.{key} is fixed by Refiner-ViT: use model.layout / model.stem instead")
         unknown = sorted(set(kwargs) - _VIT_KWARGS)
         if unknown:
-            raise UserError(f"model.{unknown[0]} is not an argument of Refiner-ViT (timm VisionTransformer's or "
-                            f"{sorted(_OWN_KWARGS)}): remove it or check its spelling")
+            raise UnknownArgument(f"model.{unknown[0]} is not an argument of Refiner-ViT (timm VisionTransformer's "
+                                  f"or {sorted(_OWN_KWARGS)}): remove it or check its spelling")
         self.layout, self.stem_type, self.refiner_norm = layout, stem, refiner_norm
         refiner_args = dict(
             expand_ratio=refiner_expand, kernel_size=refiner_kernel_size, norm=refiner_norm,
@@ -406,25 +429,35 @@ class RefinerViT(vit.VisionTransformer):
         img_size, patch_size = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
         _check_grid(img_size, patch_size, kwargs.get("dynamic_img_size", False))
         super().__init__(*args, block_fn=block_fn, embed_layer=embed_layer, **kwargs)
+        # the blocks pass (x, map) along and are chained by _run_blocks: a ModuleList (same state-dict keys), as a
+        # Sequential's own forward cannot chain them (and TorchScript would compile it)
+        self.blocks = nn.ModuleList(self.blocks)
         self.return_dense = bool(return_dense)
         self._reset_aux_head()
 
     def _reset_aux_head(self) -> None:
+        # None without return_dense: no module, no state-dict keys, and TorchScript compiles the head without it
+        self.aux_head: Optional[nn.Module] = None
         if self.return_dense:
-            self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+            dd = get_device_dtype(self)
+            self.aux_head = nn.Linear(self.embed_dim, self.num_classes, **dd) if self.num_classes > 0 else nn.Identity()
             if isinstance(self.aux_head, nn.Linear):  # official _init_weights: trunc_normal(0.02), zero bias
                 trunc_normal_(self.aux_head.weight, std=0.02)
                 nn.init.zeros_(self.aux_head.bias)
 
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
         self._reset_aux_head()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        out = super().forward_head(x, pre_logits=pre_logits)
-        if pre_logits or not self.return_dense:
+        # timm's head spelled out (TorchScript compiles no super() call), plus the dense head
+        out = self.head_drop(self.fc_norm(self.pool(x)))
+        if pre_logits:
             return out
-        return out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).max(1)[0]
+        out = self.head(out)
+        if self.aux_head is not None:
+            out = out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).max(1)[0]
+        return out
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         super().init_weights(mode=mode, needs_reset=needs_reset)
@@ -440,31 +473,44 @@ class RefinerViT(vit.VisionTransformer):
 
     def _maps_needed(self) -> List[bool]:
         """Per block: whether a later block consumes its attention map (the next block shares it, or a later
-        attend block carries it). Blocks whose map is not needed keep the fused attention kernel."""
-        blocks = list(self.blocks)
-        need = []
-        for i, blk in enumerate(blocks):
-            later = blocks[i + 1:]
-            nxt_share = bool(later) and later[0].is_share
-            carried = blk.attn.carry and any(b.attn.carry for b in later)
-            need.append(not blk.is_share and (nxt_share or carried))
+        attend block carries it). Blocks whose map is not needed keep the fused attention kernel. Read from the
+        blocks at each call (pruned or edited blocks count), in plain loops that TorchScript compiles."""
+        share: List[bool] = []
+        carry: List[bool] = []
+        for blk in self.blocks:
+            share.append(blk.attn.share)
+            carry.append(blk.attn.carry)
+        need: List[bool] = []
+        for i in range(len(share)):
+            carried = False
+            for j in range(i + 1, len(share)):
+                carried = carried or carry[j]
+            nxt_share = i + 1 < len(share) and share[i + 1]
+            need.append(not share[i] and (nxt_share or (carry[i] and carried)))
         return need
 
-    def _run_blocks(self, x: torch.Tensor, take_indices=(), maps: Optional[list] = None, stop_at: Optional[int] = None):
+    def _run_blocks(self, x: torch.Tensor, take_indices: Optional[List[int]] = None, maps: Optional[Maps] = None,
+                    stop_at: Optional[int] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Chain the blocks, passing attention maps along; returns (x, [x after each block in take_indices])."""
-        attn = None
-        taken = []
-        blocks = self.blocks if stop_at is None else self.blocks[:stop_at + 1]
+        attn: Optional[torch.Tensor] = None
+        taken: List[torch.Tensor] = []
+        take: List[int] = []
+        if take_indices is not None:
+            take = take_indices
         need = self._maps_needed()
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and maps is None and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                x, attn_next = _checkpoint_block(blk, x, attn, need[i])
-            else:
-                x, attn_next = blk(x, attn, need[i], maps)
-            if not blk.is_share:
-                attn = attn_next  # a share block passes on the map it received (official)
-            if i in take_indices:
-                taken.append(x)
+        for i, blk in enumerate(self.blocks):
+            # stop_at: blocks after it are not run (a loop over a ModuleList cannot break in TorchScript, and a
+            # sliced one cannot be scripted)
+            if stop_at is None or i <= stop_at:
+                if not torch.jit.is_scripting() and self.grad_checkpointing and maps is None \
+                        and torch.is_grad_enabled():
+                    x, attn_next = _checkpoint_block(blk, x, attn, need[i])
+                else:
+                    x, attn_next = blk(x, attn, need[i], maps)
+                if not blk.attn.share:
+                    attn = attn_next  # a share block passes on the map it received (official)
+                if i in take:
+                    taken.append(x)
         return x, taken
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -473,18 +519,23 @@ class RefinerViT(vit.VisionTransformer):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                         is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("Refiner-ViT refines full attention maps: attn_mask/is_causal are not supported")
+    # forward(x) and forward_features(x) take no attention mask (a refined map is a full map): timm's
+    # ``attn_mask=None, is_causal=False`` would become inputs of an FX trace, which cannot branch on them
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self._run_blocks(self._embed(x))
         return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False,
-                              output_dict: bool = False, **unused) -> Any:
+                              output_dict: bool = False, attn_mask: Optional[torch.Tensor] = None,
+                              is_causal: bool = False) -> Any:
         """timm's forward_intermediates contract (NCHW or NLC intermediates, prefix tokens split off)."""
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("Refiner-ViT refines full attention maps: attn_mask/is_causal are not supported")
         assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape

@@ -24,17 +24,23 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional, Union
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers.helpers import get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import Bottleneck, ResNet
 
 from cl_vit import loading
 from cl_vit.errors import UserError
+from cl_vit.models.cfgs import mirror_cfgs
 
 __all__ = ["NormedLinear", "ResNetCifar", "Teacher", "load_teacher"]
 
@@ -46,10 +52,10 @@ class NormedLinear(nn.Module):
     that their checkpoints load as they are.
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
         self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,12 +74,13 @@ class _PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, device=None, dtype=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        dd = dict(device=device, dtype=dtype)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(planes, **dd)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(planes, **dd)
         self.shortcut = _PadShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,43 +89,73 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+@contextmanager
+def _batchnorm_statistics_kept(module: nn.Module):
+    """BatchNorm running statistics (and batch counts) of ``module`` as they were on entry, on exit."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try:
+        yield
+    finally:  # also when torch stops the recomputation early (it raises once it has what it needs)
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(bns, saved):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+
+
+def checkpoint_blocks(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Gradient checkpointing block by block, whose recomputation during backward leaves BatchNorm running
+    statistics as the one forward pass left them (torch's checkpoint alone would update them twice per batch)."""
+    for blk in blocks:
+        x = torch.utils.checkpoint.checkpoint(
+            blk, x, use_reentrant=False, context_fn=lambda b=blk: (nullcontext(), _batchnorm_statistics_kept(b)))
+    return x
+
+
 class ResNetCifar(nn.Module):
     """LDAM-DRW's ``ResNet_s`` with timm's model interface. Attribute names follow theirs (``conv1``, ``layer1..3``,
-    ``linear``) so that a Saddle-LongTail / LDAM-DRW state dict loads without renaming."""
+    ``linear``) so that a Saddle-LongTail / LDAM-DRW state dict loads without renaming. Its features
+    (``feature_info``, ``forward_intermediates``, ``features_only``) are the outputs of the three stages."""
 
     def __init__(self, depths=(5, 5, 5), widths=(16, 32, 64), num_classes: int = 10, in_chans: int = 3,
-                 use_norm: bool = False, global_pool: str = "avg"):
+                 use_norm: bool = False, global_pool: str = "avg", device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if global_pool not in ("avg", ""):
             raise ValueError(f"ResNetCifar pools by average only (global_pool={global_pool!r})")
-        self.num_classes, self.use_norm = num_classes, use_norm
+        self.num_classes, self.use_norm, self.in_chans = num_classes, use_norm, in_chans
         self.num_features = self.head_hidden_size = widths[-1]
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        in_planes, layers = widths[0], []
+        self.grad_checkpointing = False
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(widths[0], **dd)
+        in_planes, layers, self.feature_info = widths[0], [], []
         for i, (depth, planes) in enumerate(zip(depths, widths)):
             blocks = []
             for j in range(depth):
-                blocks.append(BasicBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(BasicBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, **dd))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=planes, reduction=2 ** i, module=f"layer{i + 1}"))
         self.layer1, self.layer2, self.layer3 = layers
-        self.linear = self._classifier(num_classes)
+        self.linear = self._classifier(num_classes, **dd)
         for m in self.modules():  # LDAM-DRW's _weights_init: Kaiming-normal conv and linear weights
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def _classifier(self, num_classes: int) -> nn.Module:
+    def _classifier(self, num_classes: int, device=None, dtype=None) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        return NormedLinear(self.num_features, num_classes) if self.use_norm else nn.Linear(self.num_features, num_classes)
+        dd = dict(device=device, dtype=dtype)
+        if self.use_norm:
+            return NormedLinear(self.num_features, num_classes, **dd)
+        return nn.Linear(self.num_features, num_classes, **dd)
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.linear
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.linear = self._classifier(num_classes)
+        self.linear = self._classifier(num_classes, **get_device_dtype(self))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -126,15 +163,43 @@ class ResNetCifar(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("ResNetCifar is small enough to train without gradient checkpointing")
+        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
 
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's forward_intermediates: the output of each stage in ``indices`` (NCHW)."""
+        assert output_fmt == "NCHW", "ResNetCifar gives NCHW features only"
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = F.relu(self.bn1(self.conv1(x)))
+        intermediates = []
+        stages = [self.layer1, self.layer2, self.layer3]
+        for i, stage in enumerate(stages[:max_index + 1] if stop_early else stages):
+            x = checkpoint_blocks(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one ``indices`` needs (and the classifier)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for i in range(max_index + 1, len(self.feature_info)):
+            setattr(self, f"layer{i + 1}", nn.Identity())
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+            for stage in (self.layer1, self.layer2, self.layer3):
+                x = checkpoint_blocks(stage, x)
+            return x
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -145,6 +210,33 @@ class ResNetCifar(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class ResNetLDAM(ResNet):
+    """timm's ResNet with the LDAM cosine classifier as its ``fc`` (:class:`NormedLinear`), and gradient
+    checkpointing that leaves BatchNorm statistics as one forward pass does."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_classes > 0:  # after timm's own init, which the classifier replaces
+            self.fc = NormedLinear(self.num_features, self.num_classes, **get_device_dtype(self))
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if num_classes > 0:
+            self.fc = NormedLinear(self.num_features, num_classes, **get_device_dtype(self))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = checkpoint_blocks(stage, x)
+            return x
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
 def _cfg(**kwargs) -> dict:
     return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
             "interpolation": "bicubic", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010),
@@ -153,26 +245,37 @@ def _cfg(**kwargs) -> dict:
 
 # mean/std: the CIFAR statistics of LDAM-DRW and Saddle-LongTail's training transforms
 default_cfgs = generate_default_cfgs({"resnet32_cifar.untrained": _cfg()})
+# resnet50's own cfgs: pretrained=True starts from those weights, the LDAM classifier at its initialisation
+default_cfgs["resnet50_ldam"] = mirror_cfgs("resnet50")
 
 
 @register_model
 def resnet32_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
     """ResNet-32 for 32x32 inputs (LDAM-DRW); ``use_norm=True`` for the LDAM cosine classifier."""
-    return build_model_with_cfg(ResNetCifar, "resnet32_cifar", pretrained, **dict(dict(depths=(5, 5, 5)), **kwargs))
+    return build_model_with_cfg(ResNetCifar, "resnet32_cifar", pretrained,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2)), **kwargs)
+
+
+def _ldam_filter(state_dict: dict, model: ResNetLDAM) -> dict:
+    """resnet50 weights for resnet50_ldam: a plain Linear classifier (it has a bias; NormedLinear has none) is not
+    loaded, the cosine classifier stays at its initialisation; resnet50_ldam's own weights load as they are."""
+    if "fc.bias" not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    if isinstance(model.fc, NormedLinear):
+        out["fc.weight"] = model.fc.weight.detach().clone()
+    return out
 
 
 @register_model
-def resnet50_ldam(pretrained: bool = False, num_classes: int = 1000, zero_init_last: bool = False,
-                  **kwargs) -> nn.Module:
+def resnet50_ldam(pretrained: bool = False, **kwargs) -> ResNetLDAM:
     """timm's resnet50 with a ``NormedLinear`` classifier (the LDAM teachers of Saddle-LongTail, 224x224 inputs),
     initialised as torchvision's ``resnet50()`` that imnet_train_sam.py L137 builds: Kaiming-normal (fan_out) convs,
     BatchNorm weight 1 / bias 0 everywhere. timm zero-initialises each block's last BatchNorm by default
     (``zero_init_last``), torchvision does not (``zero_init_residual=False``)."""
-    model = timm.create_model("resnet50", pretrained=pretrained, num_classes=num_classes,
-                              zero_init_last=zero_init_last, **kwargs)
-    if num_classes > 0:
-        model.fc = NormedLinear(model.num_features, num_classes)
-    return model
+    args = dict(block=Bottleneck, layers=(3, 4, 6, 3), zero_init_last=False)
+    return build_model_with_cfg(ResNetLDAM, "resnet50_ldam", pretrained, pretrained_filter_fn=_ldam_filter,
+                                **dict(args, **kwargs))
 
 
 # -- loading a trained teacher -----------------------------------------------------------------------------------
