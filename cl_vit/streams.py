@@ -9,14 +9,11 @@ number of experiences; here that is an error, or, with ``remainder="last"``, the
 """
 from __future__ import annotations
 
-import random
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
 
 # avalanche.benchmarks imports its GEM plug-in, which imports qpsolvers, which warns on import when no QP solver is
 # installed; the suite never solves a QP (no GEM), so a normal run's console stays clean
@@ -28,10 +25,9 @@ from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmar
 from torch.utils.data import Dataset  # noqa: E402
 
 from cl_vit.data.base import Source  # noqa: E402
-from cl_vit.errors import ConfigError, UserError  # noqa: E402
+from cl_vit.data.protocol import experience_sizes, resolve_class_order  # noqa: E402
+from cl_vit.errors import UserError  # noqa: E402
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-CLASS_ORDER_RULES = ("identity", "seeded", "coda")
 
 
 @dataclass
@@ -71,86 +67,6 @@ class StreamInfo:
         test = [sorted(int(c) for c in e.classes_in_this_experience) for e in scenario.test_stream]
         n = 1 + max(c for exp in train + test for c in exp)
         return cls(n, train, test, list(range(n)), [str(c) for c in range(n)], "scenario")
-
-
-# -- class order -----------------------------------------------------------------------------------------------
-
-
-def load_class_order_file(name: str | Path) -> list[int]:
-    """A class order from ``tasks/<name>`` (or a path): YAML/JSON with a ``class_order`` list, or a bare list."""
-    path = Path(name)
-    if not path.is_absolute() and not path.exists():
-        path = TASKS_DIR / name
-    if not path.exists():
-        raise UserError(f"class order file {name} not found (looked in {TASKS_DIR}): give a path or a file in tasks/")
-    data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict):
-        data = data.get("class_order")
-    if not isinstance(data, list):
-        raise UserError(f"class order file {path} must hold a list of class ids (or a mapping with key class_order)")
-    return [int(c) for c in data]
-
-
-def resolve_class_order(spec, n_classes: int, seed: int) -> tuple[list[int], str]:
-    """``spec``: "identity"; "seeded" (Python ``random.seed(seed); random.shuffle``, as CODA-Prompt shuffles);
-    "coda" (identity for seed 0, seeded otherwise: CODA-Prompt's trials); "file:NAME" (tasks/NAME); "numpy:SEED"
-    (``np.random.seed(SEED); np.random.permutation``: PyCIL / LAMDA-PILOT's order, numpy:1993); or a list."""
-    if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, str)):
-        order, rule = [int(c) for c in spec], "list"
-    elif spec == "identity" or (spec == "coda" and seed == 0):
-        order, rule = list(range(n_classes)), "identity"
-    elif spec in ("seeded", "coda"):
-        order = list(range(n_classes))
-        random.Random(seed).shuffle(order)  # same sequence as random.seed(seed); random.shuffle(order)
-        rule = f"seeded({seed})"
-    elif isinstance(spec, str) and spec.startswith("file:"):
-        order, rule = load_class_order_file(spec[5:]), spec
-    elif isinstance(spec, str) and spec.startswith("numpy:") and spec[6:].isdigit():
-        # sun-hailong/LAMDA-PILOT utils/data_manager.py L155-157: np.random.seed(seed); np.random.permutation(n)
-        order, rule = np.random.RandomState(int(spec[6:])).permutation(n_classes).tolist(), spec
-    else:
-        raise ConfigError("benchmark.class_order", spec,
-                          f"one of {CLASS_ORDER_RULES}, 'file:NAME', 'numpy:SEED' or a list of ids")
-    if sorted(order) != list(range(n_classes)):
-        raise UserError(
-            f"class order ({rule}) is not a permutation of the {n_classes} classes of the source: "
-            "fix the list so that every class id appears exactly once"
-        )
-    return order, rule
-
-
-def experience_sizes(n_classes: int, n_experiences=None, classes_per_experience=None, remainder: str = "error"):
-    """Classes per experience; every class is kept (explicit error or remainder rule, never a silent drop)."""
-    if classes_per_experience is not None and not isinstance(classes_per_experience, int):
-        sizes = [int(s) for s in classes_per_experience]
-        if sum(sizes) != n_classes or min(sizes) < 1:
-            raise ConfigError("benchmark.classes_per_experience", sizes, f"positive sizes that sum to {n_classes}")
-        return sizes
-    if classes_per_experience is not None:
-        if classes_per_experience < 1:
-            raise ConfigError("benchmark.classes_per_experience", classes_per_experience, "an integer >= 1")
-        n_experiences, per = None, int(classes_per_experience)
-        full, left = divmod(n_classes, per)
-        sizes = [per] * full
-    else:
-        n = int(n_experiences or 1)
-        if not 1 <= n <= n_classes:
-            raise ConfigError("benchmark.n_experiences", n_experiences, f"an integer from 1 to {n_classes}")
-        per, left = divmod(n_classes, n)
-        sizes = [per] * n
-    if left:
-        if remainder == "error":
-            raise UserError(
-                f"{n_classes} classes do not divide into experiences of {per} classes ({left} left over): set "
-                "benchmark.n_experiences to a divisor, or benchmark.remainder=last to give the leftovers to the last one"
-            )
-        if remainder != "last":
-            raise ConfigError("benchmark.remainder", remainder, "'error' or 'last'")
-        if sizes and n_experiences:
-            sizes[-1] += left
-        else:
-            sizes.append(left)
-    return sizes
 
 
 # -- building the scenario ---------------------------------------------------------------------------------------

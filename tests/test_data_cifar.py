@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from cl_vit.data import build_source
 from cl_vit.data.longtail import longtail_counts
 from cl_vit.errors import UserError
-from cl_vit.streams import build_stream, load_class_order_file
+from cl_vit.data.protocol import load_class_order_file
+from cl_vit.streams import build_stream
 
 
 def test_cifar10_reads_every_batch_in_order_with_names(tmp_path):

@@ -15,7 +15,8 @@ from cl_vit.data import build_source
 from cl_vit.data.imagenet_r import imagenet_r_wnids
 from cl_vit.data.transforms import (DecodeResizeCenterCrop, imagenet_eval_pipeline, random_resized_crop_box)
 from cl_vit.errors import UserError
-from cl_vit.streams import build_stream, resolve_class_order
+from cl_vit.data.protocol import resolve_class_order
+from cl_vit.streams import build_stream
 
 TINY_R = ["benchmark=imagenet-r", "benchmark.source_args.split=own", "model=vit_micro", "model.patch_size=8", "benchmark.source_args.img_size=32",
           "data.num_workers=0", "data.batch_size=8", "data.persistent_workers=false"]

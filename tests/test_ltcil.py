@@ -10,7 +10,8 @@ from data_gen import make_cifar
 from cl_vit import metrics as M
 from cl_vit.stream_results import StreamResults
 from cl_vit.run import build, run
-from cl_vit.streams import StreamInfo, load_class_order_file
+from cl_vit.data.protocol import load_class_order_file
+from cl_vit.streams import StreamInfo
 
 #: the official shuffled order's first entries (xialeiliu/Long-Tailed-CIL src/datasets/dataset_config.py L50)
 SHUFFLED_HEAD = [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]

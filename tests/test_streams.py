@@ -7,7 +7,8 @@ import torch
 
 from cl_vit.data import build_source
 from cl_vit.errors import ConfigError, UserError
-from cl_vit.streams import StreamInfo, build_stream, experience_sizes, resolve_class_order
+from cl_vit.data.protocol import experience_sizes, resolve_class_order
+from cl_vit.streams import StreamInfo, build_stream
 
 
 @pytest.fixture(scope="module")

@@ -193,8 +193,7 @@ def _ltcil_holdout(labels, n_classes: int, fraction: float = 0.1, seed: int = 0,
     """Positions kept for training and the record of what Long-Tailed-CIL's validation split held back
     (cl_vit.data.longtail.ltcil_holdout); the class order and task sizes are the stream's, as the official split is
     made per task."""
-    from cl_vit.streams import experience_sizes, resolve_class_order  # the stream's own rules (imported late: the
-    # stream module builds on cl_vit.data)
+    from cl_vit.data.protocol import experience_sizes, resolve_class_order  # the stream's own rules
 
     if not 0 <= float(fraction) < 1:
         raise UserError(f"benchmark.source_args.holdout.fraction={fraction} must be in [0, 1)")

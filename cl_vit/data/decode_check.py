@@ -52,7 +52,7 @@ def main() -> None:
     log = tempfile.TemporaryFile()
     sys.stderr.flush()
     os.dup2(log.fileno(), 2)  # libjpeg's fprintf(stderr, ...) lands here
-    json.dump([check(p, 2) for p in paths], sys.stdout)
+    sys.stdout.write(json.dumps([check(p, 2) for p in paths]))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cl_vit.data.base import Source, scan_image_folder
 from cl_vit.errors import UserError
+from cl_vit.loading import read_yaml
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
@@ -71,7 +72,6 @@ def build_imagenet100(data_root: str | Path, root: str | Path | None = None, spl
     the wnids of tasks/imagenet100-dytox.yaml. ``args``: as :func:`build_imagenet`."""
     import hashlib
 
-    import yaml
 
     from cl_vit.data.download import missing_dataset_error
     from cl_vit.data.filelist import _make_source, check_files_exist, read_file_list
@@ -90,7 +90,7 @@ def build_imagenet100(data_root: str | Path, root: str | Path | None = None, spl
     test = read_file_list(lists[1], root, 100)
     check_files_exist(train, lists[0])
     check_files_exist(test, lists[1])
-    doc = yaml.safe_load((TASKS_DIR / "imagenet100-dytox.yaml").read_text())
+    doc = read_yaml(TASKS_DIR / "imagenet100-dytox.yaml")
     wnids = [str(w) for w in doc["wnids"]]
     for (path, label), listing in [(s, lists[0]) for s in train] + [(s, lists[1]) for s in test]:
         if Path(path).parent.name != wnids[label]:

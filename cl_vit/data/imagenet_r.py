@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import yaml
 from cl_vit.data.base import Source, scan_image_folder
 from cl_vit.data.transforms import check_pipelines, decode_options, imagenet_style_datasets, resolve_normalization
 from cl_vit.data.verify import skipped_record, verify_images
