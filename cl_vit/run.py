@@ -37,7 +37,7 @@ RESUME_DEVICE_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.num_nod
 RESUME_OVERRIDABLE = ("trainer", *RESUME_DEVICE_KEYS, "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                       "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size",
                       "data.verify", "data_root", "logger", "logger.", "epoch_eval", "compile", "hydra.", "resume",
-                      "trust_code", "skip_corrupt")
+                      "trust_code", "skip_corrupt", "checkpoint_every_epochs", "keep_checkpoints")
 #: what may also change when the run stopped with status ``failed`` (a non-finite loss): the fix for the next
 #: experiences, recorded in config.yaml under ``resumed_with``
 RESUME_AFTER_FAILURE = ("optimizer.", "scheduler.", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm")
@@ -202,6 +202,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         ema_decay=OmegaConf.select(cfg, "ema.decay"),
         dataset_labels=dataset_labels(source, info) if source is not None else None,
         train=OmegaConf.select(cfg, "train", default=True) is not False,
+        checkpoint_every_epochs=int(cfg.get("checkpoint_every_epochs") or 0),
+        keep_checkpoints=cfg.get("keep_checkpoints", "all"),
     )
     try:
         runner.run()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cl_vit import loading
-from cl_vit.errors import UserError
+from cl_vit.errors import ConfigError, UserError
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -167,6 +167,39 @@ class RunDirectory:
 
     def checkpoint_path(self, i: int) -> Path:
         return self.checkpoint_dir / f"exp_{i:03d}.pt"
+
+    def epoch_checkpoint_path(self, i: int) -> Path:
+        """Experience ``i`` part-trained: its state at the last epoch boundary (``checkpoint_every_epochs``), removed
+        once the experience's own checkpoint is written."""
+        return self.checkpoint_dir / f"exp_{i:03d}.epoch.pt"
+
+    def save_epoch_checkpoint(self, i: int, state: dict) -> Path:
+        path = self.epoch_checkpoint_path(i)
+        state = plain(state, f"checkpoint {path.name}")
+        _atomic_write(path, lambda f: torch.save(state, f))
+        return path
+
+    @staticmethod
+    def check_keep(keep) -> None:
+        """``keep_checkpoints``: all, last or a count of at least 1."""
+        if str(keep) in ("all", "last") or (str(keep).isdigit() and int(keep) >= 1):
+            return
+        raise ConfigError("keep_checkpoints", keep, "all, last or the number of last checkpoints to keep (>= 1)")
+
+    def prune_checkpoints(self, i: int, keep: str | int) -> list[Path]:
+        """After experience ``i`` is saved: drop its epoch checkpoint, and the experience checkpoints that ``keep``
+        does not hold ("all"; "last"; N: the last N). Returns what was removed."""
+        removed = []
+        if self.epoch_checkpoint_path(i).exists():
+            self.epoch_checkpoint_path(i).unlink()
+            removed.append(self.epoch_checkpoint_path(i))
+        n = None if str(keep) == "all" else 1 if str(keep) == "last" else int(keep)
+        if n is not None:
+            for k in range(0, i + 1 - n):
+                if self.checkpoint_path(k).exists():
+                    self.checkpoint_path(k).unlink()
+                    removed.append(self.checkpoint_path(k))
+        return removed
 
     def has_results(self) -> bool:
         return self.results_path.exists()

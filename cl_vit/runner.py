@@ -141,15 +141,15 @@ class ExperienceProgressBar(TQDMProgressBar):
 
 
 class _SigkillAt(Callback):
-    """Fault injection for the resume test: CL_VIT_TEST_SIGKILL_AT="EXP:BATCH" kills the process there."""
+    """Fault injection for the resume tests: CL_VIT_TEST_SIGKILL_AT="EXP:BATCH[:EPOCH]" kills the process there."""
 
     def __init__(self, index: int, spec: str):
-        exp, batch = (int(v) for v in spec.split(":"))
+        exp, batch, *epoch = (int(v) for v in spec.split(":"))
         self.active = exp == index
-        self.batch = batch
+        self.batch, self.epoch = batch, (epoch[0] if epoch else 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.active and batch_idx >= self.batch:
+        if self.active and trainer.current_epoch >= self.epoch and batch_idx >= self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -179,6 +179,65 @@ class _EpochTimes(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.seconds.append(time.perf_counter() - self._t0)
+
+
+def _rng_state(generator: torch.Generator | None) -> dict:
+    """Every random state a training epoch draws from, as tensors and plain values (weights_only loadable)."""
+    import random
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(cached)],
+             "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "loader" in state:
+        generator.set_state(state["loader"])
+
+
+class _EpochCheckpoint(Callback):
+    """``checkpoint_every_epochs``: every k epochs of a long experience, its state at the epoch boundary (network,
+    optimiser, schedule, Lightning's loops, strategies, every random state), so that a resume after a preemption
+    continues from there with the results an uninterrupted run gives. Written through the run directory (plain
+    types, atomic) and read back by Lightning with ``weights_only=True``."""
+
+    def __init__(self, runner: "ContinualRunner", index: int, every: int, generator: torch.Generator | None):
+        self.runner, self.index, self.every, self.generator = runner, index, int(every), generator
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        done = trainer.current_epoch + 1
+        if self.every <= 0 or done % self.every or done >= (trainer.max_epochs or 0):
+            return
+        if self.runner.stop_signal is not None:  # stopping: the state is mid-way through nothing worth keeping
+            return
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if distributed.is_rank_zero():
+            self.runner.run_dir.save_epoch_checkpoint(self.index, state)
+        distributed.barrier()
+
+    def state_dict(self) -> dict:
+        return {"rng": _rng_state(self.generator),
+                "strategies": {s.name: s.state_dict() for s in self.runner.module.strategies}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.runner.module.strategies:
+            s.load_state_dict(state["strategies"].get(s.name, {}))
+        _set_rng_state(state["rng"], self.generator)
 
 
 class _StopOnSignal(Callback):
@@ -259,8 +318,14 @@ class ContinualRunner:
         ema_decay: float | None = None,
         dataset_labels: Sequence[int] | None = None,
         train: bool = True,
+        checkpoint_every_epochs: int = 0,
+        keep_checkpoints: str | int = "all",
     ):
         self.module = module
+        #: a state every k epochs inside an experience (0: only at its end); which experience checkpoints stay
+        self.checkpoint_every_epochs = int(checkpoint_every_epochs or 0)
+        RunDirectory.check_keep(keep_checkpoints)
+        self.keep_checkpoints = keep_checkpoints
         self.scenario = scenario
         self.info = info
         self.run_dir = run_dir
@@ -293,6 +358,7 @@ class ContinualRunner:
         repeated epoch (the Trainer then keeps Lightning from replacing the sampler)."""
         cfg = self.loader
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._generator = generator
         sampler = None
         if repeated:
             from timm.data.distributed_sampler import RepeatAugSampler
@@ -439,11 +505,14 @@ class ContinualRunner:
             )
             repeated = self.loader.repeated_aug
             loader = self._loader(experience.dataset, True, experience_seed(self.seed, i), repeated=repeated)
+            shuffle_generator = self._generator  # the training order's random state (checkpointed with the rest)
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
             per_process = len(loader) if repeated else math.ceil(len(loader) / distributed.world_size())
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
             # Lightning would wrap the repeated-augmentation sampler in its own distributed one: it shards already
             callbacks = self._fit_callbacks(i)
+            if self.checkpoint_every_epochs:
+                callbacks.append(_EpochCheckpoint(self, i, self.checkpoint_every_epochs, shuffle_generator))
             epochs = _EpochTimes()
             trainer = self._trainer(i, callbacks=[epochs, *callbacks], log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))
@@ -456,8 +525,13 @@ class ContinualRunner:
                 for s in self.module.strategies:
                     s.before_experience(self.module, info)
                 cost.fit_started(self.module)
+                partial = self.run_dir.epoch_checkpoint_path(i)
                 if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
-                    trainer.fit(self.module, train_dataloaders=loader)
+                    if partial.exists():  # a resume after a preemption: from the last epoch boundary on
+                        log.info("  continuing experience %d from %s", i + 1, partial.name)
+                        trainer.fit(self.module, train_dataloaders=loader, ckpt_path=str(partial), weights_only=True)
+                    else:
+                        trainer.fit(self.module, train_dataloaders=loader)
                 self._check_stop(i)  # arrived in fit's last step or outside a step
                 self.module.to(device)
                 for s in self.module.strategies:
@@ -578,6 +652,7 @@ class ContinualRunner:
         rd.write_json("results.json", doc)
         self._saved = doc
         rd.write_file("accuracy_matrix.csv", matrix_csv(self.results.accuracy_matrix()))
+        rd.prune_checkpoints(i, self.keep_checkpoints)
 
     def _report(self, i: int) -> None:
         R = self.results.accuracy_matrix()

@@ -473,3 +473,41 @@ def test_a_printed_resume_line_pastes_as_printed(path):
     assert words[:3] == ["python", "-m", "cl_vit.run"] and len(words) == 4
     parsed = OverridesParser.create().parse_override(words[3])
     assert parsed.key_or_group == "resume" and parsed.value() == path
+
+
+# -- preemption inside a long experience (issue 24, item 7) ---------------------------------------------------------
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["module"]
+
+
+def test_a_kill_inside_an_experience_resumes_from_the_last_epoch_boundary_with_equal_results(tmp_path, data_root):
+    """SIGKILL in experience 2, epoch 3 of 4, with a checkpoint every epoch: the resume continues from epoch 3's
+    start (it does not retrain epochs 1-2) and ends with the results and weights of an uninterrupted run."""
+    args = [*THREE, "trainer.max_epochs=4", "checkpoint_every_epochs=1"]
+    ref = run(compose(args, data_root), tmp_path / "ref")
+    cut = tmp_path / "cut"
+    killed = run_cli(*args, f"hydra.run.dir={cut}", data_root=data_root,
+                     env={"CL_VIT_TEST_SIGKILL_AT": "1:1:2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (cut / "checkpoints" / "exp_001.epoch.pt").exists() and not (cut / "checkpoints" / "exp_001.pt").exists()
+    part = torch.load(cut / "checkpoints" / "exp_001.epoch.pt", weights_only=True)
+    assert part["epoch"] == 1  # the state after epochs 1 and 2 (Lightning counts from 0)
+    resumed = run_cli(f"resume={cut}", data_root=data_root, check=True)
+    assert "continuing experience 2 from exp_001.epoch.pt" in resumed.stdout + resumed.stderr
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["accuracy_matrix"] == ref["accuracy_matrix"] and doc["confusion"] == ref["confusion"]
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "exp_002.pt"), _weights(cut / "checkpoints" / "exp_002.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((cut / "checkpoints").glob("*.epoch.pt"))  # dropped once each experience is saved
+
+
+def test_keep_checkpoints_last_keeps_what_resume_needs(tmp_path, data_root):
+    run(compose([*THREE, "keep_checkpoints=last"], data_root), tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["exp_002.pt"]
+    run(compose([*THREE, "keep_checkpoints=2"], data_root), tmp_path / "two")
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["exp_001.pt", "exp_002.pt"]
+    with pytest.raises(UserError) as e:
+        run(compose([*THREE, "keep_checkpoints=none"], data_root), tmp_path / "bad")
+    assert "keep_checkpoints" in str(e.value) and not (tmp_path / "bad" / "results.json").exists()
