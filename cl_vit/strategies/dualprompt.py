@@ -40,6 +40,14 @@ class PromptPool(nn.Module):
                             f"than the {n_tasks} experiences; set strategy.dualprompt.pool_size={n_tasks}")
         self.task_id.fill_(index)
 
+    def frozen_rows(self) -> dict[str, list[int]]:
+        """With the task-id bootstrap (DualPrompt) an experience trains its own E-prompt and key only (L259-263): the
+        other rows get no gradient and stay as they are; L2P's selection may train any row."""
+        if not self.task_id_bootstrap:
+            return {}
+        others = [r for r in range(self.pool_size) if r != int(self.task_id)]
+        return {f"e_{n}_{e}": others for e in self.e_layers for n in ("p", "k")}
+
     def forward(self, query: torch.Tensor, layer: int, train: bool = False):
         B = query.shape[0]
         loss = query.new_zeros(())
