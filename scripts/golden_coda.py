@@ -9,7 +9,8 @@ rate and the loss, at each task's end the correct test images per task (the accu
 trained parameters. Nothing of the official code is copied or changed on disk; at run time this script only
 
 * makes ``.cuda()`` an identity (a copy, as a device move is: vit.py L186 adds into the tensor it returns) and
-  ``torch.cuda.set_device`` a no-op, and runs with ``gpuid = [-1]`` (one process, no DataParallel);
+  ``torch.cuda.set_device`` a no-op, and runs with ``gpuid = [-1]`` (one process, no DataParallel), or for ``l2p4``
+  with 4 entries and the learner's model in ``DataParallelOnOneDevice`` (the 4-GPU runs' forward, on one device);
 * writes a tiny CIFAR-100 in the official pickle format (``STREAM``: 6 classes of generated 32 x 32 images, 3 tasks
   of 2) and skips the md5 check of the real files (dataloader.py L212, L260);
 * replaces the training and test transforms by ``ToTensor()`` (augmentation off; dataloaders/utils.py
@@ -45,11 +46,13 @@ STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epoc
 BACKBONE = dict(img_size=32, patch_size=16, embed_dim=768, depth=5, num_heads=12, mlp_ratio=1.0)
 #: the official head is 100 wide (CIFAR-100, trainer.py L36-39); the suite's covers the stream's classes
 OFFICIAL_CLASSES = 100
-#: --prompt_param of each method, small pools for a CPU (experiments/cifar-100.sh uses 100 8 0.0, 10 20 6, 30 20 -1)
+#: learner, --prompt_param (small pools for a CPU; experiments/cifar-100.sh uses 100 8 0.0, 10 20 6, 30 20 -1) and
+#: devices of each run: "l2p4" is L2P++ as published, DataParallel over 4 GPUs (experiments/cifar-100.sh L10)
 METHODS = {
-    "coda": ("CODAPrompt", [6, 8, 0.0]),
-    "dual": ("DualPrompt", [3, 4, 2]),
-    "l2p": ("L2P", [6, 4, -1]),
+    "coda": ("CODAPrompt", [6, 8, 0.0], 1),
+    "dual": ("DualPrompt", [3, 4, 2], 1),
+    "l2p": ("L2P", [6, 4, -1], 1),
+    "l2p4": ("L2P", [6, 4, -1], 4),
 }
 LR, SEED = 1e-3, 0
 
@@ -97,6 +100,22 @@ def write_cifar(root: Path) -> None:
             pickle.dump({"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1), "fine_labels": y.tolist()}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(OFFICIAL_CLASSES)]}, f)
+
+
+class DataParallelOnOneDevice(torch.nn.Module):
+    """What torch's DataParallel computes, on one device: the batch scattered in ``n`` chunks (``Tensor.chunk``, as
+    its scatter), the module run on each, the outputs gathered along dim 0 (each chunk's (1,) prompt loss into an
+    (n,) tensor, which learners/prompt.py L37 sums). The learner sees ``.module`` as under DataParallel."""
+
+    def __init__(self, module: torch.nn.Module, n: int):
+        super().__init__()
+        self.module, self.n = module, n
+
+    def forward(self, x, *args, **kwargs):
+        outs = [self.module(chunk, *args, **kwargs) for chunk in x.chunk(self.n)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
 
 
 class FixedOrder(torch.utils.data.Sampler):
@@ -162,14 +181,20 @@ def run(official: Path, method: str, work: Path) -> dict:
     """The official run of ``method`` (coda, dual, l2p) on the stream; returns its numbers."""
     import trainer as tr
 
-    name, prompt_param = METHODS[method]
+    import learners.prompt as lp
+
+    name, prompt_param, devices = METHODS[method]
     tr.DataLoader = fixed_order(tr.DataLoader_)
+    learner_class = getattr(lp, name)
+    create = learner_class.__dict__.get("create_model_", learner_class.create_model)
+    learner_class.create_model_ = create
+    learner_class.create_model = (lambda self: DataParallelOnOneDevice(create(self), devices)) if devices > 1 else create
     write_cifar(work / "data")
     args = argparse.Namespace(
         dataset="CIFAR100", first_split_size=2, other_split_size=2, max_task=STREAM["tasks"], rand_split=True,
         batch_size=STREAM["batch"], workers=0, schedule=[STREAM["epochs"]], schedule_type="cosine",
         optimizer="Adam", lr=LR, momentum=0.9, weight_decay=0.0, model_type="zoo", model_name="vit_pt_imnet",
-        gpuid=[-1], memory=0, temp=2.0, DW=False, upper_bound_flag=False, oracle_flag=False,
+        gpuid=[-1] * devices, memory=0, temp=2.0, DW=False, upper_bound_flag=False, oracle_flag=False,
         learner_type="prompt", learner_name=name, prompt_param=prompt_param, overwrite=1, debug_mode=0,
         log_dir=str(work / "log"), dataroot=str(work / "data"), validation=False, train_aug=False, repeat=1)
     import random
@@ -177,7 +202,8 @@ def run(official: Path, method: str, work: Path) -> dict:
     random.seed(SEED), np.random.seed(SEED), torch.manual_seed(SEED)  # run.py L140-144
     trainer = tr.Trainer(args, SEED, ["acc", "time"], ["global", "pt", "pt-local"])
     learner = trainer.learner
-    model, prompt = learner.model, learner.model.prompt
+    model = getattr(learner.model, "module", learner.model)  # the network itself (under DataParallel: .module)
+    prompt = model.prompt
     start = initial_backbone()
     with torch.no_grad():  # the head: the stream's rows as the suite starts them, the rest never used
         model.last.weight.copy_(start["head.weight"]), model.last.bias.copy_(start["head.bias"])
@@ -219,8 +245,8 @@ def run(official: Path, method: str, work: Path) -> dict:
         if t_index == trainer.current_t_index:  # the row is complete
             counts.append(evaluated.copy())
             evaluated.clear()
-            params = list(learner.model.prompt.parameters())
-            params += [learner.model.last.weight[:STREAM["n_classes"]], learner.model.last.bias[:STREAM["n_classes"]]]
+            params = [*model.prompt.parameters(), model.last.weight[:STREAM["n_classes"]],
+                      model.last.bias[:STREAM["n_classes"]]]
             norms.append(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))))
         return acc
 

@@ -69,12 +69,26 @@ OFFICIAL = {'coda': {'lr': LR,
                   311.70623779296875, 311.0764465332031, 310.71466064453125, 310.5931091308594, 310.2746887207031,
                   310.04425048828125],
          'correct': [[7], [7, 0], [6, 0, 10]],
-         'norm': [87.66502672393446, 87.67019165122386, 87.66058730902739]}}
+         'norm': [87.66502672393446, 87.67019165122386, 87.66058730902739]},
+ 'l2p4': {'lr': LR,
+          'loss': [81.16857147216797, 81.38684844970703, 81.01512908935547, 80.82106018066406, 80.80530548095703,
+                   80.8849105834961, 80.69544982910156, 80.33507537841797, 80.23089599609375, 80.1900863647461,
+                   80.12454223632812, 80.0996322631836, 80.483154296875, 80.05528259277344, 80.04248046875,
+                   79.73844909667969, 79.52227020263672, 79.68426513671875, 79.42940521240234, 79.29173278808594,
+                   79.18976593017578, 79.13432312011719, 79.06147003173828, 79.07271575927734, 79.12693786621094,
+                   78.94813537597656, 78.64423370361328, 78.64225006103516, 78.30408477783203, 78.28231048583984,
+                   78.14899444580078, 78.01252746582031, 77.91364288330078, 77.82605743408203, 77.75289154052734,
+                   77.67247009277344],
+          'correct': [[7], [7, 0], [6, 0, 10]],
+          'norm': [87.66502672373306, 87.67019164572359, 87.6605873179384]}}
 
 
-RECIPES = {"coda": ("coda-prompt-cifar100", "coda_prompt", ["pool_size", "length", "ortho_mu"]),
-           "dual": ("dualprompt-cifar100", "dualprompt", ["pool_size", "e_length", "g_length"]),
-           "l2p": ("l2p-cifar100", "l2p", ["pool_size", "length", None])}
+#: the suite's recipe of each official run, the names of its --prompt_param values, and what else differs: the
+#: one-device official L2P++ run computes the key loss over the whole batch (the recipe: per quarter, as 4 GPUs do)
+RECIPES = {"coda": ("coda-prompt-cifar100", "coda_prompt", ["pool_size", "length", "ortho_mu"], []),
+           "dual": ("dualprompt-cifar100", "dualprompt", ["pool_size", "e_length", "g_length"], []),
+           "l2p": ("l2p-cifar100", "l2p", ["pool_size", "length", None], ["strategy.l2p.key_loss_shards=1"]),
+           "l2p4": ("l2p-cifar100", "l2p", ["pool_size", "length", None], [])}
 
 
 def stream():
@@ -101,8 +115,8 @@ def suite_run(method, tmp_path, monkeypatch):
     from cl_vit.strategies.coda_prompt import CodaPromptPool
     from cl_vit.strategies.dualprompt import PromptPool
 
-    recipe, strategy, keys = RECIPES[method]
-    _, param = golden.METHODS[method]
+    recipe, strategy, keys, more = RECIPES[method]
+    _, param, _ = golden.METHODS[method]
     weights = golden.initial_backbone()
     n = golden.STREAM["n_classes"]
     weights["head.weight"], weights["head.bias"] = weights["head.weight"][:n], weights["head.bias"][:n]
@@ -113,7 +127,7 @@ def suite_run(method, tmp_path, monkeypatch):
             f"trainer.max_epochs={golden.STREAM['epochs']}", f"data.batch_size={golden.STREAM['batch']}",
             "trainer.accelerator=cpu", "logger=none", "data.num_workers=0", "data.persistent_workers=false",
             f"optimizer.lr={golden.LR}", f"seed={golden.SEED}"]
-    over += [f"strategy.{strategy}.{k}={v}" for k, v in zip(keys, param) if k]
+    over += [f"strategy.{strategy}.{k}={v}" for k, v in zip(keys, param) if k] + more
     cfg = compose(over, tmp_path / "data")
 
     start_coda, start_pool = CodaPromptPool.start_task, PromptPool.start_task
@@ -160,7 +174,30 @@ def suite_run(method, tmp_path, monkeypatch):
     return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "correct": correct, "norm": norms}
 
 
-@pytest.mark.parametrize("method", ["coda", "dual", "l2p"])
+@pytest.mark.parametrize("recipe", ["coda-prompt", "dualprompt", "l2p"])
+@pytest.mark.parametrize("benchmark", ["cifar100", "imagenet-r"])
+def test_coda_protocol_recipes_run_as_the_official_runs(recipe, benchmark):
+    import timm
+
+    cfg = compose([f"experiment={recipe}-{benchmark}"])
+    # trainer.py L185 drop_last; utils/schedulers.py L19-20 as the runs step it; learners/prompt.py L66-67 Adam
+    assert cfg.data.drop_last is True and cfg.scheduler.name == "coda_cosine"
+    assert (cfg.optimizer.name, cfg.optimizer.weight_decay) == ("adam", 0.0)
+    if recipe == "l2p":
+        assert cfg.strategy.l2p.key_loss_shards == 4  # experiments/*.sh GPUID='0 1 2 3'
+    # requirements.txt's timm 0.4.12 weights; the upgraded timm's default is the other candidate, selectable
+    assert cfg.model.pretrained_tag == "augreg_in21k_ft_in1k"
+    files = {tag: timm.models.get_pretrained_cfg(f"vit_base_patch16_224.{tag}").hf_hub_id
+             for tag in ("augreg_in21k_ft_in1k", "augreg2_in21k_ft_in1k")}
+    assert len(set(files.values())) == 2
+    other = compose([f"experiment={recipe}-{benchmark}", "model.pretrained_tag=augreg2_in21k_ft_in1k"])
+    assert other.model.pretrained_tag == "augreg2_in21k_ft_in1k"
+    if (recipe, benchmark) == ("l2p", "imagenet-r"):  # once: the closer-look recipes, whose loop drops it too
+        for closer in ("closer-look-imagenet-r", "closer-look-imagenet-r-predkd"):
+            assert compose([f"experiment={closer}"]).data.drop_last is True
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
 def test_suite_recipe_follows_the_official_run(method, tmp_path, data_root, monkeypatch):
     if method not in OFFICIAL:
         pytest.skip("no official numbers recorded")
