@@ -1,9 +1,10 @@
 """Golden trajectories from CODA-Prompt's own training loop (GT-RIPL/CODA-Prompt) on a tiny stream, on a CPU.
 
-    python scripts/golden_coda.py /path/to/CODA-Prompt [--method coda|dual|l2p|all]
+    python scripts/golden_coda.py /path/to/CODA-Prompt [--method coda|dual|l2p|l2p4|ftpp|all]
 
-runs the official ``Trainer.train`` (trainer.py) with the official learners (learners/prompt.py, default.py), models
-(models/zoo.py, models/vit.py), data set class (dataloaders/dataloader.py iCIFAR100) and scheduler
+runs the official ``Trainer.train`` (trainer.py) with the official learners (learners/prompt.py CODAPrompt, DualPrompt,
+L2P; learners/default.py FinetunePlus, the FT++ of the paper and of "A Closer Look at Rehearsal-Free Continual
+Learning"), models (models/zoo.py, models/vit.py), data set class (dataloaders/dataloader.py iCIFAR100) and scheduler
 (utils/schedulers.py), and prints what tests/test_golden_coda.py asserts the suite reproduces: per step the learning
 rate and the loss, at each task's end the correct test images per task (the accuracy matrix) and the norm of the
 trained parameters. Nothing of the official code is copied or changed on disk; at run time this script only
@@ -26,7 +27,9 @@ trained parameters. Nothing of the official code is copied or changed on disk; a
   construction so that the uniform draws of ``tensor_prompt`` do not shift them); L2P / DualPrompt prompts start from
   ``initial_prompts``.
 
-The numbers depend on nothing else; tests/test_golden_coda.py builds the same stream, weights and seeds.
+The numbers depend on nothing else; tests/test_golden_coda.py builds the same stream, weights and seeds. The official
+code needs nothing the suite does not install (torch, torchvision, timm, whose old module paths it imports still
+resolve, numpy, Pillow, PyYAML). Run it from a checkout outside this repository; it writes only to a temporary folder.
 """
 from __future__ import annotations
 
@@ -46,15 +49,17 @@ STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epoc
 BACKBONE = dict(img_size=32, patch_size=16, embed_dim=768, depth=5, num_heads=12, mlp_ratio=1.0)
 #: the official head is 100 wide (CIFAR-100, trainer.py L36-39); the suite's covers the stream's classes
 OFFICIAL_CLASSES = 100
-#: learner, --prompt_param (small pools for a CPU; experiments/cifar-100.sh uses 100 8 0.0, 10 20 6, 30 20 -1) and
-#: devices of each run: "l2p4" is L2P++ as published, DataParallel over 4 GPUs (experiments/cifar-100.sh L10)
+#: learner (learners/<module>.py <class>), --prompt_param (small pools for a CPU; experiments/cifar-100.sh uses
+#: 100 8 0.0, 10 20 6, 30 20 -1), devices and learning rate of each run: "l2p4" is L2P++ as published, DataParallel
+#: over 4 GPUs (experiments/cifar-100.sh L10); "ftpp" is FT++, every weight trained at configs/cifar-100_ft.yaml's rate
 METHODS = {
-    "coda": ("CODAPrompt", [6, 8, 0.0], 1),
-    "dual": ("DualPrompt", [3, 4, 2], 1),
-    "l2p": ("L2P", [6, 4, -1], 1),
-    "l2p4": ("L2P", [6, 4, -1], 4),
+    "coda": ("prompt", "CODAPrompt", [6, 8, 0.0], 1, 1e-3),
+    "dual": ("prompt", "DualPrompt", [3, 4, 2], 1, 1e-3),
+    "l2p": ("prompt", "L2P", [6, 4, -1], 1, 1e-3),
+    "l2p4": ("prompt", "L2P", [6, 4, -1], 4, 1e-3),
+    "ftpp": ("default", "FinetunePlus", [1, 1, 1], 1, 5e-5),
 }
-LR, SEED = 1e-3, 0
+SEED = 0
 
 
 def prompt_seed(task: int) -> int:
@@ -178,14 +183,14 @@ def _patch(official: Path) -> None:
 
 
 def run(official: Path, method: str, work: Path) -> dict:
-    """The official run of ``method`` (coda, dual, l2p) on the stream; returns its numbers."""
+    """The official run of ``method`` (a key of METHODS) on the stream; returns its numbers."""
+    import importlib
+
     import trainer as tr
 
-    import learners.prompt as lp
-
-    name, prompt_param, devices = METHODS[method]
+    kind, name, prompt_param, devices, lr = METHODS[method]
     tr.DataLoader = fixed_order(tr.DataLoader_)
-    learner_class = getattr(lp, name)
+    learner_class = getattr(importlib.import_module(f"learners.{kind}"), name)
     create = learner_class.__dict__.get("create_model_", learner_class.create_model)
     learner_class.create_model_ = create
     learner_class.create_model = (lambda self: DataParallelOnOneDevice(create(self), devices)) if devices > 1 else create
@@ -193,9 +198,9 @@ def run(official: Path, method: str, work: Path) -> dict:
     args = argparse.Namespace(
         dataset="CIFAR100", first_split_size=2, other_split_size=2, max_task=STREAM["tasks"], rand_split=True,
         batch_size=STREAM["batch"], workers=0, schedule=[STREAM["epochs"]], schedule_type="cosine",
-        optimizer="Adam", lr=LR, momentum=0.9, weight_decay=0.0, model_type="zoo", model_name="vit_pt_imnet",
+        optimizer="Adam", lr=lr, momentum=0.9, weight_decay=0.0, model_type="zoo", model_name="vit_pt_imnet",
         gpuid=[-1] * devices, memory=0, temp=2.0, DW=False, upper_bound_flag=False, oracle_flag=False,
-        learner_type="prompt", learner_name=name, prompt_param=prompt_param, overwrite=1, debug_mode=0,
+        learner_type=kind, learner_name=name, prompt_param=prompt_param, overwrite=1, debug_mode=0,
         log_dir=str(work / "log"), dataroot=str(work / "data"), validation=False, train_aug=False, repeat=1)
     import random
 
@@ -207,7 +212,9 @@ def run(official: Path, method: str, work: Path) -> dict:
     start = initial_backbone()
     with torch.no_grad():  # the head: the stream's rows as the suite starts them, the rest never used
         model.last.weight.copy_(start["head.weight"]), model.last.bias.copy_(start["head.bias"])
-    if method == "coda":  # the start draws (zoo.py L31-39), without the uniform draws between them
+    if prompt is None:  # FT++: the backbone and head as loaded
+        pass
+    elif method == "coda":  # the start draws (zoo.py L31-39), without the uniform draws between them
         torch.manual_seed(prompt_seed(0))
         for e in prompt.e_layers:
             for n in ("p", "k", "a"):
@@ -245,8 +252,9 @@ def run(official: Path, method: str, work: Path) -> dict:
         if t_index == trainer.current_t_index:  # the row is complete
             counts.append(evaluated.copy())
             evaluated.clear()
-            params = [*model.prompt.parameters(), model.last.weight[:STREAM["n_classes"]],
-                      model.last.bias[:STREAM["n_classes"]]]
+            head = {id(model.last.weight), id(model.last.bias)}
+            params = [p[:STREAM["n_classes"]] if id(p) in head else p  # the stream's rows of the head
+                      for g in learner.optimizer.param_groups for p in g["params"]]
             norms.append(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))))
         return acc
 

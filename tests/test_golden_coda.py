@@ -1,4 +1,4 @@
-"""Golden trajectories: the suite's CODA-P, DualPrompt and L2P++ recipes against CODA-Prompt's own training loop.
+"""Golden trajectories: the suite's CODA-P, DualPrompt, L2P++ and FT++ against CODA-Prompt's own training loop.
 
 The numbers below were produced by the official code (GT-RIPL/CODA-Prompt @ 6417d4f68754be68b697c7ca2323ee61e791e1a3)
 on a tiny stream, on a CPU, with
@@ -6,10 +6,12 @@ on a tiny stream, on a CPU, with
     python scripts/golden_coda.py /path/to/CODA-Prompt --method all
 
 (the script says what it changes at run time: ``.cuda()``, the data files, the transforms, the backbone's size, the
-seeds of the batches and of the prompt initialisation). Each test runs the suite's recipe
-(experiment=coda-prompt-cifar100, ...) on the same stream, from the same weights and seeds, and asserts per step the
-learning rate (exactly: the schedule as the official runs step it, drop_last's batch count) and the loss (to 1e-5
-relative), and at each task's end the correct test images per task (exactly) and the norm of the trained parameters.
+seeds of the batches and of the prompt initialisation; L2P++ also as published, under 4-GPU DataParallel). Each test
+runs the suite's recipe (experiment=coda-prompt-cifar100, ...) on the same stream, from the same weights and seeds,
+and asserts per step the learning rate (exactly: the schedule as the official runs step it, drop_last's batch count)
+and the loss (to 1e-5 relative), and at each task's end the correct test images per task (exactly) and the norm of
+the trained parameters (to 1e-5 relative). The closer-look L2 / EWC / LwF.MC learners are not in CODA-Prompt's
+repository (the authors' own repository holds them: docs/recipes.md).
 """
 import importlib.util
 
@@ -29,7 +31,7 @@ _spec.loader.exec_module(golden)
 
 # -- the official numbers (python scripts/golden_coda.py CODA-Prompt --method all, at the commit above) ---------------
 
-# the learning rate of each step: one schedule for the three methods (the script prints it for each)
+# the learning rate of each step: one schedule for the prompt methods (the script prints it for each)
 LR = [0.001, 0.001, 0.001, 0.001, 0.0009520226269456766, 0.0009520226269456766, 0.000812694164433094,
       0.000812694164433094, 0.0005953838397083548, 0.0005953838397083548, 0.0003209436098072094,
       0.0003209436098072094, 0.001, 0.001, 0.001, 0.001, 0.0009520226269456766, 0.0009520226269456766,
@@ -80,15 +82,34 @@ OFFICIAL = {'coda': {'lr': LR,
                    78.14899444580078, 78.01252746582031, 77.91364288330078, 77.82605743408203, 77.75289154052734,
                    77.67247009277344],
           'correct': [[7], [7, 0], [6, 0, 10]],
-          'norm': [87.66502672373306, 87.67019164572359, 87.6605873179384]}}
+          'norm': [87.66502672373306, 87.67019164572359, 87.6605873179384]},
+ 'ftpp': {'lr': [5e-05, 5e-05, 5e-05, 5e-05, 4.760113134728383e-05, 4.760113134728383e-05, 4.06347082216547e-05,
+                 4.06347082216547e-05, 2.9769191985417743e-05, 2.9769191985417743e-05, 1.604718049036047e-05,
+                 1.604718049036047e-05, 5e-05, 5e-05, 5e-05, 5e-05, 4.760113134728383e-05, 4.760113134728383e-05,
+                 4.06347082216547e-05, 4.06347082216547e-05, 2.9769191985417743e-05, 2.9769191985417743e-05,
+                 1.604718049036047e-05, 1.604718049036047e-05, 5e-05, 5e-05, 5e-05, 5e-05, 4.760113134728383e-05,
+                 4.760113134728383e-05, 4.06347082216547e-05, 4.06347082216547e-05, 2.9769191985417743e-05,
+                 2.9769191985417743e-05, 1.604718049036047e-05, 1.604718049036047e-05],
+          'loss': [0.7632989287376404, 4.247512340545654, 2.1645395755767822, 0.5729905366897583, 1.2123864889144897,
+                   1.6915340423583984, 1.2615065574645996, 0.5965585708618164, 0.5692822337150574, 0.6447046995162964,
+                   0.6425626873970032, 0.5650279521942139, 0.8891333937644958, 2.2091150283813477, 1.6057144403457642,
+                   0.6230130791664124, 0.873696506023407, 0.6370943188667297, 0.7708376049995422, 0.8162737488746643,
+                   0.678429901599884, 0.6040956974029541, 0.5797941088676453, 0.7330004572868347, 0.909680962562561,
+                   1.3252800703048706, 0.6037445068359375, 0.511282205581665, 0.560038149356842, 0.39379608631134033,
+                   0.2565110921859741, 0.38061946630477905, 0.22471538186073303, 0.15189963579177856,
+                   0.13107681274414062, 0.12190265953540802],
+          'correct': [[5], [5, 0], [0, 0, 10]],
+          'norm': [125.64453731696173, 125.64680369390118, 125.65004297216744]}}
 
 
-#: the suite's recipe of each official run, the names of its --prompt_param values, and what else differs: the
-#: one-device official L2P++ run computes the key loss over the whole batch (the recipe: per quarter, as 4 GPUs do)
-RECIPES = {"coda": ("coda-prompt-cifar100", "coda_prompt", ["pool_size", "length", "ortho_mu"], []),
-           "dual": ("dualprompt-cifar100", "dualprompt", ["pool_size", "e_length", "g_length"], []),
-           "l2p": ("l2p-cifar100", "l2p", ["pool_size", "length", None], ["strategy.l2p.key_loss_shards=1"]),
-           "l2p4": ("l2p-cifar100", "l2p", ["pool_size", "length", None], [])}
+#: the suite's recipe of each official run, its strategy and the names of its --prompt_param values, and what else
+#: differs: the one-device official L2P++ run computes the key loss over the whole batch (the recipe: per quarter, as
+#: 4 GPUs do); FT++ has no recipe of its own: CODA-Prompt's CIFAR-100 protocol with strategy=ftpp and its loader
+RECIPES = {"coda": (["experiment=coda-prompt-cifar100"], "coda_prompt", ["pool_size", "length", "ortho_mu"]),
+           "dual": (["experiment=dualprompt-cifar100"], "dualprompt", ["pool_size", "e_length", "g_length"]),
+           "l2p": (["experiment=l2p-cifar100", "strategy.l2p.key_loss_shards=1"], "l2p", ["pool_size", "length"]),
+           "l2p4": (["experiment=l2p-cifar100"], "l2p", ["pool_size", "length"]),
+           "ftpp": (["benchmark=cifar100-coda", "strategy=ftpp", "data.drop_last=true"], "finetune", [])}
 
 
 def stream():
@@ -115,19 +136,19 @@ def suite_run(method, tmp_path, monkeypatch):
     from cl_vit.strategies.coda_prompt import CodaPromptPool
     from cl_vit.strategies.dualprompt import PromptPool
 
-    recipe, strategy, keys, more = RECIPES[method]
-    _, param, _ = golden.METHODS[method]
+    recipe, strategy, keys = RECIPES[method]
+    _, _, param, _, lr = golden.METHODS[method]
     weights = golden.initial_backbone()
     n = golden.STREAM["n_classes"]
     weights["head.weight"], weights["head.bias"] = weights["head.weight"][:n], weights["head.bias"][:n]
     torch.save(weights, tmp_path / "init.pth")
     b = golden.BACKBONE
-    over = [f"experiment={recipe}", "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
+    over = [*recipe, "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
             f"model.patch_size={b['patch_size']}", f"+model.depth={b['depth']}", f"+model.mlp_ratio={b['mlp_ratio']}",
             f"trainer.max_epochs={golden.STREAM['epochs']}", f"data.batch_size={golden.STREAM['batch']}",
             "trainer.accelerator=cpu", "logger=none", "data.num_workers=0", "data.persistent_workers=false",
-            f"optimizer.lr={golden.LR}", f"seed={golden.SEED}"]
-    over += [f"strategy.{strategy}.{k}={v}" for k, v in zip(keys, param) if k] + more
+            f"optimizer.lr={lr}", f"seed={golden.SEED}"]
+    over += [f"strategy.{strategy}.{k}={v}" for k, v in zip(keys, param)]
     cfg = compose(over, tmp_path / "data")
 
     start_coda, start_pool = CodaPromptPool.start_task, PromptPool.start_task
