@@ -1,6 +1,6 @@
 """A run's parts from its config: source, stream, model, module and strategies, nothing trained yet.
 
-The command line (``cl_vit.run``), ``Run.restore`` (``cl_vit.results``) and the benches build from here, so that the
+The command line (``cl_vit.run``), ``Run.restore`` (``cl_vit.runs``) and the benches build from here, so that the
 run directory never reaches up to the command line.
 """
 from __future__ import annotations

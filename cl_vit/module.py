@@ -65,9 +65,18 @@ def net_outputs(net: nn.Module, x: torch.Tensor) -> dict:
 
 
 def coda_cosine(epoch: int, epochs: int) -> float:
-    """CODA-Prompt's per-epoch learning-rate factor (GT-RIPL/CODA-Prompt utils/schedulers.py CosineSchedule):
-    cos(99 pi e / (200 (K - 1))), a quarter period that ends at 1.6% of the base rate after K epochs."""
+    """CODA-Prompt's per-epoch learning-rate formula (GT-RIPL/CODA-Prompt utils/schedulers.py CosineSchedule L53-54):
+    cos(99 pi e / (200 (K - 1))), a quarter period that ends at 1.6% of the base rate after K epochs
+    (``scheduler.name=coda_cosine_formula``)."""
     return math.cos(99 * math.pi * epoch / (200 * max(1, epochs - 1)))
+
+
+def coda_cosine_as_run(epoch: int, epochs: int) -> float:
+    """The factor CODA-Prompt's runs train epoch ``epoch`` at (``scheduler.name=coda_cosine``): the scheduler's
+    ``__init__`` steps to epoch 0 and then sets ``last_epoch`` back to -1 (utils/schedulers.py L19-20), and the loop
+    steps it before every epoch but the first (learners/default.py L95), so epoch e > 0 runs at the formula's e - 1:
+    epochs 0 and 1 both at the base rate, the last at cos(99 pi (K - 2) / (200 (K - 1)))."""
+    return coda_cosine(max(0, epoch - 1), epochs)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -129,6 +138,8 @@ class ContinualModule(L.LightningModule):
         # update() only, computed once per epoch: the per-step forward() and argument checks cost more than the
         # tiny models' steps (python -m cl_vit.bench runner)
         self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", validate_args=False)
+        #: (parameter, frozen entries, their value) of every trainable tensor with frozen parts in this fit
+        self._frozen: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
     # -- the stream ------------------------------------------------------------------------------------------------
 
@@ -239,6 +250,56 @@ class ContinualModule(L.LightningModule):
         for group in getattr(opt, "optimizer", opt).param_groups:
             group["rho"] = rho
 
+    def frozen_slices(self) -> dict[str, torch.Tensor]:
+        """The entries of trainable parameters of ``net`` (name -> boolean mask of the parameter's shape) that this
+        experience must leave bit-identical.
+
+        A frozen whole parameter has ``requires_grad=False`` and never reaches the optimiser; a frozen part of a
+        tensor that trains (CODA-Prompt's earlier components, the classifier rows of past classes, GCAB's claimed
+        weights) receives no gradient, but weight decay and momentum would still move it. The strategies declare
+        theirs (``Strategy.frozen_slices``); with ``mask_old_logits`` the classifier rows of past classes are frozen
+        too, unless a strategy's loss reaches them (``Strategy.reads_old_logits``, LwF's distillation)."""
+        from cl_vit.strategies.selection import classifier_names
+
+        params = dict(self.net.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+
+        def add(name: str, where) -> None:
+            p = params.get(name)
+            if p is None or not p.requires_grad:
+                return
+            where = torch.as_tensor(where, device=p.device)
+            if where.dtype != torch.bool:  # row indices
+                rows, where = where.long().flatten(), torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                where[rows] = True
+            out[name] = out[name] | where if name in out else where.expand(p.shape).clone()
+
+        exp = self.experience
+        if self.mask_old_logits and exp is not None and not any(s.reads_old_logits for s in self.strategies):
+            old = sorted(set(exp.seen_classes) - set(exp.classes))
+            for n in classifier_names(self.net):
+                if old and params[n].ndim and params[n].shape[0] == self.n_classes:
+                    add(n, old)
+        for s in self.strategies:
+            for n, where in s.frozen_slices(self).items():
+                add(n, where)
+        return {n: m for n, m in out.items() if m.any()}
+
+    def on_train_start(self) -> None:
+        params = dict(self.net.named_parameters())
+        self._frozen = [(params[n], m, params[n].detach().clone()) for n, m in self.frozen_slices().items()]
+
+    def on_train_end(self) -> None:
+        self._frozen = []
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimiser's step, then every frozen entry back to its value at the start of the fit, whatever the
+        optimiser did to it (decoupled weight decay, momentum)."""
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            for p, where, value in self._frozen:
+                p.copy_(torch.where(where, value, p))
+
     def on_after_backward(self) -> None:
         for s in self.strategies:
             s.after_backward(self)
@@ -269,8 +330,9 @@ class ContinualModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         per_epoch = max(1, total // epochs)
-        if name == "coda_cosine":
-            lam = lambda step: coda_cosine(step // per_epoch, epochs)  # noqa: E731
+        if name in ("coda_cosine", "coda_cosine_formula"):
+            factor = coda_cosine_as_run if name == "coda_cosine" else coda_cosine
+            lam = lambda step: factor(step // per_epoch, epochs)  # noqa: E731
         else:
             warmup = int(sched.get("warmup_epochs", 0) * per_epoch)
             if name == "multistep":

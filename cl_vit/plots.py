@@ -239,7 +239,7 @@ def expert_comparison_figure(counts: Sequence[int], a: np.ndarray, b: np.ndarray
 
 
 def run_figures(run) -> dict[str, Figure]:
-    """The figures of one run (a ``cl_vit.results.Run``): ``accuracy_matrix``, ``average_accuracy`` (A_t of every
+    """The figures of one run (a ``cl_vit.runs.Run``): ``accuracy_matrix``, ``average_accuracy`` (A_t of every
     head) and, for long-tailed runs, ``per_class_accuracy`` against training-set size with the shot groups."""
     figs = {
         "accuracy_matrix": accuracy_matrix_figure(run.accuracy_matrix, title=run.label),

@@ -142,7 +142,7 @@ def _count(n: float) -> str:
 
 
 def summary_rows(groups, head: str = "main", shots: str | None = None) -> list[dict]:
-    """One row per group of runs (``cl_vit.results.group_runs``): identity columns, then every ``COLUMNS`` key as
+    """One row per group of runs (``cl_vit.runs.group_runs``): identity columns, then every ``COLUMNS`` key as
     ``(mean, std)`` (std None for a single run, both None where undefined)."""
     rows = []
     for g in groups:

@@ -11,7 +11,7 @@ from data_gen import make_imagenet100, make_tiny_imagenet
 from cl_vit.data import build_source
 from cl_vit.data.download import MANUAL, extract
 from cl_vit.errors import UserError
-from cl_vit.streams import experience_sizes, resolve_class_order
+from cl_vit.data.protocol import experience_sizes, resolve_class_order
 
 DYTOX = yaml.safe_load((REPO_ROOT / "tasks" / "imagenet100-dytox.yaml").read_text())
 

@@ -154,12 +154,24 @@ def test_gram_schmidt_keeps_earlier_components_and_adds_orthonormal_ones():
 
 def test_bad_values_fail_in_one_line():
     for cfg in ({"coda_prompt": {"pool_size": 0}}, {"dualprompt": {"e_length": "x"}}, {"l2p": {"top_k": 40}},
-                {"coda_prompt": {"ortho_mu": -1}}):
+                {"coda_prompt": {"ortho_mu": -1}}, {"l2p": {"key_loss_shards": 0}}):
         with pytest.raises(UserError) as e:
             build_strategies(cfg)
         assert "\n" not in str(e.value) and "strategy" in str(e.value)
     with pytest.raises(UserError, match="pool_size=5"):
         PromptPool(2, 2, 2, 2, (0,), (), 1, True).start_task(0, 5)
+
+
+def test_l2p_key_loss_per_shard_is_the_sum_over_the_chunks_of_the_batch():
+    pool = PromptPool(4, pool_size=6, e_length=2, g_length=0, e_layers=(0,), g_layers=(), top_k=2,
+                      task_id_bootstrap=False)
+    q = torch.randn(8, 4)
+    whole = pool(q, 0, train=True)[1]
+    pool.key_loss_shards = 4  # DataParallel on 4 devices: chunks of 2 (torch.chunk, as its scatter)
+    sharded = pool(q, 0, train=True)[1]
+    pool.key_loss_shards = 1
+    torch.testing.assert_close(sharded, sum(pool(c, 0, train=True)[1] for c in q.chunk(4)))
+    assert 3 < float(whole / sharded) < 5  # B x B x k against 4 x (B/4) x (B/4) x k terms
 
 
 def test_coda_prompt_warns_when_its_keys_cannot_all_be_orthogonal(caplog):

@@ -1,4 +1,4 @@
-"""The loading API (cl_vit.results.load_run & co.), `python -m cl_vit.report` and the end-of-run PNG figures, on
+"""The loading API (cl_vit.runs.load_run & co.), `python -m cl_vit.report` and the end-of-run PNG figures, on
 tiny real runs: a Hydra multirun (finetune, ftpp x seeds 0, 1), a run killed mid-stream, and a two-head long-tailed
 run on digits-lt."""
 import copy

@@ -12,7 +12,7 @@ from conftest import TINY, compose, interrupt_after, run_cli, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import ConfigError, UserError
-from cl_vit.module import ContinualModule, classification_loss, coda_cosine
+from cl_vit.module import ContinualModule, classification_loss, coda_cosine, coda_cosine_as_run
 from cl_vit.rundir import RunDirectory
 from cl_vit.runs import load_run
 from cl_vit.run import build, run
@@ -133,6 +133,11 @@ def test_coda_cosine_matches_coda_prompt_schedule():
     assert coda_cosine(0, 50) == 1.0
     assert math.isclose(coda_cosine(49, 50), math.cos(99 * math.pi / 200))
     assert coda_cosine(25, 50) > coda_cosine(26, 50)
+    # as the runs step it (utils/schedulers.py L19-20): the first two epochs at the base rate, then one epoch behind;
+    # at 20 epochs the formula's summed rate is 7.2% lower and its last one 6x lower (issue 22)
+    run, formula = [coda_cosine_as_run(e, 20) for e in range(20)], [coda_cosine(e, 20) for e in range(20)]
+    assert run[:3] == [1.0, 1.0, coda_cosine(1, 20)] and run[19] == coda_cosine(18, 20)
+    assert round(1 - sum(formula) / sum(run), 3) == 0.072 and round(run[19] / formula[19]) == 6
 
 
 # -- selection and hooks ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ The runner calls, for every training experience::
     before_experience(module, experience)           may freeze parameters, snapshot anchors, copy old models
       -- Lightning fit: per batch --
       lr_scales(module) -> {name: factor}           when the optimiser is built (e.g. SLCA's slower backbone)
+      frozen_slices(module) -> {name: rows|mask}    entries that must not move although their tensor trains
       before_batch(module, batch) -> batch          e.g. batch-level augmentation (Mixup/CutMix)
       training_loss(module, batch, outputs) -> {name: tensor}   extra loss terms, each logged on its own
       after_backward(module)                        e.g. gradient masking
@@ -56,6 +57,9 @@ class Strategy:
     name: str = "strategy"
     #: factor on the classification loss (DeiT-LT uses 1 - alpha)
     cls_loss_weight: float = 1.0
+    #: whether this strategy's loss reaches the logits of past classes (LwF's distillation): with
+    #: ``loss.mask_old_logits`` their classifier rows are otherwise frozen (ContinualModule.frozen_slices)
+    reads_old_logits: bool = False
 
     def setup(self, module: "ContinualModule") -> None:
         pass
@@ -68,6 +72,13 @@ class Strategy:
 
     def before_batch(self, module: "ContinualModule", batch: dict) -> dict:
         return batch
+
+    def frozen_slices(self, module: "ContinualModule") -> dict[str, Any]:
+        """Entries of trainable parameters of ``module.net``, by name (row indices, or a boolean mask of the
+        parameter's shape), that the experience just started must leave bit-identical although their tensor trains
+        (CODA-Prompt's earlier components); {} = none. Asked once per fit, after ``before_experience``; the module
+        restores them after every optimiser step (ContinualModule.frozen_slices)."""
+        return {}
 
     def lr_scales(self, module: "ContinualModule") -> dict[str, float]:
         """Factors on the learning rate of ``module.net``'s parameters by name (SLCA's slow backbone); {} = none."""

@@ -77,6 +77,11 @@ class CodaPromptPool(nn.Module):
                     param = getattr(self, f"e_{n}_{e}")
                     param.copy_(gram_schmidt(param.detach(), s, f))
 
+    def frozen_rows(self) -> dict[str, list[int]]:
+        """The earlier experiences' components: used (detached) but never trained again (L149-153)."""
+        s, _ = self.span()
+        return {f"e_{n}_{e}": list(range(s)) for e in self.layers for n in ("p", "k", "a")} if s else {}
+
     def forward(self, query: torch.Tensor, layer: int, train: bool = False):
         if layer not in self.layers:
             return None, query.new_zeros(())

@@ -22,8 +22,9 @@ class PromptPool(nn.Module):
     """E-prompts with keys (and optional G-prompts): DualPrompt, and L2P with ``g_layers=()`` and top-k selection."""
 
     def __init__(self, emb_d: int, pool_size: int, e_length: int, g_length: int, e_layers, g_layers, top_k: int,
-                 task_id_bootstrap: bool):
+                 task_id_bootstrap: bool, key_loss_shards: int = 1):
         super().__init__()
+        self.key_loss_shards = key_loss_shards
         self.emb_d, self.pool_size, self.e_length, self.g_length = emb_d, pool_size, e_length, g_length
         self.e_layers, self.g_layers = list(e_layers), list(g_layers)
         self.top_k, self.task_id_bootstrap = top_k, task_id_bootstrap
@@ -40,6 +41,14 @@ class PromptPool(nn.Module):
                             f"than the {n_tasks} experiences; set strategy.dualprompt.pool_size={n_tasks}")
         self.task_id.fill_(index)
 
+    def frozen_rows(self) -> dict[str, list[int]]:
+        """With the task-id bootstrap (DualPrompt) an experience trains its own E-prompt and key only (L259-263): the
+        other rows get no gradient and stay as they are; L2P's selection may train any row."""
+        if not self.task_id_bootstrap:
+            return {}
+        others = [r for r in range(self.pool_size) if r != int(self.task_id)]
+        return {f"e_{n}_{e}": others for e in self.e_layers for n in ("p", "k")}
+
     def forward(self, query: torch.Tensor, layer: int, train: bool = False):
         B = query.shape[0]
         loss = query.new_zeros(())
@@ -55,8 +64,10 @@ class PromptPool(nn.Module):
                 keys.append(P[:, :i]), values.append(P[:, i:])
             else:
                 idx = torch.topk(cos, self.top_k, dim=1).indices
-                if train:  # zoo.py L265-267, indexing as the official code does: cos[:, idx] is B x B x top_k
-                    loss = (1.0 - cos[:, idx]).sum()
+                if train:  # zoo.py L265-267, indexing as the official code does: cos[:, idx] is B x B x top_k,
+                    # within each shard of the batch (key_loss_shards: DataParallel's chunks, summed when gathered)
+                    loss = sum((1.0 - c[:, i]).sum() for c, i in zip(cos.chunk(self.key_loss_shards),
+                                                                      idx.chunk(self.key_loss_shards)))
                 P = p[idx]
                 keys.append(P[:, :, :i].reshape(B, -1, self.emb_d))
                 values.append(P[:, :, i:].reshape(B, -1, self.emb_d))

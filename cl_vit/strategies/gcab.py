@@ -160,6 +160,13 @@ class GCAB(Strategy):
         params = net.gated_parameters()
         self._mask_back = [(params[n], 1 - v) for n, v in net.claimed().items()] if net.n_tasks > 1 else []
 
+    def frozen_slices(self, module) -> dict:
+        # the weights past tasks claim: their gradients are masked (after_backward); unless decay_gated_weights
+        # (the official behaviour) no optimiser step moves them either
+        if self.decay_gated_weights or module.net.n_tasks < 2:
+            return {}
+        return {n: v.bool() for n, v in module.net.claimed().items()}
+
     # -- per batch -------------------------------------------------------------------------------------------------
 
     def _s(self, module) -> float:

@@ -112,6 +112,7 @@ class PreviousModel(Strategy):
 @register_strategy
 class LwF(PreviousModel):
     name = "lwf"
+    reads_old_logits = True  # the distillation trains the classifier rows of past classes
 
     def __init__(self, form: str = "mc", lam: float = 1.0, temperature: float = 2.0,
                  train_only: Sequence[str] | str | None = None):

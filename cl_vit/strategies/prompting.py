@@ -156,6 +156,11 @@ class PromptStrategy(Strategy):
         train_only_prompt_and_classifier(module.net)
         module.net.prompt.start_task(experience.index, experience.n_experiences)
 
+    def frozen_slices(self, module) -> dict:
+        # the prompt module's own frozen rows (``frozen_rows``: e.g. CODA-Prompt's earlier components)
+        rows = getattr(module.net.prompt, "frozen_rows", dict)()
+        return {f"prompt.{n}": r for n, r in rows.items()}
+
     def on_fit_start(self, module) -> None:
         # the norms left in evaluation mode by the last experience's batches go back to training mode, as Lightning
         # expects every module at the start of a fit (else it prints a note per experience); before_batch freezes
