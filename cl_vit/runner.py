@@ -41,7 +41,7 @@ from cl_vit.cost import ExperienceCost
 from cl_vit.errors import DiskFull, Interrupted, RunStopped
 from cl_vit.module import ContinualModule
 from cl_vit.results import LOCAL, RunDirectory, StreamResults, matrix_csv
-from cl_vit.streams import StreamInfo
+from cl_vit.streams import StreamInfo, statistics_dataset
 from cl_vit.strategies.base import ExperienceInfo
 
 log = logging.getLogger("cl_vit")
@@ -405,8 +405,9 @@ class ContinualRunner:
                 classes=list(self.info.train_classes[i]),
                 seen_classes=seen,
                 n_classes=self.info.n_classes,
-                train_loader=lambda ds=experience.dataset, **kw: self._loader(
-                    ds, kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
+                train_loader=lambda ds=experience.dataset, i=i, **kw: self._loader(
+                    statistics_dataset(self.scenario, i) if kw.get("transform") == "test" else ds,
+                    kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
                 dataset_labels=self.dataset_labels,

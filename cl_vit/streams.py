@@ -9,6 +9,7 @@ number of experiences; here that is an error, or, with ``remainder="last"``, the
 """
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -172,6 +173,20 @@ class RemappedDataset(Dataset):
         return x, self.targets[i]
 
 
+def under_test_transform(train: Dataset, test: Dataset) -> Dataset | None:
+    """The training images as the test split reads them (its ``transform`` and ``decode``), in the same order; None
+    when the datasets do not expose a ``transform`` (a foreign dataset: the runner falls back to Avalanche's eval
+    transform group). SimpleCIL, RanPAC and SLCA compute their statistics from this view, as their official loaders
+    re-read the training images in test mode."""
+    if not (hasattr(train, "transform") and hasattr(test, "transform")):
+        return None
+    view = copy.copy(train)
+    view.transform = test.transform
+    if hasattr(train, "decode") or hasattr(test, "decode"):
+        view.decode = getattr(test, "decode", None)
+    return view
+
+
 def build_stream(
     source: Source,
     *,
@@ -196,17 +211,20 @@ def build_stream(
             raise UserError(f"the {split} split of {source.name} has no samples of classes {names}: check the data")
     mapping = np.empty(n, dtype=np.int64)
     mapping[np.asarray(order)] = np.arange(n)
-    train = RemappedDataset(source.train, mapping)
+    train = {"train": RemappedDataset(source.train, mapping)}
     test = RemappedDataset(source.test, mapping)
+    statistics = under_test_transform(source.train, source.test)
+    if statistics is not None:  # split with train: the same samples in the same order per experience
+        train["statistics"] = RemappedDataset(statistics, mapping)
     identity = list(range(n))
     if joint:
-        train_sc = class_incremental_benchmark({"train": train}, class_order=identity, num_classes_per_exp=[n])
+        train_sc = class_incremental_benchmark(train, class_order=identity, num_classes_per_exp=[n])
         test_sc = class_incremental_benchmark({"test": test}, class_order=identity, num_classes_per_exp=sizes)
-        scenario = CLScenario([train_sc.train_stream, test_sc.test_stream])
+        scenario = CLScenario([train_sc.train_stream, test_sc.test_stream]
+                              + ([train_sc.statistics_stream] if statistics is not None else []))
     else:
-        scenario = class_incremental_benchmark(
-            {"train": train, "test": test}, class_order=identity, num_classes_per_exp=sizes
-        )
+        scenario = class_incremental_benchmark({**train, "test": test}, class_order=identity,
+                                               num_classes_per_exp=sizes)
     bounds = np.cumsum([0] + sizes)
     eval_classes = [list(range(bounds[k], bounds[k + 1])) for k in range(len(sizes))]
     info = StreamInfo(
@@ -218,6 +236,15 @@ def build_stream(
         class_order_rule=rule,
     )
     return scenario, info
+
+
+def statistics_dataset(scenario, index: int):
+    """Training experience ``index``'s images under the test transform: the ``statistics`` stream of a suite-built
+    scenario, else Avalanche's eval transform group of the experience (a foreign scenario)."""
+    stream = getattr(scenario, "statistics_stream", None)
+    if stream is not None:
+        return stream[index].dataset
+    return scenario.train_stream[index].dataset.eval()
 
 
 def describe(scenario, info: StreamInfo) -> dict:
