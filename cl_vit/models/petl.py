@@ -98,7 +98,7 @@ class AdaptFormerBlock(Block):
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.adaptmlp(x)
+        return x + (self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.adaptmlp(x))  # the official sum order
 
 
 def add_adaptformer(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> int:
@@ -109,6 +109,6 @@ def add_adaptformer(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dr
                         "VisionTransformer, or strategy.ranpac.petl=ssf / null")
     for b in blocks:
         dim = b.norm2.normalized_shape[-1]
-        b.adaptmlp = Adapter(dim, bottleneck, scale, dropout).to(b.norm2.weight.device)
+        b.adaptmlp = Adapter(dim, bottleneck, scale, dropout).to(b.norm2.weight.device).train(b.training)
         b.__class__ = AdaptFormerBlock
     return len(blocks)

@@ -122,11 +122,12 @@ class RanPAC(Strategy):
     def setup(self, module) -> None:
         self.head = RandomProjectionHead(embedding_dim(module.net), module.n_classes, self.M)
         replace_classifier(module.net, self.head)
-        if self.petl == "ssf":
+        if self.first_session and self.petl == "ssf":  # without a first session, the plain backbone ("ncm" rows)
             add_ssf(module.net)
-        elif self.petl == "adaptformer":
+        elif self.first_session and self.petl == "adaptformer":
             add_adaptformer(module.net, self.adapter_bottleneck)
-        self._params = list(select_parameters(module.net, self.patterns, key="strategy.ranpac.params"))
+        if self.first_session:
+            self._params = list(select_parameters(module.net, self.patterns, key="strategy.ranpac.params"))
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         if self.first_session and experience.index == 0 and self.G is None:
