@@ -591,3 +591,88 @@ def test_slca_recipes_replace_the_final_norm_and_normalise_inputs():
         from cl_vit.strategies.slca import replace_final_norm
 
         replace_final_norm(net)
+
+
+# -- protocols: each recipe's split, class order and experiences, counted on generated data -------------------------
+
+
+def _official_order(seed: int, n: int) -> list[int]:
+    """utils/data_manager.py of RanPAC (L89-92), SLCA (L124-126), RevisitingCIL (L151-155): np.random.seed(seed);
+    np.random.permutation(n), on the labels of the sorted class folders (ImageFolder)."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return np.random.permutation(n).tolist()
+    finally:
+        np.random.set_state(state)
+
+
+@pytest.fixture(scope="module")
+def protocol_data(tmp_path_factory):
+    """All 200 ImageNet-R classes as the LAMDA-PILOT folders (2 train + 1 test images each) and as CODA-Prompt split
+    files (1 + 1; with CODA-Prompt's own labels when ../shared/reference holds its files), and CIFAR-100 (2 + 1)."""
+    from cl_vit.data.imagenet_r import _yaml_load, imagenet_r_wnids
+    from conftest import SHARED_REFERENCE
+    from data_gen import make_cifar, make_imagenet_r, make_pilot_split, write_coda_split
+
+    root = tmp_path_factory.mktemp("protocols")
+    wnids = imagenet_r_wnids()
+    make_pilot_split(root, wnids=wnids, train=2, test=1)
+    images = make_imagenet_r(root, wnids=wnids, per_class=2, size=(20, 16))
+    labels = {w: k for k, w in enumerate(wnids)}
+    reference = SHARED_REFERENCE / "imagenet-r_train.yaml"
+    if reference.exists():  # CODA-Prompt's label of every wnid, from its own split file
+        doc = _yaml_load(reference)
+        labels = {d.split("imagenet-r/", 1)[1].split("/")[0]: int(t) for d, t in zip(doc["data"], doc["targets"])}
+    write_coda_split(root / "imagenet-r-splits" / "coda", images, labels, test_fraction=0.5)
+    make_cifar(root, "cifar100", train_counts=[2] * 100, test_per_class=1)
+    return root, wnids, reference.exists()
+
+
+#: recipe -> (split, experiences, classes per experience, train / test images per class, class-order rule)
+PROTOCOLS = {
+    "ranpac-imagenet-r": ("pilot", 10, 20, (2, 1), 1993),
+    "simplecil-imagenet-r": ("pilot", 40, 5, (2, 1), 1993),
+    "slca-imagenet-r": ("coda", 10, 20, (1, 1), 1993),
+    "ranpac-imagenet-r-coda": ("coda", 10, 20, (1, 1), "coda"),
+    "simplecil-imagenet-r-coda": ("coda", 10, 20, (1, 1), "coda"),
+    "slca-imagenet-r-coda": ("coda", 10, 20, (1, 1), "coda"),
+    "ranpac-cifar100": (None, 10, 10, (2, 1), 1993),
+    "simplecil-cifar100": (None, 20, 5, (2, 1), 1993),
+    "slca-cifar100": (None, 10, 10, (2, 1), 1993),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PROTOCOLS))
+def test_recipe_protocols_count_images_and_follow_the_official_class_order(experiment, protocol_data, tmp_path):
+    data_root, wnids, with_reference = protocol_data
+    split, n_exp, per_exp, (n_train, n_test), order_rule = PROTOCOLS[experiment]
+    cfg = compose([f"experiment={experiment}", "model.name=vit_micro_patch2_8", "model.pretrained=false",
+                   "model.pretrained_tag=null", "data.num_workers=0", "data.persistent_workers=false",
+                   "dry_run=true", "logger=none"], data_root)
+    stream = run(cfg, tmp_path / "dry")
+    n_classes = n_exp * per_exp
+    assert cfg.benchmark.source_args.get("split") == split
+    assert [len(e["classes"]) for e in stream["experiences"]] == [per_exp] * n_exp
+    assert [(e["n_train"], e["n_test"]) for e in stream["experiences"]] == [(per_exp * n_train, per_exp * n_test)] * n_exp
+    expected = list(range(n_classes)) if order_rule == "coda" else _official_order(order_rule, n_classes)
+    assert stream["class_order"] == expected
+    assert json.loads((tmp_path / "dry" / "stream.json").read_text())["class_order"] == expected
+    if split == "pilot":  # torchvision ImageFolder labels: the sorted wnids
+        assert build(cfg)[0].classes == sorted(wnids)
+    if split == "coda" and with_reference:  # CODA-Prompt's own label order: label 0 is n02165456
+        source = build(cfg)[0]
+        assert source.classes[0] == "n02165456" and sorted(source.classes) == wnids
+
+
+@pytest.mark.parametrize("experiment", ["slca-imagenet-r", "slca-cifar100"])
+def test_slca_recipes_run_the_three_official_seeds_as_one_multirun(experiment):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert str(cfg.hydra.sweeper.params.seed) == "1993,1996,1997" and cfg.seed == 1993
+    for seed in (1993, 1996, 1997):  # each run's class order follows its seed, as exps/slca/*.json's seed list
+        assert compose([f"experiment={experiment}", f"seed={seed}"]).benchmark.class_order == f"numpy:{seed}"
