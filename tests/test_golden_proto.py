@@ -1,0 +1,78 @@
+"""Golden trajectories (issue 22, item 1): the suite's SimpleCIL, RanPAC and SLCA runs against numbers produced by the
+official code on the same tiny stream from the same initial weights.
+
+The numbers below were printed by scripts/golden_proto.py (its docstring: what runs, what is patched at run time) from
+the official repositories at the commits named beside them, with timm 0.6.13 on the official side:
+
+    python scripts/golden_proto.py simplecil --official RevisitingCIL --timm DIR   # zhoudw-zdw/RevisitingCIL a2e6b71
+    python scripts/golden_proto.py ranpac --official RanPAC --timm DIR              # RanPAC/RanPAC 012927f
+    python scripts/golden_proto.py slca --official SLCA --timm DIR                  # GengDavid/SLCA 169d4e6
+
+Learning rates are equal to float64 rounding (the official CosineAnnealingLR is recursive), losses and norms to 1e-5
+relative (the two image pipelines differ by one float32 ulp in some pixels), accuracy matrices exactly.
+"""
+import importlib.util
+import math
+
+import pytest
+import torch
+from conftest import REPO_ROOT, compose
+
+from cl_vit.module import ContinualModule
+from cl_vit.results import RunDirectory
+from cl_vit.run import run
+
+_spec = importlib.util.spec_from_file_location("golden_proto", REPO_ROOT / "scripts" / "golden_proto.py")
+golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden)
+
+#: printed by scripts/golden_proto.py METHOD (module docstring), official commit beside each
+GOLDEN = {
+    # zhoudw-zdw/RevisitingCIL a2e6b71: models/simplecil.py, exps/simplecil/imagenetr_5_5_vit-b_simplecil.json
+    "simplecil": {
+        "class_order": [0, 2, 3, 4, 5, 1],
+        "accuracy": [[1.0], [0.25, 0.75], [0.25, 0.75, 1.0]],
+        "norm": [9.788428401363205, 13.846208181542393, 16.957899242104872],
+    },
+}
+
+
+def _suite_run(method, base, tmp_path, monkeypatch):
+    """The suite's run of ``method`` on the golden stream; per step the learning rates and the loss."""
+    steps = []
+    training_step = ContinualModule.training_step
+
+    def recording(self, batch, batch_idx):
+        loss = training_step(self, batch, batch_idx)
+        steps.append(([g["lr"] for g in self.trainer.optimizers[0].param_groups], loss.item()))
+        return loss
+
+    monkeypatch.setattr(ContinualModule, "training_step", recording)
+    doc = run(compose(golden.suite_overrides(method)), tmp_path / method,
+              scenario=golden.suite_scenario(base, method))
+    return doc, steps, RunDirectory(tmp_path / method)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    return golden.write_stream(tmp_path_factory.mktemp("golden"))
+
+
+def _check_matrix(doc, expected):
+    R = doc["accuracy_matrix"]
+    for i, row in enumerate(expected):
+        assert R[i][: i + 1] == row, (i, R[i], row)
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
+
+
+def test_simplecil_equals_revisitingcil(stream, tmp_path, monkeypatch):
+    g = GOLDEN["simplecil"]
+    doc, steps, rd = _suite_run("simplecil", stream, tmp_path, monkeypatch)
+    assert steps == []  # nothing trained
+    assert golden.suite_stream(stream, "simplecil")[1].class_order == g["class_order"]
+    _check_matrix(doc, g["accuracy"])
+    for i, expected in enumerate(g["norm"]):
+        assert _norm([rd.load_checkpoint(i)["module"]["net.head.prototypes"]]) == pytest.approx(expected, rel=1e-5)
