@@ -359,7 +359,8 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
         y_pred, y_true = learner._eval_cnn(learner.test_loader)
         out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
         params = dict(learner._network.convnet.named_parameters())
-        out["norm"].append([_norm([p for n, p in params.items() if "ssf_" in n]), _norm([learner._network.fc.weight])])
+        out["norm"].append([_norm([p for n, p in params.items() if "ssf_" in n]), _norm([learner._network.fc.weight]),
+                            _norm([learner.G]), _norm([learner.Q])])
         learner.after_task()
     out.update(lr=recorder.lr, loss=recorder.loss)
     return out

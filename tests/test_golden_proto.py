@@ -21,6 +21,7 @@ from conftest import REPO_ROOT, compose
 from cl_vit.module import ContinualModule
 from cl_vit.results import RunDirectory
 from cl_vit.run import run
+from cl_vit.strategies.ranpac import ridge_solution
 
 _spec = importlib.util.spec_from_file_location("golden_proto", REPO_ROOT / "scripts" / "golden_proto.py")
 golden = importlib.util.module_from_spec(_spec)
@@ -33,6 +34,17 @@ GOLDEN = {
         "class_order": [0, 2, 3, 4, 5, 1],
         "accuracy": [[1.0], [0.25, 0.75], [0.25, 0.75, 1.0]],
         "norm": [9.788428401363205, 13.846208181542393, 16.957899242104872],
+    },
+    # RanPAC/RanPAC 012927f: RanPAC.py, args/imagenetr_publish.csv row 7 (SSF first session, M = 16 here)
+    "ranpac": {
+        "accuracy": [[1.0], [0.5, 1.0], [0.5, 0.75, 0.5]],
+        # per task: the SSF parameters, the ridge classifier's rows of the seen classes, G, Q
+        "norm": [[33.95430977647165, 2.854064319906355, 3367.0410896521585, 116.07718042476131],
+                 [33.95430977647165, 4.627021447461053, 6719.129719105738, 163.98194202961182],
+                 [33.95430977647165, 11.127937693592687, 10014.66948299692, 200.3060415381888]],
+        "ridge": [0.01, 0.01, 0.0001],
+        "lr": [[0.01], [0.0075], [0.002500000000000001]],
+        "loss": [0.6975616216659546, 0.6974250674247742, 0.6972898244857788],
     },
 }
 
@@ -76,3 +88,33 @@ def test_simplecil_equals_revisitingcil(stream, tmp_path, monkeypatch):
     _check_matrix(doc, g["accuracy"])
     for i, expected in enumerate(g["norm"]):
         assert _norm([rd.load_checkpoint(i)["module"]["net.head.prototypes"]]) == pytest.approx(expected, rel=1e-5)
+
+
+def _check_steps(steps, g):
+    assert len(steps) == len(g["lr"]) == len(g["loss"])
+    for (lrs, loss), lr_official, loss_official in zip(steps, g["lr"], g["loss"]):
+        assert lrs == pytest.approx(lr_official, rel=1e-12, abs=0)
+        assert loss == pytest.approx(loss_official, rel=1e-5)
+
+
+def test_ranpac_equals_the_official_run(stream, tmp_path, monkeypatch):
+    g = GOLDEN["ranpac"]
+    doc, steps, rd = _suite_run("ranpac", stream, tmp_path, monkeypatch)
+    _check_steps(steps, g)  # the SSF first session: 3 epochs of one batch; later experiences train nothing
+    _check_matrix(doc, g["accuracy"])
+    assert rd.load_checkpoint(2)["strategies"]["ranpac"]["ridges"] == g["ridge"]
+    for i, (ssf, head, G, Q) in enumerate(g["norm"]):
+        ckpt = rd.load_checkpoint(i)
+        state, seen = ckpt["module"], (i + 1) * golden.PER_TASK
+        assert _norm([v for k, v in state.items() if ".ssf." in k]) == pytest.approx(ssf, rel=1e-5)
+        # G and Q of the test-transformed training images (RanPAC.py L122-123)
+        assert _norm([ckpt["strategies"]["ranpac"]["G"]]) == pytest.approx(G, rel=1e-5)
+        assert _norm([ckpt["strategies"]["ranpac"]["Q"]]) == pytest.approx(Q, rel=1e-5)
+        # the ridge solution's rows of the seen classes (L125-126), W = solve(G + ridge I, Q) in float32: G has rank
+        # <= the images seen (8 per task) in 16 dimensions, so a small ridge magnifies the ~1e-7 rounding of G (its
+        # summation order) by G's condition number, to 1.5e-3 at the second task; the ridges above are the same
+        # choices, G and Q agree to 1e-5 and the accuracy matrix holds the predictions exactly
+        assert _norm([state["net.head.rp_weight"][:seen]]) == pytest.approx(head, rel=1e-2), i
+        torch.testing.assert_close(state["net.head.rp_weight"],
+                                   ridge_solution(ckpt["strategies"]["ranpac"]["G"], ckpt["strategies"]["ranpac"]["Q"],
+                                                  g["ridge"][i]))
