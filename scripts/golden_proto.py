@@ -377,7 +377,64 @@ def official_main(method: str, work: Path) -> None:
 
 
 def official_slca(official: Path, init: dict, meta: dict) -> dict:
-    raise NotImplementedError
+    from functools import partial
+
+    import convs.vits as vits
+    import models.base as base_module
+    import models.slca as learner_module
+    import utils.data as data
+    import utils.inc_net as inc_net
+    from utils.data_manager import DataManager
+
+    recorder = Recorder()
+    learner_module.F = recorder.functional(learner_module.F)
+    data.iImageNetR.train_trsf = data.iImageNetR.test_trsf
+
+    def small_vit(cfg, pretrained=False):  # get_convnet's vit-b-p16 (convs/vits.py L700-711: fresh final norm), small
+        model = vits.VisionTransformer(patch_size=16, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS,
+                                       norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+        del model.head
+        del model.norm
+        model.norm = torch.nn.LayerNorm(EMBED)
+        model.load_state_dict(_vit_state(init))
+        model.out_dim = EMBED
+        return model
+
+    inc_net.get_convnet = small_vit
+    _fixed_loaders(learner_module, {})
+    _fixed_loaders(base_module, {})
+    learner_box = {}
+    original_update = inc_net.FinetuneIncrementalNet.update_fc
+
+    def update_fc(self, nb_classes, freeze_old=True):  # the new task's head: the suite's rows of its classes
+        original_update(self, nb_classes, freeze_old)
+        start = learner_box["learner"]._known_classes
+        head = self.fc.heads[-1][-1]
+        with torch.no_grad():
+            head.weight.copy_(init["head.weight"][start:start + nb_classes])
+            head.bias.copy_(init["head.bias"][start:start + nb_classes])
+
+    inc_net.FinetuneIncrementalNet.update_fc = update_fc
+    args = json.loads((official / "exps/slca/slca_imgnetr.json").read_text())
+    args.update(init_cls=PER_TASK, increment=PER_TASK, device=["cpu"], seed=SEED, run_id=0, epochs=EPOCHS["slca"],
+                milestones=[1], ca_epochs=0)
+    torch.manual_seed(1)  # trainer.py L106 _set_random
+    manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK)
+    os.makedirs(f"logs/{args['model_name']}_{args['model_postfix']}", exist_ok=True)  # its checkpoints
+    learner = learner_module.SLCA(args)
+    learner_box["learner"] = learner
+    learner.topk = 1
+    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
+    for task in range(manager.nb_tasks):
+        learner.incremental_train(manager)
+        y_pred, y_true = learner._eval_cnn(learner.test_loader)
+        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
+        heads = [p for n, p in learner._network.fc.named_parameters()]
+        means = torch.from_numpy(learner._class_means[: (task + 1) * PER_TASK])
+        out["norm"].append([_norm(learner._network.convnet.parameters()), _norm(heads), _norm([means])])
+        learner.after_task()
+    out.update(lr=recorder.lr, loss=recorder.loss)
+    return out
 
 
 # -- driver -----------------------------------------------------------------------------------------------------------

@@ -46,6 +46,17 @@ GOLDEN = {
         "lr": [[0.01], [0.0075], [0.002500000000000001]],
         "loss": [0.6975616216659546, 0.6974250674247742, 0.6972898244857788],
     },
+    # GengDavid/SLCA 169d4e6: models/slca.py, exps/slca/slca_imgnetr.json (2 epochs, milestone 1, no alignment)
+    "slca": {
+        "accuracy": [[0.75], [0.75, 0.0], [0.0, 0.0, 0.5]],
+        # per task: the backbone, the classifier rows of the seen classes, the seen classes' means
+        "norm": [[16.785582136074265, 0.1903267253497681, 9.71402151490786],
+                 [16.785581308180156, 0.27098927015380914, 13.754473478110855],
+                 [16.785580368789557, 0.3485043211507212, 16.825920057660603]],
+        "lr": [[0.0001, 0.01], [1e-05, 0.001], [0.0001, 0.01], [1e-05, 0.001], [0.0001, 0.01], [1e-05, 0.001]],
+        "loss": [0.6704096794128418, 0.6635562181472778, 0.6755723357200623, 0.6655431389808655, 0.6949118375778198,
+                 0.6928623914718628],
+    },
 }
 
 
@@ -118,3 +129,23 @@ def test_ranpac_equals_the_official_run(stream, tmp_path, monkeypatch):
         torch.testing.assert_close(state["net.head.rp_weight"],
                                    ridge_solution(ckpt["strategies"]["ranpac"]["G"], ckpt["strategies"]["ranpac"]["Q"],
                                                   g["ridge"][i]))
+
+
+def test_slca_equals_the_official_run(stream, tmp_path, monkeypatch):
+    """The slow learner as the official code runs it: fresh final norm, ImageNet-normalised inputs, backbone lr x 0.01
+    in its own group, a x0.1 step at the milestone, CE over the new classes, old heads frozen, weight decay on every
+    parameter. Classifier alignment is off on both sides: its Gaussian samples come from different generators
+    (MultivariateNormal on the global RNG there), its loss is tested on hand-computed cases
+    (tests/test_pretrained_cil.py)."""
+    g = GOLDEN["slca"]
+    doc, steps, rd = _suite_run("slca", stream, tmp_path, monkeypatch)
+    _check_steps(steps, g)
+    _check_matrix(doc, g["accuracy"])
+    for i, (backbone, head, means) in enumerate(g["norm"]):
+        ckpt = rd.load_checkpoint(i)
+        state, seen = ckpt["module"], (i + 1) * golden.PER_TASK
+        body = [v for k, v in state.items() if k.startswith("net.") and not k.startswith("net.head.")]
+        assert _norm(body) == pytest.approx(backbone, rel=1e-5)
+        assert _norm([state["net.head.weight"][:seen], state["net.head.bias"][:seen]]) == pytest.approx(head, rel=1e-5)
+        class_means = ckpt["strategies"]["slca"]["means"]
+        assert _norm([class_means[c] for c in range(seen)]) == pytest.approx(means, rel=1e-5)
