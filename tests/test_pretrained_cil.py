@@ -512,8 +512,8 @@ def test_ranpac_first_session_trains_its_modules_and_the_classifier_only(petl, t
 
 # -- the recipes: weight decay on every parameter, SLCA's fresh final norm and input normalisation ---------------------
 
-MICRO_RECIPE = ["model=vit_micro", "model.name=vit_micro_patch2_8", "model.pretrained=false", "model.pretrained_tag=null",
-                *TINY_ANY_MODEL[1:]]
+MICRO_RECIPE = ["model=vit_micro", "model.name=vit_micro_patch2_8", "model.pretrained=false",
+                "model.pretrained_tag=null", *TINY_ANY_MODEL[1:]]
 
 
 def _recipe_module(experiment, *extra):
@@ -654,7 +654,8 @@ def test_recipe_protocols_count_images_and_follow_the_official_class_order(exper
     n_classes = n_exp * per_exp
     assert cfg.benchmark.source_args.get("split") == split
     assert [len(e["classes"]) for e in stream["experiences"]] == [per_exp] * n_exp
-    assert [(e["n_train"], e["n_test"]) for e in stream["experiences"]] == [(per_exp * n_train, per_exp * n_test)] * n_exp
+    sizes = [(e["n_train"], e["n_test"]) for e in stream["experiences"]]
+    assert sizes == [(per_exp * n_train, per_exp * n_test)] * n_exp
     expected = list(range(n_classes)) if order_rule == "coda" else _official_order(order_rule, n_classes)
     assert stream["class_order"] == expected
     assert json.loads((tmp_path / "dry" / "stream.json").read_text())["class_order"] == expected
