@@ -211,20 +211,20 @@ def build_stream(
             raise UserError(f"the {split} split of {source.name} has no samples of classes {names}: check the data")
     mapping = np.empty(n, dtype=np.int64)
     mapping[np.asarray(order)] = np.arange(n)
-    train = {"train": RemappedDataset(source.train, mapping)}
+    train = RemappedDataset(source.train, mapping)
     test = RemappedDataset(source.test, mapping)
-    statistics = under_test_transform(source.train, source.test)
-    if statistics is not None:  # split with train: the same samples in the same order per experience
-        train["statistics"] = RemappedDataset(statistics, mapping)
     identity = list(range(n))
     if joint:
-        train_sc = class_incremental_benchmark(train, class_order=identity, num_classes_per_exp=[n])
+        train_sc = class_incremental_benchmark({"train": train}, class_order=identity, num_classes_per_exp=[n])
         test_sc = class_incremental_benchmark({"test": test}, class_order=identity, num_classes_per_exp=sizes)
-        scenario = CLScenario([train_sc.train_stream, test_sc.test_stream]
-                              + ([train_sc.statistics_stream] if statistics is not None else []))
+        scenario = CLScenario([train_sc.train_stream, test_sc.test_stream])
     else:
-        scenario = class_incremental_benchmark({**train, "test": test}, class_order=identity,
-                                               num_classes_per_exp=sizes)
+        scenario = class_incremental_benchmark(
+            {"train": train, "test": test}, class_order=identity, num_classes_per_exp=sizes
+        )
+    statistics = under_test_transform(source.train, source.test)
+    if statistics is not None:  # split on demand (statistics_dataset), as the training stream is split
+        scenario.cl_vit_statistics = (RemappedDataset(statistics, mapping), [n] if joint else sizes)
     bounds = np.cumsum([0] + sizes)
     eval_classes = [list(range(bounds[k], bounds[k + 1])) for k in range(len(sizes))]
     info = StreamInfo(
@@ -239,9 +239,16 @@ def build_stream(
 
 
 def statistics_dataset(scenario, index: int):
-    """Training experience ``index``'s images under the test transform: the ``statistics`` stream of a suite-built
-    scenario, else Avalanche's eval transform group of the experience (a foreign scenario)."""
-    stream = getattr(scenario, "statistics_stream", None)
+    """Training experience ``index``'s images under the test transform, the same samples in the same order: for a
+    suite-built scenario its source's training images through the test transform, split into experiences as the
+    training stream is (once, on the first call: runs that never ask pay nothing); for a foreign scenario Avalanche's
+    eval transform group of the experience."""
+    stream = getattr(scenario, "cl_vit_statistics_stream", None)
+    if stream is None and getattr(scenario, "cl_vit_statistics", None) is not None:
+        data, sizes = scenario.cl_vit_statistics
+        stream = class_incremental_benchmark({"statistics": data}, class_order=list(range(sum(sizes))),
+                                             num_classes_per_exp=sizes).statistics_stream
+        scenario.cl_vit_statistics_stream = stream
     if stream is not None:
         return stream[index].dataset
     return scenario.train_stream[index].dataset.eval()
