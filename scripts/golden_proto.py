@@ -7,6 +7,7 @@ per step the learning rate(s) and the loss, at each task's end the accuracy on e
 parameters the method trains (or of its classifier statistics).
 
     python scripts/golden_proto.py simplecil --official PATH/RevisitingCIL --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py simplecil --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
     python scripts/golden_proto.py ranpac --official PATH/RanPAC --timm PATH/timm-0.6.13
     python scripts/golden_proto.py slca --official PATH/SLCA --timm PATH/timm-0.6.13
 
@@ -234,25 +235,33 @@ def _vit_state(init: dict) -> dict:
 
 
 def official_simplecil(official: Path, init: dict, meta: dict) -> dict:
+    """RevisitingCIL's SimpleCIL, or LAMDA-PILOT's copy of it (``--official`` a LAMDA-PILOT checkout)."""
     import models.simplecil as learner_module
-    from timm.models.vision_transformer import VisionTransformer
     import utils.data as data
     import utils.inc_net as inc_net
+    from timm.models.vision_transformer import VisionTransformer
     from utils.data_manager import DataManager
 
-    data.iImageNetR.train_trsf = data.iImageNetR.test_trsf  # augmentation off
+    pilot = hasattr(inc_net, "get_backbone")
+    if pilot:  # transforms built per instance from build_transform(is_train, args)
+        build = data.build_transform
+        data.build_transform = lambda is_train, args: build(False, args)
+    else:
+        data.iImageNetR.train_trsf = data.iImageNetR.test_trsf  # augmentation off
 
-    def small_vit(args, pretrained=False):  # get_convnet's pretrained_vit_b16_224_in21k, small
+    def small_vit(args, pretrained=False):  # the pre-trained ViT-B/16 of the json, small
         model = VisionTransformer(patch_size=16, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0)
         model.load_state_dict(_vit_state(init))
         model.out_dim = EMBED
         return model.eval()
 
-    inc_net.get_convnet = small_vit
+    setattr(inc_net, "get_backbone" if pilot else "get_convnet", small_vit)
     _fixed_loaders(learner_module, {})
-    args = json.loads((official / "exps/simplecil/imagenetr_5_5_vit-b_simplecil.json").read_text())
+    exp = "exps/simplecil_inr.json" if pilot else "exps/simplecil/imagenetr_5_5_vit-b_simplecil.json"
+    args = json.loads((official / exp).read_text())
     args.update(init_cls=PER_TASK, increment=PER_TASK, device=["cpu"], seed=SEED)
-    manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK)
+    extra = (args,) if pilot else ()
+    manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, *extra)
     learner = learner_module.Learner(args)
     learner.topk = 1
     out = {"class_order": manager._class_order, "accuracy": [], "norm": []}

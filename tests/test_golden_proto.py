@@ -5,6 +5,7 @@ The numbers below were printed by scripts/golden_proto.py (its docstring: what r
 the official repositories at the commits named beside them, with timm 0.6.13 on the official side:
 
     python scripts/golden_proto.py simplecil --official RevisitingCIL --timm DIR   # zhoudw-zdw/RevisitingCIL a2e6b71
+    python scripts/golden_proto.py simplecil --official LAMDA-PILOT --timm DIR     # sun-hailong/LAMDA-PILOT 2647455
     python scripts/golden_proto.py ranpac --official RanPAC --timm DIR              # RanPAC/RanPAC 012927f
     python scripts/golden_proto.py slca --official SLCA --timm DIR                  # GengDavid/SLCA 169d4e6
 
@@ -29,7 +30,8 @@ _spec.loader.exec_module(golden)
 
 #: printed by scripts/golden_proto.py METHOD (module docstring), official commit beside each
 GOLDEN = {
-    # zhoudw-zdw/RevisitingCIL a2e6b71: models/simplecil.py, exps/simplecil/imagenetr_5_5_vit-b_simplecil.json
+    # zhoudw-zdw/RevisitingCIL a2e6b71: models/simplecil.py, exps/simplecil/imagenetr_5_5_vit-b_simplecil.json;
+    # sun-hailong/LAMDA-PILOT 2647455 (models/simplecil.py, exps/simplecil_inr.json) prints the same numbers
     "simplecil": {
         "class_order": [0, 2, 3, 4, 5, 1],
         "accuracy": [[1.0], [0.25, 0.75], [0.25, 0.75, 1.0]],
