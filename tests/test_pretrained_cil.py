@@ -677,3 +677,31 @@ def test_slca_recipes_run_the_three_official_seeds_as_one_multirun(experiment):
     assert str(cfg.hydra.sweeper.params.seed) == "1993,1996,1997" and cfg.seed == 1993
     for seed in (1993, 1996, 1997):  # each run's class order follows its seed, as exps/slca/*.json's seed list
         assert compose([f"experiment={experiment}", f"seed={seed}"]).benchmark.class_order == f"numpy:{seed}"
+
+
+def test_ranpac_recipes_step_the_cosine_once_per_epoch_as_torch_cosine_annealing():
+    """RanPAC.py L232, L279: CosineAnnealingLR(T_max=tuned_epoch, eta_min=0) stepped after every epoch, so every batch
+    of an epoch trains at that epoch's rate; ``scheduler.name=cosine_epoch`` is that, ``cosine`` decays per batch."""
+    from types import SimpleNamespace
+
+    for experiment in ("ranpac-imagenet-r", "ranpac-cifar100", "ltcil-ranpac"):
+        assert compose([f"experiment={experiment}"]).scheduler.name == "cosine_epoch"
+    epochs, per_epoch = 4, 3
+    _, module = _recipe_module("ranpac-imagenet-r")
+    module.scheduler_cfg = {"name": "cosine_epoch", "warmup_epochs": 0, "min_lr_ratio": 0.0}
+    module._trainer = SimpleNamespace(estimated_stepping_batches=epochs * per_epoch, max_epochs=epochs)
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs, eta_min=0.0)
+    for epoch in range(epochs):
+        for _ in range(per_epoch):
+            assert sched.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], rel=1e-12, abs=1e-18)
+            sched.optimizer.step()
+            sched.step()
+        ref_opt.step()
+        ref.step()
+    module.scheduler_cfg = {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0}
+    per_step = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    per_step.optimizer.step()
+    per_step.step()
+    assert per_step.get_last_lr()[0] < 0.01  # the per-batch cosine has moved within the first epoch

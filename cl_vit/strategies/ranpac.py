@@ -12,10 +12,10 @@ As the official code (RanPAC/RanPAC RanPAC.py, ``Learner``):
   SSF backbone freezes all but ``ssf_scale`` / ``ssf_shift`` (RanPAC.py L184-185, L226-227), the adapter backbone all
   but the adapters (petl/vision_transformer_adapter.py L404-409). ``petl=null`` trains the backbone parameters
   selected by ``params`` instead (every one by default; LayerNorm affine + biases is the suite's earlier stand-in).
-  The optimiser is SGD over every parameter of the network, weight decay on all of them (L231; recipes:
-  ``optimizer.filter_bias_and_bn=false``), momentum 0.9, lr 0.01, cosine to 0 (stepped per epoch there, per step
-  here), 20 epochs, batch 48 (args/*_publish.csv: body_lr 0.01, tuned_epoch 20, batch_size 48, weight_decay 5e-4,
-  min_lr 0);
+  The optimiser is plain momentum SGD over every parameter of the network, weight decay on all of them (L231;
+  recipes: ``optimizer.filter_bias_and_bn=false``, ``optimizer.nesterov=false``), momentum 0.9, lr 0.01, cosine to 0
+  stepped once per epoch (L232, L279; ``scheduler.name=cosine_epoch``), 20 epochs, batch 48 (args/*_publish.csv:
+  body_lr 0.01, tuned_epoch 20, batch_size 48, weight_decay 5e-4, min_lr 0);
 * ``setup_RP`` (L246-260): W_rand ~ N(0, 1) of shape D x M, M = 10000 (args/*_publish.csv column M); M = 0 means
   no projection (the features themselves, no ReLU);
 * ``replace_fc`` (L91-126), after every experience: Q += H^T Y, G += H^T H over the experience's training images,
