@@ -705,3 +705,22 @@ def test_ranpac_recipes_step_the_cosine_once_per_epoch_as_torch_cosine_annealing
     per_step.optimizer.step()
     per_step.step()
     assert per_step.get_last_lr()[0] < 0.01  # the per-batch cosine has moved within the first epoch
+
+
+def test_the_statistics_view_of_an_image_folder_source_decodes_as_the_test_split(tmp_path):
+    """ImageNet-R's training images crop at random when decoded (DecodeRandomResizedCrop); the statistics view reads
+    the same files with the test split's decode and transform (shorter side 256, centre crop), image for image."""
+    from cl_vit.data import build_source
+    from cl_vit.data.base import ImageFileDataset
+    from cl_vit.streams import under_test_transform
+    from data_gen import WNIDS, make_imagenet_r
+
+    make_imagenet_r(tmp_path, per_class=4, size=(60, 50))
+    source = build_source("imagenet-r", str(tmp_path), split="own", wnids=WNIDS, img_size=32)
+    view = under_test_transform(source.train, source.test)
+    assert view.samples == source.train.samples and view.decode is source.test.decode
+    assert source.train.decode is not source.test.decode  # the training decode is another (random) crop
+    for k in (0, len(view) - 1):
+        expected = ImageFileDataset([view.samples[k]], source.test.transform, decode=source.test.decode)[0]
+        assert torch.equal(view[k][0], expected[0]) and view[k][1] == expected[1]
+        assert torch.equal(view[k][0], view[k][0])  # deterministic, unlike the training read
