@@ -101,7 +101,8 @@ def validate(cfg: DictConfig) -> None:
     from timm.optim import list_optimizers
 
     _choice(cfg, "optimizer.name", list_optimizers())
-    _choice(cfg, "scheduler.name", ("cosine", "constant", "multistep", "coda_cosine", "coda_cosine_formula"))
+    _choice(cfg, "scheduler.name", ("cosine", "cosine_epoch", "constant", "multistep", "coda_cosine",
+                                    "coda_cosine_formula"))
     rho = _get(cfg, "optimizer.sam_rho")
     if rho is not None:
         _number(cfg, "optimizer.sam_rho", lo=0)

@@ -65,6 +65,10 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], cuda_available: bool | None =
 FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
+def trainable_parameters(net: torch.nn.Module) -> list:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
 def create_optimizer(net: torch.nn.Module, name: str, lr: float, weight_decay: float = 0.0, **kwargs):
     """timm's ``create_optimizer_v2``, with torch's fused implementation where it exists and nothing says otherwise.
 
@@ -73,6 +77,10 @@ def create_optimizer(net: torch.nn.Module, name: str, lr: float, weight_decay: f
     ``optimizer.fused`` in the config choose explicitly."""
     from timm.optim import create_optimizer_v2
 
+    if kwargs.get("filter_bias_and_bn") is False and weight_decay and "param_group_fn" not in kwargs:
+        # every trainable parameter decayed, the model's no_weight_decay() (cls_token, pos_embed) too: what timm < 1.0
+        # did for filter_bias_and_bn=False and what torch.optim.SGD(model.parameters()) does (RanPAC, SLCA, LDAM-DRW)
+        kwargs["param_group_fn"] = trainable_parameters
     if name.lower() in FUSED_OPTIMIZERS and "fused" not in kwargs and "foreach" not in kwargs:
         try:
             return create_optimizer_v2(net, opt=name, lr=lr, weight_decay=weight_decay, fused=True, **kwargs)

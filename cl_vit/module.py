@@ -339,6 +339,9 @@ class ContinualModule(L.LightningModule):
                 milestones = [int(m * per_epoch) for m in sched.get("milestones") or ()]
                 gamma = float(sched.get("gamma", 0.1))
                 lam = lambda step: warmup_multistep(step, warmup, milestones, gamma)  # noqa: E731
+            elif name == "cosine_epoch":  # torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch (RanPAC)
+                min_ratio, warm = float(sched.get("min_lr_ratio", 0.0)), int(sched.get("warmup_epochs", 0))
+                lam = lambda step: warmup_cosine(step // per_epoch, epochs, warm, min_ratio)  # noqa: E731
             else:
                 min_ratio = float(sched.get("min_lr_ratio", 0.0))
                 lam = lambda step: warmup_cosine(step, total, warmup, min_ratio)  # noqa: E731

@@ -43,7 +43,7 @@ from cl_vit.errors import BadDataDuringRun, DiskFull, Interrupted, RunStopped
 from cl_vit.module import ContinualModule
 from cl_vit.stream_results import LOCAL, StreamResults, matrix_csv
 from cl_vit.rundir import RunDirectory
-from cl_vit.streams import StreamInfo
+from cl_vit.streams import StreamInfo, statistics_dataset
 from cl_vit.strategies.base import ExperienceInfo
 
 log = logging.getLogger("cl_vit")
@@ -493,8 +493,9 @@ class ContinualRunner:
                 classes=list(self.info.train_classes[i]),
                 seen_classes=seen,
                 n_classes=self.info.n_classes,
-                train_loader=lambda ds=experience.dataset, **kw: self._loader(
-                    ds, kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
+                train_loader=lambda ds=experience.dataset, i=i, **kw: self._loader(
+                    statistics_dataset(self.scenario, i) if kw.get("transform") == "test" else ds,
+                    kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
                 dataset_labels=self.dataset_labels,

@@ -9,6 +9,7 @@ number of experiences; here that is an error, or, with ``remainder="last"``, the
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -88,6 +89,20 @@ class RemappedDataset(Dataset):
         return x, self.targets[i]
 
 
+def under_test_transform(train: Dataset, test: Dataset) -> Dataset | None:
+    """The training images as the test split reads them (its ``transform`` and ``decode``), in the same order; None
+    when the datasets do not expose a ``transform`` (a foreign dataset: the runner falls back to Avalanche's eval
+    transform group). SimpleCIL, RanPAC and SLCA compute their statistics from this view, as their official loaders
+    re-read the training images in test mode."""
+    if not (hasattr(train, "transform") and hasattr(test, "transform")):
+        return None
+    view = copy.copy(train)
+    view.transform = test.transform
+    if hasattr(train, "decode") or hasattr(test, "decode"):
+        view.decode = getattr(test, "decode", None)
+    return view
+
+
 def build_stream(
     source: Source,
     *,
@@ -123,6 +138,9 @@ def build_stream(
         scenario = class_incremental_benchmark(
             {"train": train, "test": test}, class_order=identity, num_classes_per_exp=sizes
         )
+    statistics = under_test_transform(source.train, source.test)
+    if statistics is not None:  # split on demand (statistics_dataset), as the training stream is split
+        scenario.cl_vit_statistics = (RemappedDataset(statistics, mapping), [n] if joint else sizes)
     bounds = np.cumsum([0] + sizes)
     eval_classes = [list(range(bounds[k], bounds[k + 1])) for k in range(len(sizes))]
     info = StreamInfo(
@@ -134,6 +152,22 @@ def build_stream(
         class_order_rule=rule,
     )
     return scenario, info
+
+
+def statistics_dataset(scenario, index: int):
+    """Training experience ``index``'s images under the test transform, the same samples in the same order: for a
+    suite-built scenario its source's training images through the test transform, split into experiences as the
+    training stream is (once, on the first call: runs that never ask pay nothing); for a foreign scenario Avalanche's
+    eval transform group of the experience."""
+    stream = getattr(scenario, "cl_vit_statistics_stream", None)
+    if stream is None and getattr(scenario, "cl_vit_statistics", None) is not None:
+        data, sizes = scenario.cl_vit_statistics
+        stream = class_incremental_benchmark({"statistics": data}, class_order=list(range(sum(sizes))),
+                                             num_classes_per_exp=sizes).statistics_stream
+        scenario.cl_vit_statistics_stream = stream
+    if stream is not None:
+        return stream[index].dataset
+    return scenario.train_stream[index].dataset.eval()
 
 
 def describe(scenario, info: StreamInfo) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose, cut_and_resume, state_equal
+from conftest import TINY, TINY_ANY_MODEL, compose, cut_and_resume, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit import distributed
@@ -168,15 +168,21 @@ def test_ranpac_accumulates_the_gram_matrix_and_solves_the_ridge(runs):
     cfg, _, root, doc = runs("ranpac")
     _, scenario, info, module, _ = build(cfg)
     init = {k: v.clone() for k, v in module.net.state_dict().items()}
-    # cost: the first session trains every parameter, later experiences none; G and Q are strategy state
+    # cost: the first session trains the SSF modules and the cosine classifier, later experiences nothing; G and Q
+    # are strategy state
     first_cost, second_cost = doc["cost"]["per_experience"]
-    assert first_cost["params_trainable"] == first_cost["params_total"] and second_cost["params_trainable"] == 0
+    trained = {n: p for n, p in module.net.named_parameters() if ".ssf." in n or n.startswith("head.")}
+    assert first_cost["params_trainable"] == sum(p.numel() for p in trained.values()) > 0
+    assert second_cost["params_trainable"] == 0
     d = module.net.num_features
     assert second_cost["state_numel"] >= 16 * 16 + 16 * info.n_classes + d * 16
     rd = RunDirectory(root / "whole")
     first, second = rd.load_checkpoint(0), rd.load_checkpoint(1)
-    # the first session trained the backbone; the second trained nothing
-    assert not torch.equal(first["module"]["net.blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    # the first session trained the SSF modules and nothing else of the backbone; the second trained nothing
+    for k, v in init.items():
+        if not k.startswith("head."):
+            changed = not torch.equal(first["module"][f"net.{k}"], v)
+            assert changed == (".ssf." in k), k
     for k, v in first["module"].items():
         if k.startswith("net.") and k != "net.head.rp_weight":  # the network (the class masks grow)
             assert torch.equal(second["module"][k], v), k
@@ -313,3 +319,408 @@ def test_ddp_statistics_equal_a_one_process_run(name, tmp_path, data_root):
         torch.testing.assert_close(sa["Q"], sb["Q"], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(a["module"]["net.head.rp_weight"], b["module"]["net.head.rp_weight"],
                                    rtol=1e-4, atol=1e-4)
+
+
+# -- statistics from the test transform (statistics_transform) -------------------------------------------------------
+
+
+def _flip_source():
+    """A digits-sized source whose training transform flips the image, which the test transform does not: the two
+    views of the same training images embed differently."""
+    from cl_vit.data.base import Source, TensorImageDataset
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(48, 1, 8, 8, generator=gen)
+    y = [i % 4 for i in range(48)]
+    train = TensorImageDataset(images, y, transform=lambda x: x.flip(-1))
+    test = TensorImageDataset(images[:16], y[:16])
+    return Source("flip", train, test, [str(c) for c in range(4)], in_chans=1, img_size=8), images, torch.tensor(y)
+
+
+def test_the_statistics_view_is_the_training_images_under_the_test_transform_in_training_order():
+    from cl_vit.streams import build_stream, statistics_dataset
+
+    source, images, _ = _flip_source()
+    scenario, _ = build_stream(source, n_experiences=2, class_order=[3, 1, 0, 2])
+    for i, exp in enumerate(scenario.train_stream):
+        view = statistics_dataset(scenario, i)
+        assert list(view.targets) == list(exp.dataset.targets) and len(view) == len(exp.dataset) == 24
+        for k in (0, 5, 23):
+            (a, ya), (b, yb) = exp.dataset[k][:2], view[k][:2]  # Avalanche adds the task label
+            assert ya == yb and torch.equal(a, b.flip(-1)) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["simplecil", "ranpac", "slca"])
+def test_statistics_come_from_the_test_transform_unless_told_otherwise(name, tmp_path):
+    from cl_vit.streams import build_stream
+
+    source, images, y = _flip_source()
+    extra = {"ranpac": ["strategy.ranpac.first_session=false"], "slca": ["strategy.slca.ca_epochs=0"]}.get(name, [])
+    stats = {}
+    for transform in ("test", "train"):
+        scenario, _ = build_stream(source, n_experiences=2)
+        cfg = compose([*over(name), *extra, f"strategy.{name}.statistics_transform={transform}"])
+        run(cfg, tmp_path / transform, scenario=scenario)
+        stats[transform] = RunDirectory(tmp_path / transform).load_checkpoint(1)
+    _, _, _, module, _ = build(compose([*over(name), *extra]), scenario=build_stream(source, n_experiences=2)[0])
+    for transform, x in (("test", images), ("train", images.flip(-1))):
+        ckpt = stats[transform]
+        module.net.load_state_dict({k[4:]: v for k, v in ckpt["module"].items() if k.startswith("net.")}, strict=False)
+        feats, labels = _embeddings(module, torch.utils.data.TensorDataset(x, y))
+        if name == "simplecil":
+            for c in range(4):
+                torch.testing.assert_close(ckpt["module"]["net.head.prototypes"][c], feats[labels == c].mean(0))
+        elif name == "ranpac":
+            H = F.relu(feats @ module.net.head.W_rand)
+            torch.testing.assert_close(ckpt["strategies"]["ranpac"]["G"], H.T @ H, rtol=1e-4, atol=1e-3)
+        else:  # the second experience's classes, embedded by the network that experience trained
+            for c in (2, 3):
+                torch.testing.assert_close(ckpt["strategies"]["slca"]["means"][c], feats[labels == c].double().mean(0))
+    key = {"simplecil": ("module", "net.head.prototypes"), "ranpac": ("strategies", "ranpac", "G"),
+           "slca": ("strategies", "slca", "means", 0)}[name]
+    a, b = stats["test"], stats["train"]
+    for k in key:
+        a, b = a[k], b[k]
+    assert (a - b).abs().max() > 1e-3  # the two transforms give measurably different statistics
+
+
+def test_statistics_transform_is_checked():
+    for name in ("simplecil", "ranpac", "slca"):
+        with pytest.raises(UserError, match=f"strategy.{name}.statistics_transform='eval' is not allowed"):
+            build_strategies({name: {"statistics_transform": "eval"}})
+
+
+# -- RanPAC's first-session modules (cl_vit/models/petl.py) against the official equations ----------------------------
+
+
+def _micro_vit(seed=0):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_micro_patch2_8", num_classes=4).eval()
+
+
+def _ref_block_attention(x, blk, ssf):
+    """Multi-head self-attention written out (RanPAC petl/vision_transformer_ssf.py Attention.forward L196-213):
+    ``ssf(name, t)`` is the SSF after the named layer (identity when none)."""
+    B, N, C = x.shape
+    a = blk.attn
+    qkv = ssf("qkv", F.linear(x, a.qkv.weight, a.qkv.bias))
+    q, k, v = qkv.reshape(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    att = ((q @ k.transpose(-2, -1)) * a.scale).softmax(-1)
+    return ssf("proj", F.linear((att @ v).transpose(1, 2).reshape(B, N, C), a.proj.weight, a.proj.bias))
+
+
+def _ref_forward(net, x, ssf_on: bool, adapter_on: bool):
+    """The pre-logits features of RanPAC's SSF ViT (vision_transformer_ssf.py PatchEmbed L358-371, Block L252-256,
+    Mlp L157-170, forward_features L522-537) or adapter ViT (vision_transformer_adapter.py Block L165-183, Adapter
+    L70-90 in eval mode), from ``net``'s parameters with functional ops (no module hooks run)."""
+    def ssf_of(m):
+        return (lambda t: t * m.ssf.scale + m.ssf.shift) if ssf_on else (lambda t: t)
+
+    pe = net.patch_embed
+    t = F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=pe.proj.stride).flatten(2).transpose(1, 2)
+    t = ssf_of(pe.proj)(t)
+    t = torch.cat([net.cls_token.expand(len(t), -1, -1), t], 1) + net.pos_embed
+
+    def ln(m, u):
+        return ssf_of(m)(F.layer_norm(u, m.normalized_shape, m.weight, m.bias, m.eps))
+
+    for blk in net.blocks:
+        t = t + _ref_block_attention(ln(blk.norm1, t), blk, lambda name, u: ssf_of(getattr(blk.attn, name))(u))
+        m = blk.mlp
+        h = ssf_of(m.fc1)(F.linear(ln(blk.norm2, t), m.fc1.weight, m.fc1.bias))
+        h = ssf_of(m.fc2)(F.linear(F.gelu(h), m.fc2.weight, m.fc2.bias))
+        if adapter_on:
+            ad = blk.adaptmlp
+            h = h + F.linear(F.relu(F.linear(t, ad.down_proj.weight, ad.down_proj.bias)), ad.up_proj.weight,
+                             ad.up_proj.bias) * 0.1
+        t = t + h
+    return ln(net.norm, t)[:, 0]
+
+
+def test_ssf_is_the_official_scale_and_shift_after_every_layer():
+    from cl_vit.models.petl import add_ssf
+
+    net = _micro_vit()
+    x = torch.randn(3, 1, 8, 8)
+    plain = net.forward_head(net.forward_features(x), pre_logits=True)
+    names = add_ssf(net)
+    # patch projection, 2 norms + qkv + proj + fc1 + fc2 per block, the final norm; never the classifier
+    assert len(names) == 1 + 6 * len(net.blocks) + 1 and "head" not in names
+    for n, p in net.named_parameters():
+        if ".ssf." in n:
+            assert p.shape == (192,) if "qkv" in n else p.shape in ((64,), (128,))
+    torch.testing.assert_close(net.forward_head(net.forward_features(x), pre_logits=True),
+                               _ref_forward(net, x, ssf_on=True, adapter_on=False), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # identity SSF: the pre-trained network's features
+        for n, p in net.named_parameters():
+            if ".ssf." in n:
+                p.fill_(1.0 if n.endswith("scale") else 0.0)
+    torch.testing.assert_close(net.forward_head(net.forward_features(x), pre_logits=True), plain)
+    with pytest.raises(UserError, match="already has SSF parameters"):
+        add_ssf(net)
+
+
+def test_adaptformer_is_the_official_parallel_adapter():
+    from cl_vit.models.petl import add_adaptformer
+
+    net = _micro_vit()
+    x = torch.randn(3, 1, 8, 8)
+    plain = net.forward_head(net.forward_features(x), pre_logits=True)
+    before = dict(net.state_dict())
+    assert add_adaptformer(net, bottleneck=16) == len(net.blocks)
+    # lora init (Adapter L63-68): the up projection is zero, so the adapted network starts as the pre-trained one
+    torch.testing.assert_close(net.forward_head(net.forward_features(x), pre_logits=True), plain)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())  # pre-trained names unchanged
+    ad = net.blocks[0].adaptmlp
+    assert (ad.down_proj.weight.shape, ad.up_proj.weight.shape, ad.scale, ad.dropout) == ((16, 64), (64, 16), 0.1, 0.1)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if ".adaptmlp." in n:
+                p.normal_(0, 0.2)
+    torch.testing.assert_close(net.forward_head(net.forward_features(x), pre_logits=True),
+                               _ref_forward(net, x, ssf_on=False, adapter_on=True), rtol=1e-5, atol=1e-5)
+    net.train()  # dropout 0.1 on the bottleneck in training (Adapter L77)
+    torch.manual_seed(0)
+    assert not torch.allclose(net.forward_features(x), net.eval().forward_features(x))
+
+
+@pytest.mark.parametrize("petl, trained", [("ssf", ".ssf."), ("adaptformer", ".adaptmlp."), (None, "")])
+def test_ranpac_first_session_trains_its_modules_and_the_classifier_only(petl, trained):
+    from cl_vit.strategies.ranpac import RanPAC
+
+    module = torch.nn.Module()
+    module.net, module.n_classes = _micro_vit(), 4
+    strategy = RanPAC(M=8, petl=petl, params=None if petl else ["*norm*", "*.bias"])
+    strategy.setup(module)
+    strategy.before_experience(module, ExperienceInfo(0, 2, [0, 1], [0, 1], 4))
+    train = {n for n, p in module.net.named_parameters() if p.requires_grad}
+    head = {"head.weight", "head.sigma"}
+    if petl:
+        assert train == head | {n for n, _ in module.net.named_parameters() if trained in n} and len(train) > 2
+    else:  # the suite's earlier stand-in: LayerNorm affine parameters and biases
+        assert train == head | {n for n, _ in module.net.named_parameters() if "norm" in n or n.endswith(".bias")}
+    # no first session: nothing added (the plain pre-trained features, the official "ncm" rows)
+    bare = torch.nn.Module()
+    bare.net, bare.n_classes = _micro_vit(), 4
+    RanPAC(M=8, petl=petl, first_session=False).setup(bare)
+    assert not any(".ssf." in n or ".adaptmlp." in n for n, _ in bare.net.named_parameters())
+    with pytest.raises(UserError, match="strategy.ranpac.params"):
+        RanPAC(petl="ssf", params=["*"])
+
+
+# -- the recipes: weight decay on every parameter, SLCA's fresh final norm and input normalisation ---------------------
+
+MICRO_RECIPE = ["model=vit_micro", "model.name=vit_micro_patch2_8", "model.pretrained=false",
+                "model.pretrained_tag=null", *TINY_ANY_MODEL[1:]]
+
+
+def _recipe_module(experiment, *extra):
+    from cl_vit.builder import build as build_parts
+
+    cfg = compose([f"experiment={experiment}", *MICRO_RECIPE, *extra])
+    scenario = _flip_stream()
+    module = build_parts(cfg, scenario=scenario)[3]
+    module.scheduler_cfg = {"name": "constant"}
+    return cfg, module
+
+
+def _flip_stream():
+    from cl_vit.streams import build_stream
+
+    return build_stream(_flip_source()[0], n_experiences=2)[0]
+
+
+@pytest.mark.parametrize("experiment", ["ranpac-imagenet-r", "ranpac-cifar100", "slca-imagenet-r", "slca-cifar100"])
+def test_recipes_decay_every_parameter_biases_and_norms_too(experiment):
+    """RanPAC.py L231 and SLCA models/slca.py L158-165 hand every parameter to SGD with weight decay 5e-4; timm's
+    create_optimizer_v2 exempts 1-D parameters unless filter_bias_and_bn=false reaches it."""
+    cfg, module = _recipe_module(experiment)
+    assert cfg.optimizer.filter_bias_and_bn is False and cfg.optimizer.weight_decay == 5e-4
+    for s in module.strategies:
+        s.before_experience(module, ExperienceInfo(0, 2, [0, 1], [0, 1], 4))
+    opt = module.configure_optimizers()
+    # plain momentum SGD as torch's optim.SGD(momentum=0.9) there: timm's "sgd" would be Nesterov
+    assert all(g["momentum"] == 0.9 and not g["nesterov"] for g in opt.param_groups)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = dict(module.net.named_parameters())
+    trained = {n for n, p in names.items() if p.requires_grad}
+    one_d = {n for n in trained if names[n].ndim <= 1}
+    assert one_d and all(decay.get(id(names[n])) == 5e-4 for n in trained)
+    if experiment.startswith("slca"):  # the whole backbone trains: timm's no_weight_decay() list decays too
+        assert {"cls_token", "pos_embed"} <= trained
+    # a step with zero gradients: SGD shrinks each trained parameter by lr * weight decay, 1-D ones included
+    with torch.no_grad():  # non-zero everywhere (adapter biases start at zero)
+        for n in one_d:
+            names[n].uniform_(0.5, 1.5)
+    before = {n: names[n].detach().clone() for n in one_d}
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    for n in one_d:
+        g = next(g for g in opt.param_groups if any(p is names[n] for p in g["params"]))
+        torch.testing.assert_close(names[n].detach(), before[n] * (1 - g["lr"] * 5e-4), rtol=1e-6, atol=1e-9)
+        assert not torch.equal(names[n].detach(), before[n]), n
+    # the suite's default exempts them: the switch is what reaches timm
+    _, plain = _recipe_module(experiment, "optimizer.filter_bias_and_bn=true")
+    for s in plain.strategies:
+        s.before_experience(plain, ExperienceInfo(0, 2, [0, 1], [0, 1], 4))
+    exempt = {id(p) for g in plain.configure_optimizers().param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {n for n, p in plain.net.named_parameters() if id(p) in exempt} >= {n for n in one_d if "norm" in n}
+
+
+def test_slca_recipes_replace_the_final_norm_and_normalise_inputs():
+    """convs/vits.py L709-711: a fresh nn.LayerNorm(768) (weight 1, bias 0, eps 1e-5) in place of the pre-trained
+    final norm, trained at the backbone's slow rate; utils/data.py L134-137 / L43-46: ImageNet / CIFAR-100 mean, std."""
+    from cl_vit.data.transforms import NORMALIZATIONS
+
+    for experiment, norm in (("slca-imagenet-r", "imagenet"), ("slca-cifar100", "cifar100")):
+        cfg, module = _recipe_module(experiment)
+        assert cfg.benchmark.source_args.normalize == norm and cfg.strategy.slca.fresh_final_norm
+        assert NORMALIZATIONS[norm][0][0] == {"imagenet": 0.485, "cifar100": 0.5071}[norm]
+        ln = module.net.norm
+        assert type(ln) is torch.nn.LayerNorm and ln.eps == 1e-5
+        assert torch.equal(ln.weight, torch.ones(64)) and torch.equal(ln.bias, torch.zeros(64))
+        scales = module.strategies[0].lr_scales(module)
+        assert scales["norm.weight"] == scales["norm.bias"] == 0.01
+    _, plain = _recipe_module("slca-imagenet-r", "strategy.slca.fresh_final_norm=false")
+    assert plain.net.norm.eps == 1e-6  # timm's ViT norm, kept
+    net = torch.nn.Sequential()
+    with pytest.raises(UserError, match="fresh_final_norm"):
+        from cl_vit.strategies.slca import replace_final_norm
+
+        replace_final_norm(net)
+
+
+# -- protocols: each recipe's split, class order and experiences, counted on generated data -------------------------
+
+
+def _official_order(seed: int, n: int) -> list[int]:
+    """utils/data_manager.py of RanPAC (L89-92), SLCA (L124-126), RevisitingCIL (L151-155): np.random.seed(seed);
+    np.random.permutation(n), on the labels of the sorted class folders (ImageFolder)."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return np.random.permutation(n).tolist()
+    finally:
+        np.random.set_state(state)
+
+
+@pytest.fixture(scope="module")
+def protocol_data(tmp_path_factory):
+    """All 200 ImageNet-R classes as the LAMDA-PILOT folders (2 train + 1 test images each) and as CODA-Prompt split
+    files (1 + 1; with CODA-Prompt's own labels when ../shared/reference holds its files), and CIFAR-100 (2 + 1)."""
+    from cl_vit.data.imagenet_r import _yaml_load, imagenet_r_wnids
+    from conftest import SHARED_REFERENCE
+    from data_gen import make_cifar, make_imagenet_r, make_pilot_split, write_coda_split
+
+    root = tmp_path_factory.mktemp("protocols")
+    wnids = imagenet_r_wnids()
+    make_pilot_split(root, wnids=wnids, train=2, test=1)
+    images = make_imagenet_r(root, wnids=wnids, per_class=2, size=(20, 16))
+    labels = {w: k for k, w in enumerate(wnids)}
+    reference = SHARED_REFERENCE / "imagenet-r_train.yaml"
+    if reference.exists():  # CODA-Prompt's label of every wnid, from its own split file
+        doc = _yaml_load(reference)
+        labels = {d.split("imagenet-r/", 1)[1].split("/")[0]: int(t) for d, t in zip(doc["data"], doc["targets"])}
+    write_coda_split(root / "imagenet-r-splits" / "coda", images, labels, test_fraction=0.5)
+    make_cifar(root, "cifar100", train_counts=[2] * 100, test_per_class=1)
+    return root, wnids, reference.exists()
+
+
+#: recipe -> (split, experiences, classes per experience, train / test images per class, class-order rule)
+PROTOCOLS = {
+    "ranpac-imagenet-r": ("pilot", 10, 20, (2, 1), 1993),
+    "simplecil-imagenet-r": ("pilot", 40, 5, (2, 1), 1993),
+    "slca-imagenet-r": ("coda", 10, 20, (1, 1), 1993),
+    "ranpac-imagenet-r-coda": ("coda", 10, 20, (1, 1), "coda"),
+    "simplecil-imagenet-r-coda": ("coda", 10, 20, (1, 1), "coda"),
+    "slca-imagenet-r-coda": ("coda", 10, 20, (1, 1), "coda"),
+    "ranpac-cifar100": (None, 10, 10, (2, 1), 1993),
+    "simplecil-cifar100": (None, 20, 5, (2, 1), 1993),
+    "slca-cifar100": (None, 10, 10, (2, 1), 1993),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PROTOCOLS))
+def test_recipe_protocols_count_images_and_follow_the_official_class_order(experiment, protocol_data, tmp_path):
+    data_root, wnids, with_reference = protocol_data
+    split, n_exp, per_exp, (n_train, n_test), order_rule = PROTOCOLS[experiment]
+    cfg = compose([f"experiment={experiment}", "model.name=vit_micro_patch2_8", "model.pretrained=false",
+                   "model.pretrained_tag=null", "data.num_workers=0", "data.persistent_workers=false",
+                   "dry_run=true", "logger=none"], data_root)
+    stream = run(cfg, tmp_path / "dry")
+    n_classes = n_exp * per_exp
+    assert cfg.benchmark.source_args.get("split") == split
+    assert [len(e["classes"]) for e in stream["experiences"]] == [per_exp] * n_exp
+    sizes = [(e["n_train"], e["n_test"]) for e in stream["experiences"]]
+    assert sizes == [(per_exp * n_train, per_exp * n_test)] * n_exp
+    expected = list(range(n_classes)) if order_rule == "coda" else _official_order(order_rule, n_classes)
+    assert stream["class_order"] == expected
+    assert json.loads((tmp_path / "dry" / "stream.json").read_text())["class_order"] == expected
+    if split == "pilot":  # torchvision ImageFolder labels: the sorted wnids
+        assert build(cfg)[0].classes == sorted(wnids)
+    if split == "coda" and with_reference:  # CODA-Prompt's own label order: label 0 is n02165456
+        source = build(cfg)[0]
+        assert source.classes[0] == "n02165456" and sorted(source.classes) == wnids
+
+
+@pytest.mark.parametrize("experiment", ["slca-imagenet-r", "slca-cifar100"])
+def test_slca_recipes_run_the_three_official_seeds_as_one_multirun(experiment):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert str(cfg.hydra.sweeper.params.seed) == "1993,1996,1997" and cfg.seed == 1993
+    for seed in (1993, 1996, 1997):  # each run's class order follows its seed, as exps/slca/*.json's seed list
+        assert compose([f"experiment={experiment}", f"seed={seed}"]).benchmark.class_order == f"numpy:{seed}"
+
+
+def test_ranpac_recipes_step_the_cosine_once_per_epoch_as_torch_cosine_annealing():
+    """RanPAC.py L232, L279: CosineAnnealingLR(T_max=tuned_epoch, eta_min=0) stepped after every epoch, so every batch
+    of an epoch trains at that epoch's rate; ``scheduler.name=cosine_epoch`` is that, ``cosine`` decays per batch."""
+    from types import SimpleNamespace
+
+    for experiment in ("ranpac-imagenet-r", "ranpac-cifar100", "ltcil-ranpac"):
+        assert compose([f"experiment={experiment}"]).scheduler.name == "cosine_epoch"
+    epochs, per_epoch = 4, 3
+    _, module = _recipe_module("ranpac-imagenet-r")
+    module.scheduler_cfg = {"name": "cosine_epoch", "warmup_epochs": 0, "min_lr_ratio": 0.0}
+    module._trainer = SimpleNamespace(estimated_stepping_batches=epochs * per_epoch, max_epochs=epochs)
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs, eta_min=0.0)
+    for epoch in range(epochs):
+        for _ in range(per_epoch):
+            assert sched.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], rel=1e-12, abs=1e-18)
+            sched.optimizer.step()
+            sched.step()
+        ref_opt.step()
+        ref.step()
+    module.scheduler_cfg = {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0}
+    per_step = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    per_step.optimizer.step()
+    per_step.step()
+    assert per_step.get_last_lr()[0] < 0.01  # the per-batch cosine has moved within the first epoch
+
+
+def test_the_statistics_view_of_an_image_folder_source_decodes_as_the_test_split(tmp_path):
+    """ImageNet-R's training images crop at random when decoded (DecodeRandomResizedCrop); the statistics view reads
+    the same files with the test split's decode and transform (shorter side 256, centre crop), image for image."""
+    from cl_vit.data import build_source
+    from cl_vit.data.base import ImageFileDataset
+    from cl_vit.streams import under_test_transform
+    from data_gen import WNIDS, make_imagenet_r
+
+    make_imagenet_r(tmp_path, per_class=4, size=(60, 50))
+    source = build_source("imagenet-r", str(tmp_path), split="own", wnids=WNIDS, img_size=32)
+    view = under_test_transform(source.train, source.test)
+    assert view.samples == source.train.samples and view.decode is source.test.decode
+    assert source.train.decode is not source.test.decode  # the training decode is another (random) crop
+    for k in (0, len(view) - 1):
+        expected = ImageFileDataset([view.samples[k]], source.test.transform, decode=source.test.decode)[0]
+        assert torch.equal(view[k][0], expected[0]) and view[k][1] == expected[1]
+        assert torch.equal(view[k][0], view[k][0])  # deterministic, unlike the training read

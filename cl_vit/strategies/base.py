@@ -39,7 +39,8 @@ class ExperienceInfo:
     classes: list[int]
     seen_classes: list[int]
     n_classes: int
-    #: a DataLoader over this experience's training data (evaluation transforms are the source's business)
+    #: a DataLoader over this experience's training data (evaluation transforms are the source's business);
+    #: ``transform="test"``: the same images in the same order under the test transform (statistics_transform)
     train_loader: Callable[..., Any] | None = None
     #: training images per class (stream labels) of the whole training set, for re-weighting strategies
     class_counts: list[int] | None = None

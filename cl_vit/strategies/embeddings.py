@@ -6,6 +6,11 @@ of the experience's training images. Under DDP each process embeds its share (``
 Lightning's unrepeated sampler gives rank r the images r, r + W, r + 2W, ...) and the shares are gathered and put
 back in dataset order, so every process computes the statistics from the same matrix in the same order: the result
 is bit-identical across processes and equal to a one-process run's (up to the backbone's own batch-size rounding).
+
+``statistics_transform``: which transform the training images are embedded under. ``test`` (the default) as the
+official code of all three methods: they re-read the experience's training images in test mode before computing
+their statistics (RanPAC RanPAC.py L167, GengDavid/SLCA models/base.py L253, RevisitingCIL models/simplecil.py L66);
+``train``: the images as the training loader delivers them (the benchmark's training augmentation).
 """
 from __future__ import annotations
 
@@ -16,8 +21,17 @@ import torch
 import torch.nn as nn
 
 from cl_vit import distributed
-from cl_vit.errors import UserError
+from cl_vit.errors import ConfigError, UserError
 from cl_vit.strategies.base import ExperienceInfo
+
+
+STATISTICS_TRANSFORMS = ("test", "train")
+
+
+def check_statistics_transform(value, strategy: str) -> str:
+    if value not in STATISTICS_TRANSFORMS:
+        raise ConfigError(f"strategy.{strategy}.statistics_transform", value, "test or train")
+    return value
 
 
 def interleave(shares: Sequence[np.ndarray]) -> np.ndarray:
@@ -33,8 +47,10 @@ def interleave(shares: Sequence[np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def experience_embeddings(module, experience: ExperienceInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings N x D float32, labels N) of the experience's training data, in dataset order, on the CPU.
+def experience_embeddings(module, experience: ExperienceInfo, transform: str = "test"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings N x D float32, labels N) of the experience's training data under the ``test`` or ``train``
+    transform, in dataset order, on the CPU.
 
     The network runs in eval mode on its current device; every process returns the same tensors."""
     from cl_vit.module import net_outputs
@@ -45,7 +61,8 @@ def experience_embeddings(module, experience: ExperienceInfo) -> tuple[torch.Ten
     net.eval()
     feats, labels = [], []
     try:
-        for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1):
+        for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
+                                             transform=transform):
             feats.append(net_outputs(net, batch[0].to(device))["pre_logits"].float().cpu())
             labels.append(batch[1].cpu())
     finally:

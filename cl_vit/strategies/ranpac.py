@@ -5,10 +5,17 @@ over experiences, W = (G + lambda I)^-1 Q.
 
 As the official code (RanPAC/RanPAC RanPAC.py, ``Learner``):
 
-* first session (``_train`` L225-238): every parameter trained with the classification loss and a cosine classifier
-  with a learnt scale (inc_net.py ``CosineLinear`` L30-48), then the backbone is frozen for good. The recipe's
-  optimiser (SGD, momentum 0.9, lr 0.01, weight decay 5e-4, cosine to 0, 20 epochs, batch 48) is the published one
-  (args/*_publish.csv: body_lr 0.01, tuned_epoch 20, batch_size 48; RanPAC.py L81, L231-232);
+* first session (``_train`` L225-238): a parameter-efficient module added to the pre-trained ViT is trained together
+  with a cosine classifier with a learnt scale (inc_net.py ``CosineLinear`` L9-48), nothing else of the backbone;
+  then the backbone is frozen for good. The module is SSF on ImageNet-R and AdaptFormer (64-dim bottleneck) on
+  CIFAR-100 (args/imagenetr_publish.csv and args/cifar224_publish.csv row 7; ``petl``, cl_vit/models/petl.py): the
+  SSF backbone freezes all but ``ssf_scale`` / ``ssf_shift`` (RanPAC.py L184-185, L226-227), the adapter backbone all
+  but the adapters (petl/vision_transformer_adapter.py L404-409). ``petl=null`` trains the backbone parameters
+  selected by ``params`` instead (every one by default; LayerNorm affine + biases is the suite's earlier stand-in).
+  The optimiser is plain momentum SGD over every parameter of the network, weight decay on all of them (L231;
+  recipes: ``optimizer.filter_bias_and_bn=false``, ``optimizer.nesterov=false``), momentum 0.9, lr 0.01, cosine to 0
+  stepped once per epoch (L232, L279; ``scheduler.name=cosine_epoch``), 20 epochs, batch 48 (args/*_publish.csv:
+  body_lr 0.01, tuned_epoch 20, batch_size 48, weight_decay 5e-4, min_lr 0);
 * ``setup_RP`` (L246-260): W_rand ~ N(0, 1) of shape D x M, M = 10000 (args/*_publish.csv column M); M = 0 means
   no projection (the features themselves, no ReLU);
 * ``replace_fc`` (L91-126), after every experience: Q += H^T Y, G += H^T H over the experience's training images,
@@ -16,9 +23,8 @@ As the official code (RanPAC/RanPAC RanPAC.py, ``Learner``):
   10^-8 ... 10^8, fit on the first 80% of the (shuffled) images, the one with the least mean squared error on the
   remaining 20%; then ``W = solve(G + lambda I, Q)``, float32 as there.
 
-Differences: the first session here trains the parameters selected by ``params`` (default all) of any timm model,
-where the official code fine-tunes parameter-efficient modules (SSF, adapters or VPT) it adds to a ViT-B/16; the
-embeddings come from the training data as the stream delivers it (the official code uses the test transform).
+The Gram matrix and the ridge come from the training images under the test transform (``statistics_transform=test``;
+RanPAC.py L167 ``mode="test"``). Not here: the VPT first session (the official cars and OmniBenchmark rows).
 
 State: the projection and the ridge weights live in the classifier (``net.head.W_rand``, ``net.head.rp_weight``),
 G, Q and the chosen lambdas in the strategy's state; both are in every experience checkpoint.
@@ -33,8 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cl_vit.errors import ConfigError
+from cl_vit.models.petl import PETL_PARAMS, add_adaptformer, add_ssf
 from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
-from cl_vit.strategies.embeddings import embedding_dim, experience_embeddings, freeze, replace_classifier
+from cl_vit.strategies.embeddings import (check_statistics_transform, embedding_dim, experience_embeddings, freeze,
+                                          replace_classifier)
 from cl_vit.strategies.selection import freeze_unselected, select_parameters
 
 #: RanPAC.py L139: ``ridges = 10.0 ** np.arange(-8, 9)``
@@ -84,16 +92,26 @@ class RandomProjectionHead(nn.Module):
 class RanPAC(Strategy):
     name = "ranpac"
 
-    def __init__(self, M: int = 10000, first_session: bool = True, params: Sequence[str] = ("*",),
-                 ridges: Sequence[float] = RIDGES, fit_fraction: float = 0.8):
+    def __init__(self, M: int = 10000, first_session: bool = True, params: Sequence[str] | None = None,
+                 ridges: Sequence[float] = RIDGES, fit_fraction: float = 0.8, petl: str | None = None,
+                 adapter_bottleneck: int = 64, statistics_transform: str = "test"):
         if isinstance(M, bool) or not isinstance(M, int) or M < 0:
             raise ConfigError("strategy.ranpac.M", M, "an integer >= 0 (0: no random projection)")
         if not ridges or any(not isinstance(r, (int, float)) or r <= 0 for r in ridges):
             raise ConfigError("strategy.ranpac.ridges", ridges, "a list of positive numbers")
         if not 0 < fit_fraction < 1:
             raise ConfigError("strategy.ranpac.fit_fraction", fit_fraction, "a number in (0, 1)")
+        if petl is not None and petl not in PETL_PARAMS:
+            raise ConfigError("strategy.ranpac.petl", petl, f"one of {list(PETL_PARAMS)} or null (train `params`)")
+        if petl is not None and params is not None:
+            raise ConfigError("strategy.ranpac.params", params, f"null with petl={petl} (it trains its own modules)")
+        if isinstance(adapter_bottleneck, bool) or not isinstance(adapter_bottleneck, int) or adapter_bottleneck < 1:
+            raise ConfigError("strategy.ranpac.adapter_bottleneck", adapter_bottleneck, "an integer >= 1")
         self.M, self.first_session = M, bool(first_session)
+        self.petl, self.adapter_bottleneck = petl, adapter_bottleneck
+        params = PETL_PARAMS[petl] if petl else ("*",) if params is None else params
         self.patterns = [params] if isinstance(params, str) else list(params)
+        self.statistics_transform = check_statistics_transform(statistics_transform, self.name)
         self.ridges, self.fit_fraction = [float(r) for r in ridges], float(fit_fraction)
         self.G: torch.Tensor | None = None
         self.Q: torch.Tensor | None = None
@@ -104,7 +122,12 @@ class RanPAC(Strategy):
     def setup(self, module) -> None:
         self.head = RandomProjectionHead(embedding_dim(module.net), module.n_classes, self.M)
         replace_classifier(module.net, self.head)
-        self._params = list(select_parameters(module.net, self.patterns, key="strategy.ranpac.params"))
+        if self.first_session and self.petl == "ssf":  # without a first session, the plain backbone ("ncm" rows)
+            add_ssf(module.net)
+        elif self.first_session and self.petl == "adaptformer":
+            add_adaptformer(module.net, self.adapter_bottleneck)
+        if self.first_session:
+            self._params = list(select_parameters(module.net, self.patterns, key="strategy.ranpac.params"))
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         if self.first_session and experience.index == 0 and self.G is None:
@@ -122,7 +145,7 @@ class RanPAC(Strategy):
                     self.head.W_rand.copy_(torch.randn(self.head.in_features, self.M, generator=gen))
                 self.head.use_rp.fill_(True)
             self.G, self.Q = torch.zeros(dim, dim), torch.zeros(dim, module.n_classes)
-        feats, labels = experience_embeddings(module, experience)
+        feats, labels = experience_embeddings(module, experience, self.statistics_transform)
         with torch.no_grad():
             H = self.head.features(feats.to(self.head.W_rand.device)).float().cpu()
             Y = F.one_hot(labels, module.n_classes).float()
@@ -141,4 +164,4 @@ class RanPAC(Strategy):
         self.chosen = list(state.get("ridges", []))
 
     def __repr__(self) -> str:
-        return f"RanPAC(M={self.M}, first_session={self.first_session}, params={self.patterns})"
+        return f"RanPAC(M={self.M}, first_session={self.first_session}, petl={self.petl}, params={self.patterns})"

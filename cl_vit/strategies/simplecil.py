@@ -8,8 +8,9 @@ classifier is ``CosineLinear`` (convs/linears.py L55-65), logits ``sigma * cos(f
 the argmax unchanged. The prototypes are a buffer of that head (``net.head.prototypes`` on a timm ViT), so each
 experience checkpoint holds them with the network. Nothing is trained: the backbone is frozen in every experience, so the runner skips the fit.
 
-Differences: the embeddings here are computed from the experience's training data as the stream delivers it (with
-the benchmark's training transform), where the official code re-reads the images with the test transform.
+The training images are embedded under the test transform (``statistics_transform=test``), as the official code
+re-reads them (simplecil.py L66 ``mode="test"``); ``statistics_transform=train`` embeds them as the training loader
+delivers them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
-from cl_vit.strategies.embeddings import embedding_dim, experience_embeddings, freeze, replace_classifier
+from cl_vit.strategies.embeddings import (check_statistics_transform, embedding_dim, experience_embeddings, freeze,
+                                          replace_classifier)
 
 
 def class_means(feats: torch.Tensor, labels: torch.Tensor, classes) -> dict[int, torch.Tensor]:
@@ -43,7 +45,8 @@ class CosinePrototypeHead(nn.Module):
 class SimpleCIL(Strategy):
     name = "simplecil"
 
-    def __init__(self):
+    def __init__(self, statistics_transform: str = "test"):
+        self.statistics_transform = check_statistics_transform(statistics_transform, self.name)
         self.head: CosinePrototypeHead | None = None
 
     def setup(self, module) -> None:
@@ -55,7 +58,7 @@ class SimpleCIL(Strategy):
         freeze(module.net)  # another strategy may have unfrozen parameters: SimpleCIL trains nothing
 
     def after_experience(self, module, experience: ExperienceInfo) -> None:
-        feats, labels = experience_embeddings(module, experience)
+        feats, labels = experience_embeddings(module, experience, self.statistics_transform)
         with torch.no_grad():
             for c, mean in class_means(feats, labels, experience.classes).items():
                 self.head.prototypes[c] = mean.to(self.head.prototypes)

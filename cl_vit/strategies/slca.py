@@ -21,8 +21,9 @@ As the official code (GengDavid/SLCA models/slca.py, class ``SLCA``; convs/linea
   (``fc.recall()`` in ``after_task``, L79).
 
 Differences: the official code computes t_c as ``c // task_size`` (equal-sized experiences); here it is the class's
-own experience, which is the same there and right for uneven splits (B50). Statistics come from the training data as
-the stream delivers it (the official code re-reads it with the test transform). Samples are drawn from a generator
+own experience, which is the same there and right for uneven splits (B50). The statistics come from the training
+images under the test transform (``statistics_transform=test``; models/base.py L253 re-reads them with
+``mode="test"``). Samples are drawn from a generator
 seeded per experience, so a resumed or multi-process run draws the same ones.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from cl_vit.errors import ConfigError, UserError
 from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
-from cl_vit.strategies.embeddings import experience_embeddings
+from cl_vit.strategies.embeddings import check_statistics_transform, experience_embeddings
 from cl_vit.strategies.selection import classifier_names
 
 
@@ -58,13 +59,26 @@ def normalised_logits(logits: torch.Tensor, groups: list[list[int]], temperature
     return logits / norms.mean(dim=-1, keepdim=True) / temperature
 
 
+def replace_final_norm(net: nn.Module) -> None:
+    """A fresh ``nn.LayerNorm(D)`` (weight 1, bias 0, eps 1e-5) in place of the pre-trained final norm, as SLCA's
+    ViT-B/16 (convs/vits.py L709-711: ``del model.norm; model.norm = nn.LayerNorm(768)``); it trains with the
+    backbone."""
+    norm = getattr(net, "norm", None)
+    if not isinstance(norm, nn.LayerNorm):
+        raise UserError(f"strategy.slca.fresh_final_norm=true replaces a ViT's final LayerNorm (net.norm); "
+                        f"{type(net).__name__} has none: set it to false")
+    fresh = nn.LayerNorm(norm.normalized_shape)
+    net.norm = fresh.to(device=norm.weight.device, dtype=norm.weight.dtype)
+
+
 @register_strategy
 class SLCA(Strategy):
     name = "slca"
 
     def __init__(self, backbone_lr_scale: float = 0.01, ca_epochs: int = 5, ca_lr: float = 0.01,
                  ca_momentum: float = 0.9, ca_weight_decay: float = 5e-4, samples_per_class: int = 256,
-                 logit_norm: float | None = 0.1, cov_eps: float = 1e-4):
+                 logit_norm: float | None = 0.1, cov_eps: float = 1e-4, statistics_transform: str = "test",
+                 fresh_final_norm: bool = False):
         for key, value in (("backbone_lr_scale", backbone_lr_scale), ("ca_lr", ca_lr), ("cov_eps", cov_eps),
                            ("ca_weight_decay", ca_weight_decay), ("ca_momentum", ca_momentum)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -78,6 +92,8 @@ class SLCA(Strategy):
         self.ca_momentum, self.ca_weight_decay = float(ca_momentum), float(ca_weight_decay)
         self.samples_per_class, self.cov_eps = samples_per_class, float(cov_eps)
         self.logit_norm = None if logit_norm is None else float(logit_norm)
+        self.statistics_transform = check_statistics_transform(statistics_transform, self.name)
+        self.fresh_final_norm = bool(fresh_final_norm)
         self.means: dict[int, torch.Tensor] = {}
         self.covs: dict[int, torch.Tensor] = {}
         self.tasks: list[list[int]] = []
@@ -93,6 +109,8 @@ class SLCA(Strategy):
             raise UserError(f"strategy slca aligns a linear classifier; {type(module.net).__name__}'s is "
                             f"{type(head).__name__}: use a timm model with one linear head")
         self.head = head
+        if self.fresh_final_norm:
+            replace_final_norm(module.net)
         self._backbone = [n for n in dict(module.net.named_parameters()) if n not in classifier_names(module.net)]
 
     def lr_scales(self, module) -> dict[str, float]:
@@ -123,7 +141,7 @@ class SLCA(Strategy):
         self._restore_old_rows()
         self.tasks.append(sorted(experience.classes))
         self.head_before_ca = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
-        feats, labels = experience_embeddings(module, experience)
+        feats, labels = experience_embeddings(module, experience, self.statistics_transform)
         for c, (mean, cov) in class_gaussians(feats, labels, experience.classes, self.cov_eps).items():
             self.means[c], self.covs[c] = mean, cov
         if experience.index > 0 and self.ca_epochs > 0 and self.samples_per_class > 0:
@@ -183,4 +201,4 @@ class SLCA(Strategy):
 
     def __repr__(self) -> str:
         return (f"SLCA(backbone_lr_scale={self.backbone_lr_scale}, ca_epochs={self.ca_epochs}, "
-                f"logit_norm={self.logit_norm})")
+                f"logit_norm={self.logit_norm}, fresh_final_norm={self.fresh_final_norm})")
