@@ -20,7 +20,7 @@ import torch
 from conftest import REPO_ROOT, compose
 
 from cl_vit.module import ContinualModule
-from cl_vit.results import RunDirectory
+from cl_vit.rundir import RunDirectory
 from cl_vit.run import run
 from cl_vit.strategies.ranpac import ridge_solution
 
