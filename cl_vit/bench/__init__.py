@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 #: benchmark modules, in the order ``python -m cl_vit.bench`` runs them
-BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "gpu")
+BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "contention", "gpu")
 
 
 def available() -> list[str]:
