@@ -59,6 +59,8 @@ def _build(spec: dict):
         model = timm.create_model(spec["name"], **spec["kw"])
     if spec.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    if spec.get("keep_maps"):
+        keep_refiner_maps(model)
     device = torch.device(spec.get("device", "cpu"))
     model.to(device).train()
     opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)  # as cl_vit.module trains
@@ -75,6 +77,15 @@ def _build(spec: dict):
             torch.cuda.synchronize()
 
     return model, step
+
+
+def keep_refiner_maps(model, keep: bool = True) -> None:
+    """The refiner as it was before issue 26: every expanded map kept for backward instead of recomputed."""
+    from cl_vit.models.refiner import RefinerAttention
+
+    for m in model.modules():
+        if isinstance(m, RefinerAttention):
+            m.recompute = not keep
 
 
 def _rss_bytes() -> int:

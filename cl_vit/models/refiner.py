@@ -40,6 +40,7 @@ Extending: the prefix tokens (class token, and e.g. a distillation token in a su
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from functools import partial
@@ -48,6 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.layers.format import Format, nchw_to
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -115,6 +117,22 @@ class Refiner(nn.Module):
         return attn + self.norm3(_conv1x1(self.reduce, x))
 
 
+@contextlib.contextmanager
+def _running_stats_kept(modules: List[nn.Module]):
+    """Batch norms that run as in any training step (batch statistics, the same saved tensors) and afterwards hold
+    the running statistics and num_batches_tracked they had before: a recomputation must not count a batch twice."""
+    bns = [m for mod in modules for m in mod.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try:
+        yield
+    finally:  # also when torch stops the recomputation early (it raises once it has what it needs)
+        with torch.no_grad():
+            for m, values in zip(bns, saved):
+                for b, v in zip((m.running_mean, m.running_var, m.num_batches_tracked), values):
+                    b.copy_(v)
+
+
 def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A bias-free 1x1 convolution of a channels_last map as one matrix product (no copies either way)."""
     return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1)).permute(0, 3, 1, 2)
@@ -139,6 +157,9 @@ class RefinerAttention(nn.Module):
 
     #: (P_k, P_v), B x L x C each, or None: set by the prompt methods for one forward pass (not a parameter)
     prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    #: recompute the refiner's expanded maps in backward instead of keeping them (see ``_refine_map``); False keeps
+    #: them: the same gradients, more memory
+    recompute: bool = True
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, share: bool = False, refine: bool = False,
@@ -164,12 +185,54 @@ class RefinerAttention(nn.Module):
     def _heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
         return t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _refine(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.adapt_norm(self.refiner(attn)).contiguous()
+
     def _refined(self, attn: torch.Tensor, L: int) -> torch.Tensor:
         """The refiner (and adapt norm) over the token part of an N x (L + N) map; the L prefix columns pass as
         they are."""
         if L == 0:
-            return self.adapt_norm(self.refiner(attn)).contiguous()
-        return torch.cat((attn[..., :L], self.adapt_norm(self.refiner(attn[..., L:])).contiguous()), dim=-1)
+            return self._refine(attn)
+        return torch.cat((attn[..., :L], self._refine(attn[..., L:])), dim=-1)
+
+    def _recomputed(self, fn: Callable, *args):
+        """``fn(*args)``; while training with gradients, the [B, H, N, N] maps ``fn`` makes (the softmax, the sum
+        with the carried map, the refiner's expanded maps: e x the map's size, several of them) are not kept for
+        backward but recomputed from its inputs, which are kept anyway. Keeping them, Refiner-ViT-S's training step
+        at 224 needed 5.7x the memory of its plain twin (python -m cl_vit.bench refiner). The same operations run
+        again in backward: the gradients are the ones keeping them gives. Eager inference, TorchScript and tracing
+        call ``fn`` as it is."""
+        if not torch.jit.is_scripting():
+            if self.recompute and self.training and torch.is_grad_enabled() and not torch.jit.is_tracing() \
+                    and not isinstance(args[0], torch.fx.Proxy):
+                return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                         preserve_rng_state=self.attn_drop.p > 0,
+                                                         context_fn=self._recompute_contexts)
+        return fn(*args)
+
+    def _recompute_contexts(self):
+        """torch.utils.checkpoint's (forward, recomputation) contexts: the recomputation runs the batch norms on
+        the same batch statistics without updating their running statistics a second time."""
+        if not hasattr(self, "refiner"):
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return contextlib.nullcontext(), _running_stats_kept([self.refiner, self.adapt_norm])
+
+    def _shared_product(self, attn_prev: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
+        return self._refined(attn_prev, L) @ v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: Optional[torch.Tensor], L: int):
+        """(attn @ v, attn, softmax map, refined map or None) of an attend block's explicit attention."""
+        # the official code scales q and k each by sqrt(scale); one multiply of q is the same product
+        raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        attn = raw
+        if prev is not None:
+            attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
+                torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
+        attn = self.attn_drop(attn)
+        refined = None
+        if self.refine:
+            attn = refined = self._refined(attn, L)
+        return attn @ v, attn, raw, refined
 
     def forward(self, x: torch.Tensor, attn_prev: Optional[torch.Tensor] = None, need_map: bool = False,
                 maps: Optional[list] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -183,19 +246,22 @@ class RefinerAttention(nn.Module):
             L = attn_prev.shape[-1] - N  # the prefix columns of the map it reuses
             # (R * scale) @ v computed as R @ (v * scale): the scale touches [B, N, C] instead of [B, H, N, N]
             v = self._heads(self.v(x) * self.scale, B, N)
+            src, Ls = attn_prev, L
             if prefix is None:  # only the token part applies
-                attn = self.adapt_norm(self.refiner(attn_prev[..., L:] if L else attn_prev)).contiguous()
+                src, Ls = (attn_prev[..., L:] if L else attn_prev), 0
             else:
                 if prefix[1].shape[1] != L:
                     raise UserError(
                         f"a Refiner-ViT share block got a prompt prefix of {prefix[1].shape[1]} tokens, but the "
                         f"attention map it reuses has {L} prefix columns: give it the prefix length of the attend "
                         "block before it, or no prefix")
-                attn = self._refined(attn_prev, L)
                 v = torch.cat((self._heads(prefix[1].to(v.dtype) * self.scale, B, L), v), dim=2)
             if maps is not None:
+                attn = self._refined(src, Ls)
                 maps.append({"raw": attn_prev.detach(), "refined": attn.detach() * self.scale})
-            out = attn @ v
+                out = attn @ v
+            else:
+                out = self._recomputed(self._shared_product, src, v, Ls)
             attn_next = attn_prev
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -213,20 +279,14 @@ class RefinerAttention(nn.Module):
                 if prev is not None:
                     # softmax(qk)v + s*A_prev v: only the carried map needs an explicit product
                     out = out + prev @ (v_tokens * self.scale)
+            elif maps is not None:
+                out, attn, raw, refined = self._attend(q, k, v, prev, L)
+                maps.append({"raw": raw.detach(), "refined": None if refined is None else refined.detach()})
+                if need_map:
+                    attn_next = attn
             else:
-                # the official code scales q and k each by sqrt(scale); one multiply of q is the same product
-                raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-                attn = raw
-                if prev is not None:
-                    attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
-                        torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
-                attn = self.attn_drop(attn)
-                refined = None
-                if self.refine:
-                    attn = refined = self._refined(attn, L)
-                if maps is not None:
-                    maps.append({"raw": raw.detach(), "refined": None if refined is None else refined.detach()})
-                out = attn @ v
+                # only the map a later block reads stays referenced: the softmax map is recomputed in backward
+                out, attn, _, _ = self._recomputed(self._attend, q, k, v, prev, L)
                 if need_map:
                     attn_next = attn
         out = out.transpose(1, 2).reshape(B, N, C)
@@ -535,14 +595,8 @@ def _checkpoint_block(blk: RefinerBlock, x: torch.Tensor, attn: Optional[torch.T
 
     def run(x, attn):
         if calls and blk.training:
-            bns = [m for m in blk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-            saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-            try:
+            with _running_stats_kept([blk]):
                 return blk(x, attn, need_map)
-            finally:  # also when torch stops the recomputation early (it raises once it has what it needs)
-                with torch.no_grad():
-                    for m, (mean, var, n) in zip(bns, saved):
-                        m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
         calls.append(1)
         return blk(x, attn, need_map)
 
