@@ -6,14 +6,27 @@ already small crop into float32 once.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
-import albumentations as A
 import cv2
-from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 from cl_vit.errors import ConfigError, UserError
+
+class _LazyModule:
+    """A module imported at its first attribute access. albumentations takes a quarter of a second to import, and
+    the default run (split-digits: tensors, no image pipeline) never uses it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+A = _LazyModule("albumentations")
+_A_PYTORCH = _LazyModule("albumentations.pytorch")
 
 #: named normalisations; "model" is resolved by the run from the backbone's pretrained config (model_normalization)
 NORMALIZATIONS = {
@@ -62,7 +75,7 @@ def resolve_normalization(normalize, mean=None, std=None) -> tuple[tuple[float, 
 
 
 def normalize_to_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), _A_PYTORCH.ToTensorV2()]
 
 
 def resize_pipeline(img_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
