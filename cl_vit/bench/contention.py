@@ -53,7 +53,8 @@ def timed_runs(n: int, overrides: list[str], root: Path, env: dict) -> list[floa
         err = p.stderr.read()
         p.stderr.close()
         if p.returncode != 0:
-            raise RuntimeError(f"python -m cl_vit.run {' '.join(overrides)} failed (exit {p.returncode}): {err[-2000:]}")
+            raise RuntimeError(f"python -m cl_vit.run {' '.join(overrides)} failed (exit {p.returncode}): "
+                               f"{err[-2000:]}")
     return [e - s for s, e in zip(starts, ends)]
 
 

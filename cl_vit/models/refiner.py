@@ -157,9 +157,11 @@ class RefinerAttention(nn.Module):
 
     #: (P_k, P_v), B x L x C each, or None: set by the prompt methods for one forward pass (not a parameter)
     prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    #: recompute the refiner's expanded maps in backward instead of keeping them (see ``_refine_map``); False keeps
-    #: them: the same gradients, more memory
+    #: recompute the attention maps in backward instead of keeping them (``_recomputed``), for maps of at least
+    #: ``recompute_min_tokens`` rows; False keeps them: the same gradients, more memory. Small maps (the 17-token
+    #: refiner_vit_tiny) cost little memory and recomputing them costs time: bench refiner, --recompute
     recompute: bool = True
+    recompute_min_tokens: int = 64
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, share: bool = False, refine: bool = False,
@@ -196,15 +198,15 @@ class RefinerAttention(nn.Module):
         return torch.cat((attn[..., :L], self._refine(attn[..., L:])), dim=-1)
 
     def _recomputed(self, fn: Callable, *args):
-        """``fn(*args)``; while training with gradients, the [B, H, N, N] maps ``fn`` makes (the softmax, the sum
-        with the carried map, the refiner's expanded maps: e x the map's size, several of them) are not kept for
-        backward but recomputed from its inputs, which are kept anyway. Keeping them, Refiner-ViT-S's training step
-        at 224 needed 5.7x the memory of its plain twin (python -m cl_vit.bench refiner). The same operations run
-        again in backward: the gradients are the ones keeping them gives. Eager inference, TorchScript and tracing
-        call ``fn`` as it is."""
+        """``fn(*args)`` (``args[0]``: [B, H, N, ...]); while training with gradients, the [B, H, N, N] maps ``fn``
+        makes (the softmax, the sum with the carried map, the refiner's expanded maps: e x the map's size, several
+        of them) are not kept for backward but recomputed from its inputs, which are kept anyway. Keeping them,
+        Refiner-ViT-S's training step at 224 needed 5.7x the memory of its plain twin (python -m cl_vit.bench
+        refiner). The same operations run again in backward: the gradients are the ones keeping them gives. Eager
+        inference, TorchScript and tracing call ``fn`` as it is."""
         if not torch.jit.is_scripting():
             if self.recompute and self.training and torch.is_grad_enabled() and not torch.jit.is_tracing() \
-                    and not isinstance(args[0], torch.fx.Proxy):
+                    and not isinstance(args[0], torch.fx.Proxy) and args[0].shape[-2] >= self.recompute_min_tokens:
                 return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
                                                          preserve_rng_state=self.attn_drop.p > 0,
                                                          context_fn=self._recompute_contexts)
@@ -220,15 +222,19 @@ class RefinerAttention(nn.Module):
     def _shared_product(self, attn_prev: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
         return self._refined(attn_prev, L) @ v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: Optional[torch.Tensor], L: int):
-        """(attn @ v, attn, softmax map, refined map or None) of an attend block's explicit attention."""
+    def _attend_map(self, q: torch.Tensor, k: torch.Tensor, prev: Optional[torch.Tensor], L: int):
+        """(attention map after dropout, softmax map) of an attend block's explicit attention."""
         # the official code scales q and k each by sqrt(scale); one multiply of q is the same product
         raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         attn = raw
         if prev is not None:
             attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
                 torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
-        attn = self.attn_drop(attn)
+        return self.attn_drop(attn), raw
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: Optional[torch.Tensor], L: int):
+        """(attn @ v, the map multiplied, softmax map, refined map or None) of an attend block."""
+        attn, raw = self._attend_map(q, k, prev, L)
         refined = None
         if self.refine:
             attn = refined = self._refined(attn, L)
@@ -284,11 +290,19 @@ class RefinerAttention(nn.Module):
                 maps.append({"raw": raw.detach(), "refined": None if refined is None else refined.detach()})
                 if need_map:
                     attn_next = attn
-            else:
-                # only the map a later block reads stays referenced: the softmax map is recomputed in backward
+            elif self.refine:  # nothing of it is read later: the product is recomputed with the maps
                 out, attn, _, _ = self._recomputed(self._attend, q, k, v, prev, L)
                 if need_map:
                     attn_next = attn
+            else:
+                # the map passes on to later blocks and is kept anyway: only the softmax map it sums (when a
+                # carried map makes it another tensor) is recomputed, and attn @ v runs once
+                if prev is None and self.attn_drop.p == 0:
+                    attn, _ = self._attend_map(q, k, prev, L)
+                else:
+                    attn, _ = self._recomputed(self._attend_map, q, k, prev, L)
+                out = attn @ v
+                attn_next = attn
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out)), attn_next
 
