@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Mapping, MutableMapping
 
 from cl_vit.errors import UserError
@@ -115,12 +116,21 @@ def compile_forward(module, **compile_kwargs) -> None:
 _USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
 
 
-def passive_openmp(environ: MutableMapping[str, str] = os.environ) -> None:
+#: the OpenMP wait policy torch's OpenMP read when it loaded (None: OpenMP's default, spinning for a while)
+_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+
+
+def passive_openmp(environ: MutableMapping[str, str] = os.environ, torch_loaded: bool | None = None) -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy: idle OpenMP threads sleep instead of spinning.
 
-    libgomp reads it once, when torch is first imported, so the package's ``__init__`` calls this before it imports
-    torch; a process that imported torch earlier keeps its policy (the record in results.json says which)."""
+    OpenMP reads it once, when torch is first imported, so the package's ``__init__`` calls this before it imports
+    torch. A process that imported torch earlier keeps the policy it loaded with, and nothing is set (the record in
+    results.json says which policy the run had)."""
+    global _OMP_WAIT_POLICY
+    if torch_loaded if torch_loaded is not None else "torch" in sys.modules:
+        return
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _OMP_WAIT_POLICY = environ["OMP_WAIT_POLICY"]
 
 
 def available_cores() -> list[int]:
@@ -184,4 +194,4 @@ def thread_record(source: str | None = None, processes: int = 1, workers: int = 
 
     return {"torch_threads": torch.get_num_threads(), "source": source, "affinity": available_cores(),
             "processes": int(processes), "loader_workers": int(workers),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "omp_wait_policy": _OMP_WAIT_POLICY}

@@ -44,27 +44,29 @@ def test_jobs_side_by_side_share_the_cores():
     assert hardware.available_cores() == sorted(os.sched_getaffinity(0))
 
 
-def test_passive_openmp_keeps_a_policy_the_user_chose():
+def test_passive_openmp_keeps_a_policy_the_user_chose(monkeypatch):
+    monkeypatch.setattr(hardware, "_OMP_WAIT_POLICY", hardware._OMP_WAIT_POLICY)
     env = {}
-    hardware.passive_openmp(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    hardware.passive_openmp(env, torch_loaded=False)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"} and hardware._OMP_WAIT_POLICY == "PASSIVE"
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    hardware.passive_openmp(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    hardware.passive_openmp(env, torch_loaded=False)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"} and hardware._OMP_WAIT_POLICY == "ACTIVE"
+    env = {}  # too late once torch is loaded: nothing is set, and the record keeps what torch loaded with
+    hardware.passive_openmp(env, torch_loaded=True)
+    assert env == {} and hardware._OMP_WAIT_POLICY == "ACTIVE"
 
 
-# torch is first imported through `import cl_vit`: record the policy OpenMP would read at that moment
+# torch is first imported through `import cl_vit`: print the policy OpenMP reads at that moment, and stop there
 _PROBE = """
 import importlib.abc, os, sys
-seen = []
 class Probe(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
-        return None
+        if name == "torch":
+            print(os.environ.get("OMP_WAIT_POLICY"), flush=True)
+            os._exit(0)
 sys.meta_path.insert(0, Probe())
 import cl_vit
-print(seen[0], os.environ.get("OMP_WAIT_POLICY"))
 """
 
 
@@ -75,7 +77,7 @@ def test_openmp_policy_is_set_before_torch_is_imported(user_policy, expected):
         env["OMP_WAIT_POLICY"] = user_policy
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [expected, expected]
+    assert out.stdout.split() == [expected]
 
 
 def test_trainer_threads_sets_torch_threads_and_results_json_records_them(tmp_path, data_root):
@@ -95,6 +97,7 @@ def test_trainer_threads_sets_torch_threads_and_results_json_records_them(tmp_pa
         assert record["torch_threads"] == want and record["source"] == "trainer.threads"
         assert record["affinity"] == sorted(os.sched_getaffinity(0))
         assert record["processes"] == 1 and record["loader_workers"] == 0
+        assert record["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]  # conftest: set before torch loads
 
 
 def test_trainer_threads_is_not_passed_to_lightning():
