@@ -1,10 +1,15 @@
 """cl_vit: continual and long-tailed image classification with Vision Transformers.
 
 Importing the package registers the suite's backbones with timm, so that
-``timm.create_model("refiner_vit_tiny")`` and friends work afterwards.
+``timm.create_model("refiner_vit_tiny")`` and friends work afterwards. It also sets ``OMP_WAIT_POLICY=PASSIVE``
+unless the environment names a policy (cl_vit.hardware.passive_openmp): it must precede the first import of torch.
 """
-from cl_vit import models as _models  # noqa: F401  (registers timm entry points)
-from cl_vit.errors import UserError
+from cl_vit.hardware import passive_openmp
+
+passive_openmp()
+
+from cl_vit import models as _models  # noqa: E402,F401  (registers timm entry points)
+from cl_vit.errors import UserError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["UserError", "__version__"]

@@ -210,6 +210,17 @@ def resolve_target(key: str, target: str, base: type | None = None):
     return obj
 
 
+class LazyModule:
+    """A library imported at its first attribute access; its name is written in the suite's own code (albumentations
+    takes a quarter of a second to import, and the default run never uses it)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
 def import_submodules(package: str, path: Sequence[str]) -> None:
     """Import every module of one of the suite's own packages (its plug-ins register themselves on import)."""
     for m in pkgutil.iter_modules(path):

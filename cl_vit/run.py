@@ -33,7 +33,7 @@ if not OmegaConf.has_resolver("cl_vit.run_dir"):
 #: what a resumed run may change: where it runs, how it loads data, what it logs and shows, never what it computes.
 #: A key or a prefix ending in "."; ``trainer=gpu`` (the group) changes the device keys below only.
 RESUME_DEVICE_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-                      "trainer.precision", "trainer.sync_batchnorm")
+                      "trainer.precision", "trainer.sync_batchnorm", "trainer.threads")
 RESUME_OVERRIDABLE = ("trainer", *RESUME_DEVICE_KEYS, "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                       "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size",
                       "data.verify", "data_root", "logger", "logger.", "epoch_eval", "compile", "hydra.", "resume",
@@ -75,11 +75,13 @@ def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
 
 def _run_locked(cfg: DictConfig, run_dir, scenario):
     from cl_vit import distributed
-    from cl_vit.hardware import trainer_kwargs
+    from cl_vit.hardware import configure_threads, trainer_kwargs
     from cl_vit.rundir import RunDirectory
 
     distributed.quiet_other_ranks()
     validate(cfg)
+    # before the model is built; a multi-process run divides the cores again once its ranks exist (_run)
+    configure_threads(cfg.trainer.get("threads"), workers=int(cfg.data.num_workers))
     trainer_args = trainer_kwargs(OmegaConf.to_container(cfg.trainer))
     rd = RunDirectory(run_dir)
     resuming = bool(cfg.get("resume"))
@@ -134,6 +136,10 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
 
     # several processes (trainer=ddp): the others start here, re-running this command line; only rank 0 writes
     distributed.launch(trainer_args)
+    from cl_vit.hardware import configure_threads
+
+    local_ranks = max(1, distributed.world_size() // int(trainer_args.get("num_nodes", 1)))
+    threads = configure_threads(cfg.trainer.get("threads"), processes=local_ranks, workers=int(cfg.data.num_workers))
     meta = {
         "benchmark": cfg.benchmark.name,
         "model": cfg.model.name,
@@ -146,6 +152,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         "n_params": int(n_params),
         "source": source.meta if source is not None else {"name": "avalanche scenario"},
         "class_counts": class_counts,
+        # results depend on the thread count (floating-point reduction order): this process's threads and cores
+        "threads": threads,
     }
     if cfg.benchmark.get("long_tailed"):
         # groups come from the whole training set, also when a long-tailed stream has several experiences

@@ -9,8 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# before torch loads (libgomp reads them once): one OpenMP thread per test process, sleeping when idle; the suite
+# honours OMP_NUM_THREADS (cl_vit.hardware.choose_threads), so in-process runs keep it too
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"

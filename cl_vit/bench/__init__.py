@@ -19,7 +19,7 @@ from typing import Callable
 from cl_vit.loading import import_own
 
 #: benchmark modules, in the order ``python -m cl_vit.bench`` runs them
-BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "gpu")
+BENCHES = ("runner", "avalanche", "refiner", "data", "memory", "contention", "gpu")
 
 
 def available() -> list[str]:

@@ -59,6 +59,8 @@ def _build(spec: dict):
         model = timm.create_model(spec["name"], **spec["kw"])
     if spec.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    if spec.get("keep_maps"):
+        keep_refiner_maps(model)
     device = torch.device(spec.get("device", "cpu"))
     model.to(device).train()
     opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)  # as cl_vit.module trains
@@ -75,6 +77,18 @@ def _build(spec: dict):
             torch.cuda.synchronize()
 
     return model, step
+
+
+def keep_refiner_maps(model, keep: bool = True, min_tokens: Optional[int] = None) -> None:
+    """``keep``: the refiner as it was before issue 26, every map kept for backward instead of recomputed;
+    ``min_tokens``: recompute maps from this many tokens on (default: RefinerAttention.recompute_min_tokens)."""
+    from cl_vit.models.refiner import RefinerAttention
+
+    for m in model.modules():
+        if isinstance(m, RefinerAttention):
+            m.recompute = not keep
+            if min_tokens is not None:
+                m.recompute_min_tokens = min_tokens
 
 
 def _rss_bytes() -> int:
@@ -100,8 +114,9 @@ def _memory_child(spec_json: str) -> None:
     except OSError:
         pass
     before = _rss_bytes()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
+    from cl_vit.rundir import write_in_place
+
+    write_in_place("/proc/self/clear_refs", "5")  # resets VmHWM to the current resident size
     step()
     print(json.dumps({"peak_bytes": _hwm_bytes() - before}))
 
@@ -200,3 +215,66 @@ def _measure(quick, cuda, dev, threads, repeats, warmup, rows) -> None:
         peak = _cuda_peak if cuda else _cpu_peak
         rows.append(row(f"refiner_vit_s grad ckpt @{spec['kw']['img_size']}", "train step peak MiB",
                         peak(dict(spec, grad_checkpointing=True)), peak(spec), aim="< 1x without", target=1.0))
+    _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows)
+
+
+def recompute_cases(quick: bool, cuda: bool) -> list[dict]:
+    """The official sizes at 224 for the memory-efficient refiner rows (CPU: small batches, a step takes seconds)."""
+    if quick:
+        return [dict(name="refiner_vit_tiny", kw={}, batch=32)]
+    if cuda:
+        return [dict(name=n, kw={}, batch=b) for n, b in (("refiner_vit_s", 128), ("refiner_vit_m", 64),
+                                                           ("refiner_vit_l", 64))]
+    return [dict(name="refiner_vit_s", kw={}, batch=8), *(dict(name=n, kw={}, batch=2) for n in
+                                                           ("refiner_vit_s", "refiner_vit_m", "refiner_vit_l"))]
+
+
+def _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows) -> None:
+    """Per official size: peak memory of a training step with the maps recomputed (the default) against the plain
+    ViT twin (aim <= 1.5x) and with the maps kept (as before issue 26), and the step speed of recomputing against
+    keeping, the two alternating in this process (aim: no loss, >= 0.95x allowing for noise)."""
+    peak = _cuda_peak if cuda else _cpu_peak
+    for c in recompute_cases(quick, cuda):
+        spec = dict(name=c["name"], kw=c["kw"], batch=c["batch"], device=dev, threads=threads, kind="refiner")
+        case = f"{c['name']} @{8 if c['name'] == 'refiner_vit_tiny' else 224} b{c['batch']}"
+        twin = peak(dict(spec, kind="vit"))
+        rows.append(row(case, "peak MiB: recompute/ViT", peak(spec), twin, aim="<= 1.5x ViT", target=1.5))
+        rows.append(row(case, "peak MiB: keep maps/ViT", peak(dict(spec, keep_maps=True)), twin))
+        _, fast = _build(spec)
+        _, kept = _build(dict(spec, keep_maps=True))
+        wall, cpu = interleaved_clocks({"keep": kept, "recompute": fast}, repeats=repeats, warmup=warmup)
+        t = wall if cuda else cpu
+        rows.append(row(case, "img/s: recompute/keep", c["batch"] / t["recompute"], c["batch"] / t["keep"],
+                        aim=">= 0.95x (no loss)", higher_is_better=True, target=0.95))
+        del fast, kept
+
+
+def run_recompute(quick: bool = False) -> dict:
+    """Only the memory-efficient refiner rows (docs/models.md): ``python -m cl_vit.bench.refiner --recompute``."""
+    cuda = torch.cuda.is_available()
+    dev, threads = ("cuda", torch.get_num_threads()) if cuda else ("cpu", 1)
+    repeats, warmup = (2, 1) if quick else (5, 1)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: list = []
+    try:
+        _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows)
+    finally:
+        torch.set_num_threads(saved_threads)
+    timer = "wall time" if cuda else "process CPU time"
+    return {"name": "refiner", "device": dev, "rows": rows,
+            "notes": [f"device {dev}, {threads} intra-op thread(s); speed: {timer}, median of {repeats} interleaved "
+                      f"steps after {warmup} warm-up; peak memory as in the other rows; ViT = timm "
+                      "VisionTransformer of the same depth/width/heads/MLP ratio, linear patch embedding"]}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from cl_vit.bench.__main__ import format_table
+
+    p = argparse.ArgumentParser(prog="python -m cl_vit.bench.refiner")
+    p.add_argument("--recompute", action="store_true", help="only the memory-efficient refiner rows at 224")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    print(format_table([(run_recompute if a.recompute else run)(quick=a.quick)]))

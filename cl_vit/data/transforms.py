@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
-from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 from cl_vit.errors import ConfigError, UserError
+from cl_vit.loading import LazyModule
+
+A = LazyModule("albumentations")
+_A_PYTORCH = LazyModule("albumentations.pytorch")
 
 #: named normalisations; "model" is resolved by the run from the backbone's pretrained config (model_normalization)
 NORMALIZATIONS = {
@@ -67,7 +69,7 @@ def resolve_normalization(normalize, mean=None, std=None) -> tuple[tuple[float, 
 
 
 def normalize_to_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), _A_PYTORCH.ToTensorV2()]
 
 
 def resize_pipeline(img_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:

@@ -39,6 +39,7 @@ Extending: the prefix tokens (class token, and e.g. a distillation token in a su
 (``_run_blocks``), so timm's token/head mixins such as ``VisionTransformerDistilled`` compose with it by inheritance.
 """
 
+import contextlib
 import inspect
 import logging
 from functools import partial
@@ -47,6 +48,7 @@ from typing import Any, Callable, Dict, Final, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.layers.format import Format, nchw_to
 from timm.layers.helpers import get_device_dtype
@@ -125,6 +127,22 @@ class Refiner(nn.Module):
         return attn + self.norm3(_conv1x1(self.reduce.weight, x))
 
 
+@contextlib.contextmanager
+def _running_stats_kept(modules: List[nn.Module]):
+    """Batch norms that run as in any training step (batch statistics, the same saved tensors) and afterwards hold
+    the running statistics and num_batches_tracked they had before: a recomputation must not count a batch twice."""
+    bns = [m for mod in modules for m in mod.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+    try:
+        yield
+    finally:  # also when torch stops the recomputation early (it raises once it has what it needs)
+        with torch.no_grad():
+            for m, values in zip(bns, saved):
+                for b, v in zip((m.running_mean, m.running_var, m.num_batches_tracked), values):
+                    b.copy_(v)
+
+
 def _conv1x1(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A bias-free 1x1 convolution (of ``weight``) of a channels_last map as one matrix product (no copies either
     way)."""
@@ -167,6 +185,11 @@ class RefinerAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.prefix = None
         self.share, self.refine, self.carry = share, refine and not share, carry and not share
+        # recompute the attention maps in backward instead of keeping them (``_recomputing``), for maps of at least
+        # ``recompute_min_tokens`` rows; False keeps them: the same gradients, more memory. Small maps (the 17-token
+        # refiner_vit_tiny) cost little memory and recomputing them costs time: bench refiner, --recompute
+        self.recompute = True
+        self.recompute_min_tokens = 64
         if share:
             self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)  # official: `qkv` of width dim, i.e. V only
         else:
@@ -188,6 +211,61 @@ class RefinerAttention(nn.Module):
             return self.adapt_norm(self.refiner(attn)).contiguous()
         return torch.cat((attn[..., :L], self.adapt_norm(self.refiner(attn[..., L:])).contiguous()), dim=-1)
 
+    def _attend_map(self, q: torch.Tensor, k: torch.Tensor, prev: Optional[torch.Tensor],
+                    L: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(attention map after dropout, softmax map) of an attend block's explicit attention."""
+        # the official code scales q and k each by sqrt(scale); one multiply of q is the same product
+        raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        attn = raw
+        if prev is not None:
+            attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
+                torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
+        return self.attn_drop(attn), raw
+
+    # -- recomputation in backward (eager training only; TorchScript, FX and export see the plain forward) ---------
+
+    def _recomputing(self, t: torch.Tensor) -> bool:
+        """While training with gradients, the [B, H, N, N] maps (the softmax, the sum with the carried map, the
+        refiner's expanded maps: e x the map's size, several of them) are not kept for backward but recomputed from
+        the block's inputs, which are kept anyway. Keeping them, Refiner-ViT-S's training step at 224 needed 5.7x
+        the memory of its plain twin (python -m cl_vit.bench refiner). The same operations run again in backward:
+        the gradients are the ones keeping them gives."""
+        return (not isinstance(t, torch.fx.Proxy) and not torch.jit.is_tracing() and self.recompute
+                and self.training and torch.is_grad_enabled() and t.shape[-2] >= self.recompute_min_tokens)
+
+    def _checkpointed(self, fn: Callable, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                 preserve_rng_state=self.attn_drop.p > 0,
+                                                 context_fn=self._recompute_contexts)
+
+    def _recompute_contexts(self):
+        """torch.utils.checkpoint's (forward, recomputation) contexts: the recomputation runs the batch norms on
+        the same batch statistics without updating their running statistics a second time."""
+        if not hasattr(self, "refiner"):
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return contextlib.nullcontext(), _running_stats_kept([self.refiner, self.adapt_norm])
+
+    def _shared_product(self, src: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
+        return (self.adapt_norm(self.refiner(src)).contiguous() if L == 0 else self._refined(src, L)) @ v
+
+    def _refined_product(self, q, k, v, prev, L):
+        attn, _ = self._attend_map(q, k, prev, L)
+        attn = self._refined(attn, L)
+        return attn @ v, attn
+
+    @torch.jit.unused
+    def _shared_recomputed(self, src: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
+        return self._checkpointed(self._shared_product, src, v, L)
+
+    @torch.jit.unused
+    def _refined_recomputed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: Optional[torch.Tensor],
+                            L: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._checkpointed(self._refined_product, q, k, v, prev, L)
+
+    @torch.jit.unused
+    def _map_recomputed(self, q: torch.Tensor, k: torch.Tensor, prev: Optional[torch.Tensor], L: int) -> torch.Tensor:
+        return self._checkpointed(self._attend_map, q, k, prev, L)[0]
+
     def forward(self, x: torch.Tensor, attn_prev: Optional[torch.Tensor] = None, need_map: bool = False,
                 maps: Optional[Maps] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns (output, map for later blocks or None). ``maps``: a list to append {"raw", "refined"} to."""
@@ -202,21 +280,28 @@ class RefinerAttention(nn.Module):
             L = attn_prev.shape[-1] - N  # the prefix columns of the map it reuses
             # (R * scale) @ v computed as R @ (v * scale): the scale touches [B, N, C] instead of [B, H, N, N]
             v = self._heads(self.v(x) * self.scale, B, N)
-            if prefix is None:  # only the token part applies (all of the map for L = 0: no branch on a traced shape)
-                attn = self.adapt_norm(self.refiner(attn_prev[..., L:])).contiguous()
-            else:
+            # only the token part applies without a prefix (all of the map for L = 0: no branch on a traced shape)
+            src, Ls = attn_prev[..., L:], 0
+            if prefix is not None:
                 if prefix[1].shape[1] != L:
                     raise UserError(
                         f"a Refiner-ViT share block got a prompt prefix of {prefix[1].shape[1]} tokens, but the "
                         f"attention map it reuses has {L} prefix columns: give it the prefix length of the attend "
                         "block before it, or no prefix")
-                attn = self._refined(attn_prev, L)
+                src, Ls = attn_prev, L
                 v = torch.cat((self._heads(prefix[1].to(v.dtype) * self.scale, B, L), v), dim=2)
-            if maps is not None:
-                entry: Dict[str, Optional[torch.Tensor]] = {"raw": attn_prev.detach(),
-                                                            "refined": attn.detach() * self.scale}
-                maps.append(entry)
-            out = attn @ v
+            recompute = False
+            if not torch.jit.is_scripting():
+                recompute = maps is None and self._recomputing(src)
+            if recompute:
+                out = self._shared_recomputed(src, v, Ls)
+            else:
+                attn = self.adapt_norm(self.refiner(src)).contiguous() if prefix is None else self._refined(src, Ls)
+                if maps is not None:
+                    entry: Dict[str, Optional[torch.Tensor]] = {"raw": attn_prev.detach(),
+                                                                "refined": attn.detach() * self.scale}
+                    maps.append(entry)
+                out = attn @ v
             attn_next = attn_prev
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -235,26 +320,37 @@ class RefinerAttention(nn.Module):
                     # softmax(qk)v + s*A_prev v: only the carried map needs an explicit product
                     out = out + prev @ (v_tokens * self.scale)
             else:
-                # the official code scales q and k each by sqrt(scale); one multiply of q is the same product
-                raw = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-                attn = raw
-                if prev is not None:
-                    attn = torch.add(raw, prev, alpha=self.scale) if L == 0 else \
-                        torch.cat((raw[..., :L], torch.add(raw[..., L:], prev, alpha=self.scale)), dim=-1)
-                attn = self.attn_drop(attn)
-                refined: Optional[torch.Tensor] = None
-                if self.refine:
-                    attn = self._refined(attn, L)
-                    refined = attn
-                if maps is not None:
-                    record: Dict[str, Optional[torch.Tensor]] = {
-                        "raw": raw.detach(), "refined": None if refined is None else refined.detach()}
-                    maps.append(record)
-                out = attn @ v
-                if need_map:
+                recompute = False
+                if not torch.jit.is_scripting():
+                    recompute = maps is None and self._recomputing(q)
+                if recompute and self.refine:  # the refined product, its maps recomputed in backward
+                    out, attn = self._refined_recomputed(q, k, v, prev, L)
+                    if need_map:
+                        attn_next = attn
+                elif recompute and (prev is not None or self.attn_drop.p > 0):
+                    # the map passes on and is kept anyway: only the softmax map it sums (another tensor when a map
+                    # is carried or dropped out) is recomputed, and attn @ v runs once
+                    attn = self._map_recomputed(q, k, prev, L)
+                    out = attn @ v
                     attn_next = attn
+                else:
+                    out, attn_next = self._explicit(q, k, v, prev, L, need_map, maps)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out)), attn_next
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: Optional[torch.Tensor], L: int,
+                  need_map: bool, maps: Optional[Maps]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """An attend block's explicit attention, every map kept: (attn @ v, the map for later blocks or None)."""
+        attn, raw = self._attend_map(q, k, prev, L)
+        refined: Optional[torch.Tensor] = None
+        if self.refine:
+            attn = self._refined(attn, L)
+            refined = attn
+        if maps is not None:
+            record: Dict[str, Optional[torch.Tensor]] = {
+                "raw": raw.detach(), "refined": None if refined is None else refined.detach()}
+            maps.append(record)
+        return attn @ v, (attn if need_map else None)
 
 
 class RefinerBlock(nn.Module):
@@ -586,14 +682,8 @@ def _checkpoint_block(blk: RefinerBlock, x: torch.Tensor, attn: Optional[torch.T
 
     def run(x, attn):
         if calls and blk.training:
-            bns = [m for m in blk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-            saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-            try:
+            with _running_stats_kept([blk]):
                 return blk(x, attn, need_map)
-            finally:  # also when torch stops the recomputation early (it raises once it has what it needs)
-                with torch.no_grad():
-                    for m, (mean, var, n) in zip(bns, saved):
-                        m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
         calls.append(1)
         return blk(x, attn, need_map)
 
