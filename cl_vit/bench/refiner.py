@@ -113,9 +113,9 @@ def _memory_child(spec_json: str) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what building the model left in malloc's free lists
     except OSError:
         pass
-    before = _rss_bytes()
-    from cl_vit.rundir import write_in_place
+    from cl_vit.rundir import write_in_place  # before the baseline: its import is no part of the step
 
+    before = _rss_bytes()
     write_in_place("/proc/self/clear_refs", "5")  # resets VmHWM to the current resident size
     step()
     print(json.dumps({"peak_bytes": _hwm_bytes() - before}))
