@@ -13,7 +13,9 @@ GOLDEN = REPO_ROOT / "tests" / "golden" / "results_micro_2exp.json"
 #: what depends on the machine and the moment, not on what the run computed
 VOLATILE = ("wall_time", "rss_mib", "versions")
 #: keys results.json gained after the stored file was written (each with the change that added it)
-ADDED_SINCE: tuple[str, ...] = ()
+ADDED_SINCE: tuple[str, ...] = (
+    "threads",  # issue 26: the threads and cores the run used (results depend on them)
+)
 
 
 def _scrub(doc: dict) -> dict:

@@ -106,4 +106,6 @@ if __name__ == "__main__":
     res = run(quick=a.quick, spinning=a.spinning)
     print(format_table([res]))
     if a.out:
-        Path(a.out).write_text(json.dumps({"results": [res]}, indent=1))
+        from cl_vit.rundir import atomic_write_text
+
+        atomic_write_text(a.out, json.dumps({"results": [res]}, indent=1))
