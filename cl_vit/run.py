@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vit.builder import build, data_root, dataset_labels, source_arguments  # noqa: F401  (re-exported)
-from cl_vit.config import CONFIG_DIR, check_group_choices, validate
+from cl_vit.config import CONFIG_DIR, check_group_choices, check_override_keys, validate
 from cl_vit.errors import Interrupted, RunStopped, UserError, override, report_error, resume_command
 
 log = logging.getLogger("cl_vit")
@@ -316,6 +316,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
     except UserError as e:
         sys.exit(report_error(e))
     _main()

@@ -49,6 +49,26 @@ def test_bad_values_fail_in_one_line_before_training(tmp_path, data_root, args, 
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["trainer.max_epoch=3"], "trainer.max_epoch is not a config key: did you mean trainer.max_epochs?"),
+        # Hydra's own hint for the line above: Lightning's Trainer would raise a TypeError once training starts
+        (["+trainer.max_epoch=3"], "trainer.max_epoch is not an argument of lightning.Trainer: did you mean "
+                                   "trainer.max_epochs"),
+        (["strategy=l2", "+strategy.l2.lamda=1"], "did you mean strategy.l2.lam?"),
+        (["+max_epochs=3"], "+max_epochs: nothing reads max_epochs"),
+        (["-m", "strategy=finetune,l2", "strategy.l2.lam=1"], "++benchmark.strategy_args.l2.lam=... sets it"),
+    ],
+)
+def test_unknown_keys_fail_in_one_line_with_the_closest_keys(tmp_path, data_root, args, expected):
+    out = tmp_path / "run"
+    proc = run_cli(*args, *FAST, f"hydra.run.dir={out}", f"hydra.sweep.dir={out}", data_root=data_root)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+
+
 def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CL_VIT_DATA", str(tmp_path / "somewhere"))
     assert compose().data_root == str(tmp_path / "somewhere")
