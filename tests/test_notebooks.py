@@ -93,15 +93,19 @@ def test_the_documented_jupyter_commands(sweep, tmp_path):
     papermill starts the notebook's own ``python3`` kernel, this interpreter's ipykernel)."""
     bin_dir = Path(sys.executable).parent
     env = {**cli_env(), "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
-    for command in (["jupyter", "lab", "--version"], ["jupyter", "nbconvert", "--version"]):
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(["jupyter", "lab", "--version"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "out.ipynb"
     proc = subprocess.run(["papermill", str(NOTEBOOKS / "01_results.ipynb"), str(out), "-p", "runs", str(sweep)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outputs = [o for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
     assert "4 runs, 2 settings" in _text(outputs) and _images(outputs) == 3
+    proc = subprocess.run(["jupyter", "nbconvert", "--to", "html", "--execute", str(NOTEBOOKS / "01_results.ipynb"),
+                           "--output-dir", str(tmp_path / "figures")], cwd=tmp_path,
+                          env={**env, "CL_VIT_RUNS": str(sweep)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 runs, 2 settings" in (tmp_path / "figures" / "01_results.html").read_text()
 
 
 def test_attention_figures_draw_what_get_attention_maps_returns():
