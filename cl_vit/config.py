@@ -233,7 +233,10 @@ def validate(cfg: DictConfig) -> None:
                                                               for c in cutoffs) or not 0 <= cutoffs[0] <= cutoffs[1]):
         raise ConfigError("benchmark.shot_index_cutoffs", list(cutoffs), "null or [a, b] with integers 0 <= a <= b")
     _choice(cfg, "benchmark.remainder", ("error", "last"))
-    _choice(cfg, "logger.name", ("tensorboard", "none"))
+    from cl_vit.loggers import check_loggers, logger_names
+
+    logger_cfg = _get(cfg, "logger")
+    check_loggers(logger_names(OmegaConf.to_container(logger_cfg) if OmegaConf.is_config(logger_cfg) else logger_cfg))
     import lightning
 
     _check_accepted((_get(cfg, "trainer") or {}).keys(), _keyword_names(lightning.Trainer.__init__), "trainer",

@@ -62,18 +62,19 @@ def loader_config(cfg: DictConfig):
     return LoaderConfig(**kwargs)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
+def run(cfg: DictConfig, run_dir: str | Path, scenario=None, name: str | None = None):
     """Run (or resume, with ``cfg.resume``) a stream into ``run_dir``; returns the results document.
 
-    ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
+    ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``. ``name``: the run's
+    name in the loggers (a multirun job's overrides, ``cl_vit.loggers.run_name``); default: the run directory's.
     """
     from cl_vit import loading
 
     with loading.trust_code(bool(cfg.get("trust_code", False))):  # configs read from files may name code only then
-        return _run_locked(cfg, run_dir, scenario)
+        return _run_locked(cfg, run_dir, scenario, name)
 
 
-def _run_locked(cfg: DictConfig, run_dir, scenario):
+def _run_locked(cfg: DictConfig, run_dir, scenario, name: str | None = None):
     from cl_vit import distributed
     from cl_vit.hardware import trainer_kwargs
     from cl_vit.rundir import RunDirectory
@@ -100,7 +101,7 @@ def _run_locked(cfg: DictConfig, run_dir, scenario):
         for stale in rd.remove_stale_temporaries():
             log.info("removed %s, left by a process killed while writing it", stale.name)
     try:
-        return _run(cfg, rd, scenario, resuming, trainer_args)
+        return _run(cfg, rd, scenario, resuming, trainer_args, name)
     finally:
         if lock is not None:
             lock.release()
@@ -108,12 +109,13 @@ def _run_locked(cfg: DictConfig, run_dir, scenario):
                 lock.remove_if_unused()
 
 
-def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
+def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict, name: str | None):
     from cl_vit import distributed, report
     from cl_vit.data.longtail import shot_group_record
     from cl_vit.models import weights_origin, weights_record
     from cl_vit.stream_results import StreamResults
     from cl_vit.runs import recover
+    from cl_vit.loggers import build_loggers
     from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
 
@@ -157,9 +159,10 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
             meta["shot_groups"] = shot_group_record(class_counts, cutoffs)
 
     results = StreamResults(info=info, meta=meta)
-    logger = None
-    if cfg.logger.name == "tensorboard":
-        logger = StreamLogger(save_dir=str(rd.path), name="tensorboard", version="", default_hp_metric=False)
+    if resuming and name is None:  # a multirun job resumed: its TensorBoard events keep their folder
+        name = next((p.name for p in (rd.path / "tensorboard").glob("*/events.out.tfevents.*")), None)
+    loggers = build_loggers(OmegaConf.to_container(cfg.logger, resolve=True), rd.path, name)
+    logger = next((lg for lg in loggers if isinstance(lg, StreamLogger)), None)  # TensorBoard: figures, hparams
     if resuming:
         _check_same_data(rd, meta["source"])
         results, state, notes = recover(rd, info)  # a damaged checkpoint or results.json: one line each
@@ -170,8 +173,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
             for s in module.strategies:
                 s.load_state_dict(state["strategies"].get(s.name, {}))
             module.load_state_dict(state["module"])
-            if logger is not None:
-                logger.step_offset = int(state.get("global_step", 0))
+            for lg in loggers:
+                lg.step_offset = int(state.get("global_step", 0))
         if results.completed >= len(info.train_classes):
             log.info("%s is already complete", rd.path)
             if distributed.is_rank_zero():
@@ -192,7 +195,7 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         seed=int(cfg.seed),
         trainer=trainer_args,
         loader=loader_config(cfg),
-        logger=logger,
+        logger=loggers,
         eval_every=cfg.eval_every,
         results=results,
         class_counts=class_counts,
@@ -211,8 +214,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         e.run_dir = rd.path
         raise
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
-    if logger is not None:
-        logger.close()
+    for lg in loggers:
+        lg.close()
     doc = results.to_json("completed")
     if distributed.is_rank_zero():
         print(report.format_results(doc, rd.path))
@@ -295,7 +298,13 @@ def _main(cfg: DictConfig) -> None:
     try:
         if cfg.get("resume"):
             cfg = resume_config(cfg, list(hc.overrides.task))
-        run(cfg, hc.runtime.output_dir)
+        from hydra.types import RunMode
+
+        from cl_vit.loggers import run_name
+
+        # a multirun job is named by its overrides in every logger (TensorBoard: 0/tensorboard/strategy=l2,seed=1)
+        name = run_name(hc.overrides.task) if hc.mode == RunMode.MULTIRUN and not cfg.get("resume") else None
+        run(cfg, hc.runtime.output_dir, name=name)
     except UserError as e:
         sys.exit(report_error(e))
     except RunStopped as e:  # the completed experiences are kept; results.json says status and reason

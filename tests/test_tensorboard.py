@@ -11,7 +11,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 
 def _events(run_dir: Path) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(run_dir / "tensorboard"),
+    # a multirun job's events are one folder down, named by its overrides (cl_vit.loggers.run_name)
+    folder = next((p.parent for p in (run_dir / "tensorboard").glob("*/events.out.tfevents.*")), run_dir / "tensorboard")
+    acc = ea.EventAccumulator(str(folder),
                               size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})  # keep every value
     acc.Reload()
     return acc
