@@ -12,6 +12,8 @@ from cl_vit.errors import ConfigError, UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_GROUPS = ("benchmark", "model", "strategy", "trainer", "logger", "experiment")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+#: trainer keys the suite reads itself, not Lightning's Trainer (torch's CPU threads: cl_vit.hardware)
+SUITE_TRAINER_KEYS = ("threads",)
 #: sections the suite reads key by key: a key added there with ``+`` is read by nothing (the top level is one too)
 FIXED_SECTIONS = ("data", "scheduler", "loss", "ema")
 
@@ -239,8 +241,8 @@ def validate(cfg: DictConfig) -> None:
     check_loggers(logger_names(OmegaConf.to_container(logger_cfg) if OmegaConf.is_config(logger_cfg) else logger_cfg))
     import lightning
 
-    _check_accepted((_get(cfg, "trainer") or {}).keys(), _keyword_names(lightning.Trainer.__init__), "trainer",
-                    "lightning.Trainer")
+    _check_accepted([k for k in (_get(cfg, "trainer") or {}) if k not in SUITE_TRAINER_KEYS],
+                    _keyword_names(lightning.Trainer.__init__), "trainer", "lightning.Trainer")
     for name, kwargs in (_get(cfg, "strategy") or {}).items():
         if name not in STRATEGIES and TARGET not in (kwargs or {}):
             raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}, or strategy.{name}.{TARGET}=module.Class")
