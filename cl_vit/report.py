@@ -106,6 +106,51 @@ def format_stream(stream: dict) -> str:
     return "\n".join(lines)
 
 
+def format_model(net, depth: int = 2, optimizer=None) -> str:
+    """What ``dry_run=true`` shows of a network: its module tree down to ``depth`` (a container of more than three
+    modules of one class, such as a ViT's blocks, as one line and its first member), parameters and trainable
+    parameters per module; then the optimiser's parameter groups (learning rate, weight decay, tensors, a few names)."""
+    rows = []
+
+    def count(m):
+        ps = list(m.parameters())
+        return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+    def walk(m, name, level):
+        total, trainable = count(m)
+        if not total and level:  # dropout, identity: nothing to train or count
+            return
+        rows.append((f"{'  ' * level}{name}", type(m).__name__, total, trainable))
+        children = list(m.named_children())
+        if level >= depth or not children:
+            return
+        kinds = {type(c) for _, c in children}
+        if len(children) > 3 and len(kinds) == 1:  # 12 blocks: one line for all, the first one opened
+            rows.append((f"{'  ' * (level + 1)}[{children[0][0]}..{children[-1][0]}]",
+                         f"{len(children)} x {type(children[0][1]).__name__}", *count(m)))
+            walk(children[0][1], children[0][0], level + 2)
+            return
+        for child_name, child in children:
+            walk(child, child_name, level + 1)
+
+    walk(net, "(model)", 0)
+    width = max(len(r[0]) for r in rows) + 2
+    kind = max(len(r[1]) for r in rows) + 2
+    lines = [f"{'module':<{width}}{'class':<{kind}}{'params':>12}{'trainable':>12}"]
+    lines += [f"{n:<{width}}{c:<{kind}}{t:>12,}{g:>12,}" for n, c, t, g in rows]
+    if optimizer is not None:
+        names = {id(p): n for n, p in net.named_parameters()}
+        lines.append(f"optimizer {type(optimizer).__name__}, {len(optimizer.param_groups)} parameter groups (as built "
+                     "before the strategies' before_experience hooks, which may freeze parameters):")
+        for i, g in enumerate(optimizer.param_groups):
+            params = [p for p in g["params"] if p.requires_grad]
+            shown = [names.get(id(p), "?") for p in params[:3]]
+            more = f", ... ({len(params)} tensors)" if len(params) > 3 else ""
+            lines.append(f"  group {i}: lr {g['lr']:.3g}, weight_decay {g.get('weight_decay', 0)}, "
+                         f"{sum(p.numel() for p in params):,} trainable parameters: {', '.join(shown)}{more}")
+    return "\n".join(lines)
+
+
 # -- the side-by-side report of runs: python -m cl_vit.report RUN_DIR [RUN_DIR ...] -------------------------------
 
 #: report columns: summary key -> (Markdown header, CSV header)
@@ -366,7 +411,7 @@ def finish_run(run_dir: str | Path, writer=None) -> list[Path]:
     if rank_zero_only.rank != 0:  # every DDP rank runs the stream; one draws
         return []
     run = load_run(run_dir)
-    step = max(run.completed_experiences - 1, 0)
+    step = run.completed_experiences  # the last experience's number (from 1, as everywhere it is shown)
     paths = []
     for name, fig in plots.run_figures(run).items():
         paths.append(plots.save_png(fig, run.path / f"{name}.png"))

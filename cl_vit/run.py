@@ -129,6 +129,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict, name
     log.info("Model %s: %.2fM parameters · strategy %s", cfg.model.name, n_params / 1e6, "+".join(strategy_names))
     if cfg.dry_run:
         print(report.format_stream(stream_doc))
+        # the network as the first experience gets it; strategies may still freeze parts in before_experience
+        print(report.format_model(module.net, DRY_RUN_DEPTH, _first_optimizer(module)))
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_json("stream.json", stream_doc)
         print(f"dry run: nothing trained · stream written to {rd.stream_path}")
@@ -137,6 +139,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict, name
     # several processes (trainer=ddp): the others start here, re-running this command line; only rank 0 writes
     distributed.launch(trainer_args)
     meta = {
+        # the commit the code ran from and whether its checkout had changes (None outside a git checkout)
+        "code": code_version(),
         "benchmark": cfg.benchmark.name,
         "model": cfg.model.name,
         # "timm:<arch>.<tag>" or "checkpoint:<path>" when the backbone did not start at random (the L2/EWC anchor)
@@ -220,6 +224,38 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict, name
     if distributed.is_rank_zero():
         print(report.format_results(doc, rd.path))
     return doc
+
+
+def code_version(path: str | Path | None = None) -> dict | None:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``path`` (default: this package), ``dirty``
+    meaning changes to tracked files or new files git does not ignore; None when it is not in a git checkout (an
+    installed wheel) or git is missing."""
+    import subprocess
+
+    where = str(Path(path) if path is not None else Path(__file__).resolve().parent)
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", where, *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) or status.returncode != 0}
+
+
+#: how deep dry_run=true prints the module tree
+DRY_RUN_DEPTH = 2
+
+
+def _first_optimizer(module):
+    """The optimiser ``module.configure_optimizers`` builds, without its schedule (which needs a Trainer)."""
+    scheduler = module.scheduler_cfg
+    module.scheduler_cfg = {"name": "constant"}
+    try:
+        return module.configure_optimizers()
+    finally:
+        module.scheduler_cfg = scheduler
 
 
 def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:

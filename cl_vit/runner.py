@@ -657,21 +657,22 @@ class ContinualRunner:
         local = self.results.accuracy_matrix(LOCAL)[i] if LOCAL in self.results.confusions else None
         if local is not None and np.any(~np.isnan(local)):
             log.info("  task-incremental (local) A_%d = %.4f", i + 1, float(np.nanmean(local)))
-        scalars = {f"eval/acc/exp_{j}": float(v) for j, v in enumerate(row) if not np.isnan(v)}
+        # experiences are numbered from 1 wherever they are shown (console, figures, CSV, loggers); stored indexes
+        # (results.json, checkpoint files) stay 0-based
+        scalars = {f"eval/acc/exp_{j + 1}": float(v) for j, v in enumerate(row) if not np.isnan(v)}
         for lg in self.loggers:  # at the experience's last step (steps must grow in W&B), the experience beside them
             if lg is not self.logger:
                 lg.log_metrics({**scalars, "eval/A_t": a_t, "experience": i + 1}, step=0)
         if self.logger is None:
             return
         tb = self.logger.experiment
-        for j, v in enumerate(row):
-            if not np.isnan(v):
-                tb.add_scalar(f"eval/acc/exp_{j}", v, i)
-        tb.add_scalar("eval/A_t", a_t, i)
+        for tag, v in scalars.items():
+            tb.add_scalar(tag, v, i + 1)
+        tb.add_scalar("eval/A_t", a_t, i + 1)
         from cl_vit.plots import accuracy_matrix_figure, log_attention_maps
 
-        tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i)
-        log_attention_maps(tb, self.module, self.scenario, i)  # models with get_attention_maps (Refiner-ViT)
+        tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i + 1)
+        log_attention_maps(tb, self.module, self.scenario, i + 1)  # models with get_attention_maps (Refiner-ViT)
         tb.flush()
 
 

@@ -43,7 +43,7 @@ def test_loggers_compose_into_one_run_each(tmp_path, data_root, monkeypatch):
 
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # offline: nothing left the machine
     data = wandb_file.read_bytes()
-    assert b"eval/A_t" in data and all(json.dumps(v).encode() in data for v in a_t)
+    assert b"eval/A_t" in data and b"eval/acc/exp_2" in data and all(json.dumps(v).encode() in data for v in a_t)
     assert "finishing run" in next(wandb_file.parent.glob("logs/debug.log")).read_text()
 
 
