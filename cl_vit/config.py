@@ -1,15 +1,21 @@
 """Config checks run before anything is built: a bad value fails with one line naming the key and what is allowed."""
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cl_vit.errors import ConfigError
+from cl_vit.errors import ConfigError, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_GROUPS = ("benchmark", "model", "strategy", "trainer", "logger", "experiment")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+#: trainer keys the suite reads itself, not Lightning's Trainer (torch's CPU threads: cl_vit.hardware)
+SUITE_TRAINER_KEYS = ("threads",)
+#: sections the suite reads key by key: a key added there with ``+`` is read by nothing (the top level is one too)
+FIXED_SECTIONS = ("data", "scheduler", "loss", "ema")
 
 
 def group_options(group: str) -> list[str]:
@@ -43,6 +49,106 @@ def check_group_choices(argv: list[str]) -> None:
                 continue
             if str(v) not in group_options(key):
                 raise ConfigError(key, v, f"one of {group_options(key)} (files in configs/{key}/)")
+
+
+def closest_keys(cfg, key: str) -> tuple[int, str]:
+    """``(depth, hint)`` for a key the config lacks: how far its path goes into the config, and the closest keys at
+    the level where it leaves it."""
+    parts, node, depth = key.split("."), cfg, 0
+    while depth < len(parts) - 1 and OmegaConf.is_dict(node) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    prefix = ".".join(parts[:depth])
+    keys = sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
+    close = [f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(parts[depth], keys, n=3, cutoff=0.6)]
+    return depth, f"did you mean {' or '.join(close)}?" if close else f"{prefix or 'the top level'} has {', '.join(keys)}"
+
+
+def _keyword_names(fn) -> set[str] | None:
+    """The keyword arguments ``fn`` takes; None when it takes any (``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+
+
+def _check_accepted(keys, accepted: set[str] | None, section: str, owner: str) -> None:
+    for key in keys:
+        if accepted is not None and key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(f'{section}.{c}' for c in close)}?" if close else \
+                f"{owner} takes {', '.join(sorted(accepted))}"
+            raise UserError(f"{section}.{key} is not an argument of {owner}: {hint}")
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Overrides of keys the config lacks fail in one line with the closest keys, before anything runs.
+
+    ``trainer.max_epoch=3`` (no such key) and ``+max_epochs=3`` (added where nothing reads it) are refused here;
+    ``+trainer.<key>`` and ``+strategy.<name>.<key>`` are checked against the class that takes them (:func:`validate`).
+    The config is composed with the command line's config-group choices (each value of a swept group in turn).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    groups, keys = [], []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # malformed: Hydra's own message follows
+            return
+        name = override.key_or_group
+        if name.startswith("hydra") or override.is_delete():
+            continue
+        if name.split("/")[0].lstrip("+") in CONFIG_GROUPS and "." not in name:
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+            groups.append((arg.split("=", 1)[0], values))
+        else:
+            keys.append((name, override.is_add() or override.is_force_add()))
+    if not keys:
+        return
+    choices = [[f"{g}={_override_value(vals[0])}" for g, vals in groups]]
+    for i, (g, vals) in enumerate(groups):  # every value of a swept group, the others at their first
+        for v in vals[1:]:
+            choices.append([*choices[0][:i], f"{g}={_override_value(v)}", *choices[0][i + 1:]])
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfgs = [compose(config_name="config", overrides=c) for c in choices]
+    except Exception:  # a config that does not compose: Hydra says why
+        return
+    missing = object()
+    for key, added in keys:
+        present = [c for c, cfg in zip(choices, cfgs)
+                   if OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing]
+        if present and len(present) < len(cfgs):  # Hydra would stop at the first run of the sweep that lacks it
+            raw = _raw(cfgs[choices.index(present[0])], key)
+            via = raw.split("${oc.select:", 1)[1].split(",", 1)[0] if "${oc.select:" in raw else None
+            fix = f"++{via}=... sets it for those runs only" if via else "run those choices in a sweep of their own"
+            raise UserError(f"{key} exists only with {' '.join(present[0])}, and a sweep sets it in every run: {fix}")
+        if present:
+            continue
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        hint = max(closest_keys(cfg, key) for cfg in cfgs)[1]
+        if not added:
+            add = "" if hint.startswith("did you mean") else f" (to add a key that no config has: +{key}=...)"
+            raise UserError(f"{key} is not a config key: {hint}{add}")
+        if section in ("", *FIXED_SECTIONS):
+            raise UserError(f"+{key}: nothing reads {key} ({hint})")
+
+
+def _raw(cfg, key: str) -> str:
+    """The value of ``key`` as written, interpolations unresolved."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return str(OmegaConf.to_container(node, resolve=False).get(leaf))
+
+
+def _override_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(map(str, v)) + "]"
+    return "null" if v is None else str(v)
 
 
 def _get(cfg, key):
@@ -130,10 +236,20 @@ def validate(cfg: DictConfig) -> None:
                                                               for c in cutoffs) or not 0 <= cutoffs[0] <= cutoffs[1]):
         raise ConfigError("benchmark.shot_index_cutoffs", list(cutoffs), "null or [a, b] with integers 0 <= a <= b")
     _choice(cfg, "benchmark.remainder", ("error", "last"))
-    _choice(cfg, "logger.name", ("tensorboard", "none"))
+    from cl_vit.loggers import check_loggers, logger_names
+
+    logger_cfg = _get(cfg, "logger")
+    check_loggers(logger_names(OmegaConf.to_container(logger_cfg) if OmegaConf.is_config(logger_cfg) else logger_cfg))
+    import lightning
+
+    _check_accepted([k for k in (_get(cfg, "trainer") or {}) if k not in SUITE_TRAINER_KEYS],
+                    _keyword_names(lightning.Trainer.__init__), "trainer", "lightning.Trainer")
     for name, kwargs in (_get(cfg, "strategy") or {}).items():
         if name not in STRATEGIES and TARGET not in (kwargs or {}):
             raise ConfigError("strategy", name, f"one of {sorted(STRATEGIES)}, or strategy.{name}.{TARGET}=module.Class")
+        if TARGET not in (kwargs or {}):
+            _check_accepted([k for k in (kwargs or {})], _keyword_names(STRATEGIES[name].__init__),
+                            f"strategy.{name}", f"the {name} strategy (configs/strategy/{name}.yaml)")
     _check_erasing_once(cfg)
 
 

@@ -77,8 +77,8 @@ class ShotGroupEpochEval(Callback):
             return
         metrics = self.evaluate(pl_module)
         self.history.append((trainer.current_epoch + 1, metrics))
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({f"epoch_eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"epoch_eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
 
     def summary(self) -> dict | None:
         """``{"epochs_evaluated", "last_epoch", "last", "best_epoch", "best"}``, ``last``/``best`` as

@@ -3,7 +3,10 @@ side-by-side report of many runs::
 
     python -m cl_vit.report RUN_DIR [RUN_DIR ...]        # Markdown; runs differing only by seed -> mean ± std
     python -m cl_vit.report multirun/2025-01-01/12-00-00 # a Hydra multirun folder: every job in it
-    python -m cl_vit.report RUN_DIR ... --csv            # CSV for scripts and spreadsheets
+    python -m cl_vit.report RUN_DIR ... --csv            # CSV for scripts and spreadsheets (every column)
+    python -m cl_vit.report RUN_DIR ... --latex --columns A_N,"F max"   # a booktabs table for the paper
+
+Runs that never started (refused at config time, dry runs) are left out unless ``--all``.
 """
 from __future__ import annotations
 
@@ -103,6 +106,51 @@ def format_stream(stream: dict) -> str:
     return "\n".join(lines)
 
 
+def format_model(net, depth: int = 2, optimizer=None) -> str:
+    """What ``dry_run=true`` shows of a network: its module tree down to ``depth`` (a container of more than three
+    modules of one class, such as a ViT's blocks, as one line and its first member), parameters and trainable
+    parameters per module; then the optimiser's parameter groups (learning rate, weight decay, tensors, a few names)."""
+    rows = []
+
+    def count(m):
+        ps = list(m.parameters())
+        return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+    def walk(m, name, level):
+        total, trainable = count(m)
+        if not total and level:  # dropout, identity: nothing to train or count
+            return
+        rows.append((f"{'  ' * level}{name}", type(m).__name__, total, trainable))
+        children = list(m.named_children())
+        if level >= depth or not children:
+            return
+        kinds = {type(c) for _, c in children}
+        if len(children) > 3 and len(kinds) == 1:  # 12 blocks: one line for all, the first one opened
+            rows.append((f"{'  ' * (level + 1)}[{children[0][0]}..{children[-1][0]}]",
+                         f"{len(children)} x {type(children[0][1]).__name__}", *count(m)))
+            walk(children[0][1], children[0][0], level + 2)
+            return
+        for child_name, child in children:
+            walk(child, child_name, level + 1)
+
+    walk(net, "(model)", 0)
+    width = max(len(r[0]) for r in rows) + 2
+    kind = max(len(r[1]) for r in rows) + 2
+    lines = [f"{'module':<{width}}{'class':<{kind}}{'params':>12}{'trainable':>12}"]
+    lines += [f"{n:<{width}}{c:<{kind}}{t:>12,}{g:>12,}" for n, c, t, g in rows]
+    if optimizer is not None:
+        names = {id(p): n for n, p in net.named_parameters()}
+        lines.append(f"optimizer {type(optimizer).__name__}, {len(optimizer.param_groups)} parameter groups (as built "
+                     "before the strategies' before_experience hooks, which may freeze parameters):")
+        for i, g in enumerate(optimizer.param_groups):
+            params = [p for p in g["params"] if p.requires_grad]
+            shown = [names.get(id(p), "?") for p in params[:3]]
+            more = f", ... ({len(params)} tensors)" if len(params) > 3 else ""
+            lines.append(f"  group {i}: lr {g['lr']:.3g}, weight_decay {g.get('weight_decay', 0)}, "
+                         f"{sum(p.numel() for p in params):,} trainable parameters: {', '.join(shown)}{more}")
+    return "\n".join(lines)
+
+
 # -- the side-by-side report of runs: python -m cl_vit.report RUN_DIR [RUN_DIR ...] -------------------------------
 
 #: report columns: summary key -> (Markdown header, CSV header)
@@ -175,15 +223,42 @@ def _cell(key: str, mean_std) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
-def _columns(rows: list[dict]) -> list[str]:
-    """Shot-group and task-incremental columns only when some run has them."""
+def _columns(rows: list[dict], chosen: Sequence[str] | None = None) -> list[str]:
+    """``chosen`` (keys of ``COLUMNS``), else every column; shot-group and task-incremental columns only when some
+    run has them."""
+    if chosen:
+        return list(chosen)
     return [k for k in COLUMNS if k not in OPTIONAL_COLUMNS or any(r[k][0] is not None for r in rows)]
 
 
-def format_markdown(rows: list[dict], legend: str = "") -> str:
+def parse_columns(spec: str) -> list[str]:
+    """``--columns A_N,"F max",wall_time``: Markdown headers or CSV names (case-insensitive) -> ``COLUMNS`` keys."""
+    import difflib
+
+    from cl_vit.errors import UserError
+
+    names = {n.lower(): key for key, (md, csv_name) in COLUMNS.items() for n in (key, md, csv_name)}
+    out = []
+    for name in (n.strip() for n in spec.split(",") if n.strip()):
+        if name.lower() not in names:
+            close = difflib.get_close_matches(name.lower(), list(names), n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise UserError(f"--columns: {name!r} is not a column: {hint}columns are "
+                            f"{', '.join(md for md, _ in COLUMNS.values())} (or their CSV names)")
+        out.append(names[name.lower()])
+    return out
+
+
+#: columns where lower is better (the LaTeX table bolds the best entry of every accuracy and forgetting column)
+LOWER_IS_BETTER = ("forgetting_max", "forgetting_first_last", "forgetting_consecutive", "task_incremental_forgetting")
+#: cost columns: no best entry is marked
+COST_COLUMNS = ("wall_time", "params_trainable", "params_total", "peak_memory")
+
+
+def format_markdown(rows: list[dict], legend: str = "", columns: Sequence[str] | None = None) -> str:
     ident = ["benchmark", "model", "strategy"] + (["settings"] if any(r["settings"] for r in rows) else [])
     ident += ["seeds", "runs", "status"]
-    keys = _columns(rows)
+    keys = _columns(rows, columns)
     header = ident + [COLUMNS[k][0] for k in keys]
     align = "|".join(" --- " if h in ident else " ---: " for h in header)
     lines = ["| " + " | ".join(header) + " |", f"|{align}|"]
@@ -214,6 +289,45 @@ def format_csv(rows: list[dict]) -> str:
         line.append(";".join(r["paths"]))
         w.writerow(line)
     return buf.getvalue()
+
+
+#: LaTeX's special characters in text
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def format_latex(rows: list[dict], columns: Sequence[str] | None = None, caption: str = "") -> str:
+    """A booktabs table (``\\usepackage{booktabs}``): mean ± std in % (as the Markdown table), the best entry of every
+    accuracy and forgetting column in bold (highest accuracy and BWT, lowest forgetting; ties all bold); benchmark
+    and model columns only where the rows differ in them."""
+    keys = _columns(rows, columns)
+    ident = [c for c in ("benchmark", "model") if len({r[c] for r in rows}) > 1] + ["strategy"]
+    ident += ["settings"] if any(r["settings"] for r in rows) else []
+    best = {}
+    for k in keys:
+        shown = [round(100 * r[k][0], 2) for r in rows if r[k][0] is not None]
+        if k not in COST_COLUMNS and len(shown) > 1:
+            best[k] = min(shown) if k in LOWER_IS_BETTER else max(shown)
+
+    def cell(r, k):
+        text = _cell(k, r[k]).replace("—", "--")
+        if r[k][0] is None:
+            return text
+        text = _latex_escape(text).replace(" ± ", r" $\pm$ ")
+        return r"\textbf{" + text + "}" if k in best and round(100 * r[k][0], 2) == best[k] else text
+
+    lines = [r"\begin{tabular}{" + "l" * len(ident) + "r" * len(keys) + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in [*ident, *(COLUMNS[k][0] for k in keys)]) + r" \\", r"\midrule"]
+    for r in rows:
+        lines.append(" & ".join([*(_latex_escape(str(r[c])) for c in ident), *(cell(r, k) for k in keys)]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append("% " + caption)
+    return "\n".join(lines)
 
 
 def legend(runs, head: str = "main", shots: str | None = None, grouped: bool = True) -> str:
@@ -297,7 +411,7 @@ def finish_run(run_dir: str | Path, writer=None) -> list[Path]:
     if rank_zero_only.rank != 0:  # every DDP rank runs the stream; one draws
         return []
     run = load_run(run_dir)
-    step = max(run.completed_experiences - 1, 0)
+    step = run.completed_experiences  # the last experience's number (from 1, as everywhere it is shown)
     paths = []
     for name, fig in plots.run_figures(run).items():
         paths.append(plots.save_png(fig, run.path / f"{name}.png"))
@@ -321,7 +435,14 @@ def main(argv: list[str] | None = None) -> int:
                     "std); runs that did not finish are shown with their state.",
     )
     p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories or Hydra multirun folders")
-    p.add_argument("--csv", action="store_true", help="CSV (fractions, seconds, a _std column per value)")
+    p.add_argument("--csv", action="store_true", help="CSV (fractions, seconds, a _std column per value; every column)")
+    p.add_argument("--latex", action="store_true",
+                   help="a booktabs LaTeX table: mean ± std, the best entry of each accuracy/forgetting column in bold")
+    p.add_argument("--columns", default=None, metavar="A,B,...",
+                   help="the metric columns of the Markdown and LaTeX tables, in order: headers (A_N, \"F max\") or CSV "
+                        "names (final_average_accuracy); the CSV keeps every column")
+    p.add_argument("--all", action="store_true",
+                   help="also list runs that never started (refused at config time, dry runs)")
     p.add_argument("--no-group", action="store_true", help="one row per run instead of grouping seeds")
     p.add_argument("--head", default="main", help="report this head's accuracies (e.g. cls, dist of DeiT-LT runs)")
     p.add_argument("--shots", default=None, choices=("count", "index"),
@@ -332,14 +453,22 @@ def main(argv: list[str] | None = None) -> int:
                         "per-seed teacher run): runs that differ in it are still seeds of one setting; repeatable")
     args = p.parse_args(argv)
     try:
+        columns = parse_columns(args.columns) if args.columns else None
         runs = load_runs(args.paths)
-        rows = summary_rows(group_runs(runs, by_seed=not args.no_group, same=args.same), args.head, args.shots)
+        started = runs if args.all else [r for r in runs if r.state != "not started"]
+        rows = summary_rows(group_runs(started, by_seed=not args.no_group, same=args.same), args.head, args.shots)
     except UserError as e:
         return report_error(e)
+    left_out = len(runs) - len(started)
+    note = f"{left_out} run{'s' * (left_out != 1)} that never started (refused or dry runs) left out: --all lists them"
     if args.csv:
         sys.stdout.write(format_csv(rows))
+    elif args.latex:
+        print(format_latex(rows, columns, legend(started, args.head, args.shots, not args.no_group)))
     else:
-        print(format_markdown(rows, legend(runs, args.head, args.shots, not args.no_group)))
+        print(format_markdown(rows, legend(started, args.head, args.shots, not args.no_group), columns))
+    if left_out:
+        print(note, file=sys.stderr)
     return 0
 
 

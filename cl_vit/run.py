@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vit.builder import build, data_root, dataset_labels, source_arguments  # noqa: F401  (re-exported)
-from cl_vit.config import CONFIG_DIR, check_group_choices, validate
+from cl_vit.config import CONFIG_DIR, check_group_choices, check_override_keys, validate
 from cl_vit.errors import Interrupted, RunStopped, UserError, override, report_error, resume_command
 
 log = logging.getLogger("cl_vit")
@@ -62,18 +62,19 @@ def loader_config(cfg: DictConfig):
     return LoaderConfig(**kwargs)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, scenario=None):
+def run(cfg: DictConfig, run_dir: str | Path, scenario=None, name: str | None = None):
     """Run (or resume, with ``cfg.resume``) a stream into ``run_dir``; returns the results document.
 
-    ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``.
+    ``scenario``: a ready Avalanche classification scenario to run instead of ``cfg.benchmark``. ``name``: the run's
+    name in the loggers (a multirun job's overrides, ``cl_vit.loggers.run_name``); default: the run directory's.
     """
     from cl_vit import loading
 
     with loading.trust_code(bool(cfg.get("trust_code", False))):  # configs read from files may name code only then
-        return _run_locked(cfg, run_dir, scenario)
+        return _run_locked(cfg, run_dir, scenario, name)
 
 
-def _run_locked(cfg: DictConfig, run_dir, scenario):
+def _run_locked(cfg: DictConfig, run_dir, scenario, name: str | None = None):
     from cl_vit import distributed
     from cl_vit.hardware import configure_threads, trainer_kwargs
     from cl_vit.rundir import RunDirectory
@@ -102,7 +103,7 @@ def _run_locked(cfg: DictConfig, run_dir, scenario):
         for stale in rd.remove_stale_temporaries():
             log.info("removed %s, left by a process killed while writing it", stale.name)
     try:
-        return _run(cfg, rd, scenario, resuming, trainer_args)
+        return _run(cfg, rd, scenario, resuming, trainer_args, name)
     finally:
         if lock is not None:
             lock.release()
@@ -110,12 +111,13 @@ def _run_locked(cfg: DictConfig, run_dir, scenario):
                 lock.remove_if_unused()
 
 
-def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
+def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict, name: str | None):
     from cl_vit import distributed, report
     from cl_vit.data.longtail import shot_group_record
     from cl_vit.models import weights_origin, weights_record
     from cl_vit.stream_results import StreamResults
     from cl_vit.runs import recover
+    from cl_vit.loggers import build_loggers
     from cl_vit.runner import ContinualRunner, StreamLogger
     from cl_vit.streams import describe
 
@@ -129,6 +131,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
     log.info("Model %s: %.2fM parameters · strategy %s", cfg.model.name, n_params / 1e6, "+".join(strategy_names))
     if cfg.dry_run:
         print(report.format_stream(stream_doc))
+        # the network as the first experience gets it; strategies may still freeze parts in before_experience
+        print(report.format_model(module.net, DRY_RUN_DEPTH, _first_optimizer(module)))
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_json("stream.json", stream_doc)
         print(f"dry run: nothing trained · stream written to {rd.stream_path}")
@@ -141,6 +145,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
     local_ranks = max(1, distributed.world_size() // int(trainer_args.get("num_nodes", 1)))
     threads = configure_threads(cfg.trainer.get("threads"), processes=local_ranks, workers=int(cfg.data.num_workers))
     meta = {
+        # the commit the code ran from and whether its checkout had changes (None outside a git checkout)
+        "code": code_version(),
         "benchmark": cfg.benchmark.name,
         "model": cfg.model.name,
         # "timm:<arch>.<tag>" or "checkpoint:<path>" when the backbone did not start at random (the L2/EWC anchor)
@@ -165,9 +171,10 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
             meta["shot_groups"] = shot_group_record(class_counts, cutoffs)
 
     results = StreamResults(info=info, meta=meta)
-    logger = None
-    if cfg.logger.name == "tensorboard":
-        logger = StreamLogger(save_dir=str(rd.path), name="tensorboard", version="", default_hp_metric=False)
+    if resuming and name is None:  # a multirun job resumed: its TensorBoard events keep their folder
+        name = next((p.name for p in (rd.path / "tensorboard").glob("*/events.out.tfevents.*")), None)
+    loggers = build_loggers(OmegaConf.to_container(cfg.logger, resolve=True), rd.path, name)
+    logger = next((lg for lg in loggers if isinstance(lg, StreamLogger)), None)  # TensorBoard: figures, hparams
     if resuming:
         _check_same_data(rd, meta["source"])
         results, state, notes = recover(rd, info)  # a damaged checkpoint or results.json: one line each
@@ -178,8 +185,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
             for s in module.strategies:
                 s.load_state_dict(state["strategies"].get(s.name, {}))
             module.load_state_dict(state["module"])
-            if logger is not None:
-                logger.step_offset = int(state.get("global_step", 0))
+            for lg in loggers:
+                lg.step_offset = int(state.get("global_step", 0))
         if results.completed >= len(info.train_classes):
             log.info("%s is already complete", rd.path)
             if distributed.is_rank_zero():
@@ -200,7 +207,7 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         seed=int(cfg.seed),
         trainer=trainer_args,
         loader=loader_config(cfg),
-        logger=logger,
+        logger=loggers,
         eval_every=cfg.eval_every,
         results=results,
         class_counts=class_counts,
@@ -219,12 +226,44 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict):
         e.run_dir = rd.path
         raise
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
-    if logger is not None:
-        logger.close()
+    for lg in loggers:
+        lg.close()
     doc = results.to_json("completed")
     if distributed.is_rank_zero():
         print(report.format_results(doc, rd.path))
     return doc
+
+
+def code_version(path: str | Path | None = None) -> dict | None:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``path`` (default: this package), ``dirty``
+    meaning changes to tracked files or new files git does not ignore; None when it is not in a git checkout (an
+    installed wheel) or git is missing."""
+    import subprocess
+
+    where = str(Path(path) if path is not None else Path(__file__).resolve().parent)
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", where, *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) or status.returncode != 0}
+
+
+#: how deep dry_run=true prints the module tree
+DRY_RUN_DEPTH = 2
+
+
+def _first_optimizer(module):
+    """The optimiser ``module.configure_optimizers`` builds, without its schedule (which needs a Trainer)."""
+    scheduler = module.scheduler_cfg
+    module.scheduler_cfg = {"name": "constant"}
+    try:
+        return module.configure_optimizers()
+    finally:
+        module.scheduler_cfg = scheduler
 
 
 def resume_config(cfg: DictConfig, task_overrides: list[str]) -> DictConfig:
@@ -303,7 +342,13 @@ def _main(cfg: DictConfig) -> None:
     try:
         if cfg.get("resume"):
             cfg = resume_config(cfg, list(hc.overrides.task))
-        run(cfg, hc.runtime.output_dir)
+        from hydra.types import RunMode
+
+        from cl_vit.loggers import run_name
+
+        # a multirun job is named by its overrides in every logger (TensorBoard: 0/tensorboard/strategy=l2,seed=1)
+        name = run_name(hc.overrides.task) if hc.mode == RunMode.MULTIRUN and not cfg.get("resume") else None
+        run(cfg, hc.runtime.output_dir, name=name)
     except UserError as e:
         sys.exit(report_error(e))
     except RunStopped as e:  # the completed experiences are kept; results.json says status and reason
@@ -324,6 +369,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys(sys.argv[1:])
     except UserError as e:
         sys.exit(report_error(e))
     _main()

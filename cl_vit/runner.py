@@ -40,6 +40,7 @@ from cl_vit import metrics as M
 from cl_vit.cost import ExperienceCost
 from cl_vit.data.base import CorruptImage
 from cl_vit.errors import BadDataDuringRun, DiskFull, Interrupted, RunStopped
+from cl_vit.loggers import StreamSteps
 from cl_vit.module import ContinualModule
 from cl_vit.stream_results import LOCAL, StreamResults, matrix_csv
 from cl_vit.rundir import RunDirectory
@@ -77,7 +78,7 @@ class LoaderConfig:
     drop_last: bool = False
 
 
-class StreamLogger(TensorBoardLogger):
+class StreamLogger(StreamSteps, TensorBoardLogger):
     """TensorBoardLogger whose steps continue across the experiences' Trainers (each starts at step 0).
 
     One event file per run: Lightning closes the writer when each experience's ``fit`` ends, and torch's
@@ -85,19 +86,10 @@ class StreamLogger(TensorBoardLogger):
     ``close()`` ends the run's writer.
     """
 
-    step_offset = 0
-
-    def log_metrics(self, metrics, step=None):
-        super().log_metrics(metrics, None if step is None else step + self.step_offset)
-
     def finalize(self, status: str) -> None:
         if self._experiment is not None:
             self.experiment.flush()
-        if status == "success":
-            self.save()
-
-    def close(self) -> None:
-        super().finalize("success")
+        super().finalize(status)
 
 
 class ExperienceProgressBar(TQDMProgressBar):
@@ -308,7 +300,7 @@ class ContinualRunner:
         seed: int = 0,
         trainer: dict | None = None,
         loader: LoaderConfig | None = None,
-        logger: StreamLogger | None = None,
+        logger: StreamSteps | Sequence[StreamSteps] | None = None,
         eval_every: int = 1,
         results: StreamResults | None = None,
         class_counts: Sequence[int] | None = None,
@@ -332,7 +324,9 @@ class ContinualRunner:
         self.seed = seed
         self.trainer_kwargs = dict(trainer or {})
         self.loader = loader or LoaderConfig()
-        self.logger = logger
+        #: cl_vit.loggers: one or several (logger=[tensorboard,csv]); TensorBoard also gets figures and attention maps
+        self.loggers = [] if logger is None else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        self.logger = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         self.eval_every = max(1, int(eval_every))
         self.results = results or StreamResults(info=info)
         self.class_counts = list(class_counts) if class_counts is not None else None
@@ -393,7 +387,7 @@ class ContinualRunner:
         if os.environ.get("CL_VIT_TEST_FSIZE_AT"):
             callbacks.append(_FileSizeLimitAt(index, os.environ["CL_VIT_TEST_FSIZE_AT"]))
         return L.Trainer(
-            logger=self.logger if self.logger is not None else False,
+            logger=self.loggers or False,
             callbacks=callbacks,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -539,8 +533,9 @@ class ContinualRunner:
                     s.after_experience(self.module, info)
             else:
                 cost.fit_started(self.module)
-            if self.logger is not None and self.train:
-                self.logger.step_offset += trainer.global_step
+            if self.train:
+                for lg in self.loggers:
+                    lg.step_offset += trainer.global_step
             t_eval = time.perf_counter()
             evaluation = None
             if (i + 1) % self.eval_every == 0 or i == n - 1:
@@ -630,7 +625,7 @@ class ContinualRunner:
             "row": self.results.row(i),
             "module": self.module.state_dict(),
             "strategies": {s.name: s.state_dict() for s in self.module.strategies},
-            "global_step": self.logger.step_offset if self.logger is not None else 0,
+            "global_step": self.loggers[0].step_offset if self.loggers else 0,
             "class_order": self.info.class_order,
             "class_names": list(self.info.class_names),
             "class_counts": self.class_counts,
@@ -663,17 +658,22 @@ class ContinualRunner:
         local = self.results.accuracy_matrix(LOCAL)[i] if LOCAL in self.results.confusions else None
         if local is not None and np.any(~np.isnan(local)):
             log.info("  task-incremental (local) A_%d = %.4f", i + 1, float(np.nanmean(local)))
+        # experiences are numbered from 1 wherever they are shown (console, figures, CSV, loggers); stored indexes
+        # (results.json, checkpoint files) stay 0-based
+        scalars = {f"eval/acc/exp_{j + 1}": float(v) for j, v in enumerate(row) if not np.isnan(v)}
+        for lg in self.loggers:  # at the experience's last step (steps must grow in W&B), the experience beside them
+            if lg is not self.logger:
+                lg.log_metrics({**scalars, "eval/A_t": a_t, "experience": i + 1}, step=0)
         if self.logger is None:
             return
         tb = self.logger.experiment
-        for j, v in enumerate(row):
-            if not np.isnan(v):
-                tb.add_scalar(f"eval/acc/exp_{j}", v, i)
-        tb.add_scalar("eval/A_t", a_t, i)
+        for tag, v in scalars.items():
+            tb.add_scalar(tag, v, i + 1)
+        tb.add_scalar("eval/A_t", a_t, i + 1)
         from cl_vit.plots import accuracy_matrix_figure, log_attention_maps
 
-        tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i)
-        log_attention_maps(tb, self.module, self.scenario, i)  # models with get_attention_maps (Refiner-ViT)
+        tb.add_figure("eval/accuracy_matrix", accuracy_matrix_figure(R, title=f"after experience {i + 1}"), i + 1)
+        log_attention_maps(tb, self.module, self.scenario, i + 1)  # models with get_attention_maps (Refiner-ViT)
         tb.flush()
 
 

@@ -173,6 +173,8 @@ class Run:
     stream: dict | None
     #: Hydra's record of the launch (``.hydra/hydra.yaml``): the config-group choices (``strategy: ftpp``)
     choices: dict = field(default_factory=dict)
+    #: the command line's overrides (``.hydra/overrides.yaml``); None for a run started from Python
+    overrides: list | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- what ran ------------------------------------------------------------------------------------------------
@@ -478,7 +480,9 @@ def load_run(path: str | Path) -> Run:
     if hydra_path.exists():
         choices = ((loading.read_yaml(hydra_path) or {}).get("hydra", {}).get("runtime", {})
                    .get("choices") or {})
-    return Run(path=rd.path, config=config, results=results, stream=stream, choices=dict(choices))
+    overrides_path = rd.path / ".hydra" / "overrides.yaml"
+    overrides = list(loading.read_yaml(overrides_path) or []) if overrides_path.exists() else None
+    return Run(path=rd.path, config=config, results=results, stream=stream, choices=dict(choices), overrides=overrides)
 
 
 def _natural(path: Path):
@@ -562,6 +566,28 @@ class RunGroup:
         return np.stack([r.head(head).average_accuracy for r in self.runs])
 
 
+def _settings(runs: Sequence[Run], same: Sequence[str]) -> list[dict]:
+    """What tells runs of one benchmark, model and strategy apart: the keys set on their command lines (Hydra's
+    overrides) whose values differ, each run's value from its config; without overrides (runs started from Python),
+    the config keys whose values differ. A key a run does not have (``+key`` on another run's command line) or an
+    unresolved ``${...}`` (a run that never started) is left out of that run's settings."""
+    def differing(values: list[dict]) -> list[dict]:
+        # an unresolved ${...} (what Hydra records of a run that never started) says nothing about its value
+        known = lambda k: [json.dumps(v.get(k), default=str) for v in values if "${" not in str(v.get(k))]  # noqa: E731
+        keys = sorted({k for v in values for k in v if len(set(known(k))) > 1})
+        return [{k: v[k] for k in keys if v.get(k) is not None and "${" not in str(v[k])} for v in values]
+
+    flats = [r.setting(same) for r in runs]
+    if any(r.overrides is None for r in runs):
+        return differing(flats)
+    keys = {k for r in runs for o in r.overrides if not (k := str(o).lstrip("+~").split("=", 1)[0]).startswith("hydra.")
+            and not _is_execution_key(k) and not any(k == x or k.startswith(x + ".") for x in same)}
+    settings = differing([{k: f[k] if k in f else r.choices.get(k) for k in keys} for r, f in zip(runs, flats)])
+    finished = [json.dumps(s, sort_keys=True, default=str) for r, s in zip(runs, settings) if r.finished]
+    # finished settings that no override tells apart (a default changed between runs): the config says how
+    return settings if len(set(finished)) == len(finished) else differing(flats)
+
+
 def group_runs(runs: Sequence[Run], by_seed: bool = True, same: Sequence[str] = ()) -> list[RunGroup]:
     """Finished runs that differ only by seed (and ``EXECUTION_KEYS``, and the config keys in ``same``) form one
     group; an unfinished run is never averaged with others. Groups keep the order of their first run."""
@@ -574,10 +600,7 @@ def group_runs(runs: Sequence[Run], by_seed: bool = True, same: Sequence[str] = 
     for g in groups:
         same_label.setdefault((g.benchmark, g.model, g.strategy), []).append(g)
     for gs in same_label.values():
-        if len(gs) < 2:
-            continue
-        flats = [g.runs[0].setting(same) for g in gs]
-        keys = sorted({k for f in flats for k in f if len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
-        for g, f in zip(gs, flats):
-            g.settings = {k: f.get(k) for k in keys}
+        if len(gs) > 1:
+            for g, settings in zip(gs, _settings([g.runs[0] for g in gs], same)):
+                g.settings = settings
     return groups

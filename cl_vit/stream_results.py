@@ -226,9 +226,9 @@ class StreamResults:
 def matrix_csv(R: np.ndarray) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["trained_up_to"] + [f"exp_{j}" for j in range(R.shape[1])])
+    w.writerow(["trained_up_to"] + [f"exp_{j + 1}" for j in range(R.shape[1])])  # numbered from 1, as shown
     for i, row in enumerate(R):
-        w.writerow([f"exp_{i}"] + ["" if np.isnan(v) else f"{v:.6f}" for v in row])
+        w.writerow([f"exp_{i + 1}"] + ["" if np.isnan(v) else f"{v:.6f}" for v in row])
     return buf.getvalue()
 
 

@@ -21,10 +21,13 @@ def test_the_documented_command_line(tmp_path, data_root):
     assert doc["schema_version"] >= 1 and doc["seed"] == 3 and doc["status"] == "completed"
     for key in ("class_order", "experiences", "accuracy_matrix", "metrics", "confusion", "wall_time", "versions"):
         assert key in doc
+    from cl_vit.run import code_version
+
+    assert doc["code"] == code_version() and (doc["code"] is None or len(doc["code"]["commit"]) == 40)
     assert set(doc["metrics"]) >= {"final_average_accuracy", "global_accuracy", "average_incremental_accuracy",
                                    "forgetting_max", "forgetting_first_last", "forgetting_consecutive", "bwt"}
     assert {"torch", "timm", "lightning", "avalanche-lib"} <= set(doc["versions"])
-    assert (out / "accuracy_matrix.csv").read_text().startswith("trained_up_to,exp_0")
+    assert (out / "accuracy_matrix.csv").read_text().startswith("trained_up_to,exp_1,exp_2")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"exp_{i:03d}.pt" for i in range(5)]
     assert "seed: 3" in (out / "config.yaml").read_text()
 
@@ -47,6 +50,58 @@ def test_bad_values_fail_in_one_line_before_training(tmp_path, data_root, args, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], proc.stderr
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["trainer.max_epoch=3"], "trainer.max_epoch is not a config key: did you mean trainer.max_epochs?"),
+        # Hydra's own hint for the line above: Lightning's Trainer would raise a TypeError once training starts
+        (["+trainer.max_epoch=3"], "trainer.max_epoch is not an argument of lightning.Trainer: did you mean "
+                                   "trainer.max_epochs"),
+        (["strategy=l2", "+strategy.l2.lamda=1"], "did you mean strategy.l2.lam?"),
+        (["+max_epochs=3"], "+max_epochs: nothing reads max_epochs"),
+        (["-m", "strategy=finetune,l2", "strategy.l2.lam=1"], "++benchmark.strategy_args.l2.lam=... sets it"),
+    ],
+)
+def test_unknown_keys_fail_in_one_line_with_the_closest_keys(tmp_path, data_root, args, expected):
+    out = tmp_path / "run"
+    proc = run_cli(*args, *FAST, f"hydra.run.dir={out}", f"hydra.sweep.dir={out}", data_root=data_root)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_dry_run_prints_the_module_tree_and_the_parameter_groups(tmp_path, data_root):
+    out = tmp_path / "dry"
+    proc = run_cli("dry_run=true", "model=vit_micro", f"hydra.run.dir={out}", data_root=data_root, check=True)
+    lines = proc.stdout.splitlines()
+    n_params = json.loads((out / "stream.json").read_text())["n_params"]
+    root = next(ln.split() for ln in lines if ln.startswith("(model)"))
+    assert root[1] == "VisionTransformer" and int(root[2].replace(",", "")) == n_params
+    assert any(ln.split()[1:4] == ["4", "x", "Block"] for ln in lines if "[0..3]" in ln)  # the blocks, folded
+    assert next(ln.split() for ln in lines if ln.strip().startswith("head "))[2] == f"{64 * 10 + 10:,}"
+    groups = [ln for ln in lines if ln.startswith("  group ")]
+    trainable = sum(int(ln.split(", ")[2].split()[0].replace(",", "")) for ln in groups)
+    assert len(groups) == 2 and trainable == n_params  # weight decay and none: every parameter in one group
+    assert {ln.split(", ")[1] for ln in groups} == {"weight_decay 0.0", "weight_decay 0.05"}
+
+
+def test_results_record_the_code_commit(tmp_path):
+    import subprocess
+
+    from cl_vit.run import code_version
+
+    assert code_version(tmp_path) is None  # not a git checkout
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    assert code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == {"commit": head, "dirty": True}
 
 
 def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):

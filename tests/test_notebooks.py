@@ -2,6 +2,7 @@
 the attention helper behind 03_attention.ipynb draws what a model's get_attention_maps returns."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,6 +85,27 @@ def test_03_attention(kernel, attention_run, sweep, tmp_path):
             "checkpoint after experience 5") in text
     assert "model vit_micro_patch2_8 has no get_attention_maps(x)" in text
     assert _images(out) == 3  # two blocks, then the summary
+
+
+@pytest.mark.slow
+def test_the_documented_jupyter_commands(sweep, tmp_path):
+    """docs/results.md's commands, as the `notebooks` extra of the README's install provides them (no test kernel:
+    papermill starts the notebook's own ``python3`` kernel, this interpreter's ipykernel)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**cli_env(), "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])}
+    proc = subprocess.run(["jupyter", "lab", "--version"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "out.ipynb"
+    proc = subprocess.run(["papermill", str(NOTEBOOKS / "01_results.ipynb"), str(out), "-p", "runs", str(sweep)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = [o for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert "4 runs, 2 settings" in _text(outputs) and _images(outputs) == 3
+    proc = subprocess.run(["jupyter", "nbconvert", "--to", "html", "--execute", str(NOTEBOOKS / "01_results.ipynb"),
+                           "--output-dir", str(tmp_path / "figures")], cwd=tmp_path,
+                          env={**env, "CL_VIT_RUNS": str(sweep)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 runs, 2 settings" in (tmp_path / "figures" / "01_results.html").read_text()
 
 
 def test_attention_figures_draw_what_get_attention_maps_returns():

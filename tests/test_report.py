@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from analysis_helpers import killed, lt_run, results, sweep  # noqa: F401  (fixtures)
+from analysis_helpers import FAST, killed, lt_run, results, sweep  # noqa: F401  (fixtures)
 from conftest import run_cli
 
 from cl_vit import report
@@ -89,6 +89,76 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith(f"error: no cl_vit run directory under {tmp_path / 'empty'}")
+
+
+def test_runs_that_never_started_are_left_out_and_settings_are_what_the_user_set(sweep, tmp_path, capsys):
+    """A dry run of the sweep's finetune setting and a run refused at config time (optimizer.lr=-1), beside the
+    sweep: the report leaves both out unless --all, and no row shows an unresolved ${...} of a run that never
+    started."""
+    finetune = ["strategy=finetune", *FAST, "benchmark.n_experiences=2"]
+    assert run_cli(*finetune, "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}").returncode == 0
+    refused = run_cli(*finetune, "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'refused'}")
+    assert refused.returncode == 2 and (tmp_path / "refused" / ".hydra" / "config.yaml").exists()
+    assert "${oc.select:" in (tmp_path / "dry" / ".hydra" / "config.yaml").read_text()
+
+    out = report_main(capsys, sweep, tmp_path)
+    assert [(r["strategy"], r["status"]) for r in _markdown_rows(out)] == [("finetune", "completed"),
+                                                                           ("ftpp", "completed")]
+    assert "settings" not in out.splitlines()[0]
+    assert report.main([str(sweep), str(tmp_path), "--csv"]) == 0
+    assert "2 runs that never started (refused or dry runs) left out: --all lists them" in capsys.readouterr().err
+
+    out = report_main(capsys, sweep, tmp_path, "--all")
+    rows = {(r["strategy"], r["status"], r["settings"]) for r in _markdown_rows(out)}
+    lr = load_run(_jobs(sweep)["finetune", 0]).config_value("optimizer.lr")  # the benchmark's own
+    assert rows == {("finetune", "completed", f"optimizer.lr={lr}"), ("ftpp", "completed", ""),
+                    ("finetune", "not started", f"optimizer.lr={lr}"), ("finetune", "not started", "optimizer.lr=-1")}
+    assert "${" not in out
+
+
+def test_settings_are_the_command_line_keys_that_differ():
+    def fake(seed, lr, overrides, status="completed", **extra):
+        config = {"seed": seed, "optimizer": {"lr": lr}, "strategy": {"finetune": {}}, "benchmark": {"name": "b"},
+                  "model": {"name": "m"}, "loss": {"name": "ce"}, **extra}
+        done = {"completed_experiences": 1} if status == "completed" else {}
+        return Run(Path(f"/r/{seed}-{lr}-{status}"), config, {"status": status, **done}, None,
+                   overrides=[f"seed={seed}", *overrides])
+
+    runs = [fake(0, 0.1, ["optimizer.lr=0.1"]), fake(1, 0.1, ["optimizer.lr=0.1"]), fake(0, 0.2, ["optimizer.lr=0.2"]),
+            # never started: a key no other run has, and what Hydra leaves unresolved
+            fake(0, 0.1, ["+trainer.max_epoch=3", "optimizer.lr=0.1"], status="not started",
+                 trainer={"max_epoch": 3}, loss={"name": "${oc.select:benchmark.loss.name,ce}"})]
+    groups = group_runs(runs)
+    assert [g.settings for g in groups] == [{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2},
+                                            {"optimizer.lr": 0.1, "trainer.max_epoch": 3}]
+    # no command line recorded (runs started from Python): the config values that differ, unresolved ones left out
+    for r in runs:
+        r.overrides = None
+    assert [g.settings for g in group_runs(runs)] == [{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2},
+                                                      {"optimizer.lr": 0.1, "trainer.max_epoch": 3}]
+
+
+def test_report_columns_and_latex(sweep, capsys):
+    jobs = _jobs(sweep)
+    header = _markdown_rows(report_main(capsys, sweep, "--columns", "A_N,f max,wall_time_s"))[0]
+    assert list(header) == ["benchmark", "model", "strategy", "seeds", "runs", "status", "A_N", "F max", "wall time"]
+    full = next(csv.reader(io.StringIO(report_main(capsys, sweep, "--csv", "--columns", "A_N"))))
+    assert "bwt" in full and "forgetting_max_std" in full  # the CSV keeps every column
+
+    tex = report_main(capsys, sweep, "--latex", "--columns", "A_N,F max,BWT").splitlines()
+    assert tex[:4] == [r"\begin{tabular}{lrrr}", r"\toprule", r"strategy & A\_N & F max & BWT \\", r"\midrule"]
+    assert tex[6:8] == [r"\bottomrule", r"\end{tabular}"]
+    cells = {line.split(" & ")[0]: line.rstrip(" \\").split(" & ")[1:] for line in tex[4:6]}
+    for col, (key, best) in enumerate((("final_average_accuracy", max), ("forgetting_max", min), ("bwt", max))):
+        mean = {s: 100 * np.mean([results(jobs[s, seed])["metrics"][key] for seed in (0, 1)]) for s in cells}
+        std = {s: 100 * np.std([results(jobs[s, seed])["metrics"][key] for seed in (0, 1)], ddof=1) for s in cells}
+        top = best(round(m, 2) for m in mean.values())
+        for s, row in cells.items():
+            text = rf"{mean[s]:.2f} $\pm$ {std[s]:.2f}"
+            assert row[col] == (rf"\textbf{{{text}}}" if round(mean[s], 2) == top else text)
+
+    assert report.main([str(sweep), "--columns", "A_N,fmax"]) == 2
+    assert capsys.readouterr().err.startswith("error: --columns: 'fmax' is not a column: did you mean f max")
 
 
 def _group_accuracy_by_hand(e: np.ndarray, classes) -> float:

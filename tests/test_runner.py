@@ -151,8 +151,8 @@ def test_tensorboard_holds_losses_accuracies_and_the_matrix(tmp_path, data_root)
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    assert {"train/loss", "train/loss/cls", "eval/A_t", "eval/acc/exp_0", "eval/acc/exp_4"} <= set(scalars)
-    assert [e.step for e in acc.Scalars("eval/A_t")] == [0, 1, 2, 3, 4]
+    assert {"train/loss", "train/loss/cls", "eval/A_t", "eval/acc/exp_1", "eval/acc/exp_5"} <= set(scalars)
+    assert [e.step for e in acc.Scalars("eval/A_t")] == [1, 2, 3, 4, 5]  # experiences numbered from 1
     assert "eval/accuracy_matrix" in acc.Tags()["images"]
 
 
