@@ -15,6 +15,7 @@ VOLATILE = ("wall_time", "rss_mib", "versions")
 #: keys results.json gained after the stored file was written (each with the change that added it)
 ADDED_SINCE: tuple[str, ...] = (
     "threads",  # issue 26: the threads and cores the run used (results depend on them)
+    "code",  # issue 24: the git commit and whether the tree was dirty
 )
 
 
