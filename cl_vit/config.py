@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from pathlib import Path
+from typing import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -118,10 +119,8 @@ def check_override_keys(argv: list[str]) -> None:
             cfgs = [compose(config_name="config", overrides=c) for c in choices]
     except Exception:  # a config that does not compose: Hydra says why
         return
-    missing = object()
     for key, added in keys:
-        present = [c for c, cfg in zip(choices, cfgs)
-                   if OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing]
+        present = [c for c, cfg in zip(choices, cfgs) if _has_key(cfg, key)]
         if present and len(present) < len(cfgs):  # Hydra would stop at the first run of the sweep that lacks it
             raw = _raw(cfgs[choices.index(present[0])], key)
             via = raw.split("${oc.select:", 1)[1].split(",", 1)[0] if "${oc.select:" in raw else None
@@ -136,6 +135,13 @@ def check_override_keys(argv: list[str]) -> None:
             raise UserError(f"{key} is not a config key: {hint}{add}")
         if section in ("", *FIXED_SECTIONS):
             raise UserError(f"+{key}: nothing reads {key} ({hint})")
+
+
+def _has_key(cfg, key: str) -> bool:
+    """Whether ``key`` is in ``cfg``, a mandatory value (``???``, e.g. configs/model/custom.yaml's _target_) too."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False) if parent else cfg
+    return OmegaConf.is_dict(node) and leaf in node
 
 
 def _raw(cfg, key: str) -> str:
@@ -236,7 +242,6 @@ def validate(cfg: DictConfig) -> None:
                                                               for c in cutoffs) or not 0 <= cutoffs[0] <= cutoffs[1]):
         raise ConfigError("benchmark.shot_index_cutoffs", list(cutoffs), "null or [a, b] with integers 0 <= a <= b")
     _choice(cfg, "benchmark.remainder", ("error", "last"))
-    from cl_vit.loggers import check_loggers, logger_names
 
     logger_cfg = _get(cfg, "logger")
     check_loggers(logger_names(OmegaConf.to_container(logger_cfg) if OmegaConf.is_config(logger_cfg) else logger_cfg))
@@ -268,3 +273,32 @@ def _check_erasing_once(cfg) -> None:
         raise ConfigError("strategy.deit_lt.random_erasing", batch_prob,
                           f"0 when benchmark.source_args.train_transform=deit already erases in the transform "
                           f"(augment.re_prob={re_prob}); erase in one place only")
+
+
+# -- loggers (cl_vit/loggers.py builds them) ---------------------------------------------------------------------
+
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
+#: the package each logger needs beyond the install's own (the `loggers` extra of setup.cfg)
+PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def logger_names(logger_cfg: Mapping | None) -> list[str]:
+    """The loggers a config asks for: ``{tensorboard: {}, csv: {}}``; a config saved before loggers composed says
+    ``{name: tensorboard}`` (or ``none``)."""
+    logger_cfg = dict(logger_cfg or {})
+    if isinstance(logger_cfg.get("name"), str):
+        return [] if logger_cfg["name"] == "none" else [logger_cfg["name"]]
+    return list(logger_cfg)
+
+
+def check_loggers(names) -> None:
+    """Every logger known and its package importable, before anything runs; one line otherwise."""
+    import importlib.util
+
+    from cl_vit.errors import ConfigError, UserError
+
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError("logger", name, f"one of {list(LOGGERS)}, or several: logger=[tensorboard,csv]")
+        if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None:
+            raise UserError(f"logger={name} needs the {PACKAGES[name]} package: pip install -e \".[loggers]\"")

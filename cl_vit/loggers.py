@@ -15,9 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
-#: the package each logger needs beyond the install's own (the `loggers` extra of setup.cfg)
-PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 class StreamSteps:
@@ -52,28 +49,6 @@ def _close_wandb(self) -> None:
         self._experiment.finish()
 
 
-def logger_names(logger_cfg: Mapping | None) -> list[str]:
-    """The loggers a config asks for: ``{tensorboard: {}, csv: {}}``; a config saved before loggers composed says
-    ``{name: tensorboard}`` (or ``none``)."""
-    logger_cfg = dict(logger_cfg or {})
-    if isinstance(logger_cfg.get("name"), str):
-        return [] if logger_cfg["name"] == "none" else [logger_cfg["name"]]
-    return list(logger_cfg)
-
-
-def check_loggers(names) -> None:
-    """Every logger known and its package importable, before anything runs; one line otherwise."""
-    import importlib.util
-
-    from cl_vit.errors import ConfigError, UserError
-
-    for name in names:
-        if name not in LOGGERS:
-            raise ConfigError("logger", name, f"one of {list(LOGGERS)}, or several: logger=[tensorboard,csv]")
-        if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None:
-            raise UserError(f"logger={name} needs the {PACKAGES[name]} package: pip install -e \".[loggers]\"")
-
-
 def run_name(task_overrides) -> str:
     """A multirun job's name in every logger: its command-line overrides (``strategy=l2,seed=1``), without Hydra's own
     and those that change where it runs (``data_root``, ``logger``...; the seed stays)."""
@@ -94,6 +69,7 @@ def build_loggers(logger_cfg: Mapping | None, run_dir: str | Path, name: str | N
     the run's name (a multirun job's overrides), else the run directory's name."""
     from lightning.pytorch import loggers as L
 
+    from cl_vit.config import logger_names
     from cl_vit.runner import StreamLogger
 
     run_dir = Path(run_dir)

@@ -323,6 +323,7 @@ class ContinualRunner:
         self.run_dir = run_dir
         self.seed = seed
         self.trainer_kwargs = dict(trainer or {})
+        self.trainer_kwargs.pop("threads", None)  # the suite's (cl_vit.hardware.configure_threads), not Lightning's
         self.loader = loader or LoaderConfig()
         #: cl_vit.loggers: one or several (logger=[tensorboard,csv]); TensorBoard also gets figures and attention maps
         self.loggers = [] if logger is None else list(logger) if isinstance(logger, (list, tuple)) else [logger]

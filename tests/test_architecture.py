@@ -20,7 +20,7 @@ LAYERS = [
     ("data and models", ["cl_vit.data", "cl_vit.models"]),
     ("learning", ["cl_vit.streams", "cl_vit.strategies", "cl_vit.module", "cl_vit.ema"]),
     ("assembly", ["cl_vit.builder", "cl_vit.config"]),
-    ("loop and results", ["cl_vit.runner", "cl_vit.runs", "cl_vit.plots", "cl_vit.epoch_eval"]),
+    ("loop and results", ["cl_vit.runner", "cl_vit.runs", "cl_vit.loggers", "cl_vit.plots", "cl_vit.epoch_eval"]),
     ("entry points", ["cl_vit.run", "cl_vit.report", "cl_vit.bench", "cl_vit.experiments"]),
 ]
 

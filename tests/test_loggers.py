@@ -51,7 +51,7 @@ def test_a_logger_that_is_not_installed_or_known_is_one_line(monkeypatch):
     import importlib.util
 
     from cl_vit.errors import UserError
-    from cl_vit.loggers import check_loggers
+    from cl_vit.config import check_loggers
 
     with pytest.raises(UserError, match=r"logger='nope' is not allowed: one of \['tensorboard', 'csv'"):
         check_loggers(["csv", "nope"])
@@ -72,7 +72,7 @@ def test_multirun_jobs_are_named_by_their_overrides(sweep):  # noqa: F811
 
 @pytest.mark.parametrize("old, names", [({"name": "tensorboard"}, ["tensorboard"]), ({"name": "none"}, [])])
 def test_configs_saved_before_loggers_composed_still_resume(old, names):
-    from cl_vit.loggers import logger_names
+    from cl_vit.config import logger_names
 
     assert logger_names(old) == names
     assert logger_names(compose(["logger=[tensorboard,csv]"]).logger) == ["tensorboard", "csv"]
