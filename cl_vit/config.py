@@ -141,7 +141,7 @@ def _has_key(cfg, key: str) -> bool:
     """Whether ``key`` is in ``cfg``, a mandatory value (``???``, e.g. configs/model/custom.yaml's _target_) too."""
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False) if parent else cfg
-    return OmegaConf.is_dict(node) and leaf in node
+    return OmegaConf.is_dict(node) and leaf in node.keys()  # `in node` is False for a ??? value
 
 
 def _raw(cfg, key: str) -> str:
