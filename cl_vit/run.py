@@ -257,7 +257,10 @@ DRY_RUN_DEPTH = 2
 
 
 def _first_optimizer(module):
-    """The optimiser ``module.configure_optimizers`` builds, without its schedule (which needs a Trainer)."""
+    """The optimiser ``module.configure_optimizers`` builds, without its schedule (which needs a Trainer); None when
+    nothing trains (SimpleCIL)."""
+    if not any(p.requires_grad for p in module.parameters()):
+        return None
     scheduler = module.scheduler_cfg
     module.scheduler_cfg = {"name": "constant"}
     try:

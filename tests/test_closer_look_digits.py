@@ -44,7 +44,8 @@ def test_prompt_arms_keep_the_official_prompts_with_the_documented_changes():
         assert cfg.model.checkpoint.endswith("pretrain-fmnist-8/checkpoints/exp_000.pt")
         assert not cfg.model.checkpoint_head
         assert cfg.optimizer.weight_decay == 0 and cfg.loss.mask_old_logits and cfg.benchmark.name == "split-digits"
-    assert dict(cfgs["l2p"].strategy.l2p) == {"pool_size": 30, "length": 20, "top_k": 5, "deep": False}
+    assert dict(cfgs["l2p"].strategy.l2p) == {"pool_size": 30, "length": 20, "top_k": 5, "deep": False,
+                                              "key_loss_shards": 1}
     assert dict(cfgs["dualprompt"].strategy.dualprompt) == {"pool_size": 10, "e_length": 20, "g_length": 6}
     coda = cfgs["coda_prompt"]
     assert dict(coda.strategy.coda_prompt) == {"pool_size": 50, "length": 8, "ortho_mu": 0.0}

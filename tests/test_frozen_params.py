@@ -105,7 +105,7 @@ def test_gcab_keeps_what_past_tasks_own_under_weight_decay(tmp_path, data_root):
 def test_ranpac_slca_and_simplecil_keep_what_they_freeze(tmp_path, data_root):
     # RanPAC: the first session trains the selection (here the qkv projections) and its cosine head, then nothing
     _, init, a, b = _run(tmp_path / "ranpac", data_root, "strategy=ranpac", "strategy.ranpac.M=16",
-                         "strategy.ranpac.params=[*attn.qkv.*]")
+                         "strategy.ranpac.petl=null", "strategy.ranpac.params=[*attn.qkv.*]")
     backbone = _backbone(init)
     _same(init, a["module"], [k for k in backbone if ".attn.qkv." not in k])
     _moved(init, a["module"], [k for k in backbone if ".attn.qkv." in k])

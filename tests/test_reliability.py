@@ -483,22 +483,22 @@ def _weights(path):
 
 
 def test_a_kill_inside_an_experience_resumes_from_the_last_epoch_boundary_with_equal_results(tmp_path, data_root):
-    """SIGKILL in experience 2, epoch 3 of 4, with a checkpoint every epoch: the resume continues from epoch 3's
-    start (it does not retrain epochs 1-2) and ends with the results and weights of an uninterrupted run."""
-    args = [*THREE, "trainer.max_epochs=4", "checkpoint_every_epochs=1"]
+    """SIGKILL in experience 2, epoch 2 of 3, with a checkpoint every epoch: the resume continues from epoch 2's
+    start (it does not retrain epoch 1) and ends with the results and weights of an uninterrupted run."""
+    args = [*TINY, "benchmark.n_experiences=2", "trainer.max_epochs=3", "checkpoint_every_epochs=1"]
     ref = run(compose(args, data_root), tmp_path / "ref")
     cut = tmp_path / "cut"
     killed = run_cli(*args, f"hydra.run.dir={cut}", data_root=data_root,
-                     env={"CL_VIT_TEST_SIGKILL_AT": "1:1:2"})
+                     env={"CL_VIT_TEST_SIGKILL_AT": "1:1:1"})
     assert killed.returncode == -signal.SIGKILL
     assert (cut / "checkpoints" / "exp_001.epoch.pt").exists() and not (cut / "checkpoints" / "exp_001.pt").exists()
     part = torch.load(cut / "checkpoints" / "exp_001.epoch.pt", weights_only=True)
-    assert part["epoch"] == 1  # the state after epochs 1 and 2 (Lightning counts from 0)
+    assert part["epoch"] == 0  # the state after epoch 1 (Lightning counts from 0)
     resumed = run_cli(f"resume={cut}", data_root=data_root, check=True)
     assert "continuing experience 2 from exp_001.epoch.pt" in resumed.stdout + resumed.stderr
     doc = json.loads((cut / "results.json").read_text())
     assert doc["accuracy_matrix"] == ref["accuracy_matrix"] and doc["confusion"] == ref["confusion"]
-    a, b = _weights(tmp_path / "ref" / "checkpoints" / "exp_002.pt"), _weights(cut / "checkpoints" / "exp_002.pt")
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "exp_001.pt"), _weights(cut / "checkpoints" / "exp_001.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((cut / "checkpoints").glob("*.epoch.pt"))  # dropped once each experience is saved
 
