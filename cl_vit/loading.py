@@ -105,10 +105,14 @@ _PICKLE_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global that a data pickle may not construct (its dotted name is the message)."""
+
+
 class _DataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"{module}.{name}")
+            raise _Refused(f"{module}.{name}")
         if module.startswith("numpy.core"):  # numpy 2 keeps the old names as a deprecated alias of numpy._core
             import numpy
 
@@ -124,12 +128,9 @@ def load_pickle(path: str | Path, what: str = "data file", encoding: str = "ASCI
     data = path.read_bytes()
     try:
         return _DataUnpickler(io.BytesIO(data), encoding=encoding).load()
-    except pickle.UnpicklingError as e:
-        if str(e) and "." in str(e) and " " not in str(e):
-            raise UnsafeFile(f"{what} {path} would construct {e} when read: a data file holds arrays and plain "
-                             "values only, so it is refused; download the archive again from its official "
-                             "source") from None
-        raise
+    except _Refused as e:
+        raise UnsafeFile(f"{what} {path} would construct {e} when read: a data file holds arrays and plain values "
+                         "only, so it is refused; download the archive again from its official source") from None
 
 
 # -- YAML --------------------------------------------------------------------------------------------------------

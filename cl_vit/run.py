@@ -321,11 +321,16 @@ def _check_same_data(rd, source_meta: dict) -> None:
         saved = (rd.read_results() or {}).get("source") or {}
     except UserError:  # a damaged results.json is rebuilt from the checkpoints (runs.recover)
         return
-    before = (saved.get("split") or {}).get("sha256") if isinstance(saved.get("split"), dict) else None
-    now = (source_meta.get("split") or {}).get("sha256") if isinstance(source_meta.get("split"), dict) else None
+    before, now = _split_digest(saved), _split_digest(source_meta)
     if before and now and before != now:
-        raise UserError(f"{override('resume', rd.path)}: the train/test split changed since the run started (sha256 {before[:16]}... "
-                        f"then, {now[:16]}... now): restore the data the run started on, or start a new run")
+        raise UserError(f"{override('resume', rd.path)}: the train/test split changed since the run started "
+                        f"(sha256 {before[:16]}... then, {now[:16]}... now): restore the data the run started on, or "
+                        "start a new run")
+
+
+def _split_digest(source_meta: dict) -> str | None:
+    split = source_meta.get("split")
+    return split.get("sha256") if isinstance(split, dict) else None
 
 
 def _saved_status(run_dir: Path) -> str | None:

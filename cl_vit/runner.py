@@ -217,6 +217,8 @@ class _EpochCheckpoint(Callback):
             return
         if self.runner.stop_signal is not None:  # stopping: the state is mid-way through nothing worth keeping
             return
+        # Lightning's full state to write (weights_only=False here means "with optimiser, schedule and loops"; no
+        # file is read): plain types only, checked by the run directory's writer
         state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if distributed.is_rank_zero():
             self.runner.run_dir.save_epoch_checkpoint(self.index, state)
@@ -239,12 +241,7 @@ class _StopOnSignal(Callback):
         self.runner, self.index = runner, index
 
     def _check(self):
-        # under DDP every process stops at the same step: a signal that reached one rank only is agreed on before
-        # the next collective, which would otherwise wait for the rank that left
-        signum = distributed.agree_on_stop(self.runner.stop_signal)
-        if signum is not None:
-            self.runner.stop_signal = signum
-            raise Interrupted(signum, self.index)
+        self.runner._check_stop(self.index)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._check()
@@ -353,7 +350,6 @@ class ContinualRunner:
         repeated epoch (the Trainer then keeps Lightning from replacing the sampler)."""
         cfg = self.loader
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self._generator = generator
         sampler = None
         if repeated:
             from timm.data.distributed_sampler import RepeatAugSampler
@@ -451,7 +447,8 @@ class ContinualRunner:
                 signal.signal(s, h)
 
     def _check_stop(self, i: int) -> None:
-        """Stop before the next collective when a signal reached this process or any other (DDP)."""
+        """Stop before the next collective when a signal reached this process or any other: under DDP every process
+        stops at the same step, since a collective would otherwise wait for the rank that left."""
         signum = distributed.agree_on_stop(self.stop_signal)
         if signum is not None:
             self.stop_signal = signum
@@ -501,14 +498,13 @@ class ContinualRunner:
             )
             repeated = self.loader.repeated_aug
             loader = self._loader(experience.dataset, True, experience_seed(self.seed, i), repeated=repeated)
-            shuffle_generator = self._generator  # the training order's random state (checkpointed with the rest)
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
             per_process = len(loader) if repeated else math.ceil(len(loader) / distributed.world_size())
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
             # Lightning would wrap the repeated-augmentation sampler in its own distributed one: it shards already
             callbacks = self._fit_callbacks(i)
             if self.checkpoint_every_epochs:
-                callbacks.append(_EpochCheckpoint(self, i, self.checkpoint_every_epochs, shuffle_generator))
+                callbacks.append(_EpochCheckpoint(self, i, self.checkpoint_every_epochs, loader.generator))
             epochs = _EpochTimes()
             trainer = self._trainer(i, callbacks=[epochs, *callbacks], log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))

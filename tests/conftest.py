@@ -99,6 +99,20 @@ def cut_and_resume(monkeypatch, overrides, data_root, run_dir, after: int = 0) -
     return run(compose([*overrides, f"resume={run_dir}"], data_root), run_dir)
 
 
+def assert_checkpointing_changes_nothing(plain, checkpointed, x) -> None:
+    """``checkpointed`` (gradient checkpointing on) and ``plain`` (the same weights, off) in training mode: equal
+    outputs and buffers (BatchNorm running statistics: the recomputation in backward must not count a batch twice),
+    gradients to rounding."""
+    ya, yb = plain(x), checkpointed(x)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=n)
+    for (n, ba), bb in zip(plain.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(ba, bb, rtol=0, atol=0, msg=n)
+
+
 def state_equal(a, b) -> bool:
     """Nested checkpoint state (dicts, lists, tensors, plain values) equal bit for bit."""
     if isinstance(a, torch.Tensor):

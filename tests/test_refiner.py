@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY_ANY_MODEL, compose
+from conftest import TINY_ANY_MODEL, assert_checkpointing_changes_nothing, compose
 from safetensors.torch import save_file
 
 import cl_vit  # noqa: F401  (registers the models)
@@ -124,16 +124,7 @@ def test_grad_checkpointing_gives_the_same_outputs_gradients_and_statistics(name
     b = small(name, drop_path_rate=0.0).train()
     b.load_state_dict(a.state_dict())
     b.set_grad_checkpointing(True)
-    x = inputs(a, batch=4)
-    ya, yb = a(x), b(x)
-    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
-    ya.square().sum().backward()
-    yb.square().sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=n)
-    # the recomputation in backward leaves BatchNorm running statistics as one forward pass does
-    for (n, ba), bb in zip(a.named_buffers(), b.buffers()):
-        torch.testing.assert_close(ba, bb, rtol=0, atol=0, msg=n)
+    assert_checkpointing_changes_nothing(a, b, inputs(a, batch=4))
 
 
 @pytest.mark.parametrize("name", REFINER_MODELS)
