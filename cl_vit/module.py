@@ -89,16 +89,16 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 class DeiTCosine:
     """DeiT-LT's learning rate (val-iisc/DeiT-LT, ``scheduler.name=deit_cosine``), timm's ``CosineLRScheduler`` as
-    main.py L228 builds it through ``create_scheduler`` (``--sched cosine``): linear warm-up from ``warmup_lr``
+    main.py L234 builds it through ``create_scheduler`` (``--sched cosine``): linear warm-up from ``warmup_lr``
     (arguments.py ``--warmup-lr 1e-6``) to the base rate over ``warmup_epochs`` (``--warmup-epochs 5``), and a cosine
     over all ``epochs`` counted from epoch 0, not from the warm-up's end, down to ``min_lr`` (``--min-lr 1e-5``);
     both rates absolute, as timm takes them.
 
     The official loop evaluates it at the times it steps it: with gradient accumulation (``--accum-iter 4`` in every
     sh/train_*.sh) before the first batch of each accumulation window and before the epoch's last batch, at the
-    fractional epoch ``epoch + batch / batches`` (engine.py L71-74), so each update trains at the rate of its window's
+    fractional epoch ``epoch + batch / batches`` (engine.py L77-80), so each update trains at the rate of its window's
     start (the last one at the last batch's); without accumulation once after each epoch, at that epoch (main.py
-    L480-481), so epoch e trains at the rate of ``max(e - 1, 0)`` (the first two at ``warmup_lr``)."""
+    L504-505), so epoch e trains at the rate of ``max(e - 1, 0)`` (the first two at ``warmup_lr``)."""
 
     def __init__(self, optimizer, epochs: int, warmup_epochs: float, warmup_lr: float | None, min_lr: float | None):
         from timm.scheduler import CosineLRScheduler

@@ -35,8 +35,9 @@ Nothing of the official code is copied or changed on disk; at run time this scri
   normalisation at 32 px); ``--mixup 0 --cutmix 0 --drop-path 0``; no repeated augmentation (``--no-repeated-aug``:
   RASampler keeps ``floor(N / 256) * 256`` images, none of 61);
 * gives the training loader the fixed order of golden_coda.py's ``FixedOrder`` (epoch e: ``randperm(61)`` from a
-  generator seeded e), the one tests/test_golden_deit_lt.py gives the suite's loader, in place of the ``DistributedSampler`` of main.py L122;
-* writes the teacher (``initial_teacher()``, ``{"model": state_dict}`` as main.py L310-317 reads it) to a temporary
+  generator seeded e), the one tests/test_golden_deit_lt.py gives the suite's loader, in place of the
+  ``DistributedSampler`` of main.py L123;
+* writes the teacher (``initial_teacher()``, ``{"model": state_dict}`` as main.py L306-313 reads it) to a temporary
   file.
 
 The numbers depend on nothing else; tests/test_golden_deit_lt.py builds the same images, weights and order. The
@@ -61,7 +62,7 @@ import torch
 #: images per class, image size, --imb_factor, batch size, epochs, --warmup-epochs, --drw
 STREAM = dict(n_classes=10, n_train=16, n_test=5, size=32, imb_factor=0.1, batch=6, epochs=6, warmup=2, drw=4)
 #: the --accum-iter of each run: 4 as every sh/train_*.sh (the scheduler stepped per accumulation window,
-#: engine.py L71-74), 1 as arguments.py's default (stepped after each epoch, main.py L480-481)
+#: engine.py L77-80), 1 as arguments.py's default (stepped after each epoch, main.py L504-505)
 ACCUMULATION = (4, 1)
 #: the student: DeiT's distilled ViT layout (qkv bias, LayerNorm eps 1e-6, CLS + DIST tokens with their own
 #: position-embedding rows), 2 blocks 48 wide at 32 px with patch 8

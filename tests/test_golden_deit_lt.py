@@ -31,7 +31,7 @@ _spec = importlib.util.spec_from_file_location("golden_deit_lt", REPO_ROOT / "sc
 golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(golden)
 
-# -- the official numbers (python scripts/golden_deit_lt.py DeiT-LT, at the commit above) -------------------------------
+# -- the official numbers (python scripts/golden_deit_lt.py DeiT-LT, at the commit above) ------------------------------
 
 OFFICIAL = {4: {'lr': [1e-06, 1e-06, 1e-06, 1e-06, 0.0004269545454545455, 0.0004269545454545455, 0.0004269545454545455,
             0.0004269545454545455, 0.000852909090909091, 0.000852909090909091, 0.0010658863636363637, 0.001172375,
