@@ -4,7 +4,8 @@
 
 runs the official ``main.main`` (main.py: its optimiser from timm's ``create_optimizer``, its scheduler from timm's
 ``create_scheduler``, the DRW switch of the criterion, the per-epoch ``evaluate``) with the official
-``engine.train_one_epoch`` (gradient accumulation and per-update scheduler steps under ``--accum-iter 4``), losses
+``engine.train_one_epoch`` (gradient accumulation and per-update scheduler steps under ``--accum-iter 4``, Mixup /
+CutMix before ``--drw``), losses
 (losses.py ``DistillationLoss``: CLS cross-entropy plus hard distillation from the teacher, class-weighted from the DRW
 epoch on), student (deit_models/deit.py ``DistilledVisionTransformer``), teacher (teacher_models/resnet_cifar.py
 ``resnet32``) and data set (datasets.py ``KD_IMBALANCECIFAR10``, the CIFAR-10 pickles subsampled to an exponential
@@ -12,7 +13,9 @@ profile), with the arguments of sh/train_c10_if100.sh where they apply (hard dis
 ``--no-mixup-drw``, ``--weighted-distillation``, ``--accum-iter 4``, teacher size = input size), and prints what
 tests/test_golden_deit_lt.py asserts the suite reproduces: per step the learning rate, the loss and its two terms
 (``cls``: (1 - alpha) CE of the CLS head, ``dist``: alpha x distillation of the DIST head), after each epoch the
-correct test images of the averaged, CLS and DIST heads and the norm of the trained parameters.
+correct test images of the averaged, CLS and DIST heads and the norm of the trained parameters. Three runs
+(``RUNS``): ``accum4`` (the scripts' accumulation), ``accum1`` (none, arguments.py's default) and ``mixup`` (``accum4``
+with arguments.py's Mixup / CutMix and ``--drop-last``).
 
 Nothing of the official code is copied or changed on disk; at run time this script only
 
@@ -31,9 +34,11 @@ Nothing of the official code is copied or changed on disk; at run time this scri
 * writes a tiny CIFAR-10 in torchvision's pickle format (``STREAM``: 10 classes of 16 generated 32 x 32 images, cut
   by ``--imb_factor 0.1`` to 16, 12, 9, 7, 5, 4, 3, 2, 2, 1 = 61 images; 5 test images per class) and skips
   torchvision's md5 check of the real files;
-* turns augmentation off: the training transform is datasets.py's evaluation transform (``ToTensor`` + ImageNet
-  normalisation at 32 px); ``--mixup 0 --cutmix 0 --drop-path 0``; no repeated augmentation (``--no-repeated-aug``:
-  RASampler keeps ``floor(N / 256) * 256`` images, none of 61);
+* turns the random augmentation off: the training transform is datasets.py's evaluation transform (``ToTensor`` +
+  ImageNet normalisation at 32 px), ``--drop-path 0``, no repeated augmentation (``--no-repeated-aug``: RASampler
+  keeps ``floor(N / 256) * 256`` images, none of 61), ``--mixup 0 --cutmix 0`` but in the ``mixup`` run, where
+  numpy, from which timm's ``Mixup`` draws, is seeded ``mixing_seed(epoch)`` before each epoch (main's
+  ``train_one_epoch`` wrapped; the test seeds the suite's at the same point);
 * gives the training loader the fixed order of golden_coda.py's ``FixedOrder`` (epoch e: ``randperm(61)`` from a
   generator seeded e), the one tests/test_golden_deit_lt.py gives the suite's loader, in place of the
   ``DistributedSampler`` of main.py L123;
@@ -41,9 +46,9 @@ Nothing of the official code is copied or changed on disk; at run time this scri
   file.
 
 The numbers depend on nothing else; tests/test_golden_deit_lt.py builds the same images, weights and order. The
-official code needs nothing the suite does not install beyond xformers (replaced above); wandb and scikit-learn, which
-it imports, are installed with the suite's extras. Run it from a checkout outside this repository; it writes only to
-a temporary folder.
+official code needs nothing the suite does not install beyond xformers (replaced above) and wandb, which it imports but
+does not call here (the suite's ``loggers`` extra installs it; an empty module stands in where it is missing). Run it
+from a checkout outside this repository; it writes only to a temporary folder.
 """
 from __future__ import annotations
 
@@ -61,9 +66,18 @@ import torch
 #: the tiny set: classes (CIFAR-10's, KD_IMBALANCECIFAR10.cls_num), images per class before the long-tail cut, test
 #: images per class, image size, --imb_factor, batch size, epochs, --warmup-epochs, --drw
 STREAM = dict(n_classes=10, n_train=16, n_test=5, size=32, imb_factor=0.1, batch=6, epochs=6, warmup=2, drw=4)
-#: the --accum-iter of each run: 4 as every sh/train_*.sh (the scheduler stepped per accumulation window,
-#: engine.py L77-80), 1 as arguments.py's default (stepped after each epoch, main.py L504-505)
-ACCUMULATION = (4, 1)
+#: the runs: "accum4" with --accum-iter 4 as every sh/train_*.sh (the scheduler set per accumulation window,
+#: engine.py L77-80), "accum1" with arguments.py's default 1 (stepped after each epoch, main.py L504-505), "mixup"
+#: as "accum4" with Mixup / CutMix on (arguments.py's --mixup 0.8 --cutmix 1.0 --smoothing 0.1, off from --drw on as
+#: --no-mixup-drw) and --drop-last (timm's Mixup refuses the odd last batch, 61 = 10 x 6 + 1)
+RUNS = {"accum4": dict(accum=4, mixup=False), "accum1": dict(accum=1, mixup=False),
+        "mixup": dict(accum=4, mixup=True)}
+
+
+def mixing_seed(epoch: int) -> int:
+    """numpy's seed at the start of each epoch of the "mixup" runs: timm's Mixup draws its mixing (np.random) from
+    there in both runs."""
+    return 500 + epoch
 #: the student: DeiT's distilled ViT layout (qkv bias, LayerNorm eps 1e-6, CLS + DIST tokens with their own
 #: position-embedding rows), 2 blocks 48 wide at 32 px with patch 8
 STUDENT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
@@ -207,6 +221,10 @@ def _patch(official: Path):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
         os.environ.pop(var, None)
     _xformers_stub()
+    try:
+        import wandb  # noqa: F401  (main.py L13, engine.py L19; called only under --log-results)
+    except ImportError:
+        sys.modules["wandb"] = types.ModuleType("wandb")
     import timm.models
     import timm.models._pretrained
 
@@ -239,8 +257,8 @@ def _patch(official: Path):
     return official_main
 
 
-def run(official: Path, work: Path, accum: int) -> dict:
-    """The official run on the tiny set with ``--accum-iter accum``; returns its numbers."""
+def run(official: Path, work: Path, name: str) -> dict:
+    """The official run ``name`` (a key of ``RUNS``) on the tiny set; returns its numbers."""
     main = _patch(official)
     import engine
     import losses
@@ -251,7 +269,8 @@ def run(official: Path, work: Path, accum: int) -> dict:
     torch.save({"model": initial_teacher()}, teacher_file)
     write_cifar10(work / "data")
 
-    s = STREAM
+    s, accum, mixup = STREAM, RUNS[name]["accum"], RUNS[name]["mixup"]
+    mixing = ["--drop-last"] if mixup else ["--mixup", "0", "--cutmix", "0"]
     args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args([
         "--model", "golden_tiny_distilled", "--batch-size", str(s["batch"]), "--epochs", str(s["epochs"]),
         "--data-set", "CIFAR10LT", "--data-path", str(work / "data"), "--imb_factor", str(s["imb_factor"]),
@@ -259,7 +278,7 @@ def run(official: Path, work: Path, accum: int) -> dict:
         "--teacher-size", str(s["size"]), "--distillation-type", "hard", "--distillation-alpha", str(ALPHA),
         "--drw", str(s["drw"]), "--no-mixup-drw", "--weighted-distillation", "--accum-iter", str(accum),
         "--student-transform", "0", "--teacher-transform", "0", "--custom_model", "--no-repeated-aug",
-        "--mixup", "0", "--cutmix", "0", "--drop-path", "0", "--warmup-epochs", str(s["warmup"]),
+        *mixing, "--drop-path", "0", "--warmup-epochs", str(s["warmup"]),
         "--lr", str(BASE_LR), "--device", "cpu", "--num_workers", "0", "--seed", str(SEED)])
     args.name_exp = "golden"
 
@@ -284,7 +303,12 @@ def run(official: Path, work: Path, accum: int) -> dict:
         epochs.append((correct, trained_norm(params)))
         return stats
 
+    def seeded_epoch(*a, epoch, **k):
+        np.random.seed(mixing_seed(epoch))
+        return engine.train_one_epoch(*a, epoch=epoch, **k)
+
     main.create_optimizer, main.DistillationLoss, main.evaluate = remember_optimizer, Recorded, recorded_evaluate
+    main.train_one_epoch = seeded_epoch
     main.main(args)
     return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "cls": [s[2] for s in steps],
             "dist": [s[3] for s in steps], "correct": [e[0] for e in epochs], "norm": [e[1] for e in epochs]}
@@ -293,20 +317,19 @@ def run(official: Path, work: Path, accum: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("official", type=Path, help="a checkout of val-iisc/DeiT-LT")
-    p.add_argument("--accum", default="all", choices=[*map(str, ACCUMULATION), "all"],
-                   help="--accum-iter of the run: 4 (every sh/train_*.sh) or 1 (arguments.py's default)")
+    p.add_argument("--run", default="all", choices=[*RUNS, "all"], help="which run (RUNS); all by default")
     a = p.parse_args(argv)
     official = a.official.resolve()
     torch.set_num_threads(1)
     cwd = os.getcwd()
-    for accum in ACCUMULATION if a.accum == "all" else [int(a.accum)]:
+    for name in RUNS if a.run == "all" else [a.run]:
         with tempfile.TemporaryDirectory(prefix="golden_deit_lt_") as tmp:
             os.chdir(official)
             try:
-                numbers = run(official, Path(tmp), accum)
+                numbers = run(official, Path(tmp), name)
             finally:
                 os.chdir(cwd)
-        print(f"{accum}: {numbers!r},")
+        print(f"{name!r}: {numbers!r},")
 
 
 if __name__ == "__main__":
