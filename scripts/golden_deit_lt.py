@@ -14,8 +14,8 @@ profile), with the arguments of sh/train_c10_if100.sh where they apply (hard dis
 tests/test_golden_deit_lt.py asserts the suite reproduces: per step the learning rate, the loss and its two terms
 (``cls``: (1 - alpha) CE of the CLS head, ``dist``: alpha x distillation of the DIST head), after each epoch the
 correct test images of the averaged, CLS and DIST heads and the norm of the trained parameters. Three runs
-(``RUNS``): ``accum4`` (the scripts' accumulation), ``accum1`` (none, arguments.py's default) and ``mixup`` (``accum4``
-with arguments.py's Mixup / CutMix and ``--drop-last``).
+(``RUNS``): ``accum4`` (the scripts' accumulation), ``accum1`` (neither accumulation nor ``--drw``, arguments.py's
+defaults) and ``mixup`` (``accum4`` with arguments.py's Mixup / CutMix and ``--drop-last``).
 
 Nothing of the official code is copied or changed on disk; at run time this script only
 
@@ -67,11 +67,12 @@ import torch
 #: images per class, image size, --imb_factor, batch size, epochs, --warmup-epochs, --drw
 STREAM = dict(n_classes=10, n_train=16, n_test=5, size=32, imb_factor=0.1, batch=6, epochs=6, warmup=2, drw=4)
 #: the runs: "accum4" with --accum-iter 4 as every sh/train_*.sh (the scheduler set per accumulation window,
-#: engine.py L77-80), "accum1" with arguments.py's default 1 (stepped after each epoch, main.py L504-505), "mixup"
-#: as "accum4" with Mixup / CutMix on (arguments.py's --mixup 0.8 --cutmix 1.0 --smoothing 0.1, off from --drw on as
+#: engine.py L77-80); "accum1" with arguments.py's defaults --accum-iter 1 (the scheduler stepped after each epoch,
+#: main.py L504-505) and no --drw (the distillation class-weighted from the start, main.py L331-332); "mixup" as
+#: "accum4" with Mixup / CutMix on (arguments.py's --mixup 0.8 --cutmix 1.0 --smoothing 0.1, off from --drw on as
 #: --no-mixup-drw) and --drop-last (timm's Mixup refuses the odd last batch, 61 = 10 x 6 + 1)
-RUNS = {"accum4": dict(accum=4, mixup=False), "accum1": dict(accum=1, mixup=False),
-        "mixup": dict(accum=4, mixup=True)}
+RUNS = {"accum4": dict(accum=4, mixup=False, drw=True), "accum1": dict(accum=1, mixup=False, drw=False),
+        "mixup": dict(accum=4, mixup=True, drw=True)}
 
 
 def mixing_seed(epoch: int) -> int:
@@ -271,12 +272,13 @@ def run(official: Path, work: Path, name: str) -> dict:
 
     s, accum, mixup = STREAM, RUNS[name]["accum"], RUNS[name]["mixup"]
     mixing = ["--drop-last"] if mixup else ["--mixup", "0", "--cutmix", "0"]
+    drw = ["--drw", str(s["drw"])] if RUNS[name]["drw"] else []
     args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args([
         "--model", "golden_tiny_distilled", "--batch-size", str(s["batch"]), "--epochs", str(s["epochs"]),
         "--data-set", "CIFAR10LT", "--data-path", str(work / "data"), "--imb_factor", str(s["imb_factor"]),
         "--input-size", str(s["size"]), "--teacher-model", "resnet32", "--teacher-path", str(teacher_file),
         "--teacher-size", str(s["size"]), "--distillation-type", "hard", "--distillation-alpha", str(ALPHA),
-        "--drw", str(s["drw"]), "--no-mixup-drw", "--weighted-distillation", "--accum-iter", str(accum),
+        *drw, "--no-mixup-drw", "--weighted-distillation", "--accum-iter", str(accum),
         "--student-transform", "0", "--teacher-transform", "0", "--custom_model", "--no-repeated-aug",
         *mixing, "--drop-path", "0", "--warmup-epochs", str(s["warmup"]),
         "--lr", str(BASE_LR), "--device", "cpu", "--num_workers", "0", "--seed", str(SEED)])
