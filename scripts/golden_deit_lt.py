@@ -26,8 +26,8 @@ Nothing of the official code is copied or changed on disk; at run time this scri
   exact softmax attention over ``[B, N, heads, dim]`` with scale dim^-0.5, given here by torch's
   ``scaled_dot_product_attention``; xformers needs CUDA);
 * gives ``timm.models._pretrained`` the ``generate_default_cfgs`` that vision_transformer.py L61 imports from there
-  (timm 0.8.15.dev0 of environment.yml L199 had it there; timm 1.0 moved it, the scheduler and optimiser factories
-  main.py calls are the same);
+  (timm 0.8.15.dev0 of environment.yml L199 had it there; timm 1.0 moved it): the run uses the installed timm's
+  ``create_scheduler`` and ``create_optimizer``, as the suite does;
 * sizes the student down (``STUDENT``: the official ``DistilledVisionTransformer`` with 2 blocks 48 wide at 32 px,
   patch 8; ``PatchEmbedCustom`` is built with these sizes, vision_transformer.py L484 builds it with its 224 / 16 /
   768 defaults) under the name ``golden_tiny_distilled`` in ``deit_models``, and loads ``initial_student()`` into it;
