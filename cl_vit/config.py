@@ -214,7 +214,7 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg, "optimizer.name", list_optimizers())
     _choice(cfg, "scheduler.name", ("cosine", "cosine_epoch", "constant", "multistep", "coda_cosine",
-                                    "coda_cosine_formula"))
+                                    "coda_cosine_formula", "timm_cosine"))
     rho = _get(cfg, "optimizer.sam_rho")
     if rho is not None:
         _number(cfg, "optimizer.sam_rho", lo=0)

@@ -87,6 +87,32 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def timm_cosine_as_run(base: float, epoch: int, epochs: int, warmup: int, warmup_lr: float, min_lr: float) -> float:
+    """The rate epoch ``epoch`` trains at under timm's per-epoch CosineLRScheduler (t_initial ``epochs``, warmup_t
+    ``warmup`` from ``warmup_lr``, lr_min ``min_lr``; timm/scheduler/cosine_lr.py) as DyTox's main.py (and
+    GCAB-CFDC's, L364, L403) steps it: ``step(epoch)`` after each epoch, so epoch e > 0 runs at the rate of t = e - 1
+    and epoch 0 at the one the constructor set (t = 0). timm's own arithmetic, so that the rates are equal bit for
+    bit (``scheduler.name=timm_cosine``)."""
+    t = max(0, epoch - 1)
+    if t < warmup:
+        return warmup_lr + t * ((base - warmup_lr) / warmup)
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+
+class EpochRates(torch.optim.lr_scheduler.LRScheduler):
+    """Sets each group's rate to ``rate(base_lr, epoch)`` (stepped per batch, the epoch is ``step // per_epoch``),
+    not ``base_lr * factor``, where a schedule must equal another implementation's rates exactly."""
+
+    def __init__(self, optimizer, rate, per_epoch: int):
+        self.rate, self.per_epoch = rate, per_epoch
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [self.rate(base, self.last_epoch // self.per_epoch) for base in self.base_lrs]
+
+
 def scale_learning_rates(opt: torch.optim.Optimizer, net: nn.Module, scales: dict[str, float]):
     """The optimiser (before its first step) with each parameter group split by learning-rate factor (parameters named in ``scales``
     get ``lr * factor``, the others keep ``lr``); weight decay and the other settings stay per group."""
@@ -330,6 +356,16 @@ class ContinualModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         per_epoch = max(1, total // epochs)
+        if name == "timm_cosine":
+            warm, low = int(sched.get("warmup_epochs", 0)), sched.get("min_lr")
+            warmup_lr = float(sched.get("warmup_lr", 0.0))
+
+            def rate(base: float, epoch: int) -> float:
+                floor = float(low) if low is not None else float(sched.get("min_lr_ratio", 0.0)) * base
+                return timm_cosine_as_run(base, epoch, epochs, warm, warmup_lr, floor)
+
+            scheduler = EpochRates(opt, rate, per_epoch)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if name in ("coda_cosine", "coda_cosine_formula"):
             factor = coda_cosine_as_run if name == "coda_cosine" else coda_cosine
             lam = lambda step: factor(step // per_epoch, epochs)  # noqa: E731

@@ -211,7 +211,7 @@ class GatedNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, n_classes: int, s_max: float = S_MAX, init_from_last_block: bool = True,
-                 projector_norm: str = "token"):
+                 projector_norm: str = "token", norm_eps: float | None = None):
         super().__init__()
         blocks = getattr(backbone, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) < 1 or not hasattr(
@@ -235,6 +235,11 @@ class GatedNet(nn.Module):
         qkv_bias = isinstance(qkv, nn.Linear) and qkv.bias is not None
         dp = getattr(getattr(last, "drop_path1", getattr(last, "drop_path", None)), "drop_prob", 0.0)
         eps = getattr(getattr(last, "norm1", None), "eps", 1e-6)
+        if norm_eps is not None:  # the official ConViT's nn.LayerNorm (eps 1e-5) where timm's uses 1e-6
+            eps = float(norm_eps)
+            for m in backbone.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.eps = eps
 
         self.projector_tokens = None  # projector_norm "token": each token normalised on its own
         if projector_norm == "image":

@@ -1,0 +1,114 @@
+"""Golden trajectory: the suite's GCAB recipe against GCAB-CFDC's own training loop.
+
+The numbers below were produced by the official code (OcraM17/GCAB-CFDC @ 599e44d588f2de1006d32b882c8f28f4987b2c8c,
+with continuum 1.2.4) on a tiny stream, on a CPU, with
+
+    PYTHONPATH=/tmp/gcab-deps python scripts/golden_gcab.py /path/to/GCAB-CFDC
+
+(the script says what it changes at run time: ``.cuda()``, the data files, the transforms, the model's depth, the
+run's length, the batch order and the starting weights). The test runs the suite's recipe (experiment=gcab-cifar100)
+on the same stream, from the same weights and batch order, and asserts per step the learning rate (exactly: the
+per-epoch schedule as main.py steps it, drop_last's batch count) and the loss (to 1e-5 relative), and at each task's
+end the correct test images per task (exactly) and the norm of the trained parameters (to 1e-5 relative).
+"""
+import importlib.util
+
+import numpy as np
+import torch
+from conftest import REPO_ROOT, compose
+
+import cl_vit  # noqa: F401  (registers the suite's models)
+from cl_vit.data.base import TensorImageDataset
+from cl_vit.models.gated import GatedNet
+from cl_vit.module import ContinualModule
+from cl_vit.run import run
+from test_golden_coda import record_steps
+
+_spec = importlib.util.spec_from_file_location("golden_gcab", REPO_ROOT / "scripts" / "golden_gcab.py")
+golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden)
+coda = golden.sys.modules["golden_coda"]
+
+# -- the official numbers (python scripts/golden_gcab.py GCAB-CFDC, at the commit above) ------------------------------
+
+OFFICIAL = {'lr': [1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05, 1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05, 1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05], 'loss': [0.8116678595542908, 0.6956659555435181, 0.7186791896820068, 0.7406635880470276, 0.7477547526359558, 0.5101895928382874, 0.41360607743263245, 0.2078905552625656, 1.124374270439148, 1.0601454973220825, 1.0597634315490723, 1.066331386566162, 1.1082615852355957, 0.7910768389701843, 0.6918002367019653, 0.5849217176437378, 0.9534568786621094, 1.0165233612060547, 0.9485197067260742, 1.0066492557525635, 0.942387580871582, 0.8176051378250122, 0.7354726791381836, 0.5634284019470215], 'correct': [[10], [5, 0], [5, 0, 5]], 'norm': [83.20150710962986, 171.2393003819776, 171.55519355998996]}
+
+
+def stream():
+    """The official run's images as a scenario: per task its classes' images in the stored order (continuum keeps
+    it), ``ToTensor`` + the CIFAR-100 ``Normalize`` values (the script's transform)."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from torchvision.transforms.functional import normalize
+
+    per = golden.STREAM["n_classes"] // golden.STREAM["tasks"]
+
+    def tasks(x, y):
+        out = []
+        for t in range(golden.STREAM["tasks"]):
+            idx = np.isin(y, range(per * t, per * (t + 1))).nonzero()[0]
+            images = torch.from_numpy(x[idx]).permute(0, 3, 1, 2).float().div(255)
+            images = torch.stack([normalize(im, golden.CIFAR_MEAN, golden.CIFAR_STD) for im in images])
+            out.append(as_classification_dataset(TensorImageDataset(images, y[idx].tolist())))
+        return out
+
+    data = coda.images()
+    return with_classes_timeline(benchmark_from_datasets(train=tasks(*data["train"]), test=tasks(*data["test"])))
+
+
+@torch.no_grad()
+def _set_weights(net: GatedNet) -> None:
+    """``golden.initial`` for the parameters the official run sets at this task (all of them at the first)."""
+    t = net.n_tasks - 1
+    mine = (f"tokens.{t}", f"heads.{t}.", f"e0.{t}", f"e2.{t}", f"projectors.{t - 1}.")
+    for name, p in net.named_parameters():
+        if t == 0 or name.startswith(mine):
+            p.copy_(golden.initial(name, p.shape))
+
+
+def suite_run(tmp_path, monkeypatch, extra=()):
+    m, r = golden.MODEL, golden.RUN
+    over = ["experiment=gcab-cifar100", f"model.depth={m['depth']}", f"model.local_up_to_layer={m['local_up_to_layer']}",
+            f"model.drop_path_rate={m['drop_path']}", f"trainer.max_epochs={r['epochs']}",
+            f"scheduler.warmup_epochs={r['warmup_epochs']}", f"data.batch_size={r['batch']}", "trainer.accelerator=cpu",
+            "logger=none", "data.num_workers=0", "data.persistent_workers=false", "seed=0", *extra]
+    cfg = compose(over, tmp_path / "data")
+    add_task = GatedNet.add_task
+
+    def add(self, classes):
+        add_task(self, classes)
+        _set_weights(self)
+
+    monkeypatch.setattr(GatedNet, "add_task", add)
+    steps, norms = record_steps(monkeypatch), []  # scripts/golden_coda.py's batch order, as the official run's
+    trained = {}
+    after_backward = ContinualModule.on_after_backward
+
+    def on_after_backward(self):  # what the last step trained (the official norm: what has a gradient)
+        after_backward(self)
+        trained["params"] = [p for p in self.net.parameters() if p.grad is not None]
+
+    monkeypatch.setattr(ContinualModule, "on_after_backward", on_after_backward)
+
+    def norm_at_end(runner, i):
+        params = trained["params"]
+        norms.append(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))))
+
+    from cl_vit.runner import ContinualRunner
+
+    init = ContinualRunner.__init__
+    monkeypatch.setattr(ContinualRunner, "__init__",
+                        lambda self, *a, **k: init(self, *a, **{**k, "on_experience_end": norm_at_end}))
+    doc = run(cfg, tmp_path / "run", scenario=stream())
+    per_task = golden.STREAM["n_classes"] // golden.STREAM["tasks"] * golden.STREAM["n_test"]
+    correct = [[int(round(v * per_task)) for v in row[: i + 1]] for i, row in enumerate(doc["accuracy_matrix"])]
+    return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "correct": correct, "norm": norms}
+
+
+def test_suite_recipe_follows_the_official_run(tmp_path, data_root, monkeypatch):
+    ours, theirs = suite_run(tmp_path, monkeypatch), OFFICIAL
+    assert ours["lr"] == theirs["lr"]  # 3 tasks x 4 epochs x 2 full batches of 8 (20 images, the last 4 dropped)
+    np.testing.assert_allclose(ours["loss"], theirs["loss"], rtol=1e-5, atol=0)
+    assert ours["correct"] == theirs["correct"]
+    np.testing.assert_allclose(ours["norm"], theirs["norm"], rtol=1e-5, atol=0)
