@@ -66,7 +66,8 @@ def initial(name: str, shape) -> torch.Tensor:
     z = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
     if re.match(r"e[02]\.", name):
         return z
-    if name.endswith("gating_param") or (name.endswith(".weight") and re.search(r"norm\d?\.|projectors\.\d+\.1\.", name)):
+    norm = name.endswith(".weight") and re.search(r"norm\d?\.|projectors\.\d+\.1\.", name)
+    if norm or name.endswith("gating_param"):
         return 1 + 0.1 * z
     return 0.02 * z
 
@@ -75,8 +76,8 @@ def suite_name(name: str) -> str | None:
     """The suite's name (cl_vit/models/gated.py GatedNet) of official parameter ``name``; None for the gate
     embedding matrices, which the suite keeps per task (``e0.<t>``, ``e2.<t>``: one row each)."""
     for old, new in ((r"^sabs\.", "backbone.blocks."), (r"^(patch_embed|pos_embed)", r"backbone.\1"),
-                     (r"^tabs\.0\.", "cab."), (r"^(class|task)_tokens\.", "tokens."), (r"^head\.(\d+)\.head\.", r"heads.\1.fc."),
-                     (r"^head\.(\d+)\.norm\.", r"heads.\1.norm.")):
+                     (r"^tabs\.0\.", "cab."), (r"^(class|task)_tokens\.", "tokens."),
+                     (r"^head\.(\d+)\.head\.", r"heads.\1.fc."), (r"^head\.(\d+)\.norm\.", r"heads.\1.norm.")):
         if re.match(old, name):
             return re.sub(old, new, name)
     if name.startswith("projectors."):

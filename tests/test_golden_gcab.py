@@ -31,7 +31,17 @@ coda = golden.sys.modules["golden_coda"]
 
 # -- the official numbers (python scripts/golden_gcab.py GCAB-CFDC, at the commit above) ------------------------------
 
-OFFICIAL = {'lr': [1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05, 1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05, 1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05], 'loss': [0.8116678595542908, 0.6956659555435181, 0.7186791896820068, 0.7406635880470276, 0.7477547526359558, 0.5101895928382874, 0.41360607743263245, 0.2078905552625656, 1.124374270439148, 1.0601454973220825, 1.0597634315490723, 1.066331386566162, 1.1082615852355957, 0.7910768389701843, 0.6918002367019653, 0.5849217176437378, 0.9534568786621094, 1.0165233612060547, 0.9485197067260742, 1.0066492557525635, 0.942387580871582, 0.8176051378250122, 0.7354726791381836, 0.5634284019470215], 'correct': [[10], [5, 0], [5, 0, 5]], 'norm': [83.20150710962986, 171.2393003819776, 171.55519355998996]}
+OFFICIAL = {
+    'lr': [1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05, 1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05,
+           6.3e-05, 6.75e-05, 6.75e-05, 1e-06, 1e-06, 1e-06, 1e-06, 6.3e-05, 6.3e-05, 6.75e-05, 6.75e-05],
+    'loss': [0.8116678595542908, 0.6956659555435181, 0.7186791896820068, 0.7406635880470276, 0.7477547526359558,
+             0.5101895928382874, 0.41360607743263245, 0.2078905552625656, 1.124374270439148, 1.0601454973220825,
+             1.0597634315490723, 1.066331386566162, 1.1082615852355957, 0.7910768389701843, 0.6918002367019653,
+             0.5849217176437378, 0.9534568786621094, 1.0165233612060547, 0.9485197067260742, 1.0066492557525635,
+             0.942387580871582, 0.8176051378250122, 0.7354726791381836, 0.5634284019470215],
+    'correct': [[10], [5, 0], [5, 0, 5]],
+    'norm': [83.20150710962986, 171.2393003819776, 171.55519355998996],
+}
 
 
 def stream():
@@ -69,7 +79,8 @@ def _set_weights(net: GatedNet) -> None:
 
 def suite_run(tmp_path, monkeypatch, extra=()):
     m, r = golden.MODEL, golden.RUN
-    over = ["experiment=gcab-cifar100", f"model.depth={m['depth']}", f"model.local_up_to_layer={m['local_up_to_layer']}",
+    over = ["experiment=gcab-cifar100", f"model.depth={m['depth']}",
+            f"model.local_up_to_layer={m['local_up_to_layer']}",
             f"model.drop_path_rate={m['drop_path']}", f"trainer.max_epochs={r['epochs']}",
             f"scheduler.warmup_epochs={r['warmup_epochs']}", f"data.batch_size={r['batch']}", "trainer.accelerator=cpu",
             "logger=none", "data.num_workers=0", "data.persistent_workers=false", "seed=0", *extra]
@@ -112,3 +123,42 @@ def test_suite_recipe_follows_the_official_run(tmp_path, data_root, monkeypatch)
     np.testing.assert_allclose(ours["loss"], theirs["loss"], rtol=1e-5, atol=0)
     assert ours["correct"] == theirs["correct"]
     np.testing.assert_allclose(ours["norm"], theirs["norm"], rtol=1e-5, atol=0)
+
+
+def test_timm_cosine_is_timm_stepped_as_main_py_steps_it():
+    """scheduler.name=timm_cosine: per epoch the rate of timm's CosineLRScheduler as main.py L364, L403 steps it
+    (``step(epoch)`` after each epoch), bit for bit, for the recipes' 500 epochs and 5 warm-up epochs."""
+    from timm.scheduler import CosineLRScheduler
+
+    from cl_vit.module import timm_cosine_as_run
+
+    epochs, warm, base = 500, 5, 1.25e-4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=warm, cycle_limit=1,
+                              t_in_epochs=True)
+    official = []
+    for epoch in range(epochs):
+        official.append(opt.param_groups[0]["lr"])
+        sched.step(epoch)
+    ours = [timm_cosine_as_run(base, e, epochs, warm, 1e-6, 1e-5) for e in range(epochs)]
+    assert ours == official
+    assert ours[0] == ours[1] == 1e-6 and ours[2] != 1e-6  # epoch 1 repeats epoch 0's rate
+
+
+def test_gcab_recipes_train_as_the_official_runs():
+    from cl_vit.models.gated import GatedNet
+
+    for name in ("cifar100", "tiny-imagenet", "imagenet100"):
+        cfg = compose([f"experiment=gcab-{name}"])
+        assert (cfg.scheduler.name, cfg.scheduler.warmup_lr, cfg.scheduler.min_lr) == ("timm_cosine", 1e-6, 1e-5)
+        assert cfg.strategy.gcab.norm_eps == 1e-5 and cfg.trainer.gradient_clip_val == 10000
+        assert cfg.data.drop_last is True
+        # ImageNet_GCAB_FDC.yaml L19 no_amp: false; the CIFAR and Tiny files set no_amp: true
+        assert cfg.trainer.precision == ("16-mixed" if name == "imagenet100" else "32-true")
+    import timm
+
+    backbone = timm.create_model("convit_tiny", pretrained=False, num_classes=4, img_size=32, patch_size=4, depth=2,
+                                 local_up_to_layer=1)
+    net = GatedNet(backbone, 4, norm_eps=1e-5)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-5 for m in norms)
