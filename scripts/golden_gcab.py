@@ -16,11 +16,11 @@ the official code is copied or changed on disk; at run time this script only
 * writes the stream of scripts/golden_coda.py (6 generated 32 x 32 classes, 3 tasks of 2) as CIFAR-100's python
   pickles, which continuum reads through torchvision, and skips torchvision's md5 check;
 * replaces the transforms (datasets.py ``build_transform``) by ``ToTensor`` + the official CIFAR-100 ``Normalize``
-  (datasets.py L265-267; augmentation off) for training and test;
+  (datasets.py L145-147; augmentation off) for training and test;
 * shrinks the model to ``MODEL`` (the official ConViT layout, 2 GPSA blocks and the class-attention block instead
-  of 5 + 1; width 384, MLP 1536 and 64 tokens, which GCAB.py L25-26 and main.py L350 hard-code; drop path 0) and
+  of 5 + 1; width 384, MLP 1536 and 64 tokens, which GCAB.py L36-37 and main.py L350 hard-code; drop path 0) and
   the run to ``RUN`` (batch 8, 4 epochs, 2 warm-up epochs, the base rate scaled so that main.py L357-360 gives the
-  recipe's 1.25e-4 at batch 8);
+  recipe's 1.25e-4 at batch 8, weight decay 2 so that what it reaches shows);
 * gives the training loader (factory.py L30-36, ``drop_last=True``) the fixed order of scripts/golden_coda.py
   (``FixedOrder``) through samplers.get_sampler;
 * sets every weight from ``initial``, by the suite's parameter names (``suite_name``): the network at the first task,
@@ -52,9 +52,10 @@ from golden_coda import STREAM, FixedOrder, write_cifar  # noqa: E402  (the same
 
 #: the official ConViT + GCAB layout, small (options/model/cifar_GCAB_FDC.yaml: depth 6, local_up_to_layer 5)
 MODEL = dict(embed_dim=384, depth=3, num_heads=12, patch_size=4, input_size=32, local_up_to_layer=2, drop_path=0.0)
-#: batch, epochs, warm-up epochs; ``lr`` x batch / 512 (main.py L357-360) = 1.25e-4, the recipes' rate
-RUN = dict(batch=8, epochs=4, warmup_epochs=2, lr=8e-3)
-#: datasets.py L265-267: the CIFAR-100 normalisation at 32 px
+#: batch, epochs, warm-up epochs; ``lr`` x batch / 512 (main.py L357-360) = 1.25e-4, the recipes' rate; a weight
+#: decay that 24 steps show (cifar_GCAB_FDC.yaml's 1e-6 would move a weight by less than 1e-9 of itself)
+RUN = dict(batch=8, epochs=4, warmup_epochs=2, lr=8e-3, weight_decay=2.0)
+#: datasets.py L145-147: the CIFAR-100 normalisation at 32 px
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 OPTIONAL = ("h5py", "pandas", "skimage", "imagehash", "datasets")
 
@@ -201,7 +202,7 @@ def arguments(official: Path, work: Path) -> argparse.Namespace:
         base_epochs=RUN["epochs"], warmup_epochs=RUN["warmup_epochs"], lr=RUN["lr"], incremental_lr=RUN["lr"],
         initial_increment=n, increment=n, data_path=str(work / "data"), eval_every=0, device="cpu",
         distributed=False, name="", output_dir="", compress=str(work / "compress.txt"), report=str(work / "report"),
-        trial_id=1, seed=0)
+        trial_id=1, seed=0, weight_decay=RUN["weight_decay"])
     return args
 
 

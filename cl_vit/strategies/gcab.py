@@ -83,6 +83,7 @@ class GCAB(Strategy):
         init_from_last_block: bool = True,
         projector_norm: str = "token",  # the per-token norm; "image": main.py's LayerNorm((384, 1, 64))
         norm_eps: float | None = None,  # the LayerNorm eps of the SABs and the CAB; None: the backbone's own
+        decay_embeddings: bool = False,
     ):
         if isinstance(s_max, bool) or not isinstance(s_max, (int, float)) or s_max <= 1:
             raise ConfigError("strategy.gcab.s_max", s_max, "a number > 1 (the paper uses 800)")
@@ -113,6 +114,9 @@ class GCAB(Strategy):
         # true: the backbone's own no_weight_decay() (timm ConViT/ViT: pos_embed, cls_token) take no weight decay;
         # the official optimiser gets the GCAB wrapper, which has none, so only 1-D parameters and biases are exempt
         self.backbone_no_decay = bool(backbone_no_decay)
+        # true: the current task's gate embeddings take weight decay, as the official embs_0 / embs_2 (2-D
+        # nn.Embedding weights, which timm's create_optimizer decays, main.py L363); false: exempt as 1-D parameters
+        self.decay_embeddings = bool(decay_embeddings)
         self.init_from_last_block = bool(init_from_last_block)
         self.module = None
         self.teacher: nn.Module | None = None
@@ -127,6 +131,7 @@ class GCAB(Strategy):
                                   self.projector_norm, self.norm_eps)
         module.net.decay_gated_weights = self.decay_gated_weights
         module.net.backbone_no_decay = self.backbone_no_decay
+        module.net.decay_embeddings = self.decay_embeddings
         if module.loss_name != "bce":
             log.warning("gcab: loss.name=%s; the paper and the official code use bce (configs/strategy/gcab.yaml)",
                         module.loss_name)
