@@ -6,8 +6,9 @@ with continuum 1.2.4) on a tiny stream, on a CPU, with
     PYTHONPATH=/tmp/gcab-deps python scripts/golden_gcab.py /path/to/GCAB-CFDC
 
 (the script says what it changes at run time: ``.cuda()``, the data files, the transforms, the model's depth, the
-run's length, the batch order and the starting weights). The test runs the suite's recipe (experiment=gcab-cifar100)
-on the same stream, from the same weights and batch order, and asserts per step the learning rate (exactly: the
+run's length, its weight decay (2, so that decay shows in 24 steps), the batch order and the starting weights). The
+test runs the suite's recipe (experiment=gcab-cifar100) on the same stream, from the same weights and batch order,
+with the same run length and weight decay, and asserts per step the learning rate (exactly: the
 per-epoch schedule as main.py steps it, drop_last's batch count) and the loss (to 1e-5 relative), and at each task's
 end the correct test images per task (exactly) and the norm of the trained parameters (to 1e-5 relative).
 """
