@@ -18,10 +18,18 @@ ImageNet-R setting), so every backbone weight trains here too. The L2 and EWC we
 """
 import importlib.util
 
+import copy
+
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, compose
+import torch
+import torch.nn.functional as F
+from conftest import REPO_ROOT, TINY, compose
 from test_golden_coda import golden, stream_run
+
+from cl_vit.module import net_outputs
+from cl_vit.run import build
+from cl_vit.strategies.base import ExperienceInfo
 
 _spec = importlib.util.spec_from_file_location("golden_closer", REPO_ROOT / "scripts" / "golden_closer.py")
 closer = importlib.util.module_from_spec(_spec)
@@ -127,3 +135,28 @@ def test_suite_follows_the_official_closer_look_run(method, tmp_path, data_root,
     np.testing.assert_allclose(ours["loss"], theirs["loss"], rtol=1e-5, atol=0)
     assert ours["correct"] == theirs["correct"]
     np.testing.assert_allclose(ours["norm"], theirs["norm"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("from_start", [True, False])
+def test_featkd_holds_the_first_experience_to_the_starting_features_unless_told_not_to(from_start, data_root):
+    """The official learner's teacher in the first task is the model as it begins (learners/kd.py L43-46), which the
+    golden run above needs; ``from_start=false`` (no term before a previous experience exists) stays an option."""
+    *_, module, _ = build(compose(TINY + ["strategy=featkd", f"strategy.featkd.from_start={from_start}"], data_root))
+    featkd = module.strategies[0]
+    start = copy.deepcopy(module.net)
+    first = ExperienceInfo(index=0, n_experiences=5, classes=[0, 1], seen_classes=[0, 1], n_classes=10)
+    module.start_experience(first)
+    featkd.before_experience(module, first)
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(4, 1, 8, 8)
+    outputs = module.forward_outputs(x)
+    terms = featkd.training_loss(module, {"x": x, "y": torch.tensor([0, 1, 1, 0])}, outputs)
+    if not from_start:
+        assert terms == {}
+        return
+    with torch.no_grad():
+        expected = featkd.lam * F.mse_loss(outputs["pre_logits"], net_outputs(start, x)["pre_logits"])
+    assert expected.item() > 0
+    torch.testing.assert_close(terms["featkd"], expected)

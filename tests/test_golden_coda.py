@@ -185,6 +185,9 @@ def stream_run(over, weights, tmp_path, monkeypatch, order, batch=golden.STREAM[
     import cl_vit.runner
 
     monkeypatch.setattr(cl_vit.runner, "DataLoader", order(cl_vit.runner.DataLoader))
+    import cl_vit.plots
+
+    monkeypatch.setattr(cl_vit.plots, "run_figures", lambda run: {})  # the end-of-run figures: a sixth of the time
 
     def norm_at_end(runner, i):
         params = [p for p in runner.module.net.parameters() if p.requires_grad]
