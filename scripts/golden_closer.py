@@ -39,10 +39,10 @@ Nothing of the official code is copied or changed on disk; at run time this scri
   and Adam's normalisation turns that ulp into up to half a learning-rate step on their head rows (seen: 5e-5 on
   row 0 at task 3's first step, losses apart by 1e-4 two steps later). No value changes beyond rounding;
 * copies the stream's rows of the starting head into zoo.py's fresh ``nn.Linear(768, 100)`` (the other rows never
-  receive a gradient, logits being cut to the seen classes, learners/default.py L586).
+  receive a gradient, logits being cut to the seen classes, learners/default.py L592-593).
 
 The batch order also covers EWC_MC's Fisher pass, which iterates the task's training loader once more after its last
-epoch (learners/kd.py L356). The accuracy matrix is the trainer's own ``task_eval(j)`` (trainer.py L315-316: task j's
+epoch (learners/kd.py L356). The accuracy matrix is the trainer's own ``task_eval(j)`` (trainer.py L317-318: task j's
 test images, argmax over every seen class).
 """
 from __future__ import annotations
@@ -61,8 +61,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import golden_coda as coda  # noqa: E402  (the stream, data files, weights and batch order of the CODA-Prompt runs)
+# the stream, data files, weights and batch order of the CODA-Prompt golden runs
+_spec = importlib.util.spec_from_file_location("golden_coda", Path(__file__).resolve().with_name("golden_coda.py"))
+coda = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coda)
 
 COMMIT = "644a7a9e012a27ec010bd5cc608e8d9a0b0025ce"
 #: blocks of the small ViT (golden_coda.BACKBONE otherwise): one keeps the five runs within seconds on one core

@@ -2,8 +2,8 @@
 softmax LwF) against the authors' own training loop.
 
 The numbers below were produced by the official code (shaunak27/data-free-continual-learning @
-644a7a9e012a27ec010bd5cc608e8d9a0b0025ce, learners/kd.py) on the tiny stream of tests/test_golden_coda.py, on a CPU,
-with
+644a7a9e012a27ec010bd5cc608e8d9a0b0025ce, learners/kd.py) on the tiny stream of tests/test_golden_coda.py (here in
+batches of 16, 4 epochs per task, a one-block ViT without qkv biases: the script says why), on a CPU, with
 
     python scripts/golden_closer.py /path/to/data-free-continual-learning --method all
 
