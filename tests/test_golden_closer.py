@@ -1,5 +1,5 @@
 """Golden trajectories: the suite's closer-look strategies (LwF.MC, the authors' L2, EWC, feature distillation and
-softmax LwF) against the authors' own training loop.
+softmax LwF, and plain fine-tuning) against the authors' own training loop.
 
 The numbers below were produced by the official code (shaunak27/data-free-continual-learning @
 644a7a9e012a27ec010bd5cc608e8d9a0b0025ce, learners/kd.py) on the tiny stream of tests/test_golden_coda.py (here in
@@ -64,7 +64,12 @@ OFFICIAL = {'lwf': {'loss': [0.7039152383804321, 1.1949505805969238, 0.773873925
                                 2.271631956100464, 1.5247087478637695, 1.4998257160186768, 1.3013050556182861,
                                 4.033968448638916, 1.8709375858306885, 1.336618423461914, 1.245229721069336],
                        'correct': [[5], [0, 5], [0, 0, 10]],
-                       'norm': [63.07496245969788, 63.07556082736947, 63.07806189843158]}}
+                       'norm': [63.07496245969788, 63.07556082736947, 63.07806189843158]},
+            'ft': {'loss': [0.7340753674507141, 2.551513671875, 1.7435111999511719, 0.5942282676696777,
+                            1.6124132871627808, 0.8073022961616516, 0.8049735426902771, 0.6292669773101807,
+                            3.1649010181427, 0.9908998012542725, 0.4259602129459381, 0.3040130138397217],
+                   'correct': [[5], [0, 5], [0, 0, 10]],
+                   'norm': [63.07496245969788, 63.075610029529116, 63.07814468046139]}}
 
 #: the suite's form of each official learner (learners/kd.py at the commit above), on the closer-look recipes, every
 #: backbone weight trained; the weights (mu, eps of the official run) are passed below
@@ -84,6 +89,8 @@ RECIPES = {
     # LWF L166-190: softmax CE over the seen classes plus mu * KD at T = 2 (learners/default.py loss_fn_kd)
     "lwf_kd": ["experiment=closer-look-imagenet-r", "strategy=lwf", "strategy.lwf.form=kd",
                "loss.mask_old_logits=false", "strategy.lwf.lam={mu}"],
+    # NormalNN (learners/default.py L175-210): softmax CE over the seen classes, nothing else
+    "ft": ["experiment=closer-look-imagenet-r", "strategy=finetune", "loss.mask_old_logits=false"],
 }
 
 
@@ -110,9 +117,11 @@ def suite_run(method, tmp_path, monkeypatch):
     import timm.layers.config
 
     monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)
-    _, mu, eps = closer.METHODS[method]
+    *_, mu, eps = closer.METHODS[method]
     over = [o.format(mu=mu, eps=eps) for o in RECIPES[method]]
-    over += ["strategy.lwf.train_only=null", f"+model.depth={closer.DEPTH}",
+    if method != "ft":  # every other form includes lwf: train every weight, as the official code does
+        over.append("strategy.lwf.train_only=null")
+    over += [f"+model.depth={closer.DEPTH}",
              f"+model.qkv_bias={closer.QKV_BIAS}", f"trainer.max_epochs={closer.EPOCHS}",
              f"optimizer.lr={closer.LR}"]
     return stream_run(over, closer.backbone_state(), tmp_path, monkeypatch, shared_order, closer.BATCH)
