@@ -146,11 +146,18 @@ def test_suite_follows_the_official_closer_look_run(method, tmp_path, data_root,
     np.testing.assert_allclose(ours["norm"], theirs["norm"], rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("from_start", [True, False])
-def test_featkd_holds_the_first_experience_to_the_starting_features_unless_told_not_to(from_start, data_root):
+@pytest.mark.parametrize("from_start, pretrained", [(True, True), (False, True), (True, False)])
+def test_featkd_holds_the_first_experience_to_the_starting_features_unless_told_not_to(from_start, pretrained,
+                                                                                       tmp_path, data_root):
     """The official learner's teacher in the first task is the model as it begins (learners/kd.py L43-46), which the
-    golden run above needs; ``from_start=false`` (no term before a previous experience exists) stays an option."""
-    *_, module, _ = build(compose(TINY + ["strategy=featkd", f"strategy.featkd.from_start={from_start}"], data_root))
+    golden run above needs; ``from_start=false`` (no term before a previous experience exists) stays an option, and
+    a random initialisation, like l2's anchor, gives no term."""
+    over = [*TINY, "strategy=featkd", f"strategy.featkd.from_start={from_start}"]
+    if pretrained:
+        *_, module, _ = build(compose(over, data_root))
+        torch.save(module.net.state_dict(), tmp_path / "start.pth")
+        over.append(f"model.checkpoint={tmp_path / 'start.pth'}")
+    *_, module, _ = build(compose(over, data_root))
     featkd = module.strategies[0]
     start = copy.deepcopy(module.net)
     first = ExperienceInfo(index=0, n_experiences=5, classes=[0, 1], seen_classes=[0, 1], n_classes=10)
@@ -162,7 +169,7 @@ def test_featkd_holds_the_first_experience_to_the_starting_features_unless_told_
     x = torch.randn(4, 1, 8, 8)
     outputs = module.forward_outputs(x)
     terms = featkd.training_loss(module, {"x": x, "y": torch.tensor([0, 1, 1, 0])}, outputs)
-    if not from_start:
+    if not (from_start and pretrained):
         assert terms == {}
         return
     with torch.no_grad():

@@ -6,8 +6,9 @@ shaunak27/data-free-continual-learning learners/kd.py: ``mu * MSELoss(reduction=
 That learner adds it to LwF.MC: ``strategy=[lwf,featkd] loss.name=bce`` is the same combination here.
 
 ``from_start`` (default, as that learner): in the first experience the previous model is the network as the run
-begins (the pre-trained backbone), so the features are held to the pre-trained ones from the first step on, as L2's
-anchor is; ``from_start=false`` adds the term from the second experience on.
+begins, so the features are held to the pre-trained ones from the first step on, as L2's anchor is; as for that
+anchor, a backbone initialised at random has none (the authors' backbones are always pre-trained).
+``from_start=false`` adds the term from the second experience on.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_vit.errors import UserError
+from cl_vit.models import weights_origin
 from cl_vit.strategies.base import ExperienceInfo, register_strategy
 from cl_vit.strategies.l2 import _number
 from cl_vit.strategies.lwf import PreviousModel, frozen_copy
@@ -35,10 +37,15 @@ class FeatKD(PreviousModel):
         super().__init__(train_only)
         self.lam = _number(f"strategy.{self.name}.lam", lam)
         self.from_start = bool(from_start)
+        self._pretrained = False
+
+    def setup(self, module) -> None:
+        super().setup(module)
+        self._pretrained = weights_origin(module.net) is not None
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         super().before_experience(module, experience)
-        if self.from_start and experience.index == 0 and self.old_net is None:
+        if self.from_start and self._pretrained and experience.index == 0 and self.old_net is None:
             self.old_net = frozen_copy(module.net).to(module.device)
 
     def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
