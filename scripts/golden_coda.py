@@ -82,12 +82,13 @@ def images(stream: dict = STREAM) -> dict:
     return out
 
 
-def initial_backbone() -> dict:
-    """The "pre-trained" weights of both runs: a timm ViT of ``BACKBONE`` seeded 0 (head over OFFICIAL_CLASSES)."""
+def initial_backbone(depth: int = BACKBONE["depth"]) -> dict:
+    """The "pre-trained" weights of both runs: a timm ViT of ``BACKBONE`` (``depth`` blocks) seeded 0 (head over
+    OFFICIAL_CLASSES)."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    net = VisionTransformer(**BACKBONE, qkv_bias=True, num_classes=OFFICIAL_CLASSES)
+    net = VisionTransformer(**{**BACKBONE, "depth": depth}, qkv_bias=True, num_classes=OFFICIAL_CLASSES)
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -153,8 +154,8 @@ def fixed_order(loader_class):
     return make
 
 
-def _patch(official: Path) -> None:
-    """The run-time changes listed in the module docstring."""
+def _patch(official: Path, depth: int = BACKBONE["depth"]) -> None:
+    """The run-time changes listed in the module docstring (a backbone of ``depth`` blocks)."""
     import torchvision.transforms as T
 
     torch.Tensor.cuda = lambda self, *a, **k: self.clone()
@@ -170,8 +171,8 @@ def _patch(official: Path) -> None:
     dl.check_integrity = lambda *a, **k: True
     du.get_transform = lambda **k: T.ToTensor()
     base_vit = zoo.VisionTransformer
-    zoo.VisionTransformer = lambda **k: base_vit(**{**k, **BACKBONE})
-    state = initial_backbone()
+    zoo.VisionTransformer = lambda **k: base_vit(**{**k, **BACKBONE, "depth": depth})
+    state = initial_backbone(depth)
 
     def pretrained(pretrained=True, **k):
         class Loaded:

@@ -131,9 +131,9 @@ def stream():
     return with_classes_timeline(benchmark_from_datasets(train=tasks(*data["train"]), test=tasks(*data["test"])))
 
 
-def record_steps(monkeypatch) -> list:
-    """Patches the suite's runs to the scripts' fixed batch order (``golden_coda.fixed_order``) and returns the list
-    that collects (learning rate, loss) per training step."""
+def record_steps(monkeypatch, order=golden.fixed_order) -> list:
+    """Patches the suite's runs to a fixed batch order (``order(DataLoader)``, by default the scripts'
+    ``golden_coda.fixed_order``) and returns the list that collects (learning rate, loss) per training step."""
     steps = []
     step = ContinualModule.training_step
 
@@ -145,7 +145,7 @@ def record_steps(monkeypatch) -> list:
     monkeypatch.setattr(ContinualModule, "training_step", training_step)
     import cl_vit.runner
 
-    monkeypatch.setattr(cl_vit.runner, "DataLoader", golden.fixed_order(cl_vit.runner.DataLoader))
+    monkeypatch.setattr(cl_vit.runner, "DataLoader", order(cl_vit.runner.DataLoader))
     return steps
 
 
@@ -156,19 +156,8 @@ def suite_run(method, tmp_path, monkeypatch):
 
     recipe, strategy, keys = RECIPES[method]
     _, _, param, _, lr = golden.METHODS[method]
-    weights = golden.initial_backbone()
-    n = golden.STREAM["n_classes"]
-    weights["head.weight"], weights["head.bias"] = weights["head.weight"][:n], weights["head.bias"][:n]
-    torch.save(weights, tmp_path / "init.pth")
-    b = golden.BACKBONE
-    over = [*recipe, "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
-            f"model.patch_size={b['patch_size']}", f"+model.depth={b['depth']}", f"+model.mlp_ratio={b['mlp_ratio']}",
-            f"trainer.max_epochs={golden.STREAM['epochs']}", f"data.batch_size={golden.STREAM['batch']}",
-            "trainer.accelerator=cpu", "logger=none", "data.num_workers=0", "data.persistent_workers=false",
-            f"optimizer.lr={lr}", f"seed={golden.SEED}"]
-    over += [f"strategy.{strategy}.{k}={v}" for k, v in zip(keys, param)]
-    cfg = compose(over, tmp_path / "data")
-
+    over = [*recipe, f"+model.depth={golden.BACKBONE['depth']}", f"trainer.max_epochs={golden.STREAM['epochs']}",
+            f"optimizer.lr={lr}", *(f"strategy.{strategy}.{k}={v}" for k, v in zip(keys, param))]
     start_coda, start_pool = CodaPromptPool.start_task, PromptPool.start_task
 
     def coda_start(self, index, n_tasks):
@@ -185,7 +174,27 @@ def suite_run(method, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CodaPromptPool, "start_task", coda_start)
     monkeypatch.setattr(PromptPool, "start_task", pool_start)
-    steps, norms = record_steps(monkeypatch), []
+    return stream_run(over, golden.initial_backbone(), tmp_path, monkeypatch, golden.fixed_order)
+
+
+def stream_run(over, weights, tmp_path, monkeypatch, order, batch=golden.STREAM["batch"]):
+    """The suite run of the overrides ``over`` on the stream, from ``weights`` (``golden.initial_backbone``'s, of
+    which the head's stream rows), with the training loaders ordered by ``order(DataLoader)``, in batches of
+    ``batch``: per step the learning rate and the loss, at each experience's end the correct test images per task
+    and the norm of the trained parameters (also tests/test_golden_closer.py's)."""
+    n = golden.STREAM["n_classes"]
+    weights = {**weights, "head.weight": weights["head.weight"][:n], "head.bias": weights["head.bias"][:n]}
+    torch.save(weights, tmp_path / "init.pth")
+    b = golden.BACKBONE
+    over = [*over, "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
+            f"model.patch_size={b['patch_size']}", f"+model.mlp_ratio={b['mlp_ratio']}",
+            f"data.batch_size={batch}", "trainer.accelerator=cpu", "logger=none",
+            "data.num_workers=0", "data.persistent_workers=false", f"seed={golden.SEED}"]
+    cfg = compose(over, tmp_path / "data")
+    steps, norms = record_steps(monkeypatch, order), []
+    import cl_vit.plots
+
+    monkeypatch.setattr(cl_vit.plots, "run_figures", lambda run: {})  # the end-of-run figures: a sixth of the time
 
     def norm_at_end(runner, i):
         params = [p for p in runner.module.net.parameters() if p.requires_grad]
