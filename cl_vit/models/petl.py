@@ -15,9 +15,14 @@ RanPAC (RanPAC/RanPAC @ 012927f) trains one of these in its first session and no
 
 The modules are added in place, so the pre-trained parameters keep their names; the new ones are named
 ``*.ssf.scale`` / ``*.ssf.shift`` and ``blocks.N.adaptmlp.*`` (:data:`PETL_PARAMS` selects them).
+
+APER and EASE read the network with its modules switched off as well (:func:`petl_disabled`: the pre-trained
+network, whose weights the modules never change), and EASE keeps one adapter per task in every block
+(:class:`AdapterSet`, :func:`add_adapter_sets`), of which one, or none, runs at a time (:func:`use_adapter`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,6 +39,9 @@ PETL_PARAMS = {"ssf": ["*.ssf.*"], "adaptformer": ["*.adaptmlp.*"]}
 class SSF(nn.Module):
     """Scale and shift of the channel dimension: the last one, or dim 1 of an NCHW map."""
 
+    #: False: the identity (:func:`petl_disabled`)
+    enabled = True
+
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.empty(dim))
@@ -42,6 +50,8 @@ class SSF(nn.Module):
         nn.init.normal_(self.shift, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if x.ndim == 4:
             return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         return x * self.scale + self.shift
@@ -77,6 +87,9 @@ def add_ssf(net: nn.Module) -> list[str]:
 class Adapter(nn.Module):
     """AdaptFormer's bottleneck ``up(dropout(relu(down(x)))) * scale`` (no LayerNorm, lora init)."""
 
+    #: False: the block runs without it (:func:`petl_disabled`)
+    enabled = True
+
     def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1):
         super().__init__()
         self.down_proj = nn.Linear(dim, bottleneck)
@@ -98,17 +111,85 @@ class AdaptFormerBlock(Block):
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        return x + (self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.adaptmlp(x))  # the official sum order
+        branch = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.adaptmlp.enabled:
+            branch = branch + self.adaptmlp(x)  # the official sum order: x + (mlp + adapter)
+        return x + branch
+
+
+def _vit_blocks(net: nn.Module, what: str) -> list[Block]:
+    blocks = [m for m in net.modules() if type(m) in (Block, AdaptFormerBlock)]
+    if not blocks:
+        raise UserError(f"{what} adds adapters to timm ViT blocks; {type(net).__name__} has none: use a timm "
+                        "VisionTransformer, or strategy.<name>.petl=ssf / null where the strategy offers it")
+    if any(hasattr(b, "adaptmlp") for b in blocks):
+        raise UserError(f"{type(net).__name__} already has adapters: add AdaptFormer once")
+    return blocks
 
 
 def add_adaptformer(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> int:
     """An :class:`Adapter` in every timm ``Block`` of ``net`` (in place); returns how many blocks got one."""
-    blocks = [m for m in net.modules() if type(m) is Block]
-    if not blocks:
-        raise UserError(f"AdaptFormer adds adapters to timm ViT blocks; {type(net).__name__} has none: use a timm "
-                        "VisionTransformer, or strategy.ranpac.petl=ssf / null")
+    blocks = _vit_blocks(net, "AdaptFormer")
     for b in blocks:
         dim = b.norm2.normalized_shape[-1]
         b.adaptmlp = Adapter(dim, bottleneck, scale, dropout).to(b.norm2.weight.device).train(b.training)
         b.__class__ = AdaptFormerBlock
     return len(blocks)
+
+
+class AdapterSet(nn.Module):
+    """Several adapters in one block's place, one per task (EASE), ``active`` the one that runs (None: none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = nn.ModuleList()
+        self.active: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.active is not None and self.adapters[self.active].enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters[self.active](x)
+
+
+def add_adapter_sets(net: nn.Module) -> int:
+    """An empty :class:`AdapterSet` in every timm ``Block`` of ``net`` (in place); returns how many blocks got one."""
+    blocks = _vit_blocks(net, "EASE")
+    for b in blocks:
+        b.adaptmlp = AdapterSet()
+        b.__class__ = AdaptFormerBlock
+    return len(blocks)
+
+
+def adapter_sets(net: nn.Module) -> list[AdapterSet]:
+    return [m for m in net.modules() if isinstance(m, AdapterSet)]
+
+
+def grow_adapters(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> int:
+    """A new :class:`Adapter` (lora init, from the global generator) at the end of every block's set, in block
+    order; returns the index of the new adapters."""
+    blocks = [b for b in net.modules() if isinstance(getattr(b, "adaptmlp", None), AdapterSet)]
+    for b in blocks:
+        adapter = Adapter(b.norm2.normalized_shape[-1], bottleneck, scale, dropout)
+        b.adaptmlp.adapters.append(adapter.to(b.norm2.weight.device).train(b.training))
+    return len(blocks[0].adaptmlp.adapters) - 1
+
+
+def use_adapter(net: nn.Module, index: int | None) -> None:
+    """Every block runs its adapter ``index`` (None: none, the pre-trained network)."""
+    for s in adapter_sets(net):
+        s.active = index
+
+
+@contextlib.contextmanager
+def petl_disabled(net: nn.Module):
+    """``net`` without its SSF modules and adapters for the duration (the pre-trained network)."""
+    modules = [m for m in net.modules() if isinstance(m, (SSF, Adapter))]
+    try:
+        for m in modules:
+            m.enabled = False
+        yield net
+    finally:
+        for m in modules:
+            m.enabled = True
