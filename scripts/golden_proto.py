@@ -10,6 +10,7 @@ parameters the method trains (or of its classifier statistics).
     python scripts/golden_proto.py simplecil --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
     python scripts/golden_proto.py ranpac --official PATH/RanPAC --timm PATH/timm-0.6.13
     python scripts/golden_proto.py slca --official PATH/SLCA --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py ease-functions --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
 
 PATH/... are checkouts of the official repositories (docs/recipes.md names the commits) and a directory holding timm
 0.6.13 (``pip install --target DIR --no-deps timm==0.6.13 easydict``): the official model files import timm 0.6's
@@ -20,6 +21,10 @@ runs in a subprocess with those on its path, from a scratch directory holding th
 DataLoaders run without workers and in a fixed order (RanPAC's ridge split in the order the suite draws), the model
 constructor returns a small ViT of the same layout (2 blocks, width 48, patch 16 at 224 px) holding the suite's initial
 weights, and the classifier the official code draws at random is set to the suite's.
+
+``ease-functions`` runs no stream: it prints what LAMDA-PILOT's EASE functions (models/ease.py ``solve_sim_reset``,
+backbone/linears.py ``EaseCosineLinear.forward_reweight``) make of the small prototypes and features of
+:func:`ease_function_case` (tests/test_aper_ease.py holds the numbers).
 
 The stream: 6 of ImageNet-R's wnids, 4 training and 2 test images each (256 x 256 PNGs, so that Resize(256) is exact
 in both pipelines), 3 tasks of 2 classes in the official seed-1993 order (np.random.seed(1993); permutation), one
@@ -43,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's cl_vit, whatever the environment installed
 #: the official repositories and the commits the numbers in tests/test_golden_proto.py come from
 OFFICIAL = {"simplecil": ("zhoudw-zdw/RevisitingCIL", "a2e6b71"), "ranpac": ("RanPAC/RanPAC", "012927f"),
-            "slca": ("GengDavid/SLCA", "169d4e6")}
+            "slca": ("GengDavid/SLCA", "169d4e6"), "ease-functions": ("sun-hailong/LAMDA-PILOT", "2647455")}
 N_TASKS, PER_TASK, N_TRAIN, N_TEST, SIZE, SEED = 3, 2, 4, 2, 256, 1993
 EMBED, DEPTH, HEADS, M = 48, 2, 3, 16
 EPOCHS = {"simplecil": 1, "ranpac": 3, "slca": 2}
@@ -150,6 +155,17 @@ def ridge_orders(base: Path, module) -> tuple[torch.Tensor, list[list[str]]]:
             w_rand = torch.randn(d, M, generator=gen)
         orders.append([names[k] for k in torch.randperm(len(names), generator=gen).tolist()])
     return w_rand, orders
+
+
+def ease_function_case() -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """(prototypes 6 x 9, features 4 x 9, tasks): 3 tasks of 2 classes, 3-dim subspaces; a class of task i has
+    prototypes in subspaces 0..i only (the official ``update_fc`` zero-fills the rest), fixed by formula."""
+    dim, tasks = 3, [[0, 1], [2, 3], [4, 5]]
+    W = torch.sin(torch.arange(6 * 9, dtype=torch.float32).reshape(6, 9) * 2.3 + 0.3)
+    for i, task in enumerate(tasks):
+        W[task, (i + 1) * dim:] = 0
+    x = torch.cos(torch.arange(4 * 9, dtype=torch.float32).reshape(4, 9) * 1.3 - 0.2)
+    return W, x, tasks
 
 
 # -- the official side (a subprocess with the official checkout and timm 0.6.13 on its path) --------------------------
@@ -375,13 +391,32 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
     return out
 
 
+def official_ease_functions(official: Path, init: dict, meta: dict) -> dict:
+    from types import SimpleNamespace
+
+    from backbone.linears import EaseCosineLinear
+    from models.ease import Learner
+
+    W, x, tasks = ease_function_case()
+    fc = EaseCosineLinear(W.shape[1], W.shape[0])
+    fc.weight.data.copy_(W)
+    learner = SimpleNamespace(_network=SimpleNamespace(fc=fc, out_dim=3), _cur_task=len(tasks) - 1, moni_adam=False,
+                              use_init_ptm=False, init_cls=2, inc=2, _total_classes=6, _device="cpu")
+    learner.get_cls_range = lambda task_id: Learner.get_cls_range(learner, task_id)
+    Learner.solve_sim_reset(learner)
+    logits = fc.forward_reweight(x, cur_task=len(tasks) - 1, alpha=0.1, beta=0.0, init_cls=2, inc=2, out_dim=3,
+                                 use_init_ptm=False)["logits"]
+    return {"completed": fc.weight.data.tolist(), "logits": logits.tolist()}
+
+
 def official_main(method: str, work: Path) -> None:
     _cpu_only()
     init = torch.load(work / "init.pt", weights_only=True)
     meta = torch.load(work / "meta.pt", weights_only=True)
     sys.path.insert(0, os.environ["GOLDEN_OFFICIAL"])
     os.chdir(work)  # the official loaders read ./data/imagenet-r/; their logs go here too
-    run = {"simplecil": official_simplecil, "ranpac": official_ranpac, "slca": official_slca}[method]
+    run = {"simplecil": official_simplecil, "ranpac": official_ranpac, "slca": official_slca,
+           "ease-functions": official_ease_functions}[method]
     (work / "official.json").write_text(json.dumps(run(Path(os.environ["GOLDEN_OFFICIAL"]), init, meta)))
 
 
@@ -460,6 +495,11 @@ def main() -> None:
     if a.official_side:
         return official_main(a.method, Path(a.work))
     work = Path(a.work or tempfile.mkdtemp(prefix=f"golden-{a.method}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if a.method == "ease-functions":  # no stream, no suite module
+        torch.save({}, work / "init.pt")
+        torch.save({}, work / "meta.pt")
+        return _official_side(a, work)
     base = write_stream(work)
     module = suite_module(base, a.method)
     torch.save({k: v.detach().clone() for k, v in module.net.state_dict().items()}, work / "init.pt")
@@ -467,6 +507,10 @@ def main() -> None:
     if a.method == "ranpac":
         meta["w_rand"], meta["ridge_orders"] = ridge_orders(base, module)
     torch.save(meta, work / "meta.pt")
+    _official_side(a, work)
+
+
+def _official_side(a, work: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(a.timm).resolve()), str(Path(a.official).resolve())]),
            "GOLDEN_OFFICIAL": str(Path(a.official).resolve()), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, __file__, a.method, "--official", a.official, "--timm", a.timm, "--work",
