@@ -85,6 +85,76 @@ def test_the_complement_follows_the_experiences_not_the_label_order():
     torch.testing.assert_close(moved[perm], semantic_complement(W, tasks, 3))
 
 
+# -- whole runs against the official code (golden trajectories, docs/recipes.md) ------------------------------------
+
+#: printed by ``python scripts/golden_proto.py aper|ease --official LAMDA-PILOT --timm DIR`` (sun-hailong/LAMDA-PILOT
+#: 2647455, timm 0.6.13; the script's docstring lists what it patches at run time): models/aper_adapter.py with
+#: exps/aper_aperpter_inr.json (3 epochs) and models/ease.py with exps/ease_inr.json (2 epochs) on the golden stream of
+#: 3 tasks of 2 classes, from the suite's initial weights, adapter dropout off on both sides
+GOLDEN = {
+    "aper": {
+        "accuracy": [[1.0], [0.25, 0.75], [0.25, 0.75, 1.0]],
+        # per task: the adapters, the prototypes of the seen classes (C x 2D)
+        "norm": [[6.532658946432829, 13.842927927978518], [6.532658946432829, 19.58149553555142],
+                 [6.532658946432829, 23.982092112944972]],
+        "lr": [[0.05], [0.037500000000000006], [0.012500000000000008]],
+        "loss": [0.7023442387580872, 0.7013840675354004, 0.7001879215240479],
+    },
+    "ease": {
+        "accuracy": [[1.0], [0.25, 0.75], [0.25, 0.75, 1.0]],
+        # per task: each adapter set, the prototypes of the seen classes in every subspace so far (complement included)
+        "norm": [[[6.542263501058651], 9.788429232062771],
+                 [[6.542263501058651, 6.5286842584530485], 19.577737646128746],
+                 [[6.542263501058651, 6.5286842584530485, 6.514716044208017], 29.36261370295971]],
+        "lr": [[0.05], [0.025], [0.05], [0.025], [0.05], [0.025]],
+        "loss": [0.7045069932937622, 0.7036125063896179, 0.7016893029212952, 0.700072169303894, 0.6946107149124146,
+                 0.6945148706436157],
+    },
+}
+
+
+def _norm(tensors) -> float:
+    return sum(float((t.double() ** 2).sum()) for t in tensors) ** 0.5
+
+
+@pytest.mark.parametrize("method", ["aper", "ease"])
+def test_the_whole_run_equals_lamda_pilots(method, tmp_path, monkeypatch):
+    """Per step the learning rate and the loss, per task the accuracy on every seen task and the norms of the adapters
+    and the prototypes: the first-session adapter training and the dual-branch prototypes of APER; EASE's adapter set
+    and proxy classifier per task, its per-subspace prototypes and their semantic complement, its ensemble."""
+    from cl_vit.module import ContinualModule
+
+    g = GOLDEN[method]
+    base = golden.write_stream(tmp_path)
+    steps = []
+    training_step = ContinualModule.training_step
+
+    def recording(self, batch, batch_idx):
+        loss = training_step(self, batch, batch_idx)
+        steps.append(([grp["lr"] for grp in self.trainer.optimizers[0].param_groups], loss.item()))
+        return loss
+
+    monkeypatch.setattr(ContinualModule, "training_step", recording)
+    with golden.adapters_without_dropout():
+        doc = run(compose(golden.suite_overrides(method)), tmp_path / method,
+                  scenario=golden.suite_scenario(base, method))
+    assert len(steps) == len(g["lr"])
+    for (lrs, loss), lr, expected in zip(steps, g["lr"], g["loss"]):
+        assert lrs == pytest.approx(lr, rel=1e-12, abs=0) and loss == pytest.approx(expected, rel=1e-5)
+    for i, row in enumerate(g["accuracy"]):
+        assert doc["accuracy_matrix"][i][: i + 1] == row
+    rd = RunDirectory(tmp_path / method)
+    for i, (adapters, prototypes) in enumerate(g["norm"]):
+        state, seen, d = rd.load_checkpoint(i)["module"], 2 * (i + 1), golden.EMBED
+        if method == "aper":
+            assert _norm([v for k, v in state.items() if ".adaptmlp." in k]) == pytest.approx(adapters, rel=1e-5)
+            assert _norm([state["net.head.prototypes"][:seen]]) == pytest.approx(prototypes, rel=1e-5)
+        else:
+            sets = [_norm([v for k, v in state.items() if f".adapters.{j}." in k]) for j in range(i + 1)]
+            assert sets == pytest.approx(adapters, rel=1e-5)
+            assert _norm([state["net.head.prototypes"][:seen, :(i + 1) * d]]) == pytest.approx(prototypes, rel=1e-5)
+
+
 # -- the switchable modules ------------------------------------------------------------------------------------------
 
 
