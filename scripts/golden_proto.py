@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Golden trajectories of SimpleCIL, RanPAC and SLCA from their official code (issue 22, item 1).
+"""Golden trajectories of SimpleCIL, RanPAC, SLCA, APER and EASE from their official code (issues 22 and 28).
 
 Runs the official training loop of a method on CPU, on a tiny deterministic ImageNet-R-shaped stream, starting from the
 suite's own initial weights, and prints what tests/test_golden_proto.py asserts of the suite's run on the same stream:
@@ -10,6 +10,8 @@ parameters the method trains (or of its classifier statistics).
     python scripts/golden_proto.py simplecil --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
     python scripts/golden_proto.py ranpac --official PATH/RanPAC --timm PATH/timm-0.6.13
     python scripts/golden_proto.py slca --official PATH/SLCA --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py aper --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py ease --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
     python scripts/golden_proto.py ease-functions --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
 
 PATH/... are checkouts of the official repositories (docs/recipes.md names the commits) and a directory holding timm
@@ -20,7 +22,11 @@ runs in a subprocess with those on its path, from a scratch directory holding th
 ``.cuda()`` and ``device='cuda'`` become CPU no-ops, the training transform is the test transform (augmentation off),
 DataLoaders run without workers and in a fixed order (RanPAC's ridge split in the order the suite draws), the model
 constructor returns a small ViT of the same layout (2 blocks, width 48, patch 16 at 224 px) holding the suite's initial
-weights, and the classifier the official code draws at random is set to the suite's.
+weights, and the classifier the official code draws at random is set to the suite's. APER and EASE (LAMDA-PILOT): the
+adapters' dropout is off on both sides, the official adapter ViTs get the suite's weights with q/k/v split, EASE's
+adapter set and proxy classifier of each task start from the suite's draws (recorded from the suite's run of the
+stream), and ``EaseCosineLinear.forward_reweight`` is given the small ViT's width (768 is its default, which
+inc_net.py L1035 never overrides).
 
 ``ease-functions`` runs no stream: it prints what LAMDA-PILOT's EASE functions (models/ease.py ``solve_sim_reset``,
 backbone/linears.py ``EaseCosineLinear.forward_reweight``) make of the small prototypes and features of
@@ -581,7 +587,7 @@ def official_ease(official: Path, init: dict, meta: dict) -> dict:
     reweight = linears.EaseCosineLinear.forward_reweight
 
     def forward_reweight(self, x, cur_task, alpha=0.1, beta=0.0, init_cls=10, inc=10, out_dim=768,
-                         use_init_ptm=False):  # out_dim: 768 is a default there, never passed (inc_net L1032)
+                         use_init_ptm=False):  # out_dim: 768 is a default there, never passed (inc_net.py L1035)
         return reweight(self, x, cur_task, alpha, beta, init_cls, inc, EMBED, use_init_ptm)
 
     linears.EaseCosineLinear.forward_reweight = forward_reweight
