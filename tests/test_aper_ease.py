@@ -208,6 +208,20 @@ def test_modules_switch_off_to_the_pre_trained_network_and_adapter_sets_run_one_
         assert torch.equal(_feats(sets, x), _feats(single, x)), k
     with pytest.raises(UserError, match="already has adapters"):
         add_adaptformer(sets)
+    # Refiner-ViT's blocks (residual scale 2): zero-init adapters leave the network as it was, a trained one changes it
+    import timm
+
+    torch.manual_seed(0)
+    refiner = timm.create_model("refiner_vit_tiny", img_size=8, patch_size=2, in_chans=1, num_classes=4).eval()
+    plain = _feats(refiner, x)
+    add_adapter_sets(refiner)
+    grow_adapters(refiner, 8)
+    use_adapter(refiner, 0)
+    assert refiner.blocks[0].residual_scale == 2 and torch.equal(_feats(refiner, x), plain)
+    _randomise(refiner, ".adaptmlp.")
+    assert not torch.allclose(_feats(refiner, x), plain)
+    use_adapter(refiner, None)
+    assert torch.equal(_feats(refiner, x), plain)
 
 
 def test_bad_values_fail_in_one_line():

@@ -11,7 +11,8 @@ RanPAC (RanPAC/RanPAC @ 012927f) trains one of these in its first session and no
 * **AdaptFormer** (petl/vision_transformer_adapter.py, configured in inc_net.py L116-133): in every block a
   bottleneck ``up(dropout(relu(down(x)))) * 0.1`` (``Adapter`` L31-90: 64 hidden units, dropout 0.1, no LayerNorm,
   ``lora`` init: kaiming-uniform down, zero up and biases) that reads the block's residual stream after attention
-  and is added in parallel to the MLP branch (``Block.forward`` L165-183) (:func:`add_adaptformer`).
+  and is added in parallel to the MLP branch (``Block.forward`` L165-183) (:func:`add_adaptformer`); in Refiner-ViT's
+  blocks inside their residual scaling (:class:`AdaptFormerRefinerBlock`, the suite's extension).
 
 The modules are added in place, so the pre-trained parameters keep their names; the new ones are named
 ``*.ssf.scale`` / ``*.ssf.shift`` and ``blocks.N.adaptmlp.*`` (:data:`PETL_PARAMS` selects them).
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from cl_vit.errors import UserError
+from cl_vit.models.refiner import RefinerBlock
 
 #: the parameters each method trains (glob patterns over ``net.named_parameters()``)
 PETL_PARAMS = {"ssf": ["*.ssf.*"], "adaptformer": ["*.adaptmlp.*"]}
@@ -117,23 +119,43 @@ class AdaptFormerBlock(Block):
         return x + branch
 
 
+class AdaptFormerRefinerBlock(RefinerBlock):
+    """Refiner-ViT's block with the adapter in parallel to its MLP branch, inside the block's residual scaling:
+    ``x + r (mlp(LN(x / r)) + adapter(x / r))`` (the suite's extension: AdaptFormer is defined on plain ViT blocks;
+    r = 1 gives the :class:`AdaptFormerBlock` sum)."""
+
+    def forward(self, x, attn_prev=None, need_map: bool = False, maps=None):
+        r = self.residual_scale
+        y, attn_next = self.attn(self.norm1(x), attn_prev, need_map, maps)
+        x = torch.add(x, self.drop_path1(self.ls1(y)), alpha=r)
+        branch = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.adaptmlp.enabled:
+            branch = branch + self.adaptmlp(x if r == 1.0 else x / r)
+        return torch.add(x, branch, alpha=r), attn_next
+
+
+_ADAPTER_BLOCK = {Block: AdaptFormerBlock, RefinerBlock: AdaptFormerRefinerBlock}
+
+
 def _vit_blocks(net: nn.Module, what: str) -> list[Block]:
-    blocks = [m for m in net.modules() if type(m) in (Block, AdaptFormerBlock)]
+    blocks = [m for m in net.modules() if type(m) in (*_ADAPTER_BLOCK, *_ADAPTER_BLOCK.values())]
     if not blocks:
-        raise UserError(f"{what} adds adapters to timm ViT blocks; {type(net).__name__} has none: use a timm "
-                        "VisionTransformer, or strategy.<name>.petl=ssf / null where the strategy offers it")
+        raise UserError(f"{what} adds adapters to timm ViT or Refiner-ViT blocks; {type(net).__name__} has none: use "
+                        "a timm VisionTransformer or a Refiner-ViT, or strategy.<name>.petl=ssf / null where the "
+                        "strategy offers it")
     if any(hasattr(b, "adaptmlp") for b in blocks):
         raise UserError(f"{type(net).__name__} already has adapters: add AdaptFormer once")
     return blocks
 
 
 def add_adaptformer(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> int:
-    """An :class:`Adapter` in every timm ``Block`` of ``net`` (in place); returns how many blocks got one."""
+    """An :class:`Adapter` in every timm ``Block`` (or Refiner-ViT block) of ``net`` (in place); returns how many
+    blocks got one."""
     blocks = _vit_blocks(net, "AdaptFormer")
     for b in blocks:
         dim = b.norm2.normalized_shape[-1]
         b.adaptmlp = Adapter(dim, bottleneck, scale, dropout).to(b.norm2.weight.device).train(b.training)
-        b.__class__ = AdaptFormerBlock
+        b.__class__ = _ADAPTER_BLOCK[type(b)]
     return len(blocks)
 
 
@@ -154,11 +176,12 @@ class AdapterSet(nn.Module):
 
 
 def add_adapter_sets(net: nn.Module) -> int:
-    """An empty :class:`AdapterSet` in every timm ``Block`` of ``net`` (in place); returns how many blocks got one."""
+    """An empty :class:`AdapterSet` in every timm ``Block`` (or Refiner-ViT block) of ``net`` (in place); returns how
+    many blocks got one."""
     blocks = _vit_blocks(net, "EASE")
     for b in blocks:
         b.adaptmlp = AdapterSet()
-        b.__class__ = AdaptFormerBlock
+        b.__class__ = _ADAPTER_BLOCK[type(b)]
     return len(blocks)
 
 
