@@ -224,6 +224,34 @@ def test_modules_switch_off_to_the_pre_trained_network_and_adapter_sets_run_one_
     assert torch.equal(_feats(refiner, x), plain)
 
 
+@pytest.mark.parametrize("name", ["aper", "ease"])
+def test_the_frozen_backbones_batch_norms_keep_their_statistics(name):
+    """Refiner-ViT's conv stem has batch norms: while the modules train they normalise with the loaded statistics
+    and leave them alone, so the frozen backbone stays the pre-trained function (APER's first half of the feature,
+    the stem every EASE adapter set reads)."""
+    import timm
+
+    from cl_vit.strategies import STRATEGIES
+    from cl_vit.strategies.base import ExperienceInfo
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.net = timm.create_model("refiner_vit_tiny", img_size=8, patch_size=2, in_chans=1, num_classes=4)
+    module.n_classes = 4
+    strategy = STRATEGIES[name]()
+    strategy.setup(module)
+    strategy.before_experience(module, ExperienceInfo(0, 2, [0, 1], [0, 1], 4))
+    norms = [m for m in module.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    stats = [m.running_mean.clone() for m in norms]
+    module.net.train()
+    strategy.on_fit_start(module)
+    strategy.before_batch(module, {})
+    assert norms and not any(m.training for m in norms)
+    module.net(torch.randn(4, 1, 8, 8))
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(norms, stats))
+    assert any(p.requires_grad for n, p in module.net.named_parameters() if ".adaptmlp." in n)
+
+
 def test_bad_values_fail_in_one_line():
     from cl_vit.errors import ConfigError
     from cl_vit.strategies.aper import APER

@@ -19,7 +19,9 @@ zhoudw-zdw/RevisitingCIL):
 
 The two branches share the frozen pre-trained weights here: the official pre-trained branch is a second copy of the
 same checkpoint (inc_net.py L706-710 builds it from the backbone name without ``_adapter`` / ``_ssf``), which the
-first session never changes, so one network run with its modules switched off (:func:`petl_disabled`) is that branch.
+first session never changes, so one network run with its modules switched off (:func:`petl_disabled`) is that branch;
+batch norms of the backbone (Refiner-ViT's conv stem; the official ViT has none) keep their loaded statistics while
+the modules train, for the same reason.
 The prototypes come from the training images under the test transform (``statistics_transform=test``; L82
 ``mode="test"``). Not here: the VPT variant (aper_vpt.py), whose prompts are not among the suite's modules.
 
@@ -36,9 +38,10 @@ import torch.nn.functional as F
 
 from cl_vit.errors import ConfigError
 from cl_vit.models.petl import PETL_PARAMS, add_adaptformer, add_ssf, petl_disabled
-from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
+from cl_vit.strategies.base import ExperienceInfo, register_strategy
 from cl_vit.strategies.embeddings import (check_statistics_transform, embedding_dim, experience_embeddings, freeze,
                                           replace_classifier)
+from cl_vit.strategies.prompting import FrozenNormStatistics
 from cl_vit.strategies.selection import freeze_unselected, select_parameters
 from cl_vit.strategies.simplecil import CosinePrototypeHead, class_means
 
@@ -83,7 +86,7 @@ def aper_outputs(net: nn.Module, x: torch.Tensor) -> dict:
 
 
 @register_strategy
-class APER(Strategy):
+class APER(FrozenNormStatistics):
     name = "aper"
 
     def __init__(self, petl: str = "adaptformer", adapter_bottleneck: int = 64, statistics_transform: str = "test"):

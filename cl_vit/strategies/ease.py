@@ -21,7 +21,9 @@ As the official code (sun-hailong/LAMDA-PILOT models/ease.py ``Learner``, backbo
   adapter, concatenated; the logit of class c of experience i is ``sum_j w_ij cos(f_j, p_cj)`` with w_ii = 1 and
   w_ij = alpha / t otherwise (alpha = 0.1), t the index of the latest experience.
 
-The optimiser and schedule are the recipes' (SGD, cosine per epoch). The prototypes come from the training images
+The optimiser and schedule are the recipes' (SGD, cosine per epoch). Batch norms of the frozen backbone (Refiner-ViT's
+conv stem; the official ViT has none) keep their loaded statistics, so that every adapter set reads the same
+pre-trained stem. The prototypes come from the training images
 under the test transform (``statistics_transform=test``; L242 ``mode="test"``). Not here: the options the published
 runs leave off (``use_init_ptm``, ``use_diagonal``, ``use_old_data``, ``moni_adam``, ``recalc_sim`` false).
 
@@ -42,9 +44,10 @@ import torch.nn.functional as F
 from cl_vit.errors import ConfigError, UserError
 from cl_vit.models.petl import add_adapter_sets, adapter_sets, grow_adapters, use_adapter
 from cl_vit.strategies.aper import _pre_logits, cosine_classifier
-from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
+from cl_vit.strategies.base import ExperienceInfo, register_strategy
 from cl_vit.strategies.embeddings import (check_statistics_transform, embedding_dim, experience_embeddings, freeze,
                                           replace_classifier)
+from cl_vit.strategies.prompting import FrozenNormStatistics
 from cl_vit.strategies.simplecil import class_means
 
 
@@ -127,7 +130,7 @@ def ease_outputs(net: nn.Module, x: torch.Tensor) -> dict:
 
 
 @register_strategy
-class EASE(Strategy):
+class EASE(FrozenNormStatistics):
     name = "ease"
 
     def __init__(self, alpha: float = 0.1, adapter_bottleneck: int = 64, complement: bool = True,
