@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Golden trajectories of SimpleCIL, RanPAC and SLCA from their official code (issue 22, item 1).
+"""Golden trajectories of SimpleCIL, RanPAC, SLCA, APER and EASE from their official code (issues 22 and 28).
 
 Runs the official training loop of a method on CPU, on a tiny deterministic ImageNet-R-shaped stream, starting from the
 suite's own initial weights, and prints what tests/test_golden_proto.py asserts of the suite's run on the same stream:
@@ -10,6 +10,9 @@ parameters the method trains (or of its classifier statistics).
     python scripts/golden_proto.py simplecil --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
     python scripts/golden_proto.py ranpac --official PATH/RanPAC --timm PATH/timm-0.6.13
     python scripts/golden_proto.py slca --official PATH/SLCA --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py aper --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py ease --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
+    python scripts/golden_proto.py ease-functions --official PATH/LAMDA-PILOT --timm PATH/timm-0.6.13
 
 PATH/... are checkouts of the official repositories (docs/recipes.md names the commits) and a directory holding timm
 0.6.13 (``pip install --target DIR --no-deps timm==0.6.13 easydict``): the official model files import timm 0.6's
@@ -19,7 +22,15 @@ runs in a subprocess with those on its path, from a scratch directory holding th
 ``.cuda()`` and ``device='cuda'`` become CPU no-ops, the training transform is the test transform (augmentation off),
 DataLoaders run without workers and in a fixed order (RanPAC's ridge split in the order the suite draws), the model
 constructor returns a small ViT of the same layout (2 blocks, width 48, patch 16 at 224 px) holding the suite's initial
-weights, and the classifier the official code draws at random is set to the suite's.
+weights, and the classifier the official code draws at random is set to the suite's. APER and EASE (LAMDA-PILOT): the
+adapters' dropout is off on both sides, the official adapter ViTs get the suite's weights with q/k/v split, EASE's
+adapter set and proxy classifier of each task start from the suite's draws (recorded from the suite's run of the
+stream), and ``EaseCosineLinear.forward_reweight`` is given the small ViT's width (768 is its default, which
+inc_net.py L1035 never overrides).
+
+``ease-functions`` runs no stream: it prints what LAMDA-PILOT's EASE functions (models/ease.py ``solve_sim_reset``,
+backbone/linears.py ``EaseCosineLinear.forward_reweight``) make of the small prototypes and features of
+:func:`ease_function_case` (tests/test_aper_ease.py holds the numbers).
 
 The stream: 6 of ImageNet-R's wnids, 4 training and 2 test images each (256 x 256 PNGs, so that Resize(256) is exact
 in both pipelines), 3 tasks of 2 classes in the official seed-1993 order (np.random.seed(1993); permutation), one
@@ -28,6 +39,7 @@ batch per epoch (its order then changes only the rounding of the batch mean).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -43,16 +55,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's cl_vit, whatever the environment installed
 #: the official repositories and the commits the numbers in tests/test_golden_proto.py come from
 OFFICIAL = {"simplecil": ("zhoudw-zdw/RevisitingCIL", "a2e6b71"), "ranpac": ("RanPAC/RanPAC", "012927f"),
-            "slca": ("GengDavid/SLCA", "169d4e6")}
+            "slca": ("GengDavid/SLCA", "169d4e6"), "aper": ("sun-hailong/LAMDA-PILOT", "2647455"),
+            "ease": ("sun-hailong/LAMDA-PILOT", "2647455"), "ease-functions": ("sun-hailong/LAMDA-PILOT", "2647455")}
 N_TASKS, PER_TASK, N_TRAIN, N_TEST, SIZE, SEED = 3, 2, 4, 2, 256, 1993
 EMBED, DEPTH, HEADS, M = 48, 2, 3, 16
-EPOCHS = {"simplecil": 1, "ranpac": 3, "slca": 2}
+EPOCHS = {"simplecil": 1, "ranpac": 3, "slca": 2, "aper": 3, "ease": 2}
 #: the suite's run: the method's ImageNet-R recipe, the small ViT, this stream's size
 SUITE = {
     "simplecil": ["experiment=simplecil-imagenet-r"],
     "ranpac": ["experiment=ranpac-imagenet-r", f"strategy.ranpac.M={M}", f"trainer.max_epochs={EPOCHS['ranpac']}"],
     "slca": ["experiment=slca-imagenet-r", "strategy.slca.ca_epochs=0", f"trainer.max_epochs={EPOCHS['slca']}",
              "scheduler.milestones=[1]"],
+    "aper": ["experiment=aper-imagenet-r", f"trainer.max_epochs={EPOCHS['aper']}"],
+    "ease": ["experiment=ease-imagenet-r", f"trainer.max_epochs={EPOCHS['ease']}"],
 }
 COMMON = ["model.name=vit_base_patch16_224", "model.pretrained=false", "model.pretrained_tag=null",
           f"+model.embed_dim={EMBED}", f"+model.depth={DEPTH}", f"+model.num_heads={HEADS}", f"seed={SEED}",
@@ -150,6 +165,62 @@ def ridge_orders(base: Path, module) -> tuple[torch.Tensor, list[list[str]]]:
             w_rand = torch.randn(d, M, generator=gen)
         orders.append([names[k] for k in torch.randperm(len(names), generator=gen).tolist()])
     return w_rand, orders
+
+
+def ease_function_case() -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """(prototypes 6 x 9, features 4 x 9, tasks): 3 tasks of 2 classes, 3-dim subspaces; a class of task i has
+    prototypes in subspaces 0..i only (the official ``update_fc`` zero-fills the rest), fixed by formula."""
+    dim, tasks = 3, [[0, 1], [2, 3], [4, 5]]
+    W = torch.sin(torch.arange(6 * 9, dtype=torch.float32).reshape(6, 9) * 2.3 + 0.3)
+    for i, task in enumerate(tasks):
+        W[task, (i + 1) * dim:] = 0
+    x = torch.cos(torch.arange(4 * 9, dtype=torch.float32).reshape(4, 9) * 1.3 - 0.2)
+    return W, x, tasks
+
+
+@contextlib.contextmanager
+def adapters_without_dropout():
+    """Every AdaptFormer adapter the suite builds in the block runs without its dropout (its masks come from
+    another generator on the official side, where it is switched off too)."""
+    from cl_vit.models import petl
+
+    init = petl.Adapter.__init__
+
+    def no_dropout(self, dim, bottleneck=64, scale=0.1, dropout=0.1):
+        init(self, dim, bottleneck, scale, 0.0)
+
+    petl.Adapter.__init__ = no_dropout
+    try:
+        yield
+    finally:
+        petl.Adapter.__init__ = init
+
+
+def ease_inits(base: Path, work: Path) -> dict:
+    """EASE: the suite's initial adapters (per task, per block) and proxy-classifier rows (per task, in class order),
+    drawn in each experience's ``before_experience``: recorded from the suite's own run of the golden stream."""
+    from cl_vit.run import run
+    from cl_vit.strategies.ease import EASE
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import compose
+
+    adapters, proxies = [], []
+    original = EASE.before_experience
+
+    def recording(self, module, experience):
+        original(self, module, experience)
+        blocks = [b.adaptmlp.adapters[experience.index] for b in module.net.blocks]
+        adapters.append([{k: v.detach().clone() for k, v in a.state_dict().items()} for a in blocks])
+        proxies.append(self.head.weight.detach()[sorted(experience.classes)].clone())
+
+    EASE.before_experience = recording
+    try:
+        with adapters_without_dropout():
+            run(compose(suite_overrides("ease")), work / "suite-ease", scenario=suite_scenario(base, "ease"))
+    finally:
+        EASE.before_experience = original
+    return {"adapters": adapters, "proxies": proxies}
 
 
 # -- the official side (a subprocess with the official checkout and timm 0.6.13 on its path) --------------------------
@@ -375,13 +446,195 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
     return out
 
 
+def _pilot_vit_state(init: dict) -> dict:
+    """The suite's ViT weights under the names of LAMDA-PILOT's adapter ViTs (backbone/vit_adapter.py L366-388,
+    vit_ease.py L419-444: qkv split into q/k/v projections, ``mlp.fc*`` as ``fc*``)."""
+    out = {}
+    for k, v in _vit_state(init).items():
+        if ".adaptmlp." in k:
+            continue
+        if ".attn.qkv." in k:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[k.replace("qkv", name)] = part.clone()
+        else:
+            out[k.replace("mlp.", "")] = v
+    return out
+
+
+def _lamda_pilot_args(official: Path, exp: str, **overrides) -> dict:
+    args = json.loads((official / exp).read_text())
+    args.update(init_cls=PER_TASK, increment=PER_TASK, device=["cpu"], seed=SEED, batch_size=PER_TASK * N_TRAIN,
+                **overrides)
+    return args
+
+
+def _small_plain_vit(init: dict):
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(patch_size=16, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0)
+    model.load_state_dict(_vit_state({k: v for k, v in init.items() if ".adaptmlp." not in k}))
+    model.out_dim = EMBED
+    return model.eval()
+
+
+def _tuning_config(args: dict):
+    from easydict import EasyDict
+
+    return EasyDict(ffn_adapt=True, ffn_option="parallel", ffn_adapter_layernorm_option="none",
+                    ffn_adapter_init_option="lora", ffn_adapter_scalar="0.1", ffn_num=args["ffn_num"], d_model=EMBED,
+                    vpt_on=False, vpt_num=0, _device="cpu")
+
+
+def _small_pilot_vit(module, init: dict, args: dict):
+    """LAMDA-PILOT's adapter / EASE ViT (``vit_base_patch16_224_adapter`` / ``_ease`` L357-410), small, with the
+    suite's weights, every pre-trained weight frozen (L404-410)."""
+    from functools import partial
+
+    model = module.VisionTransformer(patch_size=16, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0,
+                                     qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                     global_pool=False, drop_path_rate=0.0, tuning_config=_tuning_config(args))
+    missing = model.load_state_dict(_pilot_vit_state(init), strict=False).missing_keys
+    for name, p in model.named_parameters():
+        p.requires_grad = name in missing
+    # APER: the suite's initial adapters (EASE's come per task: official_ease)
+    model.load_state_dict({k: v for k, v in init.items() if ".adaptmlp." in k}, strict=False)
+    for m in model.modules():  # dropout off (its masks come from another generator in the suite)
+        if type(m).__name__ == "Adapter":
+            m.dropout = 0.0
+    model.out_dim = EMBED
+    return model.eval()
+
+
+def official_aper(official: Path, init: dict, meta: dict) -> dict:
+    import backbone.vit_adapter as vit_adapter
+    import models.aper_adapter as learner_module
+    import utils.data as data
+    import utils.inc_net as inc_net
+    from utils.data_manager import DataManager
+
+    recorder = Recorder()
+    learner_module.F = recorder.functional(learner_module.F)
+    build = data.build_transform
+    data.build_transform = lambda is_train, args: build(False, args)  # augmentation off
+    args = _lamda_pilot_args(official, "exps/aper_aperpter_inr.json", tuned_epoch=EPOCHS["aper"])
+
+    def get_backbone(a, pretrained=False):  # the adapter ViT, or the plain one of the dual branch (inc_net L706-710)
+        if "_adapter" in a["backbone_type"]:
+            return _small_pilot_vit(vit_adapter, init, a)
+        return _small_plain_vit(init)
+
+    inc_net.get_backbone = get_backbone
+    _fixed_loaders(learner_module, {})
+    original_update = inc_net.SimpleVitNet.update_fc
+
+    def update_fc(self, nb_classes, nextperiod_initialization=None):  # the first session's classifier: the suite's
+        original_update(self, nb_classes, nextperiod_initialization)
+        with torch.no_grad():
+            self.fc.weight.copy_(init["head.weight"][:nb_classes])
+            self.fc.sigma.copy_(init["head.scale"])
+
+    inc_net.SimpleVitNet.update_fc = update_fc
+    torch.manual_seed(1)
+    manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, args)
+    learner = learner_module.Learner(args)
+    learner.topk = 1
+    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
+    for task in range(manager.nb_tasks):
+        learner.incremental_train(manager)
+        y_pred, y_true = learner._eval_cnn(learner.test_loader)
+        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
+        adapted = learner._network.backbones[1]
+        out["norm"].append([_norm([p for n, p in adapted.named_parameters() if "adaptmlp" in n]),
+                            _norm([learner._network.fc.weight])])  # the adapters, the prototypes (C x 2D)
+        learner.after_task()
+    out.update(lr=recorder.lr, loss=recorder.loss)
+    return out
+
+
+def official_ease(official: Path, init: dict, meta: dict) -> dict:
+    import backbone.linears as linears
+    import backbone.vit_ease as vit_ease
+    import models.ease as learner_module
+    import utils.data as data
+    import utils.inc_net as inc_net
+    from utils.data_manager import DataManager
+
+    recorder = Recorder()
+    learner_module.F = recorder.functional(learner_module.F)
+    build = data.build_transform
+    data.build_transform = lambda is_train, args: build(False, args)
+    args = _lamda_pilot_args(official, "exps/ease_inr.json", init_epochs=EPOCHS["ease"], later_epochs=EPOCHS["ease"])
+    inc_net.get_backbone = lambda a, pretrained=False: _small_pilot_vit(vit_ease, init, a)
+    original_new = vit_ease.VisionTransformer.get_new_adapter
+
+    def get_new_adapter(self):  # task k's adapters: the suite's initial ones, dropout off
+        original_new(self)
+        k = len(self.adapter_list)
+        for j, adapter in enumerate(self.cur_adapter):
+            adapter.dropout = 0.0
+            if k < len(meta["adapters"]):
+                adapter.load_state_dict(meta["adapters"][k][j])
+
+    vit_ease.VisionTransformer.get_new_adapter = get_new_adapter
+    original_update = inc_net.EaseNet.update_fc
+
+    def update_fc(self, nb_classes):  # task k's proxy classifier: the suite's rows
+        original_update(self, nb_classes)
+        with torch.no_grad():
+            self.proxy_fc.weight.copy_(meta["proxies"][self._cur_task])
+
+    inc_net.EaseNet.update_fc = update_fc
+    reweight = linears.EaseCosineLinear.forward_reweight
+
+    def forward_reweight(self, x, cur_task, alpha=0.1, beta=0.0, init_cls=10, inc=10, out_dim=768,
+                         use_init_ptm=False):  # out_dim: 768 is a default there, never passed (inc_net.py L1035)
+        return reweight(self, x, cur_task, alpha, beta, init_cls, inc, EMBED, use_init_ptm)
+
+    linears.EaseCosineLinear.forward_reweight = forward_reweight
+    _fixed_loaders(learner_module, {})
+    torch.manual_seed(1)
+    manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, args)
+    learner = learner_module.Learner(args)
+    learner.topk = 1
+    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
+    for task in range(manager.nb_tasks):
+        learner.incremental_train(manager)
+        y_pred, y_true = learner._eval_cnn(learner.test_loader)
+        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
+        vit = learner._network.backbone
+        sets = [*vit.adapter_list, vit.cur_adapter]
+        out["norm"].append([[_norm(s.parameters()) for s in sets], _norm([learner._network.fc.weight])])
+        learner.after_task()
+    out.update(lr=recorder.lr, loss=recorder.loss)
+    return out
+
+
+def official_ease_functions(official: Path, init: dict, meta: dict) -> dict:
+    from types import SimpleNamespace
+
+    from backbone.linears import EaseCosineLinear
+    from models.ease import Learner
+
+    W, x, tasks = ease_function_case()
+    fc = EaseCosineLinear(W.shape[1], W.shape[0])
+    fc.weight.data.copy_(W)
+    learner = SimpleNamespace(_network=SimpleNamespace(fc=fc, out_dim=3), _cur_task=len(tasks) - 1, moni_adam=False,
+                              use_init_ptm=False, init_cls=2, inc=2, _total_classes=6, _device="cpu")
+    learner.get_cls_range = lambda task_id: Learner.get_cls_range(learner, task_id)
+    Learner.solve_sim_reset(learner)
+    logits = fc.forward_reweight(x, cur_task=len(tasks) - 1, alpha=0.1, beta=0.0, init_cls=2, inc=2, out_dim=3,
+                                 use_init_ptm=False)["logits"]
+    return {"completed": fc.weight.data.tolist(), "logits": logits.tolist()}
+
+
 def official_main(method: str, work: Path) -> None:
     _cpu_only()
     init = torch.load(work / "init.pt", weights_only=True)
     meta = torch.load(work / "meta.pt", weights_only=True)
     sys.path.insert(0, os.environ["GOLDEN_OFFICIAL"])
     os.chdir(work)  # the official loaders read ./data/imagenet-r/; their logs go here too
-    run = {"simplecil": official_simplecil, "ranpac": official_ranpac, "slca": official_slca}[method]
+    run = {"simplecil": official_simplecil, "ranpac": official_ranpac, "slca": official_slca,
+           "aper": official_aper, "ease": official_ease, "ease-functions": official_ease_functions}[method]
     (work / "official.json").write_text(json.dumps(run(Path(os.environ["GOLDEN_OFFICIAL"]), init, meta)))
 
 
@@ -460,13 +713,25 @@ def main() -> None:
     if a.official_side:
         return official_main(a.method, Path(a.work))
     work = Path(a.work or tempfile.mkdtemp(prefix=f"golden-{a.method}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if a.method == "ease-functions":  # no stream, no suite module
+        torch.save({}, work / "init.pt")
+        torch.save({}, work / "meta.pt")
+        return _official_side(a, work)
     base = write_stream(work)
-    module = suite_module(base, a.method)
+    with adapters_without_dropout():
+        module = suite_module(base, a.method)
     torch.save({k: v.detach().clone() for k, v in module.net.state_dict().items()}, work / "init.pt")
     meta = {}
     if a.method == "ranpac":
         meta["w_rand"], meta["ridge_orders"] = ridge_orders(base, module)
+    if a.method == "ease":
+        meta.update(ease_inits(base, work))
     torch.save(meta, work / "meta.pt")
+    _official_side(a, work)
+
+
+def _official_side(a, work: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(a.timm).resolve()), str(Path(a.official).resolve())]),
            "GOLDEN_OFFICIAL": str(Path(a.official).resolve()), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, __file__, a.method, "--official", a.official, "--timm", a.timm, "--work",

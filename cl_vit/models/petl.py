@@ -11,13 +11,19 @@ RanPAC (RanPAC/RanPAC @ 012927f) trains one of these in its first session and no
 * **AdaptFormer** (petl/vision_transformer_adapter.py, configured in inc_net.py L116-133): in every block a
   bottleneck ``up(dropout(relu(down(x)))) * 0.1`` (``Adapter`` L31-90: 64 hidden units, dropout 0.1, no LayerNorm,
   ``lora`` init: kaiming-uniform down, zero up and biases) that reads the block's residual stream after attention
-  and is added in parallel to the MLP branch (``Block.forward`` L165-183) (:func:`add_adaptformer`).
+  and is added in parallel to the MLP branch (``Block.forward`` L165-183) (:func:`add_adaptformer`); in Refiner-ViT's
+  blocks inside their residual scaling (:class:`AdaptFormerRefinerBlock`, the suite's extension).
 
 The modules are added in place, so the pre-trained parameters keep their names; the new ones are named
 ``*.ssf.scale`` / ``*.ssf.shift`` and ``blocks.N.adaptmlp.*`` (:data:`PETL_PARAMS` selects them).
+
+APER and EASE read the network with its modules switched off as well (:func:`petl_disabled`: the pre-trained
+network, whose weights the modules never change), and EASE keeps one adapter per task in every block
+(:class:`AdapterSet`, :func:`add_adapter_sets`), of which one, or none, runs at a time (:func:`use_adapter`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from cl_vit.errors import UserError
+from cl_vit.models.refiner import RefinerBlock
 
 #: the parameters each method trains (glob patterns over ``net.named_parameters()``)
 PETL_PARAMS = {"ssf": ["*.ssf.*"], "adaptformer": ["*.adaptmlp.*"]}
@@ -33,6 +40,9 @@ PETL_PARAMS = {"ssf": ["*.ssf.*"], "adaptformer": ["*.adaptmlp.*"]}
 
 class SSF(nn.Module):
     """Scale and shift of the channel dimension: the last one, or dim 1 of an NCHW map."""
+
+    #: False: the identity (:func:`petl_disabled`)
+    enabled = True
 
     def __init__(self, dim: int):
         super().__init__()
@@ -42,6 +52,8 @@ class SSF(nn.Module):
         nn.init.normal_(self.shift, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if x.ndim == 4:
             return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         return x * self.scale + self.shift
@@ -77,6 +89,9 @@ def add_ssf(net: nn.Module) -> list[str]:
 class Adapter(nn.Module):
     """AdaptFormer's bottleneck ``up(dropout(relu(down(x)))) * scale`` (no LayerNorm, lora init)."""
 
+    #: False: the block runs without it (:func:`petl_disabled`)
+    enabled = True
+
     def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1):
         super().__init__()
         self.down_proj = nn.Linear(dim, bottleneck)
@@ -98,17 +113,106 @@ class AdaptFormerBlock(Block):
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        return x + (self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.adaptmlp(x))  # the official sum order
+        branch = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.adaptmlp.enabled:
+            branch = branch + self.adaptmlp(x)  # the official sum order: x + (mlp + adapter)
+        return x + branch
+
+
+class AdaptFormerRefinerBlock(RefinerBlock):
+    """Refiner-ViT's block with the adapter in parallel to its MLP branch, inside the block's residual scaling:
+    ``x + r (mlp(LN(x / r)) + adapter(x / r))`` (the suite's extension: AdaptFormer is defined on plain ViT blocks;
+    r = 1 gives the :class:`AdaptFormerBlock` sum)."""
+
+    def forward(self, x, attn_prev=None, need_map: bool = False, maps=None):
+        r = self.residual_scale
+        y, attn_next = self.attn(self.norm1(x), attn_prev, need_map, maps)
+        x = torch.add(x, self.drop_path1(self.ls1(y)), alpha=r)
+        branch = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.adaptmlp.enabled:
+            branch = branch + self.adaptmlp(x if r == 1.0 else x / r)
+        return torch.add(x, branch, alpha=r), attn_next
+
+
+_ADAPTER_BLOCK = {Block: AdaptFormerBlock, RefinerBlock: AdaptFormerRefinerBlock}
+
+
+def _vit_blocks(net: nn.Module, what: str) -> list[Block]:
+    blocks = [m for m in net.modules() if type(m) in (*_ADAPTER_BLOCK, *_ADAPTER_BLOCK.values())]
+    if not blocks:
+        raise UserError(f"{what} adds adapters to timm ViT or Refiner-ViT blocks; {type(net).__name__} has none: use "
+                        "a timm VisionTransformer or a Refiner-ViT, or strategy.<name>.petl=ssf / null where the "
+                        "strategy offers it")
+    if any(hasattr(b, "adaptmlp") for b in blocks):
+        raise UserError(f"{type(net).__name__} already has adapters: add AdaptFormer once")
+    return blocks
 
 
 def add_adaptformer(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> int:
-    """An :class:`Adapter` in every timm ``Block`` of ``net`` (in place); returns how many blocks got one."""
-    blocks = [m for m in net.modules() if type(m) is Block]
-    if not blocks:
-        raise UserError(f"AdaptFormer adds adapters to timm ViT blocks; {type(net).__name__} has none: use a timm "
-                        "VisionTransformer, or strategy.ranpac.petl=ssf / null")
+    """An :class:`Adapter` in every timm ``Block`` (or Refiner-ViT block) of ``net`` (in place); returns how many
+    blocks got one."""
+    blocks = _vit_blocks(net, "AdaptFormer")
     for b in blocks:
         dim = b.norm2.normalized_shape[-1]
         b.adaptmlp = Adapter(dim, bottleneck, scale, dropout).to(b.norm2.weight.device).train(b.training)
-        b.__class__ = AdaptFormerBlock
+        b.__class__ = _ADAPTER_BLOCK[type(b)]
     return len(blocks)
+
+
+class AdapterSet(nn.Module):
+    """Several adapters in one block's place, one per task (EASE), ``active`` the one that runs (None: none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = nn.ModuleList()
+        self.active: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.active is not None and self.adapters[self.active].enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters[self.active](x)
+
+
+def add_adapter_sets(net: nn.Module) -> int:
+    """An empty :class:`AdapterSet` in every timm ``Block`` (or Refiner-ViT block) of ``net`` (in place); returns how
+    many blocks got one."""
+    blocks = _vit_blocks(net, "EASE")
+    for b in blocks:
+        b.adaptmlp = AdapterSet()
+        b.__class__ = _ADAPTER_BLOCK[type(b)]
+    return len(blocks)
+
+
+def adapter_sets(net: nn.Module) -> list[AdapterSet]:
+    return [m for m in net.modules() if isinstance(m, AdapterSet)]
+
+
+def grow_adapters(net: nn.Module, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> int:
+    """A new :class:`Adapter` (lora init, from the global generator) at the end of every block's set, in block
+    order; returns the index of the new adapters."""
+    blocks = [b for b in net.modules() if isinstance(getattr(b, "adaptmlp", None), AdapterSet)]
+    for b in blocks:
+        adapter = Adapter(b.norm2.normalized_shape[-1], bottleneck, scale, dropout)
+        b.adaptmlp.adapters.append(adapter.to(b.norm2.weight.device).train(b.training))
+    return len(blocks[0].adaptmlp.adapters) - 1
+
+
+def use_adapter(net: nn.Module, index: int | None) -> None:
+    """Every block runs its adapter ``index`` (None: none, the pre-trained network)."""
+    for s in adapter_sets(net):
+        s.active = index
+
+
+@contextlib.contextmanager
+def petl_disabled(net: nn.Module):
+    """``net`` without its SSF modules and adapters for the duration (the pre-trained network)."""
+    modules = [m for m in net.modules() if isinstance(m, (SSF, Adapter))]
+    try:
+        for m in modules:
+            m.enabled = False
+        yield net
+    finally:
+        for m in modules:
+            m.enabled = True

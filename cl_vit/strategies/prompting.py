@@ -136,7 +136,22 @@ def key_query_cosine(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bj,kj->bk", F.normalize(query, dim=1).detach(), F.normalize(keys, dim=1))
 
 
-class PromptStrategy(Strategy):
+class FrozenNormStatistics(Strategy):
+    """A strategy on a frozen backbone whose batch norms (Refiner-ViT's conv stem) keep their loaded running
+    statistics while its modules train: the frozen backbone stays the pre-trained function."""
+
+    def on_fit_start(self, module) -> None:
+        # the norms left in evaluation mode by the last experience's batches go back to training mode, as Lightning
+        # expects every module at the start of a fit (else it prints a note per experience); before_batch freezes
+        # them again before the first forward pass
+        freeze_norm_statistics(module.net, frozen=False)
+
+    def before_batch(self, module, batch: dict) -> dict:
+        freeze_norm_statistics(module.net)
+        return batch
+
+
+class PromptStrategy(FrozenNormStatistics):
     """The shared policy of the prompt methods: a prompt module on a frozen backbone, a new task each experience.
 
     Subclasses build the module (``make_prompt(emb_d, depth)``, prompting only blocks below ``depth``); it has
@@ -160,16 +175,6 @@ class PromptStrategy(Strategy):
         # the prompt module's own frozen rows (``frozen_rows``: e.g. CODA-Prompt's earlier components)
         rows = getattr(module.net.prompt, "frozen_rows", dict)()
         return {f"prompt.{n}": r for n, r in rows.items()}
-
-    def on_fit_start(self, module) -> None:
-        # the norms left in evaluation mode by the last experience's batches go back to training mode, as Lightning
-        # expects every module at the start of a fit (else it prints a note per experience); before_batch freezes
-        # them again before the first forward pass
-        freeze_norm_statistics(module.net, frozen=False)
-
-    def before_batch(self, module, batch: dict) -> dict:
-        freeze_norm_statistics(module.net)
-        return batch
 
     def training_loss(self, module, batch, outputs) -> dict[str, torch.Tensor]:
         loss = outputs.get("prompt_loss")
