@@ -197,3 +197,27 @@ def test_bad_values_fail_in_one_line():
         assert "\n" not in str(e.value) and f"strategy.{name}." in str(e.value)
     with pytest.raises(UserError, match="LoRA adapts the attention"):
         add_lora(nn.Sequential(nn.Linear(2, 2)), ("q",), 2)
+
+
+# (recipe, lr, epochs, class order, pretrained tag, lamb): InfLoRA configs/{mimg10,cifar100}_inflora.json,
+# SD-LoRA exps/sdlora_{inr,c100}.json with models/sdlora.py L95-121 (SGD, momentum 0.9, no decay, constant rate)
+RECIPES = [("inflora-imagenet-r", 5e-4, 50, "identity", "augreg_in21k", 0.98),
+           ("inflora-cifar100", 5e-4, 20, "identity", "augreg_in21k", 0.95),
+           ("sdlora-imagenet-r", 1e-2, 20, "numpy:1995", "augreg2_in21k_ft_in1k", None),
+           ("sdlora-cifar100", 8e-3, 20, "numpy:1993", "augreg2_in21k_ft_in1k", None)]
+
+
+@pytest.mark.parametrize("recipe,lr,epochs,order,tag,lamb", RECIPES)
+def test_recipes_compose_with_the_official_values(recipe, lr, epochs, order, tag, lamb):
+    cfg = compose([f"experiment={recipe}"])
+    name = recipe.split("-")[0]
+    assert list(cfg.strategy) == [name] and cfg.strategy[name].rank == 10 and cfg.benchmark.n_experiences == 10
+    assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.drop_last) == (lr, epochs, 128, False)
+    assert (cfg.benchmark.class_order, cfg.model.pretrained_tag, cfg.optimizer.weight_decay) == (order, tag, 0.0)
+    assert cfg.loss.mask_old_logits is True and cfg.benchmark.source_args.normalize == "coda"
+    if name == "inflora":
+        assert (cfg.optimizer.name, cfg.scheduler.name, cfg.strategy.inflora.lamb) == ("adam", "coda_cosine", lamb)
+    else:
+        assert (cfg.optimizer.name, cfg.optimizer.momentum, cfg.optimizer.nesterov, cfg.scheduler.name) == (
+            "sgd", 0.9, False, "constant")
+        assert cfg.benchmark.source_args.crop_scale == [0.05, 1.0]
