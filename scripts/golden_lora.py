@@ -57,13 +57,17 @@ def checksums(t: torch.Tensor) -> list[float]:
     return [t.sum().item(), (t * t).sum().item(), (t * torch.arange(1, t.numel() + 1, dtype=t.dtype)).sum().item()]
 
 
+def draw_terms(names, tasks: int) -> list[dict]:
+    """Per task, A (rank x d) and B (d x rank) of each slice, drawn in the order of ``names``."""
+    return [{n: torch.randn(RANK, DIM) if n[0] == "A" else torch.randn(DIM, RANK) for n in names} for _ in range(tasks)]
+
+
 def inflora_attention_case():
     """Seed 0: qkv / proj weights, A_k, B_k, A_v, B_v of tasks 0 and 1 (nonzero B), the input x."""
     torch.manual_seed(0)
-    w = {"qkv.weight": torch.randn(3 * DIM, DIM), "qkv.bias": torch.randn(3 * DIM), "proj.weight": torch.randn(DIM, DIM),
-         "proj.bias": torch.randn(DIM)}
-    terms = [{n: torch.randn(RANK, DIM) if n[0] == "A" else torch.randn(DIM, RANK) for n in ("A_k", "B_k", "A_v", "B_v")}
-             for _ in range(2)]
+    w = {"qkv.weight": torch.randn(3 * DIM, DIM), "qkv.bias": torch.randn(3 * DIM),
+         "proj.weight": torch.randn(DIM, DIM), "proj.bias": torch.randn(DIM)}
+    terms = draw_terms(("A_k", "B_k", "A_v", "B_v"), 2)
     x = torch.randn(BATCH, TOKENS, DIM)
     return w, terms, x
 
@@ -73,8 +77,7 @@ def sdlora_case():
     the output weights of the loss sum(out * g)."""
     torch.manual_seed(1)
     w = {"weight": torch.randn(3 * DIM, DIM), "bias": torch.randn(3 * DIM)}
-    terms = [{n: torch.randn(RANK, DIM) if n[0] == "A" else torch.randn(DIM, RANK) for n in ("A_q", "B_q", "A_v", "B_v")}
-             for _ in range(3)]
+    terms = draw_terms(("A_q", "B_q", "A_v", "B_v"), 3)
     alphas = [0.8, 0.6, 1.3]
     x = torch.randn(BATCH, TOKENS, DIM)
     g = torch.randn(BATCH, TOKENS, 3 * DIM)

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO_ROOT, TINY, compose, cut_and_resume, state_equal
+from conftest import REPO_ROOT, TINY, compose, cut_and_resume, run_ddp, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -197,19 +197,8 @@ def test_ddp_runs_and_inflora_designs_the_first_task_from_every_shard(name, tmp_
     state); InfLoRA's first down-projection, designed from the input statistics of both processes' shares added
     together before anything trains, spans what one process designs from all the images (its projector A^T A, free
     of the singular vectors' signs)."""
-    import subprocess
-    import sys
-
-    from conftest import cli_env
-
     args = [*FAST, f"strategy={name}", *(["strategy.inflora.statistics_transform=test"] if name == "inflora" else [])]
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-           "data.num_workers=0", "data.pin_memory=false"]
-    proc = subprocess.run([sys.executable, "-m", "cl_vit.run", *args, *ddp, f"hydra.run.dir={tmp_path / 'ddp'}",
-                           f"data_root={data_root}"], cwd=str(REPO_ROOT), env={**cli_env(), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Distributed run: 2 processes" in (tmp_path / "ddp" / "run.log").read_text()
+    run_ddp(args, tmp_path / "ddp", data_root)
     if name == "sdlora":
         return
     run(compose(args, data_root), tmp_path / "one")
@@ -242,7 +231,8 @@ def test_recipes_compose_with_the_official_values(recipe, lr, epochs, order, tag
     cfg = compose([f"experiment={recipe}"])
     name = recipe.split("-")[0]
     assert list(cfg.strategy) == [name] and cfg.strategy[name].rank == 10 and cfg.benchmark.n_experiences == 10
-    assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.drop_last) == (lr, epochs, 128, False)
+    assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (lr, epochs, 128)
+    assert cfg.data.drop_last is False
     assert (cfg.benchmark.class_order, cfg.model.pretrained_tag, cfg.optimizer.weight_decay) == (order, tag, 0.0)
     assert cfg.loss.mask_old_logits is True and cfg.benchmark.source_args.normalize == "coda"
     if name == "inflora":

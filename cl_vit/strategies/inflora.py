@@ -64,7 +64,8 @@ def input_covariances(module, experience: ExperienceInfo, transform: str) -> lis
             h.remove()
         net.train(was_training)
     dims = [p.in_features for p in projections]
-    mats = {str(i): s if s is not None else torch.zeros(d, d, device=device) for i, (s, d) in enumerate(zip(sums, dims))}
+    mats = {str(i): s if s is not None else torch.zeros(d, d, device=device)
+            for i, (s, d) in enumerate(zip(sums, dims))}
     mats = distributed.reduce_sum(module, {**mats, "count": count})
     n = float(mats.pop("count"))
     return [mats[str(i)].float().cpu() / max(n, 1.0) for i in range(len(projections))]
