@@ -214,7 +214,10 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg, "optimizer.name", list_optimizers())
     _choice(cfg, "scheduler.name", ("cosine", "cosine_epoch", "constant", "multistep", "coda_cosine",
-                                    "coda_cosine_formula"))
+                                    "coda_cosine_formula", "deit_cosine"))
+    for key in ("scheduler.warmup_lr", "scheduler.min_lr"):  # deit_cosine's absolute rates
+        if _get(cfg, key) is not None:
+            _number(cfg, key, lo=0)
     rho = _get(cfg, "optimizer.sam_rho")
     if rho is not None:
         _number(cfg, "optimizer.sam_rho", lo=0)

@@ -87,6 +87,34 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class DeiTCosine:
+    """DeiT-LT's learning rate (val-iisc/DeiT-LT, ``scheduler.name=deit_cosine``), timm's ``CosineLRScheduler`` as
+    main.py L234 builds it through ``create_scheduler`` (``--sched cosine``): linear warm-up from ``warmup_lr``
+    (arguments.py ``--warmup-lr 1e-6``) to the base rate over ``warmup_epochs`` (``--warmup-epochs 5``), and a cosine
+    over all ``epochs`` counted from epoch 0, not from the warm-up's end, down to ``min_lr`` (``--min-lr 1e-5``);
+    both rates absolute, as timm takes them.
+
+    The official loop evaluates it at the times it steps it: with gradient accumulation (``--accum-iter 4`` in every
+    sh/train_*.sh) before the first batch of each accumulation window and before the epoch's last batch, at the
+    fractional epoch ``epoch + batch / batches`` (engine.py L77-80), so each update trains at the rate of its window's
+    start (the last one at the last batch's); without accumulation once after each epoch, at that epoch (main.py
+    L504-505), so epoch e trains at the rate of ``max(e - 1, 0)`` (the first two at ``warmup_lr``)."""
+
+    def __init__(self, optimizer, epochs: int, warmup_epochs: float, warmup_lr: float | None, min_lr: float | None):
+        from timm.scheduler import CosineLRScheduler
+
+        self.schedule = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=1e-5 if min_lr is None else min_lr,
+                                          warmup_lr_init=1e-6 if warmup_lr is None else warmup_lr,
+                                          warmup_t=warmup_epochs, cycle_limit=1, t_in_epochs=True)
+
+    def set_rate(self, epoch: int, batch: int, batches: int, accumulate: int) -> None:
+        if accumulate > 1:
+            if batch % accumulate == 0 or batch == batches - 1:
+                self.schedule.step(epoch + batch / batches)
+        elif batch == 0:
+            self.schedule.step(max(epoch - 1, 0))
+
+
 def scale_learning_rates(opt: torch.optim.Optimizer, net: nn.Module, scales: dict[str, float]):
     """The optimiser (before its first step) with each parameter group split by learning-rate factor (parameters named in ``scales``
     get ``lr * factor``, the others keep ``lr``); weight decay and the other settings stay per group."""
@@ -129,6 +157,7 @@ class ContinualModule(L.LightningModule):
         self.mask_old_logits = mask_old_logits
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0})
+        self._deit_schedule: DeiTCosine | None = None  # scheduler.name=deit_cosine, set per batch
         self.register_buffer("seen_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("current_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.experience: ExperienceInfo | None = None
@@ -225,6 +254,11 @@ class ContinualModule(L.LightningModule):
             "trainer.precision=32-true",
             self.experience.index if self.experience is not None else None,
         )
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._deit_schedule is not None:
+            self._deit_schedule.set_rate(self.current_epoch, batch_idx, self.trainer.num_training_batches,
+                                         self.trainer.accumulate_grad_batches)
 
     def on_train_epoch_start(self) -> None:
         self.train_acc.reset()
@@ -325,7 +359,12 @@ class ContinualModule(L.LightningModule):
             opt = SAM(opt, rho=float(sam_rho))
         sched = dict(self.scheduler_cfg)
         name = sched.get("name", "cosine")
+        self._deit_schedule = None
         if name == "constant":
+            return opt
+        if name == "deit_cosine":  # set before each batch that the official loop sets it at (on_train_batch_start)
+            self._deit_schedule = DeiTCosine(opt, self.trainer.max_epochs or 1, float(sched.get("warmup_epochs", 0)),
+                                             sched.get("warmup_lr"), sched.get("min_lr"))
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)

@@ -66,14 +66,15 @@ def prompt_seed(task: int) -> int:
     return 1000 + task
 
 
-def images() -> dict:
+def images(stream: dict = STREAM) -> dict:
     """Train and test images (uint8, N x 32 x 32 x 3) and labels: a per-class colour and pattern plus noise, stored
-    in a class-interleaved order (the order the official data set keeps within a task, dataloader.py L93-96)."""
+    in a class-interleaved order (the order the official data set keeps within a task, dataloader.py L93-96).
+    ``stream``: n_classes, n_train and n_test per class, size (scripts/golden_deit_lt.py gives its own)."""
     rs = np.random.RandomState(0)
-    n, size = STREAM["n_classes"], STREAM["size"]
+    n, size = stream["n_classes"], stream["size"]
     patterns = 0.5 * rs.uniform(0, 255, size=(n, 1, 1, 3)) + 0.5 * rs.uniform(0, 255, size=(n, size, size, 3))
     out = {}
-    for split, per in (("train", STREAM["n_train"]), ("test", STREAM["n_test"])):
+    for split, per in (("train", stream["n_train"]), ("test", stream["n_test"])):
         labels = np.repeat(np.arange(n), per)
         x = 0.7 * patterns[labels] + 0.3 * rs.uniform(0, 255, size=(len(labels), size, size, 3))
         order = rs.permutation(len(labels))

@@ -56,6 +56,46 @@ def test_own_split_is_deterministic_stratified_and_hashed(tmp_path):
     assert not {p for p, _ in a.train.samples} & {p for p, _ in a.test.samples}
 
 
+# TFDS's own numbers, from tensorflow-datasets 4.9.7 (PyPI wheel, no TensorFlow needed for these modules):
+#   hashing.Hasher("test").hash_key(key) for three keys, and the sha256 (split_digest's format, sorted-wnid labels)
+#   of test[:80%] / test[80%:] after feeding the 30,000 ImageNet-R file names of CODA-Prompt's split files through
+#   core.shuffle.Shuffler(hash_salt="test") and core.splits.ReadInstruction("test[:80%]").to_absolute.
+TFDS_HKEYS = {"n01443537_art_0.jpg": 222669811948030749069252859431485391404,
+              "n02128757_sculpture_4.jpg": 130306407026264928769377371513515286046,
+              "n04487394_cartoon_17.jpg": 82761357431121946293181140419999614145}
+TFDS_SPLIT_SHA256 = "b4fea1cbde6ed9cbe92bc10ba4e9446e434bdf89abd12bdd2c39dd677e6fb15c"
+
+
+def test_tfds_split_orders_by_tfds_hash_and_cuts_at_80_percent(tmp_path):
+    from cl_vit.data.imagenet_r import tfds_order_key
+    for key, hkey in TFDS_HKEYS.items():
+        wnid, name = key.split("_", 1)
+        assert tfds_order_key(f"{wnid}/{name}") == hkey
+    root = make_imagenet_r(tmp_path, per_class=7)  # 35 images: the cut rounds 28.0
+    src = build_source("imagenet-r", tmp_path, split="tfds", wnids=WNIDS, img_size=32)
+    train, test = src.train.samples, src.test.samples
+    assert (len(train), len(test)) == (28, 7) and src.meta["split"]["name"] == "tfds"
+    rank = lambda samples: [tfds_order_key(Path(p).relative_to(root).as_posix()) for p, _ in samples]
+    assert max(rank(train)) < min(rank(test))  # the first 80 % of TFDS's order, whatever the class
+    own = build_source("imagenet-r", tmp_path, split="own", wnids=WNIDS, img_size=32)
+    assert own.meta["split"]["sha256"] != src.meta["split"]["sha256"]
+
+
+@pytest.mark.skipif(not (SHARED_REFERENCE / "imagenet-r_train.yaml").exists(), reason="no shared CODA-Prompt splits")
+def test_tfds_split_of_the_30000_images_equals_tfds_own():
+    from cl_vit.data.imagenet_r import split_digest, tfds_split
+    names = []
+    for split in ("train", "test"):
+        names += [d.split("imagenet-r/", 1)[1] for d in yaml.safe_load(
+            (SHARED_REFERENCE / f"imagenet-r_{split}.yaml").read_text())["data"]]
+    label = {w: k for k, w in enumerate(imagenet_r_wnids())}
+    root = Path("/imagenet-r")
+    samples = sorted(((str(root / n), label[n.split("/")[0]]) for n in names), key=lambda s: (s[1], s[0]))
+    train, test = tfds_split(samples, root)
+    assert (len(train), len(test)) == (24000, 6000)
+    assert split_digest(train, test, root) == TFDS_SPLIT_SHA256
+
+
 def test_coda_class_order_is_identity_then_python_shuffles():
     assert resolve_class_order("coda", 200, 0)[0] == list(range(200))
     for seed in (1, 2):

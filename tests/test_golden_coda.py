@@ -131,6 +131,24 @@ def stream():
     return with_classes_timeline(benchmark_from_datasets(train=tasks(*data["train"]), test=tasks(*data["test"])))
 
 
+def record_steps(monkeypatch) -> list:
+    """Patches the suite's runs to the scripts' fixed batch order (``golden_coda.fixed_order``) and returns the list
+    that collects (learning rate, loss) per training step."""
+    steps = []
+    step = ContinualModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        steps.append((self.trainer.optimizers[0].param_groups[0]["lr"], float(loss.detach())))
+        return loss
+
+    monkeypatch.setattr(ContinualModule, "training_step", training_step)
+    import cl_vit.runner
+
+    monkeypatch.setattr(cl_vit.runner, "DataLoader", golden.fixed_order(cl_vit.runner.DataLoader))
+    return steps
+
+
 def suite_run(method, tmp_path, monkeypatch):
     """The suite's recipe of ``method`` on the stream; returns the same numbers as the official script."""
     from cl_vit.strategies.coda_prompt import CodaPromptPool
@@ -167,18 +185,7 @@ def suite_run(method, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CodaPromptPool, "start_task", coda_start)
     monkeypatch.setattr(PromptPool, "start_task", pool_start)
-    steps, norms = [], []
-    step = ContinualModule.training_step
-
-    def training_step(self, batch, batch_idx):
-        loss = step(self, batch, batch_idx)
-        steps.append((self.trainer.optimizers[0].param_groups[0]["lr"], float(loss.detach())))
-        return loss
-
-    monkeypatch.setattr(ContinualModule, "training_step", training_step)
-    import cl_vit.runner
-
-    monkeypatch.setattr(cl_vit.runner, "DataLoader", golden.fixed_order(cl_vit.runner.DataLoader))
+    steps, norms = record_steps(monkeypatch), []
 
     def norm_at_end(runner, i):
         params = [p for p in runner.module.net.parameters() if p.requires_grad]

@@ -59,7 +59,7 @@ def test_shot_accuracy_after_every_experience_hand_case():
     assert res.to_json("completed")["shot_accuracy"]["main"]["count"] == per[1]
 
 
-def test_any_strategy_runs_on_ltcil_and_records_shot_groups_per_task(tmp_path, data_root):
+def test_any_strategy_runs_on_ltcil_and_records_shot_groups_per_task(tmp_path, data_root, capsys):
     make_cifar(data_root, "cifar100", train_counts=[20] * 100, test_per_class=1)
     over = TINY + ["benchmark=cifar100-ltcil-shuffled-b50", "benchmark.imbalance_ratio=10",
                    "benchmark.source_args.holdout=null",
@@ -74,6 +74,23 @@ def test_any_strategy_runs_on_ltcil_and_records_shot_groups_per_task(tmp_path, d
     for i, row in enumerate(per["count"]):
         seen = [c for exp in doc["experiences"][: i + 1] for c in exp]
         assert set(row) == {groups[c] for c in seen}
+    # the per-task table of docs/miniatures.md reads the same numbers back
+    from cl_vit.experiments.shots_per_task import GROUPS, main as shots_main
+    assert shots_main([str(tmp_path / "run")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| cifar100-ltcil"))
+    cells = [c.strip() for c in line.strip("|").split("|")][3:]
+    assert len(cells) == 11
+    for cell, row in zip(cells, per["count"]):
+        assert cell == " / ".join(f"{100 * row[g]:.1f}" if g in row else "-" for g in GROUPS)
+
+
+@pytest.mark.parametrize("protocol,first", [("ordered", [0, 1]), ("shuffled", [4, 2])])
+def test_digits_ltcil_protocols_order_head_first_or_mixed(protocol, first):
+    cfg = compose(TINY + [f"benchmark=digits-ltcil-{protocol}"])
+    src, info = _stream(cfg)
+    counts = np.bincount(np.asarray(src.train_targets), minlength=10)
+    assert counts[0] > 100 and counts[9] < 20 and all(np.diff(counts) <= 0)  # class i: the i-th largest
+    assert list(info.class_order[:2]) == first and len(info.train_classes) == 5
 
 
 def test_pretrained_vit_recipes_compose_and_run_in_miniature(tmp_path, data_root):

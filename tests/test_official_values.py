@@ -22,7 +22,9 @@ def test_deit_lt_recipes_match_the_official_scripts(recipe, batch, gpus, epochs,
     assert cfg.data.batch_size == batch and cfg.trainer.devices == gpus
     assert cfg.trainer.accumulate_grad_batches == 4                       # --accum-iter 4
     assert cfg.optimizer.lr == pytest.approx(5e-4 * batch * gpus / 512)   # main.py L220, accumulation not counted
-    assert cfg.optimizer.lr * cfg.scheduler.min_lr_ratio == pytest.approx(1e-5)  # --min-lr 1e-5
+    # timm's cosine as main.py L234 builds it: --warmup-epochs 5, --warmup-lr 1e-6, --min-lr 1e-5 (arguments.py)
+    assert cfg.scheduler.name == "deit_cosine" and cfg.scheduler.warmup_epochs == 5
+    assert (cfg.scheduler.warmup_lr, cfg.scheduler.min_lr) == (1e-6, 1e-5)
     assert cfg.trainer.max_epochs == epochs and cfg.strategy.deit_lt.drw_start_epoch == drw
     assert cfg.benchmark.imbalance_ratio == ratio
     assert cfg.data.repeated_aug is True and cfg.data.repeats == 3         # arguments.py L218-220, samplers.py L16

@@ -16,6 +16,11 @@ of its file lists (``source.split``):
 * ``own``: the suite's stratified split: per class (in the order of ``tasks/imagenet-r-wnids.txt``), the sorted
   file paths are permuted by one ``numpy.random.RandomState(split_seed)`` and the first ``round(0.8 n)`` go to
   training. Reproducible on any machine with the same files.
+* ``tfds``: DualPrompt's split (google-research/l2p ``libml/input_pipeline.py`` L420-424: ``test[:80%]`` of TFDS
+  ``imagenet_r`` for training, ``test[80%:]`` for testing). TFDS orders a split's examples by the md5 of the split
+  name followed by the example's key (``core/hashing.py``, ``core/shuffle.py``), and ``imagenet_r``'s key is
+  ``<wnid>_<file name>`` (``imagenet_r_dataset_builder.py``); the first ``round(0.8 n)`` in that order train.
+  Labels are the sorted wnids (l2p's ``IR_LABEL_LIST``, ascending ImageNet ids), class order ``identity``.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 WNIDS_FILE = TASKS_DIR / "imagenet-r-wnids.txt"
 SPLIT_FILES = ("imagenet-r_train.yaml", "imagenet-r_test.yaml")
 #: named splits (module docstring); the fetched split files go to <data_root>/SPLITS_DIR/<name>/
-SPLITS = ("coda", "pilot", "own")
+SPLITS = ("coda", "pilot", "own", "tfds")
 SPLITS_DIR = "imagenet-r-splits"
 PILOT_DIR = "imagenet-r-pilot"
 LAYOUT = "<root>/<wnid>/<image>.jpg for the 200 wnids of tasks/imagenet-r-wnids.txt"
@@ -116,6 +121,22 @@ def own_split(samples: Sequence[tuple[str, int]], n_classes: int, train_fraction
     return train, test
 
 
+def tfds_order_key(relative_path: str) -> int:
+    """Where TFDS puts an ImageNet-R image in its ``test`` split: md5 of the salt ``test`` and the key
+    ``<wnid>_<file name>``, as a 128-bit integer; examples are stored in ascending order of it."""
+    wnid, name = relative_path.replace("\\", "/").split("/")[-2:]
+    return int(hashlib.md5(f"test{wnid}_{name}".encode()).hexdigest(), 16)
+
+
+def tfds_split(samples: Sequence[tuple[str, int]], root: Path, train_percent: float = 80):
+    """``test[:80%]`` / ``test[80%:]`` of TFDS ``imagenet_r`` over ``samples`` (TFDS rounds the cut to the closest
+    example, ``core/splits.py`` ``_pct_to_abs_closest``); both lists keep the order of ``samples``."""
+    keys = {p: tfds_order_key(Path(p).relative_to(root).as_posix()) for p, _ in samples}
+    ordered = sorted(keys, key=keys.__getitem__)
+    train_paths = set(ordered[:int(round(train_percent * len(ordered) / 100.0))])
+    return [s for s in samples if s[0] in train_paths], [s for s in samples if s[0] not in train_paths]
+
+
 def split_digest(train, test, root: Path) -> str:
     """sha256 of the split as ``split<TAB>relative/path<TAB>label`` lines: the same on every machine."""
     h = hashlib.sha256()
@@ -149,7 +170,7 @@ def build_imagenet_r(
     test_interpolation: str = "bilinear",
     **_,
 ) -> Source:
-    """``split``: ``coda`` | ``pilot`` | ``own`` (module docstring); ``split_dir``: where the ``coda`` files are.
+    """``split``: ``coda`` | ``pilot`` | ``own`` | ``tfds`` (module docstring); ``split_dir``: where the ``coda`` files are.
     ``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order (split files then hold
     labels below its length).
     ``train_transform``, ``test_transform``, ``augment``, and for the default pipelines ``backend``, ``crop_scale``,
@@ -200,6 +221,11 @@ def build_imagenet_r(
         meta["root"] = str(pilot)
         meta["split"] = {"name": "pilot", "kind": "LAMDA-PILOT / EASE train/ and test/ folders (ImageFolder labels)",
                          "root": str(pilot)}
+    elif split == "tfds":
+        samples, _ = scan_image_folder(root, classes)
+        train, test = tfds_split(samples, root)
+        meta["split"] = {"name": "tfds", "kind": "DualPrompt's: TFDS imagenet_r test[:80%] / test[80%:] by TFDS's "
+                                                  "md5 example order (google-research/l2p)"}
     else:
         samples, _ = scan_image_folder(root, classes)
         train, test = own_split(samples, len(classes), train_fraction, split_seed)

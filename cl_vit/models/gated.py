@@ -211,7 +211,7 @@ class GatedNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, n_classes: int, s_max: float = S_MAX, init_from_last_block: bool = True,
-                 projector_norm: str = "token"):
+                 projector_norm: str = "token", norm_eps: float | None = None):
         super().__init__()
         blocks = getattr(backbone, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) < 1 or not hasattr(
@@ -235,6 +235,11 @@ class GatedNet(nn.Module):
         qkv_bias = isinstance(qkv, nn.Linear) and qkv.bias is not None
         dp = getattr(getattr(last, "drop_path1", getattr(last, "drop_path", None)), "drop_prob", 0.0)
         eps = getattr(getattr(last, "norm1", None), "eps", 1e-6)
+        if norm_eps is not None:  # the official ConViT's nn.LayerNorm (eps 1e-5) where timm's uses 1e-6
+            eps = float(norm_eps)
+            for m in backbone.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.eps = eps
 
         self.projector_tokens = None  # projector_norm "token": each token normalised on its own
         if projector_norm == "image":
@@ -265,6 +270,8 @@ class GatedNet(nn.Module):
         #: False: the gated CAB weights take no weight decay, so weights claimed by past tasks stay exactly fixed
         self.decay_gated_weights = False
         self.backbone_no_decay = True
+        #: True: the gate embeddings are (1, width) rows, which timm's rule decays, as the official nn.Embedding
+        self.decay_embeddings = False
 
     # -- growth ----------------------------------------------------------------------------------------------------
 
@@ -282,9 +289,11 @@ class GatedNet(nn.Module):
         trunc_normal_(token, std=0.02)  # DyTox add_model: a fresh trunc_normal(0.02) token per task
         self.tokens.append(token)
         self.heads.append(TaskHead(self.embed_dim, len(classes)).to(device))
-        # nn.Embedding's default N(0, 1) initialisation, as the official embs_0 / embs_2
-        self.e0.append(nn.Parameter(torch.randn(self.embed_dim, device=device)))
-        self.e2.append(nn.Parameter(torch.randn(self.hidden_dim, device=device)))
+        # nn.Embedding's default N(0, 1) initialisation, as the official embs_0 / embs_2; as rows (1, width) when they
+        # take weight decay like the official 2-D embedding matrices (timm exempts 1-D parameters)
+        row = (1,) if self.decay_embeddings else ()
+        self.e0.append(nn.Parameter(torch.randn(*row, self.embed_dim, device=device)))
+        self.e2.append(nn.Parameter(torch.randn(*row, self.hidden_dim, device=device)))
         if self.n_tasks > 1:
             self.projectors.append(DriftProjector(self.embed_dim, self.projector_tokens).to(device))
         self.task_classes.append(classes)
@@ -294,7 +303,7 @@ class GatedNet(nn.Module):
 
     def task_masks(self, c: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(m0, m2) of task ``c``: sigmoid(s e) for the last task, binarised 1[sigmoid(s e) > 0.5] for the others."""
-        g0, g2 = torch.sigmoid(s * self.e0[c]), torch.sigmoid(s * self.e2[c])
+        g0, g2 = torch.sigmoid(s * self.e0[c].flatten()), torch.sigmoid(s * self.e2[c].flatten())
         if c < self.n_tasks - 1:
             return (g0 > 0.5).to(g0.dtype), (g2 > 0.5).to(g2.dtype)
         return g0, g2
@@ -302,8 +311,8 @@ class GatedNet(nn.Module):
     @torch.no_grad()
     def binary_masks(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``c``'s binarised masks at s_max: what it claims once finished."""
-        return ((torch.sigmoid(self.s_max * self.e0[c]) > 0.5).float(),
-                (torch.sigmoid(self.s_max * self.e2[c]) > 0.5).float())
+        return ((torch.sigmoid(self.s_max * self.e0[c].flatten()) > 0.5).float(),
+                (torch.sigmoid(self.s_max * self.e2[c].flatten()) > 0.5).float())
 
     def gated_parameters(self) -> dict[str, nn.Parameter]:
         own = dict(self.cab.named_parameters())

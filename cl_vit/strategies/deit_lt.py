@@ -16,7 +16,10 @@ the same strongly augmented, "out-of-distribution" batch as the student.
 
 Deferred re-weighting (``drw_start_epoch``, main.py ``--drw``): from that epoch on the distillation cross-entropy is
 weighted by ``class_balanced_weights(counts, beta)`` indexed by the teacher's predicted class (``F.cross_entropy``'s
-``weight``, as losses.py); the CLS loss stays unweighted (``--weighted-baseloss`` is off in every script).
+``weight``, as losses.py); the CLS loss stays unweighted (``--weighted-baseloss`` is off in every script). Without
+``--drw`` main.py (L331-332) hands the criterion ``(args.weighted_distillation,)``, a one-element tuple and so always
+true: the distillation loss is class-weighted from the first epoch, with or without ``--weighted-distillation``. That
+is the default here too for ``drw_start_epoch=null`` (``weighted_without_drw=false``: unweighted throughout).
 
 The batch both networks see: the source's train transform (``benchmark.source_args.train_transform=deit``: DeiT's
 RandomResizedCrop + flip, RandAugment and per-image random erasing through timm's ``create_transform``, as
@@ -137,6 +140,7 @@ class DeiTLT(Strategy):
         drw_start_epoch: int | None = None,     # --drw (arguments.py None; scripts 1100 CIFAR, 1200 IN-LT, 900 iNat)
         beta: float = 0.9999,                   # --beta (arguments.py)
         weighted_distillation: bool = True,     # --weighted-distillation (every script)
+        weighted_without_drw: bool = True,      # drw_start_epoch=null: weighted from epoch 0 (main.py L331-332)
         mixup: float = 0.8,                     # --mixup (arguments.py)
         cutmix: float = 1.0,                    # --cutmix
         cutmix_minmax: Sequence[float] | None = None,  # --cutmix-minmax
@@ -168,6 +172,7 @@ class DeiTLT(Strategy):
         self.teacher_path = teacher
         self.alpha, self.distillation, self.tau = float(alpha), distillation, float(tau)
         self.drw_start_epoch, self.beta, self.weighted_distillation = drw_start_epoch, beta, weighted_distillation
+        self.weighted_without_drw = weighted_without_drw
         self.mixup_args = dict(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax, prob=mixup_prob,
                                switch_prob=mixup_switch_prob, mode=mixup_mode, label_smoothing=label_smoothing)
         # main.py: mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
@@ -285,6 +290,8 @@ class DeiTLT(Strategy):
             return {}
         dist = outputs["heads"]["dist"]
         dist_weight = weight if self.weighted_distillation else None
+        if self.drw_start_epoch is None and self.weighted_without_drw:  # see the module docstring
+            dist_weight = self.weights.to(module.device)
         if self.distillation == "none":  # losses.py: the DIST head learns the labels
             return {"dist": self.alpha * _masked_ce(dist, y, mask, dist_weight)}
         t = self.teacher_logits(batch["x"])

@@ -82,6 +82,8 @@ class GCAB(Strategy):
         backbone_no_decay: bool = True,
         init_from_last_block: bool = True,
         projector_norm: str = "token",  # the per-token norm; "image": main.py's LayerNorm((384, 1, 64))
+        norm_eps: float | None = None,  # the LayerNorm eps of the SABs and the CAB; None: the backbone's own
+        decay_embeddings: bool = False,
     ):
         if isinstance(s_max, bool) or not isinstance(s_max, (int, float)) or s_max <= 1:
             raise ConfigError("strategy.gcab.s_max", s_max, "a number > 1 (the paper uses 800)")
@@ -94,7 +96,11 @@ class GCAB(Strategy):
         if projector_norm not in ("token", "image"):
             raise ConfigError("strategy.gcab.projector_norm", projector_norm,
                               "token (each token normalised alone) or image (the official joint LayerNorm)")
+        if norm_eps is not None and (isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float))
+                                     or norm_eps <= 0):
+            raise ConfigError("strategy.gcab.norm_eps", norm_eps, "a number > 0, or null for the backbone's own")
         self.projector_norm = projector_norm
+        self.norm_eps = None if norm_eps is None else float(norm_eps)
         self.s_max = float(s_max)
         self.lambda_mask = float(lambda_mask)
         self.lambda_pfr = float(lambda_pfr)
@@ -108,6 +114,9 @@ class GCAB(Strategy):
         # true: the backbone's own no_weight_decay() (timm ConViT/ViT: pos_embed, cls_token) take no weight decay;
         # the official optimiser gets the GCAB wrapper, which has none, so only 1-D parameters and biases are exempt
         self.backbone_no_decay = bool(backbone_no_decay)
+        # true: the current task's gate embeddings take weight decay, as the official embs_0 / embs_2 (2-D
+        # nn.Embedding weights, which timm's create_optimizer decays, main.py L363); false: exempt as 1-D parameters
+        self.decay_embeddings = bool(decay_embeddings)
         self.init_from_last_block = bool(init_from_last_block)
         self.module = None
         self.teacher: nn.Module | None = None
@@ -119,9 +128,10 @@ class GCAB(Strategy):
         self.module = module
         if not isinstance(module.net, GatedNet):
             module.net = GatedNet(module.net, module.n_classes, self.s_max, self.init_from_last_block,
-                                  self.projector_norm)
+                                  self.projector_norm, self.norm_eps)
         module.net.decay_gated_weights = self.decay_gated_weights
         module.net.backbone_no_decay = self.backbone_no_decay
+        module.net.decay_embeddings = self.decay_embeddings
         if module.loss_name != "bce":
             log.warning("gcab: loss.name=%s; the paper and the official code use bce (configs/strategy/gcab.yaml)",
                         module.loss_name)
