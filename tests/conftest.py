@@ -69,6 +69,14 @@ def run_cli(*args, module: str = "cl_vit.run", cwd: Path | None = None, data_roo
     return proc
 
 
+def run_ddp(args, run_dir: Path, data_root: Path) -> None:
+    """``python -m cl_vit.run <args>`` under trainer=ddp on 2 CPU processes (gloo) into ``run_dir``; fails the test
+    unless it completes as a 2-process run."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "data.num_workers=0", "data.pin_memory=false", f"hydra.run.dir={run_dir}", f"data_root={data_root}"]
+    run_cli(*args, *ddp, env={"OMP_NUM_THREADS": "1"}, check=True)
+    assert "Distributed run: 2 processes" in (Path(run_dir) / "run.log").read_text()
+
 def interrupt_after(monkeypatch, index):
     """Make a run stop (raise the returned exception) right after experience ``index`` is saved: a resume test's cut."""
     from cl_vit.runner import ContinualRunner

@@ -291,19 +291,10 @@ def test_ddp_statistics_equal_a_one_process_run(name, tmp_path, data_root):
     """trainer=ddp on 2 CPU processes (gloo): RanPAC's Gram matrix, ridge choice and classifier, and SimpleCIL's
     prototypes, computed from the gathered embeddings, equal those of one process (the runner also checks that both
     ranks hold the same state). Neither trains its backbone here, so one process sees the same network."""
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT, cli_env
+    from conftest import run_ddp
 
     args = [*over(name), *(["strategy.ranpac.first_session=false"] if name == "ranpac" else [])]
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-           "data.num_workers=0", "data.pin_memory=false"]
-    proc = subprocess.run([sys.executable, "-m", "cl_vit.run", *args, *ddp, f"hydra.run.dir={tmp_path / 'ddp'}",
-                           f"data_root={data_root}"], cwd=str(REPO_ROOT), env={**cli_env(), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Distributed run: 2 processes" in (tmp_path / "ddp" / "run.log").read_text()
+    run_ddp(args, tmp_path / "ddp", data_root)
     run(compose(args, data_root), tmp_path / "one")
     for i in (0, 1):
         a, b = RunDirectory(tmp_path / "ddp").load_checkpoint(i), RunDirectory(tmp_path / "one").load_checkpoint(i)
