@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import pickle
 import pkgutil
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -220,6 +223,42 @@ class LazyModule:
 
     def __getattr__(self, attr: str):
         return getattr(importlib.import_module(self._name), attr)
+
+
+class _Deferred(types.ModuleType):
+    """Stands in ``sys.modules`` for a library until one of its attributes is read; then imports it and forwards.
+
+    Python's own import statement reads only ``__spec__`` of a module already in ``sys.modules`` (importlib's
+    ``LazyLoader`` module loads on that read in Python 3.11, so ``import qpsolvers`` in another library would load it
+    at once)."""
+
+    def __init__(self, spec):
+        super().__init__(spec.name)
+        self.__spec__ = spec
+        self.__file__ = spec.origin
+
+    def __getattr__(self, attr: str):
+        real = sys.modules.get(self.__name__)
+        if real is None or real is self:
+            del sys.modules[self.__name__]
+            try:
+                real = importlib.import_module(self.__name__)
+            except BaseException:
+                sys.modules.setdefault(self.__name__, self)
+                raise
+        return getattr(real, attr)
+
+
+def defer_import(name: str) -> None:
+    """Let library ``name`` run its code at the first read of one of its attributes, not when another library
+    imports it. Nothing changes for a library already imported or not installed. For imports the suite cannot avoid
+    and the default run never uses: avalanche-lib's GEM plug-in imports qpsolvers, whose solver probe imports JAX
+    (~2 s of CPU), and timm imports wandb (~0.5 s) for a summary writer."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is not None:
+        sys.modules[name] = _Deferred(spec)
 
 
 def import_submodules(package: str, path: Sequence[str]) -> None:

@@ -116,9 +116,10 @@ def _digest(path):
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, data_root):
+    from cl_vit.run import run
+
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    proc = run_cli(*FAST, f"hydra.run.dir={ref}", data_root=data_root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run(compose(FAST, data_root), ref)  # the uninterrupted run in this process: the command line is tested below
 
     # SIGKILL at batch 3 of experience 3 (index 2)
     proc = run_cli(*FAST, f"hydra.run.dir={cut}", data_root=data_root, env={"CL_VIT_TEST_SIGKILL_AT": "2:3"})
@@ -142,11 +143,17 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, data_root):
     assert len(list((cut / "checkpoints").glob("*.pt"))) == 5
 
 
-def test_resume_refuses_to_change_what_the_run_computes(tmp_path, data_root):
+def test_resume_refuses_to_change_what_the_run_computes(tmp_path, data_root, monkeypatch):
+    from conftest import interrupt_after
+
+    from cl_vit.run import run
+
     cut = tmp_path / "cut"
-    proc = run_cli(*FAST, "benchmark.n_experiences=2", f"hydra.run.dir={cut}", data_root=data_root,
-                   env={"CL_VIT_TEST_SIGKILL_AT": "1:0"})
-    assert proc.returncode == -signal.SIGKILL
+    Stop = interrupt_after(monkeypatch, 0)  # a run stopped after its first experience (the kill is tested above)
+    with pytest.raises(Stop):
+        run(compose([*FAST, "benchmark.n_experiences=2"], data_root), cut)
+    monkeypatch.undo()
+    assert json.loads((cut / "results.json").read_text())["completed_experiences"] == 1
     proc = run_cli(f"resume={cut}", "optimizer.lr=0.5", data_root=data_root)
     assert proc.returncode == 2 and "optimizer.lr=0.5" in proc.stderr
     proc = run_cli(*FAST, f"hydra.run.dir={cut}", data_root=data_root)

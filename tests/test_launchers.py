@@ -1,22 +1,29 @@
 """Sweeps on Hydra's launcher plugins (docs/scale.md): joblib (runs side by side on one machine) and submitit_local
 (submitit's local executor, the same code path as submitit_slurm on a cluster) give the report a sequential sweep
 gives."""
+import contextlib
 import csv
+import functools
 import io
 
 import pytest
 from analysis_helpers import FAST, sweep  # noqa: F401  (fixture)
 from conftest import run_cli
 
+from cl_vit.report import main as report_main
 from cl_vit.runs import load_runs
 
 #: what a launcher may change: where and how long the runs ran
 WHERE = ("wall_time_s", "wall_time_s_std", "peak_memory_bytes", "peak_memory_bytes_std", "run_dirs")
 
 
-def _finetune_row(*paths) -> dict:
-    proc = run_cli(*paths, "--csv", module="cl_vit.report", check=True)
-    (row,) = [r for r in csv.DictReader(io.StringIO(proc.stdout)) if r["strategy"] == "finetune"]
+@functools.lru_cache  # the sequential sweep's row once for both launchers
+def _finetune_row(path) -> dict:
+    """``python -m cl_vit.report PATH --csv``'s finetune row (the report's main in this process)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert report_main([str(path), "--csv"]) == 0
+    (row,) = [r for r in csv.DictReader(io.StringIO(out.getvalue())) if r["strategy"] == "finetune"]
     return {k: v for k, v in row.items() if k not in WHERE}
 
 

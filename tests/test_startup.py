@@ -6,8 +6,10 @@ import sys
 from conftest import cli_env
 
 #: imported on first use only; none of them is needed by the default run (split-digits, Refiner-ViT-tiny,
-#: TensorBoard). albumentations: the image pipelines (cl_vit/data/transforms.py)
-LAZY = ("albumentations",)
+#: TensorBoard). albumentations: the image pipelines (cl_vit/data/transforms.py); qpsolvers (its solver probe
+#: imports JAX) and wandb: imported by avalanche-lib's GEM and by timm, deferred by cl_vit.loading.defer_import (they
+#: stand in sys.modules unloaded: their submodules tell whether their code ran)
+LAZY = ("albumentations", "qpsolvers.solvers", "jax", "wandb.sdk")
 
 _SCRIPT = """
 import runpy, sys
@@ -23,7 +25,14 @@ img = np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)
 x = cifar_train_pipeline(32, (0.5,) * 3, (0.25,) * 3)(image=img)["image"]
 _, to_tensor = imagenet_transforms(16, (0.5,) * 3, (0.25,) * 3, train=True)
 y = to_tensor(image=img[:16, :16])["image"]
-print("pipelines:", tuple(x.shape), tuple(y.shape), *[m in sys.modules for m in lazy])
+
+# GEM's quadratic programme through the module avalanche-lib imported; wandb as the suite's wandb logger reads it
+from avalanche.training.plugins import gem
+q = gem.qpsolvers.solve_qp(P=np.eye(2), q=-np.ones(2), G=np.ones((1, 2)), h=np.ones(1), solver="quadprog")
+from wandb.sdk.lib import RunDisabled
+import timm.utils.summary
+print("pipelines:", tuple(x.shape), tuple(y.shape), *q.round(6), callable(timm.utils.summary.wandb.log),
+      *[m in sys.modules for m in lazy])
 """
 
 
@@ -34,4 +43,33 @@ def test_default_run_leaves_lazy_modules_unimported_and_they_load_when_needed(tm
     lines = {line.split(":")[0]: line.split(":")[1].split() for line in out.stdout.splitlines() if ":" in line}
     assert (tmp_path / "run" / "results.json").exists()
     assert lines["default run"] == ["False"] * len(LAZY)
-    assert lines["pipelines"] == ["(3,", "32,", "32)", "(3,", "16,", "16)"] + ["True"] * len(LAZY)
+    assert lines["pipelines"] == ["(3,", "32,", "32)", "(3,", "16,", "16)", "0.5", "0.5", "True"] + ["True"] * len(LAZY)
+
+
+def test_a_deferred_library_runs_once_at_its_first_attribute_and_imports_as_usual(tmp_path, monkeypatch):
+    from cl_vit.loading import defer_import
+
+    pkg = tmp_path / "deferred_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import sys\nsys.deferred_probe_runs = getattr(sys, 'deferred_probe_runs', 0) + 1\n"
+                                     "VALUE = 3\n")
+    (pkg / "sub.py").write_text("X = 4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        defer_import("deferred_probe")
+        import deferred_probe  # another library's import statement: nothing runs yet
+
+        assert not hasattr(sys, "deferred_probe_runs")
+        assert deferred_probe.VALUE == 3 and sys.deferred_probe_runs == 1
+        from deferred_probe.sub import X
+
+        assert X == 4 and deferred_probe.sub.X == 4 and sys.deferred_probe_runs == 1
+        defer_import("deferred_probe")  # already imported: unchanged
+        assert sys.modules["deferred_probe"].VALUE == 3 and sys.deferred_probe_runs == 1
+        defer_import("deferred_probe_not_installed")
+        assert "deferred_probe_not_installed" not in sys.modules
+    finally:
+        for name in ("deferred_probe", "deferred_probe.sub"):
+            sys.modules.pop(name, None)
+        if hasattr(sys, "deferred_probe_runs"):
+            del sys.deferred_probe_runs

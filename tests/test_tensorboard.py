@@ -42,6 +42,8 @@ def test_figures_and_attention_maps_are_images(attention_run):
         shots = acc.Images(block)
         assert [e.step for e in shots] == list(range(1, n + 1))
         assert shots[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and shots[0].width > shots[0].height
+        # attention_mosaic's 64-pixel panels 4 apart: the image and 2 heads; block 0 refines (2 rows), block 1 not
+        assert (shots[0].width, shots[0].height) == (3 * 68 - 4, (2 if block == "attention/block_00" else 1) * 68 - 4)
     assert "attention/block_02" not in images
     for name in ("figures/accuracy_matrix", "figures/average_accuracy"):
         assert [e.step for e in acc.Images(name)] == [n]
@@ -71,3 +73,30 @@ def test_models_without_attention_maps_log_none(sweep):
     assert not [t for t in acc.Tags()["images"] if t.startswith("attention/")]
     assert "figures/accuracy_matrix" in acc.Tags()["images"]
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+
+
+def test_the_attention_mosaic_holds_each_panel_of_the_figure():
+    """TensorBoard's attention image (plots.attention_mosaic) shows the figure's panels: the image, then each head's
+    class-token attention over the patch grid on its own colour scale, the refined map in the second row."""
+    import timm
+    from matplotlib import colormaps
+
+    from cl_vit import plots
+
+    torch.manual_seed(0)  # the stand-in model is registered by importing analysis_helpers
+    net = timm.create_model("attnmaps_micro_patch2_8", num_classes=10)
+    image = torch.randn(1, 8, 8)
+    maps = plots.attention_maps(net, image)
+    prefix, grid = plots.token_layout(net, maps[0]["raw"].shape[-1])
+    mosaic = plots.attention_mosaic(maps[0], image, "cls", prefix, grid, cell=8, gap=1)
+    assert mosaic.shape == (2 * 9 - 1, 3 * 9 - 1, 3) and mosaic.dtype == np.uint8
+    for row, kind in enumerate(("raw", "refined")):
+        for h in range(2):
+            a = maps[0][kind][h, 0, 1:].reshape(4, 4)
+            want = np.round(255 * colormaps["inferno"]((a - a.min()) / (a.max() - a.min()))[..., :3])
+            panel = mosaic[9 * row:9 * row + 8, 9 * (h + 1):9 * (h + 1) + 8]
+            np.testing.assert_array_equal(panel[::2, ::2], want)  # each patch 2 x 2 pixels
+    gray = (image[0] - image.min()) / (image.max() - image.min())
+    np.testing.assert_array_equal(mosaic[:8, :8, 0], np.round(255 * gray.numpy()).astype(np.uint8))
+    assert (mosaic[8] == 255).all() and (mosaic[9:, :8] == 255).all()  # the gap; no image in the refined row
+    assert plots.attention_mosaic(maps[1], image, "cls", prefix, grid, cell=8, gap=1).shape == (8, 26, 3)

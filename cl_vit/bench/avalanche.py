@@ -25,6 +25,8 @@ from cl_vit.bench.runner import silenced, suite_run
 
 OVERRIDES = ["benchmark=split-digits", "strategy=finetune", "trainer.accelerator=cpu", "logger=none"]
 AIM = 0.8
+#: --quick: a smoke run of the same code on 2 experiences (an experience after the first is what EWC and LwF act on)
+QUICK = ["trainer.max_epochs=1", "model=vit_micro", "benchmark.n_experiences=2"]
 
 #: the referee's stream: split-fmnist (5 x 2 classes, 12,000 training images per experience) area-downsampled to 8x8
 #: with the micro ViT at patch 2 (16 tokens), 1 epoch of batch 64 (188 steps per experience): a CPU-sized setting in
@@ -71,10 +73,10 @@ def referee(quick: bool = False) -> tuple[list[dict], list[str]]:
     same model and initial weights, data, optimiser, schedule, epochs and batch size. Returns rows (A_N, mean over
     seeds, suite / Avalanche) and notes (each method's per-seed A_N).
 
-    ``quick``: split-digits, 1 epoch, seed 0 (a smoke run of the same code)."""
+    ``quick``: split-digits in 2 experiences, 1 epoch, seed 0 (a smoke run of the same code)."""
     from cl_vit.errors import UserError
 
-    base = [*OVERRIDES, "trainer.max_epochs=1", "model=vit_micro"] if quick else REFEREE
+    base = [*OVERRIDES, *QUICK] if quick else REFEREE
     seeds = (0,) if quick else REFEREE_SEEDS
     cfg = compose_config(base)
     bs = int(cfg.data.batch_size)
@@ -210,7 +212,7 @@ def avalanche_run(overrides: list[str], fused: bool = False, method: str = "naiv
 
 
 def run(quick: bool = False) -> dict:
-    overrides = [*OVERRIDES, *(["trainer.max_epochs=1", "model=vit_micro"] if quick else [])]  # quick: a smoke run
+    overrides = [*OVERRIDES, *(QUICK if quick else [])]
     cfg = compose_config(overrides)
     root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_avalanche_"))
     counter = iter(range(10**6))
@@ -230,7 +232,7 @@ def run(quick: bool = False) -> dict:
                                    repeats=repeats, warmup=0 if quick else 1)
     a_suite = results["suite"]["metrics"]["final_average_accuracy"]
     a_av, a_fused = results[False]["final_average_accuracy"], results[True]["final_average_accuracy"]
-    case = f"split-digits, 5 experiences, {cfg.trainer.max_epochs} epochs"
+    case = f"split-digits, {cfg.benchmark.n_experiences} experiences, {cfg.trainer.max_epochs} epochs"
     rows = []
     for key, label, a_base in (("avalanche", case, a_av), ("avalanche_fused", f"{case}, Naive fused AdamW", a_fused)):
         for clock, times in (("wall", wall), ("CPU", cpu)):
