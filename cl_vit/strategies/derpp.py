@@ -52,7 +52,8 @@ class DERpp(Replay):
             terms = derpp_terms(module.forward_outputs(a["x"])["logits"], stored,
                                 module.forward_outputs(b["x"])["logits"], b["y"], self.alpha, self.beta,
                                 lambda z, y: classification_loss(z, y, module.seen_mask, module.loss_name))
-        self.add(batch["key"], batch["y"], outputs["logits"])  # after the draws, as Mammoth L56
+        n = len(batch["key"])  # the batch's own samples (another replay strategy may have appended its memory's)
+        self.add(batch["key"], batch["y"][:n], outputs["logits"][:n])  # after the draws, as Mammoth L56
         return terms
 
     def __repr__(self) -> str:

@@ -105,31 +105,36 @@ def reservoir_slots(n_seen: int, n_new: int, size: int, gen: torch.Generator) ->
 
 
 class MemoryDataset(Dataset):
-    """Memory samples read from the stream: items as the stream's, (x, y, task)."""
+    """Memory samples read from the stream: items as the stream's, (x, y, task); ``keyed``: (x, y, task, -1), to
+    join a keyed training set (-1: not a sample of the experience's own data)."""
 
-    def __init__(self, dataset_of, exp: torch.Tensor, idx: torch.Tensor, transform: str = "train"):
-        self.exp, self.idx = exp.tolist(), idx.tolist()
+    def __init__(self, dataset_of, exp: torch.Tensor, idx: torch.Tensor, transform: str = "train",
+                 keyed: bool = False):
+        self.exp, self.idx, self.keyed = exp.tolist(), idx.tolist(), keyed
         self._datasets = {j: dataset_of(j, transform=transform) for j in sorted(set(self.exp))}
 
     def __len__(self):
         return len(self.idx)
 
     def __getitem__(self, k):
-        return self._datasets[self.exp[k]][self.idx[k]]
+        item = self._datasets[self.exp[k]][self.idx[k]]
+        return (*item[:3], -1) if self.keyed else item
 
 
 class _Keyed(Dataset):
-    """Items (x, y, task, position): the training step sees which samples it trains on (reservoir updates)."""
+    """Items (x, y, task, key): the training step sees which samples of the experience's own data it trains on
+    (reservoir updates); key = the position among the first ``n_own`` items, which are the experience's own (a
+    memory concatenated after them), -1 for the others."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, n_own: int):
+        self.dataset, self.n_own = dataset, n_own
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, k):
         item = self.dataset[k]
-        return item[0], item[1], item[2] if len(item) > 2 else 0, k
+        return item[0], item[1], item[2] if len(item) > 2 else 0, k if k < self.n_own else -1
 
 
 @register_strategy
@@ -175,14 +180,17 @@ class Replay(Strategy):
 
     def train_dataset(self, module, experience: ExperienceInfo, dataset):
         self._experience, self.draws, self._datasets = experience, 0, {}
+        n_own = len(experience.dataset(experience.index))
         if self.policy == "reservoir":
-            return _Keyed(dataset)
+            return _Keyed(dataset, n_own)
         if not len(self) or self.mix == "batch":
             return dataset
+        keyed = isinstance(dataset, _Keyed)  # another strategy's reservoir reads the keys
         if self.mix == "resample":
-            draw = torch.randint(len(self), (len(dataset),), generator=generator(self.seed, RESAMPLE, experience.index))
-            return ConcatDataset([dataset, MemoryDataset(experience.dataset, self.exp[draw], self.idx[draw])])
-        return ConcatDataset([dataset, MemoryDataset(experience.dataset, self.exp, self.idx)])
+            draw = torch.randint(len(self), (n_own,), generator=generator(self.seed, RESAMPLE, experience.index))
+            return ConcatDataset([dataset, MemoryDataset(experience.dataset, self.exp[draw], self.idx[draw],
+                                                         keyed=keyed)])
+        return ConcatDataset([dataset, MemoryDataset(experience.dataset, self.exp, self.idx, keyed=keyed)])
 
     def sample(self, module, n: int) -> tuple[torch.Tensor, dict]:
         """``n`` memory samples drawn without replacement (fewer when it holds fewer, Mammoth buffer.py L523-529),
@@ -207,20 +215,21 @@ class Replay(Strategy):
         if len(self):
             _, mem = self.sample(module, self.batch_size)
             current = batch
+            # "key" keeps naming the first rows only: the batch's own samples
             batch = {**batch, "x": torch.cat([batch["x"], mem["x"].to(batch["x"].dtype)]),
                      "y": torch.cat([batch["y"], mem["y"]])}
-            batch.pop("key", None)
             if self.policy == "reservoir":  # the memory takes the batch's own samples, not the replayed ones
-                self.add(current["key"], current["y"])
+                self.add(current["key"], current["y"][: len(current["key"])])
         elif self.policy == "reservoir":
-            self.add(batch["key"], batch["y"])
+            self.add(batch["key"], batch["y"][: len(batch["key"])])
         return batch
 
     # -- filling the memory ------------------------------------------------------------------------------------------
 
     def add(self, keys: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None) -> None:
         """Reservoir update with this step's training samples of every process (rank order)."""
-        part = (keys.cpu(), labels.cpu(), None if logits is None else logits.detach().float().cpu())
+        own = keys >= 0  # not the samples a concatenated memory added
+        part = (keys[own].cpu(), labels[own].cpu(), None if logits is None else logits[own].detach().float().cpu())
         parts = distributed.all_gather_object(part)
         keys = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
