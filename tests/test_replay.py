@@ -96,6 +96,8 @@ def test_resume_ends_as_the_uninterrupted_run(tmp_path, data_root, monkeypatch, 
     a, b = (_memory_by_experience(tmp_path / d, name, 2) for d in ("whole", "cut"))
     assert state_equal(a, b)
     assert len(a[1]["idx"]) == 30
+    if strategy == "icarl":  # the evaluation predicts by nearest mean; the linear head is reported beside it
+        assert {c["head"] for c in whole["confusion"]} >= {"main", "cnn"}
 
 
 def test_replay_composes_with_l2_and_changes_the_run(tmp_path, data_root):
