@@ -493,6 +493,7 @@ class ContinualRunner:
                 dataset_labels=self.dataset_labels,
                 dataset=lambda j, transform="train": (statistics_dataset(self.scenario, j) if transform == "test"
                                                       else self.scenario.train_stream[j].dataset),
+                seed=int(self.seed),
             )
             log.info(
                 "Experience %d/%d · %d classes %s · %d training images",

@@ -54,6 +54,9 @@ class ExperienceInfo:
     #: ``dataset(j, transform="train")``: the training dataset of experience j <= index, items (x, y, task), under the
     #: training or (``"test"``) the test transform: a replay memory keeps indices into these, not images
     dataset: Callable[..., Any] | None = None
+    #: the run's seed: a strategy's own random draws are functions of (seed, index, ...), so a resumed run and every
+    #: process under DDP draw the same numbers (a replay memory's choices)
+    seed: int = 0
 
 
 class Strategy:

@@ -31,10 +31,9 @@ class DERpp(Replay):
     name = "derpp"
     keeps_logits = True
 
-    def __init__(self, alpha: float = 0.3, beta: float = 0.5, memory_size: int = 500, batch_size: int = 32,
-                 seed: int = 0):
+    def __init__(self, alpha: float = 0.3, beta: float = 0.5, memory_size: int = 500, batch_size: int = 32):
         super().__init__(memory_size=memory_size, policy="reservoir", selection="random", mix="batch",
-                         batch_size=batch_size, seed=seed)
+                         batch_size=batch_size)
         self.alpha = _number(f"strategy.{self.name}.alpha", alpha)
         self.beta = _number(f"strategy.{self.name}.beta", beta)
 

@@ -57,9 +57,9 @@ class ICaRL(Replay):
     cls_loss_weight = 0.0  # the BCE with distillation targets is the classification loss
     reads_old_logits = True
 
-    def __init__(self, memory_size: int = 2000, flip: bool = True, selection: str = "herding", seed: int = 0):
+    def __init__(self, memory_size: int = 2000, flip: bool = True, selection: str = "herding"):
         super().__init__(memory_size=memory_size, policy="coreset", selection=selection, mix="append",
-                         remainder="none", seed=seed)
+                         remainder="none")
         self.flip = bool(flip)
         self.previous = PreviousModel()
         self.means: torch.Tensor | None = None

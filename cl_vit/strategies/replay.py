@@ -27,9 +27,9 @@ How its samples reach training (``mix``):
 - ``batch`` (Mammoth models/er.py L53-57): every step, ``batch_size`` memory samples drawn without replacement are
   concatenated to the batch (the reservoir policy needs this: the memory changes during the experience).
 
-Every random choice is a function of (``seed``, experience, step, process): a resumed run draws the same numbers,
-and under DDP each process replays its own draws from the same memory. Reservoir updates are gathered from every
-process (in rank order) so that the memory stays the same everywhere.
+Every random choice is a function of (the run's seed, experience, draw, process): a resumed run draws the same
+numbers, and under DDP each process replays its own draws from the same memory. Reservoir updates are gathered from
+every process (in rank order) so that the memory stays the same everywhere.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class Replay(Strategy):
     keeps_logits = False
 
     def __init__(self, memory_size: int = 2000, policy: str = "coreset", selection: str = "random",
-                 mix: str = "resample", batch_size: int = 32, remainder: str = "latest", seed: int = 0):
+                 mix: str = "resample", batch_size: int = 32, remainder: str = "latest"):
         key = f"strategy.{self.name}"
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
             raise ConfigError(f"{key}.memory_size", memory_size, "a whole number >= 1 (samples kept)")
@@ -161,11 +161,13 @@ class Replay(Strategy):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"{key}.batch_size", batch_size, "a whole number >= 1")
         self.memory_size, self.policy, self.selection = memory_size, policy, selection
-        self.mix, self.batch_size, self.remainder, self.seed = mix, batch_size, remainder, int(seed)
+        self.mix, self.batch_size, self.remainder = mix, batch_size, remainder
         self.exp = torch.zeros(0, dtype=torch.long)
         self.idx = torch.zeros(0, dtype=torch.long)
         self.labels = torch.zeros(0, dtype=torch.long)
         self.logits: torch.Tensor | None = None
+        #: the run's seed (ExperienceInfo.seed)
+        self.seed = 0
         #: reservoir: samples of the stream offered to the memory so far
         self.n_seen = 0
         #: memory draws in this experience (every draw a function of it: a resume mid-experience draws the same)
@@ -180,6 +182,7 @@ class Replay(Strategy):
 
     def train_dataset(self, module, experience: ExperienceInfo, dataset):
         self._experience, self.draws, self._datasets = experience, 0, {}
+        self.seed = experience.seed
         n_own = len(experience.dataset(experience.index))
         if self.policy == "reservoir":
             return _Keyed(dataset, n_own)
@@ -269,7 +272,7 @@ class Replay(Strategy):
 
             feats, _ = experience_embeddings(module, experience, "test")
             feats = feats / feats.norm(dim=1, keepdim=True)  # Mammoth fill_buffer L804-805 (normalize_features)
-        gen = generator(self.seed, CORESET, experience.index)
+        gen = generator(experience.seed, CORESET, experience.index)
         exp, idx, labels = [], [], []
         for c, k in quota.items():
             if c in experience.classes:
