@@ -185,3 +185,29 @@ def test_icarl_loss_is_bce_with_the_old_networks_sigmoids():
     target = torch.cat([torch.sigmoid(old_logits[:, :2]), F.one_hot(y, 6).float()[:, 2:]], 1)
     direct = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
     torch.testing.assert_close(icarl_loss(logits, old_logits, y, old), direct)
+
+
+def test_a_reservoir_restored_mid_experience_continues_with_the_same_draws(data_root):
+    # what an epoch checkpoint restores (checkpoint_every_epochs): memory, stream count and draw counter
+    module, info, x, y = _tiny(data_root)
+
+    def step(s, k):
+        batch = {"x": x[4 * k:4 * k + 4], "y": y[4 * k:4 * k + 4], "key": torch.arange(4 * k, 4 * k + 4)}
+        with torch.no_grad():
+            return s.training_loss(module, batch, module.forward_outputs(batch["x"]))
+
+    a = DERpp(memory_size=6, batch_size=3)
+    a.train_dataset(module, info, None)
+    for k in range(3):
+        step(a, k)
+    b = DERpp(memory_size=6, batch_size=3)
+    b.train_dataset(module, info, None)
+    b.load_state_dict(a.state_dict())
+    c = DERpp(memory_size=6, batch_size=3)  # the same memory without the draw counter
+    c.train_dataset(module, info, None)
+    c.load_state_dict({**a.state_dict(), "draws": 0})
+    ta, tb = step(a, 3), step(b, 3)
+    assert ta.keys() == {"logits", "labels"} and all(torch.equal(ta[n], tb[n]) for n in ta)
+    assert state_equal(a.state_dict(), b.state_dict())
+    drawn = [s.sample(module, 3)[0].tolist() for s in (a, b, c)]
+    assert drawn[0] == drawn[1] != drawn[2]
