@@ -192,7 +192,7 @@ class ContinualModule(L.LightningModule):
     # -- training --------------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
-        batch = {"x": batch[0], "y": batch[1]}
+        batch = {"x": batch[0], "y": batch[1], **({"key": batch[3]} if len(batch) > 3 else {})}
         for s in self.strategies:
             batch = s.before_batch(self, batch)
         outputs = self.forward_outputs(batch["x"])
@@ -393,6 +393,8 @@ class ContinualModule(L.LightningModule):
         """Task-agnostic predictions over the classes seen so far: the main output and every extra head."""
         x, y, exp = batch
         outputs = self.forward_outputs(x)
+        for s in self.strategies:
+            outputs = s.evaluation_outputs(self, outputs)
         preds = {"main": outputs["logits"].masked_fill(~self.seen_mask, float("-inf")).argmax(1)}
         for name, logits in outputs.get("heads", {}).items():
             preds[name] = logits.masked_fill(~self.seen_mask, float("-inf")).argmax(1)

@@ -491,13 +491,19 @@ class ContinualRunner:
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
                 dataset_labels=self.dataset_labels,
+                dataset=lambda j, transform="train": (statistics_dataset(self.scenario, j) if transform == "test"
+                                                      else self.scenario.train_stream[j].dataset),
+                seed=int(self.seed),
             )
             log.info(
                 "Experience %d/%d · %d classes %s · %d training images",
                 i + 1, n, len(info.classes), _short(info.classes), len(experience.dataset),
             )
             repeated = self.loader.repeated_aug
-            loader = self._loader(experience.dataset, True, experience_seed(self.seed, i), repeated=repeated)
+            dataset = experience.dataset
+            for s in self.module.strategies if self.train else ():  # a replay memory's samples join the experience's
+                dataset = s.train_dataset(self.module, info, dataset)
+            loader = self._loader(dataset, True, experience_seed(self.seed, i), repeated=repeated)
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
             per_process = len(loader) if repeated else math.ceil(len(loader) / distributed.world_size())
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))

@@ -5,6 +5,7 @@ The runner calls, for every training experience::
     setup(module)                                   once, after the model is built (may wrap or grow module.net)
     load_state_dict(state)                          on resume, before the network weights are restored
     before_experience(module, experience)           may freeze parameters, snapshot anchors, copy old models
+    train_dataset(module, experience, dataset)      the experience's training data (a replay memory adds to it)
       -- Lightning fit: per batch --
       lr_scales(module) -> {name: factor}           when the optimiser is built (e.g. SLCA's slower backbone)
       frozen_slices(module) -> {name: rows|mask}    entries that must not move although their tensor trains
@@ -12,6 +13,7 @@ The runner calls, for every training experience::
       training_loss(module, batch, outputs) -> {name: tensor}   extra loss terms, each logged on its own
       after_backward(module)                        e.g. gradient masking
     after_experience(module, experience)            e.g. Fisher information, new anchors
+    evaluation_outputs(module, outputs) -> outputs  the network's outputs at evaluation (iCaRL's nearest-mean scores)
     state_dict() -> dict                            everything a later experience reads (saved per experience)
 
 Several strategies compose in one run; their terms are summed with the classification loss, which is scaled by the
@@ -49,6 +51,12 @@ class ExperienceInfo:
     #: label of every stream class in the dataset's own files, before any re-indexing (map_targets): the output order
     #: of checkpoints trained outside the suite (DeiT-LT's released teachers); None when unknown
     dataset_labels: list[int] | None = None
+    #: ``dataset(j, transform="train")``: the training dataset of experience j <= index, items (x, y, task), under the
+    #: training or (``"test"``) the test transform: a replay memory keeps indices into these, not images
+    dataset: Callable[..., Any] | None = None
+    #: the run's seed: a strategy's own random draws are functions of (seed, index, ...), so a resumed run and every
+    #: process under DDP draw the same numbers (a replay memory's choices)
+    seed: int = 0
 
 
 class Strategy:
@@ -70,6 +78,11 @@ class Strategy:
 
     def before_experience(self, module: "ContinualModule", experience: ExperienceInfo) -> None:
         pass
+
+    def train_dataset(self, module: "ContinualModule", experience: ExperienceInfo, dataset):
+        """The dataset the experience's training loader draws from (called before ``before_experience``); items
+        (x, y, task[, key]): a fourth element reaches ``before_batch`` and ``training_loss`` as ``batch["key"]``."""
+        return dataset
 
     def before_batch(self, module: "ContinualModule", batch: dict) -> dict:
         return batch
@@ -93,6 +106,10 @@ class Strategy:
 
     def after_experience(self, module: "ContinualModule", experience: ExperienceInfo) -> None:
         pass
+
+    def evaluation_outputs(self, module: "ContinualModule", outputs: dict) -> dict:
+        """The outputs (``logits``, ``pre_logits``, ``heads``) the evaluation predicts from; as computed by default."""
+        return outputs
 
     def state_dict(self) -> dict:
         return {}
