@@ -37,9 +37,10 @@ log = logging.getLogger("cl_vit")
 
 def kd_term(logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """engine.py forward: ``tau^2 * kl_div(log_softmax(z / tau), log_softmax(z_t / tau), 'mean', log_target)``
-    on the old classes' logits: the KL summed over classes, averaged over batch x classes."""
+    on the old classes' logits: the pointwise KL averaged over batch x classes (what 'mean' computes, without its
+    warning that 'batchmean' is the true KL)."""
     return F.kl_div(F.log_softmax(logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
-                    reduction="mean", log_target=True) * tau ** 2
+                    reduction="none", log_target=True).mean() * tau ** 2
 
 
 def divergence_targets(y: torch.Tensor, new_classes: torch.Tensor) -> torch.Tensor:
