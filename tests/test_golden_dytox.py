@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 from conftest import REPO_ROOT, compose, cut_and_resume, state_equal
 
@@ -80,3 +81,27 @@ def test_resume_ends_as_the_uninterrupted_run_and_old_task_stays(tmp_path, data_
         assert torch.equal(first[k], a["module"][k]), k
     assert not torch.equal(first["net.tab.attn.q.weight"], a["module"]["net.tab.attn.q.weight"])
     assert "net.head_div.fc.weight" in a["module"] and "net.head_div.fc.weight" not in first
+
+
+def test_cifar100_recipe_is_the_official_setting_and_builds_the_papers_network(data_root):
+    from cl_vit.models import build_model
+    from cl_vit.models.dytox import DyToxNet
+
+    cfg = compose(["experiment=dytox-cifar100"], data_root)
+    assert list(cfg.strategy) == ["replay", "dytox"] and cfg.loss.name == "bce"
+    r, d = cfg.strategy.replay, cfg.strategy.dytox
+    assert (r.memory_size, r.selection, r.mix, r.remainder) == (2000, "herding", "append", "none")
+    assert (d.head_div, d.distillation_tau, d.auto_kd) == (0.1, 1.0, True)
+    assert cfg.benchmark.class_order == "file:cifar100-dytox.yaml" and cfg.benchmark.n_experiences == 10
+    # main.py L515-518: 5e-4 x 128 per GPU x 2 GPUs / 512; min_lr 1e-5
+    assert cfg.optimizer.lr == pytest.approx(5e-4 * cfg.data.batch_size * cfg.trainer.devices / 512)
+    assert cfg.optimizer.lr * cfg.scheduler.min_lr_ratio == pytest.approx(1e-5)
+    assert (cfg.data.batch_size, cfg.trainer.devices, cfg.trainer.max_epochs) == (128, 2, 500)
+    net = DyToxNet(build_model(OmegaConf.to_container(cfg.model), 100, 3, 32), 100)
+    assert len(net.backbone.blocks) == 5 and net.embed_dim == 384 and net.hidden_dim == 1536
+    assert net.tab.attn.num_heads == 12 and net.tab.attn.q.bias is None and net.tab_from_backbone
+    net.add_task(range(10))
+    net.add_task(range(10, 20))
+    with torch.no_grad():
+        out = net.train().forward_outputs(torch.randn(2, 3, 32, 32))
+    assert out["logits"].shape == (2, 100) and out["div"].shape == (2, 11) and out["pre_logits"].shape == (2, 768)
