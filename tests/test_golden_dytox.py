@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from omegaconf import OmegaConf
 import torch
 from conftest import REPO_ROOT, compose, cut_and_resume, state_equal
+from omegaconf import OmegaConf
 
 from cl_vit.errors import ConfigError
 from cl_vit.rundir import RunDirectory
