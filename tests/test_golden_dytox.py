@@ -68,19 +68,42 @@ FAST = ["model=vit_micro", "trainer.max_epochs=1", "trainer.accelerator=cpu", "t
         "logger=none", "strategy=dytox", "strategy.replay.memory_size=30", "benchmark.n_experiences=2"]
 
 
-def test_resume_ends_as_the_uninterrupted_run_and_old_task_stays(tmp_path, data_root, monkeypatch):
+def test_resume_ends_as_the_uninterrupted_run_and_finetuning_moves_only_what_it_should(tmp_path, data_root,
+                                                                                        monkeypatch):
+    finetuned = []
+    finetune = DyTox.balanced_finetuning
+
+    def spy(self, module, experience):
+        before = {k: v.clone() for k, v in module.net.state_dict().items()}
+        finetune(self, module, experience)
+        finetuned.append((experience.index, before, module.net.state_dict()))
+
+    monkeypatch.setattr(DyTox, "balanced_finetuning", spy)
     whole = run(compose(FAST, data_root), tmp_path / "whole")
     resumed = cut_and_resume(monkeypatch, FAST, data_root, tmp_path / "cut", after=0)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     a, b = (RunDirectory(tmp_path / d).load_checkpoint(1) for d in ("whole", "cut"))
     assert state_equal(a["module"], b["module"]) and state_equal(a["strategies"], b["strategies"])
     assert set(a["strategies"]) == {"replay", "dytox"} and len(a["strategies"]["replay"]["idx"]) == 30
-    # the first task's token and classifier are bit-identical after the second task; the shared parts moved
-    first = RunDirectory(tmp_path / "whole").load_checkpoint(0)["module"]
+    assert "net.head_div.fc.weight" in a["module"]
+    # the finetuning ran after the second experience only: the encoder and the divergence head stay, the old and
+    # new tokens, classifiers and the task-attention block move (freeze_ft [sab])
+    assert [i for i, *_ in finetuned] == [1]
+    _, before, after = finetuned[0]
+    for k in before:
+        moved = not torch.equal(before[k], after[k])
+        if k.startswith(("backbone.", "head_div.")):
+            assert not moved, k
+        elif k in ("tokens.0", "heads.0.fc.weight", "tokens.1", "heads.1.fc.weight", "tab.attn.q.weight"):
+            assert moved, k
+
+
+def test_without_finetuning_the_first_task_stays_fixed(tmp_path, data_root):
+    run(compose([*FAST, "strategy.dytox.finetuning_epochs=0"], data_root), tmp_path / "run")
+    first, second = (RunDirectory(tmp_path / "run").load_checkpoint(i)["module"] for i in (0, 1))
     for k in ("net.tokens.0", "net.heads.0.fc.weight", "net.heads.0.norm.weight"):
-        assert torch.equal(first[k], a["module"][k]), k
-    assert not torch.equal(first["net.tab.attn.q.weight"], a["module"]["net.tab.attn.q.weight"])
-    assert "net.head_div.fc.weight" in a["module"] and "net.head_div.fc.weight" not in first
+        assert torch.equal(first[k], second[k]), k
+    assert not torch.equal(first["net.tab.attn.q.weight"], second["net.tab.attn.q.weight"])
 
 
 def test_cifar100_recipe_is_the_official_setting_and_builds_the_papers_network(data_root):
@@ -91,7 +114,8 @@ def test_cifar100_recipe_is_the_official_setting_and_builds_the_papers_network(d
     assert list(cfg.strategy) == ["replay", "dytox"] and cfg.loss.name == "bce"
     r, d = cfg.strategy.replay, cfg.strategy.dytox
     assert (r.memory_size, r.selection, r.mix, r.remainder) == (2000, "herding", "append", "none")
-    assert (d.head_div, d.distillation_tau, d.auto_kd) == (0.1, 1.0, True)
+    assert (d.head_div, d.distillation_tau, d.auto_kd, d.finetuning_epochs) == (0.1, 1.0, True, 20)
+    assert d.finetuning_lr == pytest.approx(5e-5 * cfg.data.batch_size * cfg.trainer.devices / 512)
     assert cfg.benchmark.class_order == "file:cifar100-dytox.yaml" and cfg.benchmark.n_experiences == 10
     # main.py L515-518: 5e-4 x 128 per GPU x 2 GPUs / 512; min_lr 1e-5
     assert cfg.optimizer.lr == pytest.approx(5e-4 * cfg.data.batch_size * cfg.trainer.devices / 512)

@@ -16,8 +16,14 @@ plug-in holds the policy:
 The rehearsal memory is the suite's replay strategy (cl_vit/strategies/replay.py): configs/strategy/dytox.yaml
 pulls it in with the official memory (herding, ``memory_size // seen classes`` per class, added once to the
 experience's data), so every sample of the batch, replayed or new, takes the same three terms, as in the official
-code. Not done: the official balanced finetuning after each experience (``finetuning: balanced``, 20 epochs on a
-class-balanced subset with the encoder frozen).
+code.
+
+After each experience but the first, the balanced finetuning (main.py, FINETUNING; ``finetuning: balanced``): the
+classification loss alone (no teacher, no divergence head: ``head_div_mode tr``) on the memory as it stands after the
+experience (continual/rehearsal.py get_finetuning_dataset: the memory only, class-balanced by construction), for
+``finetuning_epochs`` at a constant learning rate, with the encoder frozen and everything else trainable, the old
+tokens and classifiers included (``freeze_ft: [sab]``; ``freeze`` re-enables all first). It runs in
+``after_experience`` as a plain loop; under DDP every process runs the whole memory and the gradients are averaged.
 """
 from __future__ import annotations
 
@@ -28,9 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cl_vit import distributed
 from cl_vit.errors import ConfigError, UserError
 from cl_vit.models.dytox import DyToxNet
 from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
+from cl_vit.strategies.replay import MemoryDataset, Replay, draw_seed
+
+#: the purpose of the finetuning loader's seed (cl_vit/strategies/replay.py numbers its own 0-3)
+FINETUNE = 10
 
 log = logging.getLogger("cl_vit")
 
@@ -66,8 +77,12 @@ class DyTox(Strategy):
     reads_old_logits = True
 
     def __init__(self, head_div: float = 0.1, distillation_tau: float = 1.0, auto_kd: bool = True, kd: float = 0.0,
-                 init_from_last_block: bool = True, backbone_no_decay: bool = True):
-        for key, v in (("head_div", head_div), ("kd", kd)):
+                 init_from_last_block: bool = True, backbone_no_decay: bool = True, finetuning_epochs: int = 20,
+                 finetuning_lr: float = 1.25e-5, finetuning_weight_decay: float = 1e-6):
+        if isinstance(finetuning_epochs, bool) or not isinstance(finetuning_epochs, int) or finetuning_epochs < 0:
+            raise ConfigError("strategy.dytox.finetuning_epochs", finetuning_epochs, "a whole number >= 0 (0: none)")
+        for key, v in (("head_div", head_div), ("kd", kd), ("finetuning_lr", finetuning_lr),
+                       ("finetuning_weight_decay", finetuning_weight_decay)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"strategy.dytox.{key}", v, "a number >= 0")
         if isinstance(distillation_tau, bool) or not isinstance(distillation_tau, (int, float)) \
@@ -79,6 +94,9 @@ class DyTox(Strategy):
         self.kd = float(kd)
         self.init_from_last_block = bool(init_from_last_block)
         self.backbone_no_decay = bool(backbone_no_decay)
+        self.finetuning_epochs = finetuning_epochs
+        self.finetuning_lr = float(finetuning_lr)
+        self.finetuning_weight_decay = float(finetuning_weight_decay)
         self.module = None
         self.teacher: nn.Module | None = None
         self._new: torch.Tensor | None = None
@@ -140,6 +158,46 @@ class DyTox(Strategy):
 
     def after_experience(self, module, experience: ExperienceInfo) -> None:
         self.teacher = None
+        if self.finetuning_epochs and experience.index > 0:
+            self.balanced_finetuning(module, experience)
+
+    def balanced_finetuning(self, module, experience: ExperienceInfo) -> None:
+        from cl_vit.module import classification_loss
+
+        memory = next((s for s in module.strategies if isinstance(s, Replay)), None)
+        if memory is None or not len(memory):
+            log.warning("dytox: no replay memory to finetune on (compose strategy=[replay,dytox]); finetuning skipped")
+            return
+        net: DyToxNet = module.net
+        net.requires_grad_(True)
+        net.backbone.requires_grad_(False)
+        if net.head_div is not None:  # not in the loss ('tr' only): the official AdamW skips it (no gradient)
+            net.head_div.requires_grad_(False)
+        net.train()  # freeze(['sab']) sets the SABs to eval; train_one_epoch's model.train() undoes it (engine.py L36)
+        params = [p for p in net.parameters() if p.requires_grad]
+        # timm create_optimizer: no weight decay on 1-D parameters and biases
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": self.finetuning_weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=self.finetuning_lr, eps=1e-8)
+        loader = experience.train_loader(MemoryDataset(experience.dataset, memory.exp, memory.idx),
+                                         seed=draw_seed(experience.seed, FINETUNE, experience.index))
+        with torch.enable_grad():
+            for _ in range(self.finetuning_epochs):
+                for x, y, *_ in loader:
+                    x, y = x.to(module.device), torch.as_tensor(y).to(module.device)
+                    logits = net.forward_outputs(x)["logits"]
+                    loss = classification_loss(logits, y, module.seen_mask, module.loss_name)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if distributed.world_size() > 1:  # every process ran the whole memory: average, as DDP would
+                        grads = distributed.reduce_mean(module, {str(i): p.grad for i, p in enumerate(params)
+                                                                 if p.grad is not None})
+                        for i, g in grads.items():
+                            params[int(i)].grad.copy_(g)
+                    opt.step()
+        net.eval()
+        log.info("  dytox: balanced finetuning, %d epochs on %d memory samples, last loss %.4f",
+                 self.finetuning_epochs, len(memory), float(loss.detach()))
 
     def state_dict(self) -> dict:
         net = self.module.net if self.module is not None else None
@@ -157,4 +215,4 @@ class DyTox(Strategy):
 
     def __repr__(self) -> str:
         return (f"DyTox(head_div={self.head_div:g}, distillation_tau={self.tau:g}, auto_kd={self.auto_kd}, "
-                f"kd={self.kd:g})")
+                f"kd={self.kd:g}, finetuning_epochs={self.finetuning_epochs})")
