@@ -202,6 +202,42 @@ def _num_heads(block: nn.Module, backbone: nn.Module, dim: int) -> int:
     return max(h for h in range(1, 17) if dim % h == 0)
 
 
+def split_last_block(backbone: nn.Module, strategy: str,
+                     norm_eps: float | None = None) -> tuple[GatedClassAttentionBlock, nn.Module, int, int]:
+    """Cut a timm ViT (or Refiner-ViT) in place into SABs (its blocks but the last) and a class-attention block of
+    the last block's shapes: (the CAB, the cut block, width D, MLP width). GCAB and DyTox share this layout.
+    ``norm_eps``: every LayerNorm's eps, the backbone's and the CAB's (None: the backbone's own)."""
+    blocks = getattr(backbone, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) < 1 or not hasattr(
+            backbone, "forward_features"):
+        raise UserError(
+            f"strategy {strategy} needs a ViT backbone with transformer blocks (model.blocks), got "
+            f"{type(backbone).__name__}: choose a timm ViT or Refiner-ViT with model.name"
+        )
+    last = blocks[-1]
+    backbone.blocks = blocks[:-1]
+    # the features stop after the SABs; the backbone's final norm and classifier are not used
+    for name in ("norm", "fc_norm", "head_drop", "head"):
+        if isinstance(getattr(backbone, name, None), nn.Module):
+            setattr(backbone, name, nn.Identity())
+    if isinstance(getattr(backbone, "attn_pool", None), nn.Module):
+        backbone.attn_pool = None
+    dim = int(getattr(backbone, "embed_dim", None) or backbone.num_features)
+    fc1 = getattr(getattr(last, "mlp", None), "fc1", None)
+    hidden = fc1.out_features if isinstance(fc1, nn.Linear) else 4 * dim
+    qkv = getattr(getattr(last, "attn", None), "qkv", None)
+    qkv_bias = isinstance(qkv, nn.Linear) and qkv.bias is not None
+    dp = getattr(getattr(last, "drop_path1", getattr(last, "drop_path", None)), "drop_prob", 0.0)
+    eps = getattr(getattr(last, "norm1", None), "eps", 1e-6)
+    if norm_eps is not None:  # the official ConViT's nn.LayerNorm (eps 1e-5) where timm's uses 1e-6
+        eps = float(norm_eps)
+        for m in backbone.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+    cab = GatedClassAttentionBlock(dim, _num_heads(last, backbone, dim), hidden, qkv_bias, float(dp), eps)
+    return cab, last, dim, hidden
+
+
 class GatedNet(nn.Module):
     """A timm ViT (or Refiner-ViT) turned into GCAB: its blocks but the last act as SABs, the last becomes the CAB.
 
@@ -213,33 +249,7 @@ class GatedNet(nn.Module):
     def __init__(self, backbone: nn.Module, n_classes: int, s_max: float = S_MAX, init_from_last_block: bool = True,
                  projector_norm: str = "token", norm_eps: float | None = None):
         super().__init__()
-        blocks = getattr(backbone, "blocks", None)
-        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) < 1 or not hasattr(
-                backbone, "forward_features"):
-            raise UserError(
-                f"strategy gcab needs a ViT backbone with transformer blocks (model.blocks), got "
-                f"{type(backbone).__name__}: choose a timm ViT or Refiner-ViT with model.name"
-            )
-        last = blocks[-1]
-        backbone.blocks = blocks[:-1]
-        # the features stop after the SABs; the backbone's final norm and classifier are not used
-        for name in ("norm", "fc_norm", "head_drop", "head"):
-            if isinstance(getattr(backbone, name, None), nn.Module):
-                setattr(backbone, name, nn.Identity())
-        if isinstance(getattr(backbone, "attn_pool", None), nn.Module):
-            backbone.attn_pool = None
-        dim = int(getattr(backbone, "embed_dim", None) or backbone.num_features)
-        fc1 = getattr(getattr(last, "mlp", None), "fc1", None)
-        hidden = fc1.out_features if isinstance(fc1, nn.Linear) else 4 * dim
-        qkv = getattr(getattr(last, "attn", None), "qkv", None)
-        qkv_bias = isinstance(qkv, nn.Linear) and qkv.bias is not None
-        dp = getattr(getattr(last, "drop_path1", getattr(last, "drop_path", None)), "drop_prob", 0.0)
-        eps = getattr(getattr(last, "norm1", None), "eps", 1e-6)
-        if norm_eps is not None:  # the official ConViT's nn.LayerNorm (eps 1e-5) where timm's uses 1e-6
-            eps = float(norm_eps)
-            for m in backbone.modules():
-                if isinstance(m, nn.LayerNorm):
-                    m.eps = eps
+        cab, last, dim, hidden = split_last_block(backbone, "gcab", norm_eps)
 
         self.projector_tokens = None  # projector_norm "token": each token normalised on its own
         if projector_norm == "image":
@@ -252,7 +262,7 @@ class GatedNet(nn.Module):
             raise ValueError(f"projector_norm must be 'token' or 'image', got {projector_norm!r}")
         self.backbone = backbone
         self.embed_dim, self.hidden_dim, self.n_classes = dim, hidden, n_classes
-        self.cab = GatedClassAttentionBlock(dim, _num_heads(last, backbone, dim), hidden, qkv_bias, float(dp), eps)
+        self.cab = cab
         self.cab_from_backbone = bool(init_from_last_block) and self.cab.init_from_block(last)
         self.tokens = nn.ParameterList()
         self.heads = nn.ModuleList()
@@ -370,4 +380,4 @@ class GatedNet(nn.Module):
         return out
 
 
-__all__ = ["GatedNet", "GatedClassAttentionBlock", "DriftProjector", "TaskHead", "sab_features", "S_MAX"]
+__all__ = ["GatedNet", "split_last_block", "GatedClassAttentionBlock", "DriftProjector", "TaskHead", "sab_features", "S_MAX"]
