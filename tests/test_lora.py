@@ -194,9 +194,9 @@ def test_refiner_vit_attention_takes_the_terms_and_its_backbone_stays_bit_identi
 def test_ddp_runs_and_inflora_designs_the_first_task_from_every_shard(tmp_path, data_root):
     """trainer=ddp on 2 CPU processes (gloo): the run completes (the runner checks that both ranks hold the same
     state; SD-LoRA has no code of its own under DDP, so InfLoRA's run, which sums statistics across processes,
-    stands for both); InfLoRA's first down-projection, designed from the input statistics of both processes' shares added
-    together before anything trains, spans what one process designs from all the images (its projector A^T A, free
-    of the singular vectors' signs)."""
+    stands for both); InfLoRA's first down-projection, designed from the input statistics of both processes' shares
+    added together before anything trains, spans what one process designs from all the images (its projector A^T A,
+    free of the singular vectors' signs)."""
     args = [*FAST, "strategy=inflora", "strategy.inflora.statistics_transform=test"]
     run_ddp(args, tmp_path / "ddp", data_root)
     run(compose(args, data_root), tmp_path / "one")
