@@ -53,4 +53,7 @@ def test_the_table_lists_each_strategy_with_the_a_n_of_its_runs(tmp_path, data_r
     assert strategy_table.main(argv) == 0
     assert "0 runs to train, 2 found done" in capsys.readouterr().out
     assert (out / "strategy_table.md").read_text() == text
+    # a run whose setting is no longer what the command composes (a default changed since) is not shown as today's
+    assert strategy_table.main([*argv, "optimizer.weight_decay=0.01"]) == 2
+    assert "ran with optimizer.weight_decay=0.05, today's setting is 0.01: remove it" in capsys.readouterr().err
     assert np.isfinite(list(a_n.values())).all()

@@ -53,6 +53,25 @@ def _a_n(path: Path) -> str:
         return "no results"
 
 
+def changed_since(path: Path, overrides: list[str]) -> tuple[str, object, object] | None:
+    """The first config key whose value in the finished run at ``path`` differs from what the same command composes
+    today (a default changed since: the run no longer shows it), as (key, then, now); None when they agree."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import cl_vit.run  # noqa: F401  (registers the config resolvers)
+    from cl_vit.config import CONFIG_DIR
+    from cl_vit.runs import _is_execution_key, flatten_config, load_run
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        now = flatten_config(OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True))
+    then = flatten_config(load_run(path).config)
+    for key in sorted(set(now) | set(then)):
+        if not _is_execution_key(key) and now.get(key) != then.get(key):
+            return key, then.get(key), now.get(key)
+    return None
+
+
 def launch(out: Path, strategies: list[str], seeds: list[int], overrides: list[str], done: int = 0,
            total: int | None = None) -> int:
     """One multirun over ``strategies`` x ``seeds``; prints a line per job as it ends (``[k/total]``, counting from
@@ -171,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e)
     out = args.out.expanduser().resolve()
     todo = {name: [s for s in args.seeds if not completed(run_dir(out, name, s))] for name in strategies}
+    try:
+        for name in strategies:
+            for seed in sorted(set(args.seeds) - set(todo[name])):
+                path = run_dir(out, name, seed)
+                diff = changed_since(path, [f"strategy={name}", f"seed={seed}", "logger=none", *args.overrides])
+                if diff:
+                    raise UserError(f"{path} ran with {diff[0]}={diff[1]!r}, today's setting is {diff[2]!r}: remove it "
+                                    "(or give another --out) to train it again with today's defaults")
+    except UserError as e:
+        return report_error(e)
     batches: dict[tuple, list[str]] = {}
     for name, seeds in todo.items():
         if seeds:
