@@ -1,27 +1,11 @@
-"""The strategy table (python -m cl_vit.experiments.strategy_table) and the run length a strategy recommends for a
-benchmark (``recommended.<benchmark>`` in its config, read by the benchmark file)."""
+"""The strategy table: python -m cl_vit.experiments.strategy_table, every strategy against fine-tuning."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
-from conftest import TINY, compose
-
-
-def test_a_strategy_recommends_its_run_length_on_the_default_stream_and_the_command_line_still_wins():
-    plain = compose([])
-    assert (plain.trainer.max_epochs, plain.data.batch_size, plain.optimizer.lr) == (15, 32, 2e-3)
-    gcab = compose(["strategy=gcab"])
-    want = compose(["strategy=gcab"]).recommended["split-digits"]
-    assert gcab.trainer.max_epochs == want.max_epochs != 15
-    assert gcab.data.batch_size == want.get("batch_size", 32) and gcab.optimizer.lr == want.get("lr", 2e-3)
-    # composed with another strategy the recommendation still holds; the command line overrides it
-    assert compose(["strategy=[gcab,finetune]"]).trainer.max_epochs == want.max_epochs
-    assert compose(["strategy=gcab", "trainer.max_epochs=2"]).trainer.max_epochs == 2
-    # another benchmark keeps its own run length: the entry is split-digits'
-    other = compose(["strategy=gcab", "benchmark=synthetic"])
-    assert other.trainer.max_epochs == compose(["benchmark=synthetic"]).trainer.max_epochs
+from conftest import TINY
 
 
 def test_the_table_lists_each_strategy_with_the_a_n_of_its_runs(tmp_path, data_root, monkeypatch, capsys):

@@ -61,13 +61,15 @@ def changed_since(path: Path, overrides: list[str]) -> tuple[str, object, object
 
     import cl_vit.run  # noqa: F401  (registers the config resolvers)
     from cl_vit.config import CONFIG_DIR
-    from cl_vit.runs import _is_execution_key, flatten_config, load_run
+    from cl_vit.runs import Run, load_run
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        now = flatten_config(OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True))
-    then = flatten_config(load_run(path).config)
+        config = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    # what the run computed, as the report compares runs (cl_vit.runs.Run.setting), the data split aside
+    now = Run(path=path, config=config, results={}, stream=None).setting()
+    then = {k: v for k, v in load_run(path).setting().items() if k != "split"}
     for key in sorted(set(now) | set(then)):
-        if not _is_execution_key(key) and now.get(key) != then.get(key):
+        if now.get(key) != then.get(key):
             return key, then.get(key), now.get(key)
     return None
 
