@@ -210,7 +210,8 @@ def test_ewc_fisher_is_sharded_and_reduced_across_processes():
 
 
 def test_composition_adds_every_term_and_logs_each(data_root):
-    _, _, _, module, _ = build(compose(FAST + ["strategy=[l2,ewc,lwf,featkd]"], data_root))
+    # the softmax CE over the seen classes (split-digits gives l2 and ewc FT++'s head)
+    _, _, _, module, _ = build(compose(FAST + ["strategy=[l2,ewc,lwf,featkd]", "loss.mask_old_logits=false"], data_root))
     names = [s.name for s in module.strategies]
     assert names == ["l2", "ewc", "lwf", "featkd"]
     l2, ewc, lwf, featkd = module.strategies
@@ -334,9 +335,16 @@ def test_strategy_configs_compose_and_keep_the_papers_defaults():
     assert cfg.strategy.l2.params == ["*attn.qkv.*"] and cfg.strategy.l2.lam == 1e-3
     assert cfg.strategy.lwf.form == "mc" and cfg.strategy.lwf.temperature == 2.0 and cfg.strategy.lwf.lam == 1.0
     assert compose(["strategy=[ewc,featkd]", "benchmark=synthetic"]).strategy.ewc.lam == 10.0
-    # split-digits sizes the strengths for its micro ViT; the command line still wins
+    # split-digits sizes the strengths for its model, l2 and ewc in the paper's ViT setting with FT++'s head; the
+    # command line still wins
     digits = compose(["strategy=[l2,ewc,featkd]"]).strategy
-    assert (digits.l2.lam, list(digits.l2.params), digits.ewc.lam, digits.featkd.lam) == (3.0, ["*"], 1000.0, 3.0)
+    assert (digits.l2.lam, list(digits.l2.params), digits.ewc.lam, digits.featkd.lam) == (1.0, ["*attn.qkv.*"],
+                                                                                          1e4, 3.0)
+    assert digits.l2.train_only_selected and digits.ewc.train_only_selected
+    assert compose(["strategy=l2"]).loss.mask_old_logits and compose(["strategy=ewc"]).loss.mask_old_logits
+    assert not compose([]).loss.mask_old_logits and not compose(["strategy=lwf"]).loss.mask_old_logits
+    assert not compose(["strategy=l2", "benchmark=synthetic"]).loss.mask_old_logits
+    assert not compose(["strategy=l2", "loss.mask_old_logits=false"]).loss.mask_old_logits
     assert compose(["strategy=l2", "strategy.l2.lam=0.5"]).strategy.l2.lam == 0.5
 
 

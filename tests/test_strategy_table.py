@@ -1,0 +1,43 @@
+"""The strategy table: python -m cl_vit.experiments.strategy_table, every strategy against fine-tuning."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import TINY
+
+
+def test_the_table_lists_each_strategy_with_the_a_n_of_its_runs(tmp_path, data_root, monkeypatch, capsys):
+    from cl_vit.experiments import strategy_table
+
+    monkeypatch.setenv("CL_VIT_DATA", str(data_root))
+    out = tmp_path / "table"
+    argv = ["--strategies", "gcab", "--seeds", "0", "--out", str(out), *TINY, "trainer.limit_train_batches=2",
+            "benchmark.n_experiences=2"]
+    assert strategy_table.main(argv) == 0
+    printed = capsys.readouterr().out
+    text = (out / "strategy_table.md").read_text()
+    assert text.split("\n\n", 1)[1] in printed  # the file holds the printed table, after the command
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith(("| strategy", "| ---"))}
+    assert list(rows) == ["finetune", "gcab"]  # fine-tuning always runs: every row compares to it
+    a_n = {}
+    for name in rows:
+        doc = json.loads((out / name / "seed0" / "results.json").read_text())
+        assert doc["status"] == "completed" and doc["seed"] == 0 and doc["strategy"] == [name]
+        a_n[name] = 100 * doc["metrics"]["final_average_accuracy"]
+        assert rows[name][2] == f"{a_n[name]:.2f}" and rows[name][3] == f"{a_n['finetune']:.2f}"
+    assert rows["gcab"][4] == f"{a_n['gcab'] - a_n['finetune']:+.2f}" and rows["finetune"][4] == "—"
+    # the setting: the strategy's arguments, then what else differs from fine-tuning's config (gcab's loss; the run
+    # length is the command line's here, the same for both)
+    assert "s_max=800" in rows["gcab"][1] and "loss.name=bce" in rows["gcab"][1]
+    assert "trainer.max_epochs" not in rows["gcab"][1] and rows["finetune"][1] == "—"
+    # a second call trains nothing and gives the same table
+    assert strategy_table.main(argv) == 0
+    assert "0 runs to train, 2 found done" in capsys.readouterr().out
+    assert (out / "strategy_table.md").read_text() == text
+    # a run whose setting is no longer what the command composes (a default changed since) is not shown as today's
+    assert strategy_table.main([*argv, "optimizer.weight_decay=0.01"]) == 2
+    assert "ran with optimizer.weight_decay=0.05, today's setting is 0.01: remove it" in capsys.readouterr().err
+    assert np.isfinite(list(a_n.values())).all()
