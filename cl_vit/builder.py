@@ -79,7 +79,7 @@ def build(cfg: DictConfig, scenario=None):
             counts += np.bincount(np.asarray(list(e.dataset.targets)), minlength=info.n_classes)
         class_counts = counts.tolist()
     L.seed_everything(cfg.seed, verbose=False)  # the network's initialisation is a function of the seed
-    net = build_model(OmegaConf.to_container(cfg.model), info.n_classes, in_chans, img_size)
+    net = build_model(OmegaConf.to_container(cfg.model, resolve=True), info.n_classes, in_chans, img_size)
     strategies = build_strategies(OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else {})
     if cfg.get("train") is False:  # evaluation only: strategies shape training (a DeiT-LT teacher is not needed)
         strategies = []
@@ -89,8 +89,8 @@ def build(cfg: DictConfig, scenario=None):
         strategies,
         loss=cfg.loss.name,
         mask_old_logits=cfg.loss.mask_old_logits,
-        optimizer=OmegaConf.to_container(cfg.optimizer),
-        scheduler=OmegaConf.to_container(cfg.scheduler),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
     )
     module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
     for s in strategies:

@@ -83,7 +83,7 @@ def _run_locked(cfg: DictConfig, run_dir, scenario, name: str | None = None):
     validate(cfg)
     # before the model is built; a multi-process run divides the cores again once its ranks exist (_run)
     configure_threads(cfg.trainer.get("threads"), workers=int(cfg.data.num_workers))
-    trainer_args = trainer_kwargs(OmegaConf.to_container(cfg.trainer))
+    trainer_args = trainer_kwargs(OmegaConf.to_container(cfg.trainer, resolve=True))
     rd = RunDirectory(run_dir)
     resuming = bool(cfg.get("resume"))
     if resuming and Path(str(cfg.resume)).expanduser().resolve() != rd.path:  # never another run's directory

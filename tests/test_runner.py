@@ -195,3 +195,14 @@ def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path):
         _atomic_write(path, half_then_fail)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+def test_interpolated_values_reach_the_model_and_optimiser_resolved():
+    """A value written as an interpolation (here optimizer.weight_decay=${optimizer.lr}) arrives as its number, not
+    as the string Lightning and timm would fail on."""
+    cfg = compose(TINY + ["optimizer.weight_decay=${optimizer.lr}", "scheduler.warmup_epochs=${trainer.max_epochs}",
+                          "+model.drop_rate=${optimizer.lr}"])
+    module = build(cfg)[3]
+    assert module.optimizer_cfg["weight_decay"] == cfg.optimizer.lr
+    assert module.scheduler_cfg["warmup_epochs"] == cfg.trainer.max_epochs
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == cfg.optimizer.lr for m in module.net.modules())

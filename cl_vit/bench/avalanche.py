@@ -144,7 +144,7 @@ def avalanche_run(overrides: list[str], fused: bool = False, method: str = "naiv
 
     cfg = compose_config(overrides)
     _, scenario, info, module, _ = build(cfg)
-    opt_cfg = OmegaConf.to_container(cfg.optimizer)
+    opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     epochs, bs = int(cfg.trainer.max_epochs), int(cfg.data.batch_size)
 
     def optimizer():

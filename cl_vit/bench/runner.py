@@ -58,7 +58,7 @@ def bare_run(overrides: list[str]) -> dict:
 
     cfg = compose_config(overrides)
     _, scenario, info, module, _ = build(cfg)
-    opt_cfg = OmegaConf.to_container(cfg.optimizer)
+    opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     epochs, bs, ebs = int(cfg.trainer.max_epochs), int(cfg.data.batch_size), int(cfg.data.eval_batch_size)
     n = len(info.train_classes)
     R = np.full((n, n), np.nan)
