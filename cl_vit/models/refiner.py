@@ -151,10 +151,9 @@ def _conv1x1(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _bn_forward(bn: nn.BatchNorm2d, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training-mode BatchNorm2d as its module runs it (running statistics updated once): (out, mean, invstd)."""
-    momentum = bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-    return torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, momentum, bn.eps)
+    bn.num_batches_tracked.add_(1)
+    return torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum,
+                                   bn.eps)
 
 
 def _bn_apply(bn: nn.BatchNorm2d, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
@@ -200,6 +199,7 @@ class _SharedRefinedProduct(torch.autograd.Function):
         return x.contiguous() @ v
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative fails in one line instead of silently
     def backward(ctx, g_out: torch.Tensor):
         r, adapt = ctx.modules
         a, v, m1, i1, m2, i2, m3, i3, m4, i4 = ctx.saved_tensors
