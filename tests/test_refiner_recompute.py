@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import cl_vit  # noqa: F401  (registers the models)
 from cl_vit.bench.refiner import keep_refiner_maps
+from cl_vit.models import refiner as refiner_mod
 from cl_vit.models.refiner import RefinerAttention
 
 CASES = {
@@ -117,3 +118,29 @@ def test_small_maps_are_kept():
     default = _step(model, *_data(model))[3]
     keep_refiner_maps(model, keep=False, min_tokens=0)
     assert _step(model, *_data(model))[3] < default
+
+
+@pytest.mark.parametrize("case", ["shared, batch norm", "conv stem"])
+def test_share_blocks_recompute_in_one_function(case, monkeypatch):
+    """With batch norms, a share block's refined product is one autograd function keeping only the map, V and the
+    norms' batch statistics: the gradients and running statistics of recomputing through torch.utils.checkpoint
+    (and of keeping the maps, above), and no more kept for backward."""
+    calls = []
+    real = refiner_mod._SharedRefinedProduct.apply
+    monkeypatch.setattr(refiner_mod._SharedRefinedProduct, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = _model(CASES[case], keep=False)
+    x, y = _data(fused)
+    loss_f, grads_f, bufs_f, saved_f = _step(fused, x, y)
+    assert len(calls) == sum(b.is_share for b in fused.blocks)
+    monkeypatch.setattr(refiner_mod._SharedRefinedProduct, "applies", staticmethod(lambda *a: False))
+    ckpt = _model(CASES[case], keep=False)
+    loss_c, grads_c, bufs_c, saved_c = _step(ckpt, x, y)
+    assert len(calls) == sum(b.is_share for b in fused.blocks)  # the checkpoint path ran this time
+    # the checkpoint keeps the map and V; this function those and each norm's mean and 1/std (float32)
+    stats = sum(2 * 4 * (2 * b.attn.refiner.norm1.num_features + 2 * b.attn.num_heads)
+                for b in fused.blocks if b.is_share)
+    assert loss_f == loss_c and saved_f == saved_c + stats
+    for n in grads_c:
+        torch.testing.assert_close(grads_f[n], grads_c[n], rtol=0, atol=1e-6, msg=n)
+    for n in bufs_c:
+        torch.testing.assert_close(bufs_f[n], bufs_c[n], rtol=0, atol=0, msg=n)

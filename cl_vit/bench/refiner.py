@@ -121,8 +121,18 @@ def _memory_child(spec_json: str) -> None:
     print(json.dumps({"peak_bytes": _hwm_bytes() - before}))
 
 
-def _cpu_peak(spec: dict) -> float:
+#: glibc's mmap threshold for the allocator-peak rows: every block of 1 MiB or more is its own mapping, handed back
+#: to the system when freed, so VmHWM follows the tensors alive at once instead of glibc's heap reuse (by default the
+#: threshold grows with the largest block freed, up to 32 MiB, and freed maps stay in the heap's resident pages)
+FIXED_MMAP_THRESHOLD = 1 << 20
+
+
+def _cpu_peak(spec: dict, allocator: bool = False) -> float:
+    """VmHWM peak of one training step in a fresh process; ``allocator``: with glibc's mmap threshold fixed at
+    FIXED_MMAP_THRESHOLD, i.e. the peak of the memory the step's tensors hold rather than of the process's heap."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    if allocator:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(FIXED_MMAP_THRESHOLD)
     code = f"from cl_vit.bench.refiner import _memory_child; _memory_child({json.dumps(json.dumps(spec))})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
     if out.returncode != 0:
@@ -229,17 +239,23 @@ def recompute_cases(quick: bool, cuda: bool) -> list[dict]:
                                                            ("refiner_vit_s", "refiner_vit_m", "refiner_vit_l"))]
 
 
-def _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows) -> None:
+def _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows, only: Optional[str] = None,
+                    batch: Optional[int] = None) -> None:
     """Per official size: peak memory of a training step with the maps recomputed (the default) against the plain
     ViT twin (aim <= 1.5x) and with the maps kept (as before issue 26), and the step speed of recomputing against
     keeping, the two alternating in this process (aim: no loss, >= 0.95x allowing for noise)."""
     peak = _cuda_peak if cuda else _cpu_peak
     for c in recompute_cases(quick, cuda):
+        if (only and c["name"] != only) or (batch and c["batch"] != batch):
+            continue
         spec = dict(name=c["name"], kw=c["kw"], batch=c["batch"], device=dev, threads=threads, kind="refiner")
         case = f"{c['name']} @{8 if c['name'] == 'refiner_vit_tiny' else 224} b{c['batch']}"
         twin = peak(dict(spec, kind="vit"))
         rows.append(row(case, "peak MiB: recompute/ViT", peak(spec), twin, aim="<= 1.5x ViT", target=1.5))
         rows.append(row(case, "peak MiB: keep maps/ViT", peak(dict(spec, keep_maps=True)), twin))
+        if not cuda:  # the tensors' peak, without glibc's heap reuse (cuda: max_memory_allocated is that already)
+            rows.append(row(case, "allocator peak MiB: recompute/ViT", _cpu_peak(spec, allocator=True),
+                            _cpu_peak(dict(spec, kind="vit"), allocator=True), aim="<= 1.5x ViT", target=1.5))
         _, fast = _build(spec)
         _, kept = _build(dict(spec, keep_maps=True))
         wall, cpu = interleaved_clocks({"keep": kept, "recompute": fast}, repeats=repeats, warmup=warmup)
@@ -249,7 +265,7 @@ def _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows) -> None:
         del fast, kept
 
 
-def run_recompute(quick: bool = False) -> dict:
+def run_recompute(quick: bool = False, only: Optional[str] = None, batch: Optional[int] = None) -> dict:
     """Only the memory-efficient refiner rows (docs/models.md): ``python -m cl_vit.bench.refiner --recompute``."""
     cuda = torch.cuda.is_available()
     dev, threads = ("cuda", torch.get_num_threads()) if cuda else ("cpu", 1)
@@ -258,7 +274,7 @@ def run_recompute(quick: bool = False) -> dict:
     torch.set_num_threads(threads)
     rows: list = []
     try:
-        _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows)
+        _recompute_rows(quick, cuda, dev, threads, repeats, warmup, rows, only, batch)
     finally:
         torch.set_num_threads(saved_threads)
     timer = "wall time" if cuda else "process CPU time"
@@ -276,5 +292,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m cl_vit.bench.refiner")
     p.add_argument("--recompute", action="store_true", help="only the memory-efficient refiner rows at 224")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", help="with --recompute: only this model (e.g. refiner_vit_s)")
+    p.add_argument("--batch", type=int, help="with --recompute: only this batch size")
     a = p.parse_args()
-    print(format_table([(run_recompute if a.recompute else run)(quick=a.quick)]))
+    if a.recompute:
+        print(format_table([run_recompute(quick=a.quick, only=a.only, batch=a.batch)]))
+    else:
+        print(format_table([run(quick=a.quick)]))

@@ -149,6 +149,115 @@ def _conv1x1(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1)).permute(0, 3, 1, 2)
 
 
+def _bn_forward(bn: nn.BatchNorm2d, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training-mode BatchNorm2d as its module runs it (running statistics updated once): (out, mean, invstd)."""
+    bn.num_batches_tracked.add_(1)
+    return torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum,
+                                   bn.eps)
+
+
+def _bn_apply(bn: nn.BatchNorm2d, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """The normalisation of a batch whose statistics are known: the recomputation skips their pass over the map."""
+    alpha = bn.weight * invstd
+    beta = bn.bias - mean * alpha
+    return torch.addcmul(beta.view(1, -1, 1, 1), x, alpha.view(1, -1, 1, 1))
+
+
+def _bn_backward(bn: nn.BatchNorm2d, g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor):
+    """(grad input, grad weight, grad bias) of a training-mode batch norm, the kernel autograd uses."""
+    return torch.ops.aten.native_batch_norm_backward(g, x, bn.weight, None, None, mean, invstd, True, bn.eps,
+                                                     [True, True, True])
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """A channels_last [B, C, H, W] map as its [B*H*W, C] matrix (a view)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class _SharedRefinedProduct(torch.autograd.Function):
+    """``adapt_norm(refiner(A)) @ v`` with batch norms (a share block in training), keeping for backward only A, v
+    and the five norms' batch statistics: the backward recomputes the expanded maps with those statistics (no second
+    pass to collect them, and the running statistics are updated once, in forward) and runs the kernels autograd
+    would run on them (native_batch_norm_backward, hardtanh_backward, convolution_backward, matrix products)."""
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, v: torch.Tensor, refiner: "Refiner", adapt: nn.BatchNorm2d,
+                *params: torch.Tensor) -> torch.Tensor:
+        r = refiner
+        a = attn.contiguous(memory_format=torch.channels_last)
+        stats = []
+        x, m, i = _bn_forward(r.norm1, _conv1x1(r.expand.weight, a))
+        stats.append((m, i))
+        x, m, i = _bn_forward(r.norm2, r.dw(F.relu6(x, inplace=True)))
+        stats.append((m, i))
+        x, m, i = _bn_forward(r.norm3, _conv1x1(r.reduce.weight, F.relu6(x, inplace=True)))
+        stats.append((m, i))
+        x, m, i = _bn_forward(adapt, a + x)
+        stats.append((m, i))
+        ctx.modules = (r, adapt)
+        ctx.save_for_backward(a, v, *[t for st in stats for t in st])
+        return x.contiguous() @ v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative fails in one line instead of silently
+    def backward(ctx, g_out: torch.Tensor):
+        r, adapt = ctx.modules
+        a, v, m1, i1, m2, i2, m3, i3, m4, i4 = ctx.saved_tensors
+        # the forward again, with the saved statistics
+        e1 = _conv1x1(r.expand.weight, a)
+        r1 = _bn_apply(r.norm1, e1, m1, i1).clamp_(0, 6)
+        d = r.dw(r1)
+        r2 = _bn_apply(r.norm2, d, m2, i2).clamp_(0, 6)
+        p = _conv1x1(r.reduce.weight, r2)
+        o = a + _bn_apply(r.norm3, p, m3, i3)
+        z = _bn_apply(adapt, o, m4, i4).contiguous()
+        # and backward through it
+        g_z = g_out @ v.transpose(-2, -1)
+        g_v = z.transpose(-2, -1) @ g_out
+        del z
+        g_o, gw4, gb4 = _bn_backward(adapt, g_z, o, m4, i4)
+        del o, g_z
+        g_p, gw3, gb3 = _bn_backward(r.norm3, g_o, p, m3, i3)
+        del p
+        gp2 = _pixels(g_p)
+        g_wr = (gp2.t() @ _pixels(r2)).view_as(r.reduce.weight)
+        g_r2 = (gp2 @ r.reduce.weight.flatten(1)).view(g_p.shape[0], g_p.shape[2], g_p.shape[3], -1).permute(
+            0, 3, 1, 2)
+        del g_p, gp2
+        g_n2 = torch.ops.aten.hardtanh_backward(g_r2, r2, 0.0, 6.0)
+        del g_r2, r2
+        g_d, gw2, gb2 = _bn_backward(r.norm2, g_n2, d, m2, i2)
+        del g_n2, d
+        g_r1, g_wdw, _ = torch.ops.aten.convolution_backward(
+            g_d, r1, r.dw.weight, None, r.dw.stride, r.dw.padding, r.dw.dilation, False, [0, 0], r.dw.groups,
+            [True, True, False])
+        del g_d
+        g_n1 = torch.ops.aten.hardtanh_backward(g_r1, r1, 0.0, 6.0)
+        del g_r1, r1
+        g_e1, gw1, gb1 = _bn_backward(r.norm1, g_n1, e1, m1, i1)
+        del g_n1, e1
+        ge2 = _pixels(g_e1)
+        g_we = (ge2.t() @ _pixels(a)).view_as(r.expand.weight)
+        g_a = g_o + (ge2 @ r.expand.weight.flatten(1)).view(g_e1.shape[0], g_e1.shape[2], g_e1.shape[3],
+                                                            -1).permute(0, 3, 1, 2)
+        # gradients in the order of _SharedRefinedProduct.params
+        return (g_a, g_v, None, None, g_we, gw1, gb1, g_wdw, gw2, gb2, g_wr, gw3, gb3, gw4, gb4)
+
+    @staticmethod
+    def params(refiner: "Refiner", adapt: nn.Module) -> Tuple[torch.Tensor, ...]:
+        r = refiner
+        return (r.expand.weight, r.norm1.weight, r.norm1.bias, r.dw.weight, r.norm2.weight, r.norm2.bias,
+                r.reduce.weight, r.norm3.weight, r.norm3.bias, adapt.weight, adapt.bias)
+
+    @staticmethod
+    def applies(refiner: "Refiner", adapt: nn.Module) -> bool:
+        """Batch norms with affine weights and a fixed momentum throughout, and an expansion (the official DLA)."""
+        norms = (refiner.norm1, refiner.norm2, refiner.norm3, adapt)
+        return refiner.expand is not None and all(
+            type(n) is nn.BatchNorm2d and n.affine and n.track_running_stats and n.momentum is not None
+            for n in norms) and refiner.dw.bias is None
+
+
 class RefinerAttention(nn.Module):
     """Multi-head self-attention with a refined attention map.
 
@@ -255,6 +364,9 @@ class RefinerAttention(nn.Module):
 
     @torch.jit.unused
     def _shared_recomputed(self, src: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
+        if L == 0 and _SharedRefinedProduct.applies(self.refiner, self.adapt_norm):
+            return _SharedRefinedProduct.apply(src, v, self.refiner, self.adapt_norm,
+                                               *_SharedRefinedProduct.params(self.refiner, self.adapt_norm))
         return self._checkpointed(self._shared_product, src, v, L)
 
     @torch.jit.unused
