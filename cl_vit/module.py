@@ -198,6 +198,10 @@ class ContinualModule(L.LightningModule):
         outputs = self.forward_outputs(batch["x"])
         y = batch["y"]
         mask = self.current_mask if self.mask_old_logits else self.seen_mask
+        if self.mask_old_logits and y.ndim == 1 and self.loss_name == "ce":
+            # FT++ masks the past classes for the current experience's samples; a replayed sample of a past class
+            # (strategy=[replay,...]) keeps every seen class, else its own label would be masked (an infinite loss)
+            mask = torch.where(self.current_mask[y][:, None], self.current_mask, self.seen_mask)
         weight = math.prod(s.cls_loss_weight for s in self.strategies)
         terms = {"cls": weight * classification_loss(outputs["logits"], y, mask, self.loss_name)}
         for s in self.strategies:

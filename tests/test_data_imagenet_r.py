@@ -184,7 +184,7 @@ def test_benchmark_brings_the_recommended_setting():
     assert list(l2) == ["l2"] and l2.l2.params == ["*attn.qkv.*"] and l2.l2.train_only_selected is True
     # another strategy chosen on the command line is not dragged along with the benchmark's
     assert list(compose(["benchmark=imagenet-r", "strategy=finetune"]).strategy) == ["finetune"]
-    assert compose(["strategy=l2"]).strategy.l2.train_only_selected is False
+    assert compose(["benchmark=split-fmnist", "strategy=l2"]).strategy.l2.train_only_selected is False
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------

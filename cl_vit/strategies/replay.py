@@ -142,6 +142,9 @@ class Replay(Strategy):
     """ER: a replay memory (see the module's text); the classification loss of the module covers its samples."""
 
     name = "replay"
+    #: replayed samples bring past classes back into the loss: their classifier rows train (loss.mask_old_logits
+    #: masks the past classes for the current experience's samples only, ContinualModule.training_step)
+    reads_old_logits = True
     #: per-sample logits kept with the memory (DER++)
     keeps_logits = False
 
