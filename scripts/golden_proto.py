@@ -301,6 +301,19 @@ def _norm(tensors) -> float:
     return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
 
 
+def _run_tasks(learner, manager, norms, **extra) -> dict:
+    """The official task loop the drivers share: each task trained, evaluated (top-1 correct per task) and measured
+    (``norms(learner, task)``: what each method's test compares), then closed with ``after_task``."""
+    out = {"class_order": manager._class_order, "accuracy": [], "norm": [], **extra}
+    for task in range(manager.nb_tasks):
+        learner.incremental_train(manager)
+        y_pred, y_true = learner._eval_cnn(learner.test_loader)
+        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
+        out["norm"].append(norms(learner, task))
+        learner.after_task()
+    return out
+
+
 def _vit_state(init: dict) -> dict:
     return {k: v for k, v in init.items() if not k.startswith("head.")}
 
@@ -335,14 +348,7 @@ def official_simplecil(official: Path, init: dict, meta: dict) -> dict:
     manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, *extra)
     learner = learner_module.Learner(args)
     learner.topk = 1
-    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
-    for task in range(manager.nb_tasks):
-        learner.incremental_train(manager)
-        y_pred, y_true = learner._eval_cnn(learner.test_loader)
-        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
-        out["norm"].append(_norm([learner._network.fc.weight]))  # the prototypes
-        learner.after_task()
-    return out
+    return _run_tasks(learner, manager, lambda lr, task: _norm([lr._network.fc.weight]))  # the prototypes
 
 
 def _ssf_name(suite_name: str) -> str:
@@ -433,15 +439,13 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
     learner = learner_module.Learner(args)
     learner_box["learner"] = learner
     learner.dil_init, learner.is_dil = False, False  # trainer.py L55, L74
-    out = {"class_order": manager._class_order, "accuracy": [], "norm": [], "ridge": ridges}
-    for task in range(manager.nb_tasks):
-        learner.incremental_train(manager)
-        y_pred, y_true = learner._eval_cnn(learner.test_loader)
-        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
-        params = dict(learner._network.convnet.named_parameters())
-        out["norm"].append([_norm([p for n, p in params.items() if "ssf_" in n]), _norm([learner._network.fc.weight]),
-                            _norm([learner.G]), _norm([learner.Q])])
-        learner.after_task()
+
+    def norms(lr, task):
+        params = dict(lr._network.convnet.named_parameters())
+        return [_norm([p for n, p in params.items() if "ssf_" in n]), _norm([lr._network.fc.weight]), _norm([lr.G]),
+                _norm([lr.Q])]
+
+    out = _run_tasks(learner, manager, norms, ridge=ridges)
     out.update(lr=recorder.lr, loss=recorder.loss)
     return out
 
@@ -538,15 +542,12 @@ def official_aper(official: Path, init: dict, meta: dict) -> dict:
     manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, args)
     learner = learner_module.Learner(args)
     learner.topk = 1
-    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
-    for task in range(manager.nb_tasks):
-        learner.incremental_train(manager)
-        y_pred, y_true = learner._eval_cnn(learner.test_loader)
-        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
-        adapted = learner._network.backbones[1]
-        out["norm"].append([_norm([p for n, p in adapted.named_parameters() if "adaptmlp" in n]),
-                            _norm([learner._network.fc.weight])])  # the adapters, the prototypes (C x 2D)
-        learner.after_task()
+
+    def norms(lr, task):  # the adapters, the prototypes (C x 2D)
+        adapted = lr._network.backbones[1]
+        return [_norm([p for n, p in adapted.named_parameters() if "adaptmlp" in n]), _norm([lr._network.fc.weight])]
+
+    out = _run_tasks(learner, manager, norms)
     out.update(lr=recorder.lr, loss=recorder.loss)
     return out
 
@@ -596,15 +597,12 @@ def official_ease(official: Path, init: dict, meta: dict) -> dict:
     manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, args)
     learner = learner_module.Learner(args)
     learner.topk = 1
-    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
-    for task in range(manager.nb_tasks):
-        learner.incremental_train(manager)
-        y_pred, y_true = learner._eval_cnn(learner.test_loader)
-        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
-        vit = learner._network.backbone
-        sets = [*vit.adapter_list, vit.cur_adapter]
-        out["norm"].append([[_norm(s.parameters()) for s in sets], _norm([learner._network.fc.weight])])
-        learner.after_task()
+
+    def norms(lr, task):  # each adapter set, the prototypes in every subspace
+        vit = lr._network.backbone
+        return [[_norm(a.parameters()) for a in [*vit.adapter_list, vit.cur_adapter]], _norm([lr._network.fc.weight])]
+
+    out = _run_tasks(learner, manager, norms)
     out.update(lr=recorder.lr, loss=recorder.loss)
     return out
 
@@ -686,15 +684,12 @@ def official_slca(official: Path, init: dict, meta: dict) -> dict:
     learner = learner_module.SLCA(args)
     learner_box["learner"] = learner
     learner.topk = 1
-    out = {"class_order": manager._class_order, "accuracy": [], "norm": []}
-    for task in range(manager.nb_tasks):
-        learner.incremental_train(manager)
-        y_pred, y_true = learner._eval_cnn(learner.test_loader)
-        out["accuracy"].append(_accuracies(y_pred[:, 0], y_true, task + 1))
-        heads = [p for n, p in learner._network.fc.named_parameters()]
-        means = torch.from_numpy(learner._class_means[: (task + 1) * PER_TASK])
-        out["norm"].append([_norm(learner._network.convnet.parameters()), _norm(heads), _norm([means])])
-        learner.after_task()
+
+    def norms(lr, task):
+        means = torch.from_numpy(lr._class_means[: (task + 1) * PER_TASK])
+        return [_norm(lr._network.convnet.parameters()), _norm(lr._network.fc.parameters()), _norm([means])]
+
+    out = _run_tasks(learner, manager, norms)
     out.update(lr=recorder.lr, loss=recorder.loss)
     return out
 

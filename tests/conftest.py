@@ -95,6 +95,24 @@ def interrupt_after(monkeypatch, index):
     return Stop
 
 
+def cached_runs(tmp_path_factory, over):
+    """For a module-scoped fixture: one uninterrupted run per strategy name, made on first use and shared by the
+    tests that read it: ``get(name) -> (config, data_root, folder, results)`` with the overrides ``over(name)``."""
+    from cl_vit.run import run
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            (root / "data").mkdir()
+            cfg = compose(over(name), root / "data")
+            cache[name] = (cfg, root / "data", root, run(cfg, root / "whole"))
+        return cache[name]
+
+    return get
+
+
 def cut_and_resume(monkeypatch, overrides, data_root, run_dir, after: int = 0) -> dict:
     """Run ``overrides`` into ``run_dir``, stopped right after experience ``after`` is saved, then resume it there
     (``monkeypatch`` is undone in between); returns the resumed run's results."""

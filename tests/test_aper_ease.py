@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY, compose, cut_and_resume, state_equal
+from conftest import REPO_ROOT, TINY, cached_runs, compose, cut_and_resume, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -28,17 +28,7 @@ def over(name):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One uninterrupted two-experience run per strategy: ``runs(name) -> (config, data_root, folder, results)``."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            (root / "data").mkdir()
-            cfg = compose(over(name), root / "data")
-            cache[name] = (cfg, root / "data", root, run(cfg, root / "whole"))
-        return cache[name]
-
-    return get
+    return cached_runs(tmp_path_factory, over)
 
 
 # -- EASE's math against the official functions ---------------------------------------------------------------------

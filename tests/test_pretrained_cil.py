@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_ANY_MODEL, compose, cut_and_resume, state_equal
+from conftest import TINY, TINY_ANY_MODEL, cached_runs, compose, cut_and_resume, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit import distributed
@@ -34,17 +34,7 @@ def over(name):
 def runs(tmp_path_factory):
     """One uninterrupted two-experience run per strategy, shared by the tests that read it and the resume test:
     ``runs(name) -> (config, data_root, folder, results)``."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            (root / "data").mkdir()
-            cfg = compose(over(name), root / "data")
-            cache[name] = (cfg, root / "data", root, run(cfg, root / "whole"))
-        return cache[name]
-
-    return get
+    return cached_runs(tmp_path_factory, over)
 
 
 # -- the math on hand-computed cases ---------------------------------------------------------------------------------
