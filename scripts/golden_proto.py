@@ -248,19 +248,19 @@ def _cpu_only() -> None:
 
 
 class Recorder:
-    """Per optimiser step the learning rates of its groups, per loss call the loss (wrapped around the official
-    module's ``F``)."""
+    """Per step of an ``optimizer`` the learning rates of its groups, per loss call the loss (wrapped around the
+    official module's ``F``)."""
 
-    def __init__(self):
+    def __init__(self, optimizer=torch.optim.SGD):
         self.lr, self.loss = [], []
-        original_step = torch.optim.SGD.step
+        original_step = optimizer.step
         recorder = self
 
         def step(opt, *a, **k):
             recorder.lr.append([g["lr"] for g in opt.param_groups])
             return original_step(opt, *a, **k)
 
-        torch.optim.SGD.step = step
+        optimizer.step = step
 
     def functional(self, F):
         recorder = self
