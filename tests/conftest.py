@@ -113,6 +113,23 @@ def cached_runs(tmp_path_factory, over):
     return get
 
 
+def record_steps(monkeypatch) -> list:
+    """Per training step of the runs that follow, (the learning rates of the optimiser's groups, the loss): the
+    golden tests' record of the suite's side."""
+    from cl_vit.module import ContinualModule
+
+    steps = []
+    training_step = ContinualModule.training_step
+
+    def recording(self, batch, batch_idx):
+        loss = training_step(self, batch, batch_idx)
+        steps.append(([g["lr"] for g in self.trainer.optimizers[0].param_groups], loss.item()))
+        return loss
+
+    monkeypatch.setattr(ContinualModule, "training_step", recording)
+    return steps
+
+
 def cut_and_resume(monkeypatch, overrides, data_root, run_dir, after: int = 0) -> dict:
     """Run ``overrides`` into ``run_dir``, stopped right after experience ``after`` is saved, then resume it there
     (``monkeypatch`` is undone in between); returns the resumed run's results."""

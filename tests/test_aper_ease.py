@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY, cached_runs, compose, cut_and_resume, state_equal
+from conftest import REPO_ROOT, TINY, cached_runs, compose, cut_and_resume, record_steps, state_equal
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -112,19 +112,9 @@ def test_the_whole_run_equals_lamda_pilots(method, tmp_path, monkeypatch):
     """Per step the learning rate and the loss, per task the accuracy on every seen task and the norms of the adapters
     and the prototypes: the first-session adapter training and the dual-branch prototypes of APER; EASE's adapter set
     and proxy classifier per task, its per-subspace prototypes and their semantic complement, its ensemble."""
-    from cl_vit.module import ContinualModule
-
     g = GOLDEN[method]
     base = golden.write_stream(tmp_path)
-    steps = []
-    training_step = ContinualModule.training_step
-
-    def recording(self, batch, batch_idx):
-        loss = training_step(self, batch, batch_idx)
-        steps.append(([grp["lr"] for grp in self.trainer.optimizers[0].param_groups], loss.item()))
-        return loss
-
-    monkeypatch.setattr(ContinualModule, "training_step", recording)
+    steps = record_steps(monkeypatch)
     with golden.adapters_without_dropout():
         doc = run(compose(golden.suite_overrides(method)), tmp_path / method,
                   scenario=golden.suite_scenario(base, method))

@@ -13,9 +13,8 @@ and norms to 1e-5 relative, accuracy matrices and subspace sizes exactly.
 import importlib.util
 
 import pytest
-from conftest import REPO_ROOT, compose
+from conftest import REPO_ROOT, compose, record_steps
 
-from cl_vit.module import ContinualModule
 from cl_vit.rundir import RunDirectory
 from cl_vit.run import run
 
@@ -51,15 +50,7 @@ def stream(tmp_path_factory):
 
 def _suite_run(method, base, tmp_path, monkeypatch):
     """The suite's run of ``method``'s recipe on the golden stream; per step the learning rates and the loss."""
-    steps = []
-    training_step = ContinualModule.training_step
-
-    def recording(self, batch, batch_idx):
-        loss = training_step(self, batch, batch_idx)
-        steps.append(([g["lr"] for g in self.trainer.optimizers[0].param_groups], loss.item()))
-        return loss
-
-    monkeypatch.setattr(ContinualModule, "training_step", recording)
+    steps = record_steps(monkeypatch)
     doc = run(compose(golden.suite_overrides(method)), tmp_path / method, scenario=golden.suite_scenario(base, method))
     return doc, steps, RunDirectory(tmp_path / method)
 

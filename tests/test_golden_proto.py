@@ -17,9 +17,8 @@ import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose
+from conftest import REPO_ROOT, compose, record_steps
 
-from cl_vit.module import ContinualModule
 from cl_vit.rundir import RunDirectory
 from cl_vit.run import run
 from cl_vit.strategies.ranpac import ridge_solution
@@ -64,15 +63,7 @@ GOLDEN = {
 
 def _suite_run(method, base, tmp_path, monkeypatch):
     """The suite's run of ``method`` on the golden stream; per step the learning rates and the loss."""
-    steps = []
-    training_step = ContinualModule.training_step
-
-    def recording(self, batch, batch_idx):
-        loss = training_step(self, batch, batch_idx)
-        steps.append(([g["lr"] for g in self.trainer.optimizers[0].param_groups], loss.item()))
-        return loss
-
-    monkeypatch.setattr(ContinualModule, "training_step", recording)
+    steps = record_steps(monkeypatch)
     doc = run(compose(golden.suite_overrides(method)), tmp_path / method,
               scenario=golden.suite_scenario(base, method))
     return doc, steps, RunDirectory(tmp_path / method)
