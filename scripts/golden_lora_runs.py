@@ -27,7 +27,8 @@ weights, the classifier rows the official code draws set to the suite's):
 * SD-LoRA (models/sdlora.py, backbone/lora.py, exps/sdlora_inr.json): ``einops`` (imported, unused) is a stand-in;
   ``timm.create_model`` returns the small timm ViT with the suite's weights (the rebuilt backbone of every task too,
   models/sdlora.py L68-90); each task's new A_q, A_v (kaiming draws there and here) are the suite's draws, recorded
-  from the suite's own run of the stream; ``torch.load`` reads the files the run itself wrote (whole modules) with
+  from the suite's own run of the stream; the backbone's ``out_dim``, which the code sets to 768 after building it,
+  is the small ViT's width; ``torch.load`` reads the files the run itself wrote (whole modules) with
   ``weights_only=False``; the LoRA files go to the scratch directory.
 """
 from __future__ import annotations
@@ -242,6 +243,8 @@ def official_sdlora(official: Path, init: dict, meta: dict) -> dict:
                 self.w_As[2 * i + 1].weight.copy_(meta["A"][task][f"{i}.v"])
 
     LoRA_ViT_timm.reset_parameters = reset_parameters
+    # the feature width the code writes after building it (inc_net.py L17, sdlora.py L89: 768) is the small ViT's
+    LoRA_ViT_timm.out_dim = property(lambda self: EMBED, lambda self, value: None)
     original_update = inc_net.IncrementalNet.update_fc
 
     def update_fc(self, nb_classes):  # the new classes' rows: the suite's

@@ -40,6 +40,21 @@ GOLDEN = {
         "loss": [0.698565661907196, 0.6947382688522339, 0.6916182637214661, 0.6960675120353699, 0.6939803957939148,
                  0.6921917796134949, 0.6826175451278687, 0.6797643303871155, 0.6768835783004761],
     },
+    # WuYichen-97/SD-Lora-CL 8bacded: models/sdlora.py with exps/sdlora_inr.json (SGD 1e-2, momentum 0.9, constant),
+    # 2 epochs per task, classes in the seed-1993 order
+    "sdlora": {
+        "accuracy": [[0.5], [0.5, 0.0], [0.5, 0.0, 0.0]],
+        # per task: the classifier's seen rows, the task's A and B (every block, q and v), the magnitudes in use
+        # (tasks 0..t; each task restarts them at 0.8)
+        "norm": [[0.18731844463253156, 3.65300806700869, 0.00333092632562665, [0.8000015616416931]],
+                 [0.26786577600629646, 3.643824854009514, 0.0007406162674086386,
+                  [0.8000552654266357, 0.8000000715255737]],
+                 [0.34608730298814383, 3.672213472466202, 0.0005213524787293589,
+                  [0.7999240159988403, 0.8000670075416565, 0.8000000715255737]]],
+        "lr": [[0.01], [0.01], [0.01], [0.01], [0.01], [0.01]],
+        "loss": [0.7013368010520935, 0.6984263062477112, 0.6930871605873108, 0.6919348835945129, 0.6941041946411133,
+                 0.6936448216438293],
+    },
 }
 
 
@@ -89,3 +104,23 @@ def test_inflora_equals_the_official_run(stream, tmp_path, monkeypatch):
             [row[:2] for row in gpm]
         assert [golden.projector_checksum(b) for b in strategy["bases"]] == pytest.approx([r[2] for r in gpm],
                                                                                            rel=1e-5)
+
+
+def test_sdlora_equals_the_official_run(stream, tmp_path, monkeypatch):
+    """Per task: a new A (kaiming) and B (zero) on the queries and values trained with every magnitude and the
+    classifier by momentum SGD, the earlier directions frozen and normalised by ||B|| ||A||, every magnitude back at
+    0.8 (the official code rebuilds the network per task); evaluation over all seen classes."""
+    g = GOLDEN["sdlora"]
+    doc, steps, rd = _suite_run("sdlora", stream, tmp_path, monkeypatch)
+    _check_run(doc, steps, g)
+    for i, (head, A, B, magnitudes) in enumerate(g["norm"]):
+        state, seen = rd.load_checkpoint(i)["module"], (i + 1) * golden.PER_TASK
+        assert _norm([state["net.head.weight"][:seen], state["net.head.bias"][:seen]]) == pytest.approx(head, rel=1e-5)
+        terms = {m: [v for k, v in state.items() if k.startswith("net.lora.layers.") and k.split(".")[4] == str(i)
+                     and k.split(".")[5].startswith(m)] for m in "AB"}
+        assert len(terms["A"]) == len(terms["B"]) == 2 * golden.DEPTH
+        assert _norm(terms["A"]) == pytest.approx(A, rel=1e-5)
+        assert _norm(terms["B"]) == pytest.approx(B, rel=1e-5)
+        # to 2e-7 (3 float32 ulps at 0.8): the magnitudes move from 0.8 by 1e-6 to 1e-4 in these few steps
+        assert [float(state[f"net.lora.magnitude.{k}"]) for k in range(i + 1)] == pytest.approx(magnitudes, rel=0,
+                                                                                                 abs=2e-7)
