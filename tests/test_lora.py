@@ -235,6 +235,9 @@ def test_recipes_compose_with_the_official_values(recipe, lr, epochs, order, tag
     assert cfg.loss.mask_old_logits is True and cfg.benchmark.source_args.normalize == "coda"
     if name == "inflora":
         assert (cfg.optimizer.name, cfg.scheduler.name, cfg.strategy.inflora.lamb) == ("adam", "coda_cosine", lamb)
+        if recipe == "inflora-imagenet-r":  # InfLoRA's random split, made under the first seed of the json's list
+            args = cfg.benchmark.source_args
+            assert (args.split, args.split_seed, args.train_fraction) == ("inflora", 0, 0.8)
     else:
         assert (cfg.optimizer.name, cfg.optimizer.momentum, cfg.optimizer.nesterov, cfg.scheduler.name) == (
             "sgd", 0.9, False, "constant")

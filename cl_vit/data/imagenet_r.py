@@ -21,6 +21,12 @@ of its file lists (``source.split``):
   name followed by the example's key (``core/hashing.py``, ``core/shuffle.py``), and ``imagenet_r``'s key is
   ``<wnid>_<file name>`` (``imagenet_r_dataset_builder.py``); the first ``round(0.8 n)`` in that order train.
   Labels are the sorted wnids (l2p's ``IR_LABEL_LIST``, ascending ImageNet ids), class order ``identity``.
+* ``inflora``: InfLoRA's (liangyanshuo/InfLoRA utils/data.py L187-209): torchvision's ImageFolder over the whole
+  folder (sorted class folders, sorted file names), ``torch.utils.data.random_split`` into ``int(0.8 n)`` training
+  and the rest test images right after ``torch.manual_seed(seed)`` of the run that made the split (trainer.py
+  L50-53, L99-100: nothing draws in between), i.e. ``torch.randperm(n)`` from a generator seeded with
+  ``split_seed``; the official run moves the images into train/ and test/ folders and reads them back sorted, as
+  the lists here are. Labels are the sorted wnids, class order ``identity`` (``shuffle: false``).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 WNIDS_FILE = TASKS_DIR / "imagenet-r-wnids.txt"
 SPLIT_FILES = ("imagenet-r_train.yaml", "imagenet-r_test.yaml")
 #: named splits (module docstring); the fetched split files go to <data_root>/SPLITS_DIR/<name>/
-SPLITS = ("coda", "pilot", "own", "tfds")
+SPLITS = ("coda", "pilot", "own", "tfds", "inflora")
 SPLITS_DIR = "imagenet-r-splits"
 PILOT_DIR = "imagenet-r-pilot"
 LAYOUT = "<root>/<wnid>/<image>.jpg for the 200 wnids of tasks/imagenet-r-wnids.txt"
@@ -137,6 +143,25 @@ def tfds_split(samples: Sequence[tuple[str, int]], root: Path, train_percent: fl
     return [s for s in samples if s[0] in train_paths], [s for s in samples if s[0] not in train_paths]
 
 
+def inflora_split(root: Path, classes: Sequence[str], train_fraction: float, split_seed: int):
+    """InfLoRA's random split (module docstring) of every image under ``root``, restricted to ``classes`` (labels
+    in their order); each list sorted by class, then path, as ImageFolder reads the moved folders back."""
+    import torch
+
+    if not 0 < train_fraction < 1:
+        raise UserError(f"benchmark.source_args.train_fraction={train_fraction} must be between 0 and 1")
+    samples, folders = scan_image_folder(root)  # the permutation runs over the whole folder, as ImageFolder sees it
+    n_train = int(train_fraction * len(samples))
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    label = {w: k for k, w in enumerate(classes)}
+
+    def kept(indices):
+        out = [(samples[i][0], label[folders[samples[i][1]]]) for i in indices if folders[samples[i][1]] in label]
+        return sorted(out, key=lambda s: (s[1], s[0]))
+
+    return kept(perm[:n_train]), kept(perm[n_train:])
+
+
 def split_digest(train, test, root: Path) -> str:
     """sha256 of the split as ``split<TAB>relative/path<TAB>label`` lines: the same on every machine."""
     h = hashlib.sha256()
@@ -170,7 +195,7 @@ def build_imagenet_r(
     test_interpolation: str = "bilinear",
     **_,
 ) -> Source:
-    """``split``: ``coda`` | ``pilot`` | ``own`` | ``tfds`` (module docstring); ``split_dir``: where the ``coda`` files are.
+    """``split``: ``coda`` | ``pilot`` | ``own`` | ``tfds`` | ``inflora`` (module docstring); ``split_dir``: where the ``coda`` files are.
     ``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order (split files then hold
     labels below its length).
     ``train_transform``, ``test_transform``, ``augment``, and for the default pipelines ``backend``, ``crop_scale``,
@@ -226,6 +251,11 @@ def build_imagenet_r(
         train, test = tfds_split(samples, root)
         meta["split"] = {"name": "tfds", "kind": "DualPrompt's: TFDS imagenet_r test[:80%] / test[80%:] by TFDS's "
                                                   "md5 example order (google-research/l2p)"}
+    elif split == "inflora":
+        train, test = inflora_split(root, classes, train_fraction, split_seed)
+        meta["split"] = {"name": "inflora", "kind": f"InfLoRA's: random_split of ImageFolder({root.name}) into "
+                                                    f"int({train_fraction:g} n) / rest after torch.manual_seed("
+                                                    f"{split_seed}) (liangyanshuo/InfLoRA utils/data.py)"}
     else:
         samples, _ = scan_image_folder(root, classes)
         train, test = own_split(samples, len(classes), train_fraction, split_seed)
