@@ -11,7 +11,7 @@ from conftest import SHARED_REFERENCE
 from data_gen import WNIDS, make_imagenet_r
 
 from cl_vit.data import build_source
-from cl_vit.data.imagenet_r import imagenet_r_wnids, inflora_split, split_digest
+from cl_vit.data.imagenet_r import imagenet_r_wnids, inflora_split_samples, split_digest
 
 
 def official_split(root: Path, seed: int) -> tuple[list, list]:
@@ -47,15 +47,19 @@ def test_inflora_split_is_the_official_random_split(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_REFERENCE / "imagenet-r_train.yaml").exists(), reason="no shared CODA-Prompt splits")
-def test_inflora_split_of_the_30000_images_equals_the_official_calls(tmp_path):
-    """The 30,000 file names of ImageNet-R (from CODA-Prompt's split files) as empty files: 24,000 / 6,000 images,
-    the same lists as the official calls, for the seed of the first run of the json's seed list (0)."""
-    root = tmp_path / "imagenet-r"
+def test_inflora_split_of_the_30000_images_equals_the_official_calls():
+    """The 30,000 file names of ImageNet-R (from CODA-Prompt's split files) in ImageFolder's order (the test above
+    holds that order to ImageFolder's): 24,000 / 6,000 images, those ``random_split`` picks after
+    ``torch.manual_seed(0)``, the seed of the first run of the json's seed list."""
+    names = []
     for split in ("train", "test"):
-        for d in yaml.safe_load((SHARED_REFERENCE / f"imagenet-r_{split}.yaml").read_text())["data"]:
-            path = root / d.split("imagenet-r/", 1)[1]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-    train, test = inflora_split(root, imagenet_r_wnids(), 0.8, 0)
-    assert (len(train), len(test)) == (24000, 6000)
-    assert (train, test) == official_split(root, 0)
+        names += [d.split("imagenet-r/", 1)[1] for d in yaml.safe_load(
+            (SHARED_REFERENCE / f"imagenet-r_{split}.yaml").read_text())["data"]]
+    samples = sorted((f"/imagenet-r/{n}", n.split("/")[0]) for n in names)
+    train, test = inflora_split_samples(samples, imagenet_r_wnids(), 0.8, 0)
+    torch.manual_seed(0)
+    parts = torch.utils.data.random_split(range(len(samples)), [24000, 6000])
+    label = {w: k for k, w in enumerate(imagenet_r_wnids())}
+    expected = [sorted(((samples[i][0], label[samples[i][1]]) for i in part.indices), key=lambda s: (s[1], s[0]))
+                for part in parts]
+    assert (len(train), len(test)) == (24000, 6000) and [train, test] == expected

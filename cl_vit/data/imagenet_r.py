@@ -146,18 +146,24 @@ def tfds_split(samples: Sequence[tuple[str, int]], root: Path, train_percent: fl
 def inflora_split(root: Path, classes: Sequence[str], train_fraction: float, split_seed: int):
     """InfLoRA's random split (module docstring) of every image under ``root``, restricted to ``classes`` (labels
     in their order); each list sorted by class, then path, as ImageFolder reads the moved folders back."""
+    samples, folders = scan_image_folder(root)  # the permutation runs over the whole folder, as ImageFolder sees it
+    return inflora_split_samples([(p, folders[y]) for p, y in samples], classes, train_fraction, split_seed)
+
+
+def inflora_split_samples(samples: Sequence[tuple[str, str]], classes: Sequence[str], train_fraction: float,
+                          split_seed: int):
+    """:func:`inflora_split` of ``(path, wnid)`` samples in ImageFolder's order (sorted wnids, then sorted paths)."""
     import torch
 
     if not 0 < train_fraction < 1:
         raise UserError(f"benchmark.source_args.train_fraction={train_fraction} must be between 0 and 1")
-    samples, folders = scan_image_folder(root)  # the permutation runs over the whole folder, as ImageFolder sees it
     n_train = int(train_fraction * len(samples))
     perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split_seed)).tolist()
     label = {w: k for k, w in enumerate(classes)}
 
     def kept(indices):
-        out = [(samples[i][0], label[folders[samples[i][1]]]) for i in indices if folders[samples[i][1]] in label]
-        return sorted(out, key=lambda s: (s[1], s[0]))
+        return sorted(((samples[i][0], label[samples[i][1]]) for i in indices if samples[i][1] in label),
+                      key=lambda s: (s[1], s[0]))
 
     return kept(perm[:n_train]), kept(perm[n_train:])
 
