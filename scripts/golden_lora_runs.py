@@ -260,7 +260,7 @@ def official_sdlora(official: Path, init: dict, meta: dict) -> dict:
     args = json.loads((official / "exps/sdlora_inr.json").read_text())
     args.update(init_cls=PER_TASK, increment=PER_TASK, device=["cpu"], seed=SEED, init_epoch=EPOCHS["sdlora"],
                 epochs=EPOCHS["sdlora"], batch_size=PER_TASK * proto.N_TRAIN, filepath="./lora/")
-    torch.manual_seed(1)  # trainer.py _set_random
+    torch.manual_seed(SEED)  # trainer.py L48, L165-166
     manager = DataManager(args["dataset"], args["shuffle"], SEED, PER_TASK, PER_TASK, args)
     learner = learner_module.Learner(args)
     learner_box["learner"] = learner
