@@ -86,6 +86,45 @@ def test_options_are_checked():
         Replay(memory_size=0)
 
 
+class _Labels:
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def _coreset_after_two_experiences(rebuild, second_per_class):
+    """A coreset of 8 over two experiences of 2 classes (10 images each, then ``second_per_class`` each)."""
+    r = Replay(memory_size=8, rebuild=rebuild)
+    data = [_Labels([0] * 10 + [1] * 10), _Labels([2] * second_per_class + [3] * second_per_class)]
+    for i in (0, 1):
+        info = ExperienceInfo(index=i, n_experiences=2, classes=[2 * i, 2 * i + 1], seen_classes=list(range(2 * i + 2)),
+                              n_classes=4, dataset=lambda j, transform="train": data[j], seed=3)
+        r.train_dataset(None, info, data[i])
+        before = [(int(e), int(k), int(y)) for e, k, y in zip(r.exp[r._drawn], r.idx[r._drawn], r.labels[r._drawn])]
+        r.after_experience(None, info)
+    return r, before
+
+
+def test_coreset_rebuilt_from_the_draws_keeps_what_the_experience_trained_on():
+    # CODA-Prompt rebuilds from the training set append_coreset built: 2 draws of the old memory (4 per class) joined
+    # the second experience, so the past classes keep at most those 2 (the default keeps 2 of each list: 4)
+    r, drawn = _coreset_after_two_experiences("draws", 1)
+    m, _ = _coreset_after_two_experiences("memory", 1)
+    assert len(drawn) == 2
+    assert (len(r), len(m)) == (2 + 2, 4 + 2)
+    kept = sorted((int(e), int(k), int(y)) for e, k, y in zip(r.exp, r.idx, r.labels) if y < 2)
+    assert kept == sorted(drawn)  # each a draw, a sample drawn twice kept twice
+    # enough draws: each past class keeps its share (8 // 4 = 2), picked among its draws only
+    r, drawn = _coreset_after_two_experiences("draws", 6)
+    past = [(int(e), int(k), int(y)) for e, k, y in zip(r.exp, r.idx, r.labels) if y < 2]
+    assert len(drawn) == 12 and len(past) == 4
+    assert all(past.count(d) <= drawn.count(d) for d in past)
+    with pytest.raises(ConfigError, match="strategy.replay.rebuild"):
+        Replay(policy="reservoir", mix="batch", rebuild="draws")
+
+
 @pytest.mark.parametrize("strategy", ["[replay,l2]", "derpp", "icarl"])
 def test_resume_ends_as_the_uninterrupted_run(tmp_path, data_root, monkeypatch, strategy):
     name = strategy.strip("[]").split(",")[0]
