@@ -1,8 +1,8 @@
-"""``python tests/ddp_probe.py <cl_vit.run overrides>``: cl_vit.run's command line with a probe strategy registered.
+"""``python tests/ddp_probe.py <cl_vit.run overrides>``: cl_vit.run's command line with probe strategies registered.
 
-tests/test_ddp.py runs it with ``trainer=ddp`` on 2 CPU processes; Lightning re-runs this script for rank 1, so the
-probe exists in every process. The probe gathers statistics the way a strategy must under DDP and saves them in its
-state (hence in every experience checkpoint) for the test to check.
+tests/test_ddp.py and tests/test_replay.py run it with ``trainer=ddp`` on 2 CPU processes; Lightning re-runs this
+script for rank 1, so the probes exist in every process. A probe gathers what each process saw the way a strategy
+must under DDP and saves it in its state (hence in every experience checkpoint) for the test to check.
 """
 import torch
 
@@ -10,6 +10,7 @@ from cl_vit import distributed
 from cl_vit.run import main
 from cl_vit.strategies import register_strategy
 from cl_vit.strategies.base import Strategy
+from cl_vit.strategies.replay import Replay
 
 
 @register_strategy
@@ -37,6 +38,36 @@ class ProbeStats(Strategy):
 
     def state_dict(self):
         return {"stats": self.stats}
+
+
+@register_strategy
+class ProbeDraws(Strategy):
+    """Every replay memory draw of this process (experience, draw counter, memory size, positions drawn), gathered
+    from all processes after each experience: {experience: [rank 0's draws, rank 1's draws, ...]}."""
+
+    name = "probe_draws"
+    seen: list = []
+
+    def __init__(self):
+        self.draws = {}
+        if not hasattr(Replay.sample, "probed"):
+            sample = Replay.sample
+
+            def recorded(replay, module, n):
+                before, size = replay.draws, len(replay)
+                pos, batch = sample(replay, module, n)
+                ProbeDraws.seen.append((replay._experience.index, before, size, n, pos.tolist()))
+                return pos, batch
+
+            recorded.probed = True
+            Replay.sample = recorded
+
+    def after_experience(self, module, experience):
+        mine = [d for d in ProbeDraws.seen if d[0] == experience.index]
+        self.draws[experience.index] = distributed.all_gather_object(mine)
+
+    def state_dict(self):
+        return {"draws": self.draws}
 
 
 if __name__ == "__main__":

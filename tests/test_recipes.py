@@ -270,3 +270,24 @@ def test_drop_last_drops_the_incomplete_training_batch_unless_it_is_the_only_one
     assert len(runner._loader(torch.utils.data.TensorDataset(torch.zeros(3, 1)), train=True)) == 1
     runner.loader = LoaderConfig(batch_size=4)
     assert len(runner._loader(data, train=True)) == 3
+
+
+# -- ER: the rehearsal rows of CODA-Prompt's tables ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("benchmark,epochs", [("cifar100-coda", 20), ("imagenet-r", 50)])
+def test_er_recipes_are_normalnn_with_coda_prompts_coreset(benchmark, epochs):
+    name = {"cifar100-coda": "er-cifar100", "imagenet-r": "er-imagenet-r"}[benchmark]
+    cfg = _resolved([f"experiment={name}"])
+    assert cfg["benchmark"]["name"] == benchmark and cfg["trainer"]["max_epochs"] == epochs
+    # the paper's 5,000-image coreset, as CODA-Prompt's dataloader.py builds and replays it
+    assert cfg["strategy"] == {"replay": {"memory_size": 5000, "policy": "coreset", "selection": "random",
+                                          "mix": "resample", "batch_size": 128, "remainder": "latest",
+                                          "rebuild": "draws"}}
+    # NormalNN: CE over every seen class, the whole network trained (no strategy restricts it), cifar-100_ft.yaml
+    assert cfg["loss"] == {"name": "ce", "mask_old_logits": False}
+    assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 5e-5, 0.0)
+    assert (cfg["data"]["batch_size"], cfg["data"]["drop_last"], cfg["scheduler"]["name"]) == (128, True, "coda_cosine")
+    assert (cfg["model"]["name"], cfg["model"]["pretrained_tag"]) == ("vit_base_patch16_224", "augreg_in21k_ft_in1k")
+    # composed with another strategy, the memory keeps the recipe's size
+    assert _resolved([f"experiment={name}", "strategy=[replay,l2]"])["strategy"]["replay"]["memory_size"] == 5000

@@ -86,6 +86,45 @@ def test_options_are_checked():
         Replay(memory_size=0)
 
 
+class _Labels:
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def _coreset_after_two_experiences(rebuild, second_per_class):
+    """A coreset of 8 over two experiences of 2 classes (10 images each, then ``second_per_class`` each)."""
+    r = Replay(memory_size=8, rebuild=rebuild)
+    data = [_Labels([0] * 10 + [1] * 10), _Labels([2] * second_per_class + [3] * second_per_class)]
+    for i in (0, 1):
+        info = ExperienceInfo(index=i, n_experiences=2, classes=[2 * i, 2 * i + 1], seen_classes=list(range(2 * i + 2)),
+                              n_classes=4, dataset=lambda j, transform="train": data[j], seed=3)
+        r.train_dataset(None, info, data[i])
+        before = [(int(e), int(k), int(y)) for e, k, y in zip(r.exp[r._drawn], r.idx[r._drawn], r.labels[r._drawn])]
+        r.after_experience(None, info)
+    return r, before
+
+
+def test_coreset_rebuilt_from_the_draws_keeps_what_the_experience_trained_on():
+    # CODA-Prompt rebuilds from the training set append_coreset built: 2 draws of the old memory (4 per class) joined
+    # the second experience, so the past classes keep at most those 2 (the default keeps 2 of each list: 4)
+    r, drawn = _coreset_after_two_experiences("draws", 1)
+    m, _ = _coreset_after_two_experiences("memory", 1)
+    assert len(drawn) == 2
+    assert (len(r), len(m)) == (2 + 2, 4 + 2)
+    kept = sorted((int(e), int(k), int(y)) for e, k, y in zip(r.exp, r.idx, r.labels) if y < 2)
+    assert kept == sorted(drawn)  # each a draw, a sample drawn twice kept twice
+    # enough draws: each past class keeps its share (8 // 4 = 2), picked among its draws only
+    r, drawn = _coreset_after_two_experiences("draws", 6)
+    past = [(int(e), int(k), int(y)) for e, k, y in zip(r.exp, r.idx, r.labels) if y < 2]
+    assert len(drawn) == 12 and len(past) == 4
+    assert all(past.count(d) <= drawn.count(d) for d in past)
+    with pytest.raises(ConfigError, match="strategy.replay.rebuild"):
+        Replay(policy="reservoir", mix="batch", rebuild="draws")
+
+
 @pytest.mark.parametrize("strategy", ["[replay,l2]", "derpp", "icarl"])
 def test_resume_ends_as_the_uninterrupted_run(tmp_path, data_root, monkeypatch, strategy):
     name = strategy.strip("[]").split(",")[0]
@@ -211,3 +250,43 @@ def test_a_reservoir_restored_mid_experience_continues_with_the_same_draws(data_
     assert state_equal(a.state_dict(), b.state_dict())
     drawn = [s.sample(module, 3)[0].tolist() for s in (a, b, c)]
     assert drawn[0] == drawn[1] != drawn[2]
+
+
+@pytest.mark.slow
+def test_under_ddp_every_process_draws_its_own_seeded_samples_from_the_same_memory(tmp_path, data_root):
+    """trainer=ddp on 2 CPU processes (gloo), ER's reservoir (memory 20, 32 memory samples joined to every batch): the
+    reservoir takes both processes' samples, the runner's consistency check finds the same memory on both after each
+    experience (else the run stops), and each process's draws are the seeded function of (seed, experience, draw
+    counter, rank): the same sequence on a rerun or resume, different between the processes."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, cli_env
+
+    from cl_vit.strategies.replay import BATCH
+
+    seed, run_dir = 5, tmp_path / "ddp"
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+            "data.num_workers=0", "data.pin_memory=false", "data.persistent_workers=false", *FAST,
+            "trainer.limit_train_batches=2", "benchmark.n_experiences=2", "strategy=er", "strategy.replay.memory_size=20",
+            "+strategy.probe_draws={}", f"seed={seed}", f"hydra.run.dir={run_dir}", f"data_root={data_root}"]
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "ddp_probe.py"), *args], cwd=str(REPO_ROOT),
+                          env={**cli_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Distributed run: 2 processes" in (run_dir / "run.log").read_text()
+    rd = RunDirectory(run_dir)
+    for i in (0, 1):
+        state = rd.load_checkpoint(i)["strategies"]
+        # 2 processes x 2 batches x 32 samples offered to the reservoir per experience
+        assert (state["replay"]["n_seen"], len(state["replay"]["idx"])) == (128 * (i + 1), 20)
+        ranks = state["probe_draws"]["draws"][i]
+        assert len(ranks) == 2
+        # the first experience draws once (its first batch meets an empty memory), the second twice
+        assert len(ranks[0]) == (1 if i == 0 else 2)
+        # both processes draw at the same points, from a memory of the same size
+        assert [d[:4] for d in ranks[0]] == [d[:4] for d in ranks[1]]
+        for rank, draws in enumerate(ranks):
+            for exp, counter, size, n, pos in draws:
+                gen = generator(seed, BATCH, exp, counter, rank)
+                assert pos == torch.randperm(size, generator=gen)[: min(n, size)].tolist(), (i, rank, counter)
+        assert all(a[4] != b[4] for a, b in zip(*ranks))  # each process its own draws

@@ -12,8 +12,11 @@ What fills it (``policy``):
   ``memory_size // n_seen`` per seen class, the remainder one each to the latest classes (``remainder=latest``, as
   GT-RIPL/CODA-Prompt dataloaders/dataloader.py ``update_coreset`` L139-160 and the closer-look code's copy,
   shaunak27/data-free-continual-learning dataloaders/dataloader.py L140-161) or dropped (``remainder=none``, as
-  Mammoth utils/buffer.py ``fill_buffer`` L765). A past class keeps the first samples of its list (Mammoth
-  fill_buffer L778-781: with herding, the best-ranked); a new class's samples are chosen at random or by herding
+  Mammoth utils/buffer.py ``fill_buffer`` L765). A past class keeps the first samples of its list (``rebuild=memory``,
+  Mammoth fill_buffer L778-781: with herding, the best-ranked) or, as CODA-Prompt rebuilds its coreset from the
+  training set that ``append_coreset`` built (``rebuild=draws``, dataloader.py L128-160), samples chosen at random
+  among its draws that joined the experience's training (``mix=resample``; a sample drawn twice can be kept twice,
+  and a class drawn fewer times than its share keeps fewer); a new class's samples are chosen at random or by herding
   (``selection``, Mammoth fill_buffer L818-840: greedily the sample that brings the mean of the chosen L2-normalised
   embeddings closest to the class mean, embeddings of the images under the test transform).
 - ``reservoir``: reservoir sampling over the stream of training samples, updated at every step (Vitter; Mammoth
@@ -45,6 +48,7 @@ POLICIES = ("coreset", "reservoir")
 SELECTIONS = ("random", "herding")
 MIXES = ("resample", "append", "batch")
 REMAINDERS = ("latest", "none")
+REBUILDS = ("memory", "draws")
 #: what a draw is for: each its own random numbers
 RESAMPLE, BATCH, RESERVOIR, CORESET = range(4)
 
@@ -149,22 +153,26 @@ class Replay(Strategy):
     keeps_logits = False
 
     def __init__(self, memory_size: int = 2000, policy: str = "coreset", selection: str = "random",
-                 mix: str = "resample", batch_size: int = 32, remainder: str = "latest"):
+                 mix: str = "resample", batch_size: int = 32, remainder: str = "latest", rebuild: str = "memory"):
         key = f"strategy.{self.name}"
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
             raise ConfigError(f"{key}.memory_size", memory_size, "a whole number >= 1 (samples kept)")
         for k, v, allowed in (("policy", policy, POLICIES), ("selection", selection, SELECTIONS),
-                              ("mix", mix, MIXES), ("remainder", remainder, REMAINDERS)):
+                              ("mix", mix, MIXES), ("remainder", remainder, REMAINDERS),
+                              ("rebuild", rebuild, REBUILDS)):
             if v not in allowed:
                 raise ConfigError(f"{key}.{k}", v, f"one of {list(allowed)}")
         if policy == "reservoir" and mix != "batch":
             raise ConfigError(f"{key}.mix", mix, "batch with policy=reservoir (the memory changes every step)")
         if policy == "reservoir" and selection != "random":
             raise ConfigError(f"{key}.selection", selection, "random with policy=reservoir")
+        if rebuild == "draws" and (policy, mix) != ("coreset", "resample"):
+            raise ConfigError(f"{key}.rebuild", rebuild, "memory unless policy=coreset and mix=resample (draws rebuilds "
+                              "the coreset from the samples resampled into the experience)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"{key}.batch_size", batch_size, "a whole number >= 1")
         self.memory_size, self.policy, self.selection = memory_size, policy, selection
-        self.mix, self.batch_size, self.remainder = mix, batch_size, remainder
+        self.mix, self.batch_size, self.remainder, self.rebuild = mix, batch_size, remainder, rebuild
         self.exp = torch.zeros(0, dtype=torch.long)
         self.idx = torch.zeros(0, dtype=torch.long)
         self.labels = torch.zeros(0, dtype=torch.long)
@@ -177,6 +185,9 @@ class Replay(Strategy):
         self.draws = 0
         self._experience: ExperienceInfo | None = None
         self._datasets: dict = {}
+        #: mix=resample: the memory positions drawn into this experience's training set (a function of the seed and
+        #: the experience, so a resumed run draws them again)
+        self._drawn = torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -185,6 +196,7 @@ class Replay(Strategy):
 
     def train_dataset(self, module, experience: ExperienceInfo, dataset):
         self._experience, self.draws, self._datasets = experience, 0, {}
+        self._drawn = torch.zeros(0, dtype=torch.long)
         self.seed = experience.seed
         n_own = len(experience.dataset(experience.index))
         if self.policy == "reservoir":
@@ -194,6 +206,7 @@ class Replay(Strategy):
         keyed = isinstance(dataset, _Keyed)  # another strategy's reservoir reads the keys
         if self.mix == "resample":
             draw = torch.randint(len(self), (n_own,), generator=generator(self.seed, RESAMPLE, experience.index))
+            self._drawn = draw
             return ConcatDataset([dataset, MemoryDataset(experience.dataset, self.exp[draw], self.idx[draw],
                                                          keyed=keyed)])
         return ConcatDataset([dataset, MemoryDataset(experience.dataset, self.exp, self.idx, keyed=keyed)])
@@ -265,7 +278,9 @@ class Replay(Strategy):
 
     def update_coreset(self, module, experience: ExperienceInfo) -> None:
         targets = torch.as_tensor(list(experience.dataset(experience.index).targets), dtype=torch.long)
-        available = {c: int((self.labels == c).sum()) for c in experience.seen_classes
+        # where each past class's samples come from: its memory list, or its draws in this experience's training set
+        source = self._drawn if self.rebuild == "draws" else torch.arange(len(self))
+        available = {c: int((self.labels[source] == c).sum()) for c in experience.seen_classes
                      if c not in experience.classes}
         available.update({c: int((targets == c).sum()) for c in experience.classes})
         quota = class_quota(available, self.memory_size, self.remainder)
@@ -285,7 +300,8 @@ class Replay(Strategy):
                 exp.append(torch.full((len(pick),), experience.index, dtype=torch.long))
                 idx.append(where[pick])
             else:
-                where = (self.labels == c).nonzero().flatten()[:k]
+                where = source[self.labels[source] == c]
+                where = where[torch.randperm(len(where), generator=gen)[:k]] if self.rebuild == "draws" else where[:k]
                 exp.append(self.exp[where])
                 idx.append(self.idx[where])
             labels.append(torch.full((len(idx[-1]),), c, dtype=torch.long))
@@ -312,4 +328,5 @@ class Replay(Strategy):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(memory_size={self.memory_size}, policy={self.policy!r}, "
-                f"selection={self.selection!r}, mix={self.mix!r}, batch_size={self.batch_size})")
+                f"selection={self.selection!r}, mix={self.mix!r}, batch_size={self.batch_size}, "
+                f"rebuild={self.rebuild!r})")
