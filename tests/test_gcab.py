@@ -292,3 +292,28 @@ def test_cifar100_recipe_builds_the_papers_network(data_root):
     with torch.no_grad():
         out = net.eval().forward_outputs(torch.randn(2, 3, 32, 32))
     assert out["sab"].shape == (2, 64, 384) and out["logits"].shape == (2, 100)
+
+
+def test_probe_reads_the_projectors_as_the_runs_evaluation_does(gcab_run):
+    from cl_vit.experiments.gcab_probe import probe
+
+    _, root, doc, _ = gcab_run
+    rows = probe(root / "run")
+    local = doc["task_incremental"]["accuracy_matrix"]
+    assert [r["t"] for r in rows] == [2, 3]
+    for r in rows:
+        t = r["t"] - 1  # 0-based experience whose projector P_t is probed, task t-1's head
+        # task t-1 through P_t is what inference ran after experience t; on F_{t-1} what it ran after t-1
+        assert r["acc_projected"] == pytest.approx(local[t][t - 1], abs=1e-6)
+        assert r["acc_exact"] == pytest.approx(local[t - 1][t - 1], abs=1e-6)
+        assert 0 < r["projector"] and 0 < r["mean"] <= 1 and r["drift"] > 0
+
+
+def test_default_stream_sizes_the_projector_loss_and_the_recipes_keep_the_official_one(data_root):
+    # split-digits: the drift projector must keep up with a backbone trained from scratch (docs/strategies.md)
+    assert compose(["strategy=gcab"], data_root).strategy.gcab.lambda_pfr == 0.03
+    assert compose(["strategy=gcab", "benchmark.strategy_args.gcab.lambda_pfr=0.1"]).strategy.gcab.lambda_pfr == 0.1
+    for over in (["experiment=gcab-split-fmnist", "strategy=gcab"], ["strategy=gcab", "benchmark=synthetic"]):
+        assert compose(over, data_root).strategy.gcab.lambda_pfr == 0.001  # options/model/cifar_GCAB_FDC.yaml
+    if (CONFIG_DIR / "benchmark" / "cifar100.yaml").exists():
+        assert compose(["experiment=gcab-cifar100"], data_root).strategy.gcab.lambda_pfr == 0.001
