@@ -1,11 +1,13 @@
 """Fashion-MNIST: small IDX files in the real format (gzipped or not, in each supported layout), the checks, the
 download command against a loopback server, the benchmarks; the real files only where they are installed."""
 import gzip
+import random
 import hashlib
 import struct
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, compose
 from test_data_download import Server
 
@@ -131,3 +133,28 @@ def test_real_files_pass_the_official_checks(tmp_path):
     assert src.train_counts().tolist() == [6000] * 10 and np.bincount(src.test_targets).tolist() == [1000] * 10
     lt = build_source("fashion-mnist-lt", tmp_path)
     assert lt.train_counts().tolist() == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+
+
+def test_small_long_tail_and_deit_pipeline(tmp_path, monkeypatch, no_debian):
+    """n_max: the same profile and shuffle on a smaller head class; train_transform=deit: DeiT-LT's student pipeline
+    per image, seeded; misuse is one line."""
+    monkeypatch.setattr(FM, "FILES", make_fmnist(tmp_path / "fashion-mnist", train_per_class=20))
+    full = build_source("fashion-mnist-lt", tmp_path, imbalance_ratio=10, img_size=8)
+    small = build_source("fashion-mnist-lt", tmp_path, imbalance_ratio=10, img_size=8, n_max=10)
+    assert small.meta["train_counts"] == [int(10 * 0.1 ** (i / 9)) for i in range(10)]
+    # each class's images are the first of the full set's (one shuffle, cut shorter)
+    first = {c: [i for i, t in enumerate(full.train.targets) if t == c] for c in range(10)}
+    kept = [full.train.images[first[c][k]] for c in range(10) for k in range(small.meta["train_counts"][c])]
+    assert torch.equal(torch.stack(kept), small.train.images)
+    aug = build_source("fashion-mnist-lt", tmp_path, imbalance_ratio=10, img_size=8, n_max=10, train_transform="deit")
+    assert aug.meta["transforms"]["augment"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    random.seed(0), torch.manual_seed(0)  # timm's RandAugment draws from random, the crop and erasing from torch
+    a = aug.train[3][0]
+    random.seed(0), torch.manual_seed(0)
+    assert torch.equal(a, aug.train[3][0]) and a.shape == (1, 8, 8)
+    assert not torch.equal(a, aug.train[3][0])  # a new draw of the augmentation
+    assert torch.equal(aug.test[0][0], small.test[0][0])  # evaluation is not augmented
+    with pytest.raises(UserError, match="n_max caps the head class"):
+        build_source("fashion-mnist", tmp_path, n_max=10)
+    with pytest.raises(UserError, match="train_transform"):
+        build_source("fashion-mnist", tmp_path, train_transform="torchvision")

@@ -379,3 +379,13 @@ def test_probe_reads_teacher_and_heads_as_the_runs_evaluated_them(teacher_dir, t
     assert out.count(f"| {student} |") == 3
     assert deit_lt_probe.main([str(teacher_dir)]) == 2  # a run without a teacher: one line, exit 2
     assert "names no strategy.deit_lt.teacher" in capsys.readouterr().err
+    # the seeds driver (deit_lt_digits --setting fmnist-regime) reads the run's own shot groups from its confusions:
+    # the same numbers the runner's metrics give, and the probe's numbers through probe_numbers
+    from cl_vit.experiments import deit_lt_digits
+
+    heads = deit_lt_digits.head_accuracies(doc, "run")
+    for head in ("cls", "dist"):
+        assert heads[head]["overall"] == pytest.approx(doc["heads"][head]["metrics"]["final_average_accuracy"])
+    for g in ("many", "medium", "few"):  # per group the runner records the main head's
+        assert heads["main"][g] == pytest.approx(doc["metrics"][f"{g}_shot_accuracy"], nan_ok=True)
+    assert deit_lt_digits.probe_numbers(student)["dist_copies"] == pytest.approx(s["dist/all"]["copies"])

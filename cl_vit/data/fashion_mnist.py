@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from cl_vit.data.base import Source, TensorImageDataset
 from cl_vit.data.longtail import longtail_subset
+from cl_vit.data.transforms import check_pipelines, deit_train_transform
 from cl_vit.errors import ConfigError, UserError
 
 #: decompressed size and sha256 of each IDX file (the content of the official archives; torchvision's FashionMNIST
@@ -137,6 +138,13 @@ class NormalizedByteImages(TensorImageDataset):
         return (self.images[i].float() / 255.0 - self.mean) / self.std, self.targets[i]
 
 
+class AugmentedByteImages(TensorImageDataset):
+    """uint8 images ``[N, 1, H, W]`` through a PIL pipeline (cl_vit.data.transforms.PILTransform) per item."""
+
+    def __getitem__(self, i):
+        return self.transform(image=self.images[i, 0].numpy())["image"], self.targets[i]
+
+
 def _resize(x: np.ndarray, img_size: int) -> torch.Tensor:
     t = torch.from_numpy(np.array(x, dtype=np.uint8)).unsqueeze(1)  # frombuffer arrays are read-only
     if img_size == t.shape[-1]:
@@ -148,15 +156,21 @@ def _resize(x: np.ndarray, img_size: int) -> torch.Tensor:
 
 
 def build_fashion_mnist(data_root: str | Path, img_size: int = 28, normalize: str = "fmnist",
-                        imbalance_ratio: float | None = None, **_) -> Source:
+                        imbalance_ratio: float | None = None, n_max: int | None = None,
+                        train_transform: str = "default", augment: dict | None = None, **_) -> Source:
     """The 60,000 / 10,000 official split, 10 classes, one channel; ``img_size`` resizes once at load time.
 
     With ``imbalance_ratio`` the training set follows LDAM-DRW's exponential profile (cl_vit.data.longtail, numpy
-    seed 0); the test set stays balanced."""
+    seed 0), its head class ``n_max`` images (default 6,000: all of them); the test set stays balanced.
+    ``train_transform=deit``: DeiT-LT's student pipeline per image (RandAugment, random erasing; at 32 px or less
+    pad-4 random crop + flip as build_transform_deit for CIFAR; cl_vit.data.transforms), ``augment`` its options;
+    ``default`` trains on the images as they are."""
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise ConfigError("benchmark.source_args.img_size", img_size, "a positive integer (28 is the original size)")
     if normalize not in NORMALIZATIONS:
         raise ConfigError("benchmark.source_args.normalize", normalize, f"one of {sorted(NORMALIZATIONS)}")
+    if train_transform not in ("default", "deit"):
+        raise ConfigError("benchmark.source_args.train_transform", train_transform, "default or deit")
     x_tr, y_tr, x_te, y_te, folder = load_fashion_mnist(data_root)
     mean, std = NORMALIZATIONS[normalize]
     meta = {"root": str(folder), "img_size": img_size, "normalization": {"mean": [mean], "std": [std]},
@@ -165,15 +179,27 @@ def build_fashion_mnist(data_root: str | Path, img_size: int = 28, normalize: st
     if imbalance_ratio is not None:
         if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, (int, float)) or imbalance_ratio < 1:
             raise ConfigError("benchmark.imbalance_ratio", imbalance_ratio, "a number >= 1 (LDAM-DRW: 10, 50, 100)")
-        keep, counts = longtail_subset(y_tr, imbalance_ratio, seed=0)
+        if n_max is not None and (isinstance(n_max, bool) or not isinstance(n_max, int) or not 1 <= n_max <= 6000):
+            raise ConfigError("benchmark.source_args.n_max", n_max, "an integer from 1 to 6000 (images of the head class)")
+        keep, counts = longtail_subset(y_tr, imbalance_ratio, seed=0, n_max=n_max)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
         name = "fashion-mnist-lt"
         meta.update(imbalance_ratio=imbalance_ratio, train_counts=counts,
                     profile="LDAM-DRW exponential profile, per-class indices shuffled by numpy seed 0, first n_i kept")
-    meta.update(n_train=int(len(y_tr)), n_test=int(len(y_te)))
+    elif n_max is not None:
+        raise UserError("benchmark.source_args.n_max caps the head class of the long-tailed profile: use it with "
+                        "benchmark.imbalance_ratio (source fashion-mnist-lt), or remove it")
+    meta.update(n_train=int(len(y_tr)), n_test=int(len(y_te)), transforms=check_pipelines(train_transform, "default",
+                                                                                        augment))
+    train_images = _resize(x_tr, img_size)
+    if train_transform == "deit":
+        tf = deit_train_transform(img_size, [mean], [std], augment, resize_im=img_size > 32)
+        train = AugmentedByteImages(train_images, y_tr, tf)
+    else:
+        train = NormalizedByteImages(train_images, y_tr, mean, std)
     return Source(
         name=name,
-        train=NormalizedByteImages(_resize(x_tr, img_size), y_tr, mean, std),
+        train=train,
         test=NormalizedByteImages(_resize(x_te, img_size), y_te, mean, std),
         classes=list(CLASSES),
         in_chans=1,

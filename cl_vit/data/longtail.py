@@ -14,17 +14,19 @@ def longtail_counts(n_max: float, n_classes: int, imbalance_ratio: float) -> lis
     return [int(n_max * (1.0 / imbalance_ratio) ** (i / (n_classes - 1.0))) for i in range(n_classes)]
 
 
-def longtail_subset(targets: Sequence[int], imbalance_ratio: float, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+def longtail_subset(targets: Sequence[int], imbalance_ratio: float, seed: int = 0,
+                    n_max: int | None = None) -> tuple[np.ndarray, list[int]]:
     """Positions to keep so that class i has ``longtail_counts(...)[i]`` samples, and those counts.
 
     As LDAM-DRW's ``gen_imbalanced_data``: ``n_max`` is the dataset size over the number of classes (unrounded, as
     DeiT-LT's ``get_img_num_per_cls``; LDAM-DRW rounds it down first, the same for CIFAR's 500 and 5,000); one NumPy
     RandomState seeded once (``np.random.seed(0)`` in their code) shuffles each class's indices in class order and
     the first ``n_i`` are kept. Positions are returned sorted by class, then by that shuffle, as theirs are.
+    ``n_max`` caps the head class (a smaller data set with the same profile; the same shuffle, so a prefix of it).
     """
     targets = np.asarray(targets, dtype=np.int64)
     classes = np.unique(targets)
-    counts = longtail_counts(len(targets) / len(classes), len(classes), imbalance_ratio)
+    counts = longtail_counts(n_max or len(targets) / len(classes), len(classes), imbalance_ratio)
     rng = np.random.RandomState(seed)
     keep, kept = [], []
     for c, n in zip(classes, counts):

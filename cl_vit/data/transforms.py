@@ -398,6 +398,9 @@ DEIT_AUGMENT = {
     # the mean RandAugment fills uncovered pixels with (rotate, shear, translate); null: the normalisation mean.
     # "imagenet": DyTox / GCAB-CFDC, whose create_transform gets no mean and whose CIFAR Normalize is swapped in later
     "fill_mean": None,
+    # build_transform_deit's crop for inputs of 32 px or less (CIFAR at its own size): RandomCrop(32, padding=4);
+    # a smaller image keeps the crop's strength with the same fraction (4 of 32 px is 2 of 14)
+    "crop_padding": 4,
 }
 
 
@@ -474,19 +477,20 @@ def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool
     """DeiT's training transform: timm's ``create_transform(is_training=True)`` at the student's input size:
     RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip, RandAugment, normalisation, random
     erasing. ``resize_im=False`` (DeiT: ``input_size <= 32``, i.e. CIFAR at its own size) swaps the crop for
-    ``RandomCrop(img_size, padding=4)`` as build_transform_deit does."""
+    ``RandomCrop(img_size, padding=4)`` as build_transform_deit does (``augment.crop_padding``)."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
     options = deit_augment(augment)
     fill = options.pop("fill_mean")
+    padding = options.pop("crop_padding")
     fill = NORMALIZATIONS[fill][0] if isinstance(fill, str) else tuple(fill) if fill else tuple(mean)
     transform = create_transform(input_size=img_size, is_training=True, mean=fill, std=tuple(std), **options)
     if fill != tuple(mean):  # the fill mean went to RandAugment; the tensor is normalised with the dataset's own
         transform.transforms = [T.Normalize(mean=list(mean), std=list(std)) if isinstance(t, T.Normalize) else t
                                 for t in transform.transforms]
     if not resize_im:
-        transform.transforms[0] = T.RandomCrop(img_size, padding=4)
+        transform.transforms[0] = T.RandomCrop(img_size, padding=padding)
     return PILTransform(_pillow_safe(transform))
 
 
