@@ -129,11 +129,11 @@ def check_override_keys(argv: list[str]) -> None:
         if present:
             continue
         section = key.rsplit(".", 1)[0] if "." in key else ""
-        hint = max(closest_keys(cfg, key) for cfg in cfgs)[1]
+        depth, hint = max(closest_keys(cfg, key) for cfg in cfgs)
         if not added:
             add = "" if hint.startswith("did you mean") else f" (to add a key that no config has: +{key}=...)"
             raise UserError(f"{key} is not a config key: {hint}{add}")
-        if section in ("", *FIXED_SECTIONS):
+        if section in ("", *FIXED_SECTIONS) or depth == 0:  # a new top-level section: no component reads it
             raise UserError(f"+{key}: nothing reads {key} ({hint})")
 
 

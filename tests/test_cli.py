@@ -61,6 +61,7 @@ def test_bad_values_fail_in_one_line_before_training(tmp_path, data_root, args, 
                                    "trainer.max_epochs"),
         (["strategy=l2", "+strategy.l2.lamda=1"], "did you mean strategy.l2.lam?"),
         (["+max_epochs=3"], "+max_epochs: nothing reads max_epochs"),
+        (["+traner.max_epochs=3"], "+traner.max_epochs: nothing reads traner.max_epochs (did you mean trainer"),
         (["-m", "strategy=finetune,l2", "strategy.l2.lam=1"], "++benchmark.strategy_args.l2.lam=... sets it"),
     ],
 )
