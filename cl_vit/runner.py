@@ -494,6 +494,13 @@ class ContinualRunner:
 
             sampler = RepeatAugSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                        shuffle=True, num_repeats=cfg.repeats)
+        elif resumable and distributed.world_size() > 1:
+            # the sampler Lightning would put in (its DistributedSampler, seeded with the experience's seed), made here
+            # so that Lightning keeps this loader, to which a resume gives its position, instead of building another
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                         shuffle=True, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         elif shard and distributed.world_size() > 1:
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 

@@ -526,19 +526,23 @@ def _signal_at(monkeypatch, sig, experience, epoch, batch):
 
 
 def _logged(run_dir):
-    return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open())]
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("sig,every,epoch,batch", [(signal.SIGTERM, 0, 1, 4), (signal.SIGTERM, 0, 0, 20),
-                                                   (signal.SIGINT, 1, 1, 20)])
+@pytest.mark.parametrize("sig,every,epoch,batch,ema", [
+    (signal.SIGTERM, 0, 1, 4, None),  # inside an epoch, no checkpoint_every_epochs
+    (signal.SIGTERM, 0, 0, 20, 0.9),  # after epoch 1's last step: written at its end (Lightning's own SIGTERM stop)
+    (signal.SIGINT, 1, 1, 20, 0.9),  # after the last epoch's last step: the resume only finishes the experience
+])
 def test_a_signal_mid_epoch_saves_the_step_and_resume_continues_it_with_equal_results(
-        tmp_path, data_root, monkeypatch, sig, every, epoch, batch):
+        tmp_path, data_root, monkeypatch, sig, every, epoch, batch, ema):
     """A signal in experience 2 (2 epochs of 21 steps) after step ``batch`` of ``epoch``: the experience's state is
     written at that step, with or without checkpoint_every_epochs (after an epoch's last step: at the epoch's end,
     also the last epoch's); the resume trains only the steps after it and ends with the results, weights and logged
-    losses and accuracies of an uninterrupted run."""
+    losses and accuracies of an uninterrupted run, the model EMA's average included."""
     args = [*TINY, "benchmark.n_experiences=2", "trainer.max_epochs=2", f"checkpoint_every_epochs={every}",
-            "logger=csv", "trainer.log_every_n_steps=1"]
+            "logger=csv", "trainer.log_every_n_steps=1", f"ema.decay={'null' if ema is None else ema}"]
     ref = run(compose(args, data_root), tmp_path / "ref")
     cut = tmp_path / "cut"
     _signal_at(monkeypatch, sig, 1, epoch, batch)
