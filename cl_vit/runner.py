@@ -34,7 +34,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cl_vit import distributed
@@ -215,7 +214,7 @@ def _metric_states(module: torch.nn.Module) -> dict:
     resumed in its middle logs the value of the whole epoch."""
     from torchmetrics import Metric
 
-    return {name: {"state": {k: v.clone() if isinstance(v, torch.Tensor) else [t.clone() for t in v]
+    return {name: {"state": {k: v.cpu().clone() if isinstance(v, torch.Tensor) else [t.cpu().clone() for t in v]
                              for k, v in m.metric_state.items()}, "updates": int(m._update_count)}
             for name, m in module.named_modules() if isinstance(m, Metric)}
 
@@ -330,9 +329,10 @@ class _EpochCheckpoint(Callback):
         self._saved_step = trainer.global_step
 
     def state_dict(self) -> dict:
-        state = {"rng": _rng_state(self.generator),
-                 "strategies": {s.name: s.state_dict() for s in self.runner.module.strategies},
-                 "metrics": _metric_states(self.runner.module)}
+        own = {"rng": _rng_state(self.generator), "metrics": _metric_states(self.runner.module)}
+        state = {**own, "strategies": {s.name: s.state_dict() for s in self.runner.module.strategies}}
+        if distributed.world_size() > 1:  # every process's random states and metric sums (rank 0 writes the file)
+            state["ranks"] = distributed.all_gather_object(own)
         if self._position is not None:  # inside an epoch: where the training loader stands
             state["loader"] = self._position
         return state
@@ -340,8 +340,10 @@ class _EpochCheckpoint(Callback):
     def load_state_dict(self, state: dict) -> None:
         for s in self.runner.module.strategies:
             s.load_state_dict(state["strategies"].get(s.name, {}))
-        _load_metric_states(self.runner.module, state.get("metrics", {}))
-        _set_rng_state(state["rng"], self.generator)
+        ranks = state.get("ranks") or []
+        own = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state
+        _load_metric_states(self.runner.module, own.get("metrics", {}))
+        _set_rng_state(own["rng"], self.generator)
         if state.get("loader") is not None and isinstance(self.loader, _ResumableLoader):
             self.loader.resume(state["loader"])
 
@@ -529,7 +531,7 @@ class ContinualRunner:
             callbacks.append(_SigkillAt(index, os.environ["CL_VIT_TEST_SIGKILL_AT"]))
         if os.environ.get("CL_VIT_TEST_FSIZE_AT"):
             callbacks.append(_FileSizeLimitAt(index, os.environ["CL_VIT_TEST_FSIZE_AT"]))
-        return L.Trainer(
+        trainer = L.Trainer(
             logger=self.loggers or False,
             callbacks=callbacks,
             enable_checkpointing=False,
@@ -537,6 +539,12 @@ class ContinualRunner:
             num_sanity_val_steps=0,
             **kwargs,
         )
+        # signals are the run's (``_signals``: a flag, and every process stops at the same step). Lightning's own
+        # SIGTERM handler broadcasts from inside the handler, a collective the other processes are not in: under DDP
+        # a SIGTERM to rank 0 alone hung the run (tests/test_ddp.py); and its SLURM requeue handler saves a
+        # checkpoint the suite does not resume from
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        return trainer
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -672,16 +680,11 @@ class ContinualRunner:
                 cost.fit_started(self.module)
                 partial = self.run_dir.epoch_checkpoint_path(i)
                 if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
-                    try:
-                        if partial.exists():  # a resume after a preemption or a signal: from the step saved on
-                            log.info("  continuing experience %d from %s", i + 1, partial.name)
-                            trainer.fit(self.module, train_dataloaders=loader, ckpt_path=str(partial),
-                                        weights_only=True)
-                        else:
-                            trainer.fit(self.module, train_dataloaders=loader)
-                    except SIGTERMException:  # Lightning's own stop at an epoch's end: the run's stop, as any other
-                        self._check_stop(i)
-                        raise
+                    if partial.exists():  # a resume after a preemption or a signal: from the step saved on
+                        log.info("  continuing experience %d from %s", i + 1, partial.name)
+                        trainer.fit(self.module, train_dataloaders=loader, ckpt_path=str(partial), weights_only=True)
+                    else:
+                        trainer.fit(self.module, train_dataloaders=loader)
                 self._check_stop(i)  # arrived in fit's last step or outside a step
                 self.module.to(device)
                 for s in self.module.strategies:

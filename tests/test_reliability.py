@@ -190,6 +190,8 @@ def test_sigterm_prints_how_to_continue_and_exits_143(tmp_path, data_root):
     after = json.loads((cut / "results.json").read_text())
     assert after["status"] == "interrupted" and after["accuracy_matrix"] == before["accuracy_matrix"]
     assert _digest(cut / "checkpoints" / "exp_000.pt") == kept
+    part = torch.load(cut / "checkpoints" / "exp_001.epoch.pt", weights_only=True)  # the step it stopped at
+    assert part["global_step"] >= 1
     # 9: the evaluation bar says what it evaluates
     shown = "".join(shown)  # (Lightning's bars write to stdout)
     assert "exp 1/2 · evaluating" in shown and "Predicting DataLoader" not in shown
@@ -532,7 +534,7 @@ def _logged(run_dir):
 
 @pytest.mark.parametrize("sig,every,epoch,batch,ema", [
     (signal.SIGTERM, 0, 1, 4, None),  # inside an epoch, no checkpoint_every_epochs
-    (signal.SIGTERM, 0, 0, 20, 0.9),  # after epoch 1's last step: written at its end (Lightning's own SIGTERM stop)
+    (signal.SIGTERM, 0, 0, 20, 0.9),  # after epoch 1's last step: written at its end
     (signal.SIGINT, 1, 1, 20, 0.9),  # after the last epoch's last step: the resume only finishes the experience
 ])
 def test_a_signal_mid_epoch_saves_the_step_and_resume_continues_it_with_equal_results(
