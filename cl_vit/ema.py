@@ -18,16 +18,27 @@ class ModelEma(Callback):
         self.decay = float(decay)
         self.ema: ModelEmaV3 | None = None
         self._step = -1
+        self._restored: dict | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # one average per experience, started from the network as the experience starts (the previous average)
         self.ema = ModelEmaV3(pl_module.net, decay=self.decay, foreach=False)
+        if self._restored is not None:  # a resume inside the experience: the average so far
+            self.ema.module.load_state_dict(self._restored)
+            self._restored = None
         self._step = trainer.global_step
+
+    # part of the checkpoint written inside an experience (cl_vit.runner: checkpoint_every_epochs, a signal)
+    def state_dict(self) -> dict:
+        return {"average": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state.get("average")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step != self._step:  # an optimiser step happened (not a gradient-accumulation batch)
             self._step = trainer.global_step
             self.ema.update(pl_module.net)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:  # also when a resume finds the training done
         pl_module.net.load_state_dict(self.ema.module.state_dict())

@@ -43,6 +43,32 @@ def _flat_names(self, metrics, step=None) -> None:
     StreamSteps.log_metrics(self, {k.replace("/", "."): v for k, v in metrics.items()}, step)
 
 
+def _csv_class() -> type:
+    """Lightning's CSVLogger, except that a resumed run continues RUN_DIR/csv/metrics.csv: Lightning's writer deletes
+    an existing file when it starts, which loses every step logged before the resume."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _Continued(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):  # appended to; its columns are the writer's to extend
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _Continued(log_dir=self.log_dir)
+        return self._experiment
+
+    return _stream_class(CSVLogger, experiment=experiment)
+
+
 def _close_wandb(self) -> None:
     StreamSteps.close(self)
     if self._experiment is not None:  # Lightning leaves the wandb run open until the process exits
@@ -80,7 +106,7 @@ def build_loggers(logger_cfg: Mapping | None, run_dir: str | Path, name: str | N
             out.append(StreamLogger(save_dir=str(run_dir), name="tensorboard", version=name or "",
                                     default_hp_metric=False, **args))
         elif kind == "csv":
-            out.append(_stream_class(L.CSVLogger)(save_dir=str(run_dir), name="csv", version="", **args))
+            out.append(_csv_class()(save_dir=str(run_dir), name="csv", version="", **args))
         elif kind == "wandb":
             args.setdefault("offline", True)
             out.append(_stream_class(L.WandbLogger, close=_close_wandb)(save_dir=str(run_dir), name=name or run_dir.name,

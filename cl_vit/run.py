@@ -224,6 +224,8 @@ def _run(cfg: DictConfig, rd, scenario, resuming: bool, trainer_args: dict, name
         runner.run()
     except RunStopped as e:
         e.run_dir = rd.path
+        for lg in loggers:  # what was logged up to the stop, on disk for the resume to continue
+            lg.finalize("success")
         raise
     report.finish_run(rd.path, logger.experiment if logger is not None else None)  # figures, TensorBoard hparams
     for lg in loggers:

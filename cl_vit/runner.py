@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import os
@@ -53,6 +54,9 @@ log = logging.getLogger("cl_vit")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging interval.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# a resume inside an epoch: the training loader's position comes back through the run's checkpoint callback
+# (_ResumableLoader), which Lightning's check for its own stateful-loader interface does not see
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -166,6 +170,9 @@ class _EpochTimes(Callback):
     def __init__(self):
         self.seconds: list[float] = []
 
+    def on_train_start(self, trainer, pl_module):  # a resume inside an epoch starts no epoch
+        self._t0 = time.perf_counter()
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.perf_counter()
 
@@ -202,49 +209,181 @@ def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
         generator.set_state(state["loader"])
 
 
-class _EpochCheckpoint(Callback):
-    """``checkpoint_every_epochs``: every k epochs of a long experience, its state at the epoch boundary (network,
-    optimiser, schedule, Lightning's loops, strategies, every random state), so that a resume after a preemption
-    continues from there with the results an uninterrupted run gives. Written through the run directory (plain
-    types, atomic) and read back by Lightning with ``weights_only=True``."""
+def _metric_states(module: torch.nn.Module) -> dict:
+    """What the module's torchmetrics metrics (the epoch's training accuracy) have accumulated so far: an epoch
+    resumed in its middle logs the value of the whole epoch."""
+    from torchmetrics import Metric
 
-    def __init__(self, runner: "ContinualRunner", index: int, every: int, generator: torch.Generator | None):
-        self.runner, self.index, self.every, self.generator = runner, index, int(every), generator
+    return {name: {"state": {k: v.cpu().clone() if isinstance(v, torch.Tensor) else [t.cpu().clone() for t in v]
+                             for k, v in m.metric_state.items()}, "updates": int(m._update_count)}
+            for name, m in module.named_modules() if isinstance(m, Metric)}
+
+
+def _load_metric_states(module: torch.nn.Module, states: dict) -> None:
+    modules = dict(module.named_modules())
+    for name, saved in states.items():
+        m = modules.get(name)
+        if m is None:
+            continue
+        for k, v in saved["state"].items():
+            setattr(m, k, v.to(m.device) if isinstance(v, torch.Tensor) else [t.to(m.device) for t in v])
+        m._update_count, m._computed = int(saved["updates"]), None
+
+
+class _SkipFirst:
+    """A batch sampler whose next iteration leaves out its first ``n`` batches: their indices are drawn (the same
+    order as an uninterrupted epoch) but nothing is loaded. Later iterations are whole."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n = sampler, int(n)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        n, self.n = self.n, 0
+        return itertools.islice(iter(self.sampler), n, None)
+
+
+class _ResumableLoader(DataLoader):
+    """An experience's training loader that a resume continues inside an epoch.
+
+    Its position (``position``): the order generator's state when the epoch's iterator was made and the batches
+    trained since. Given it back (``resume``), its next iterator redraws that epoch's order and leaves out the
+    trained batches without loading them. The rest of the epoch then equals an uninterrupted one: Lightning loads
+    each batch as its step asks for it (the length is known, so nothing is fetched ahead), and the host random state
+    restored with the checkpoint is the one the next batch's augmentations drew from. With ``num_workers`` > 0 the
+    order is the same but the workers' augmentation draws restart from their epoch seeds.
+
+    The run's checkpoint callback carries the position, not Lightning's stateful-loader interface: Lightning 2.6
+    gives a loader its state only when it sets the loader up after restoring its loops, and ``configure_optimizers``
+    (the schedule's ``estimated_stepping_batches``) sets it up before; callbacks are restored before either."""
+
+    #: batches of the current epoch trained so far (set before a checkpoint is written)
+    trained = 0
+    _epoch_start: torch.Tensor | None = None
+    _resume: dict | None = None
+    _skip = 0
+
+    @property
+    def _index_sampler(self):
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skip) if self._skip else sampler
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.get("epoch_start") is not None and self.generator is not None:
+            self.generator.set_state(resume["epoch_start"])
+        self._epoch_start = self.generator.get_state() if self.generator is not None else None
+        self._skip = int(resume["batches"]) if resume is not None else 0
+        try:
+            return super().__iter__()
+        finally:
+            self._skip = 0
+
+    def position(self) -> dict:
+        return {"epoch_start": self._epoch_start, "batches": int(self.trained)}
+
+    def resume(self, position: dict) -> None:
+        self._resume = position
+
+
+class _EpochCheckpoint(Callback):
+    """The experience's state part-way through its training, written through the run directory (plain types,
+    atomic) and read back by Lightning with ``weights_only=True``: network, optimiser, schedule, Lightning's loops
+    (the batch index inside the epoch), the training loader's position (``_ResumableLoader``), strategies, the
+    module's metrics and every random state, so that a resume continues from there with the results an
+    uninterrupted run gives. Written every ``every`` epochs of a long experience (``checkpoint_every_epochs``; 0:
+    never) and when a signal stops training (``_StopOnSignal``); the state key keeps older files loadable."""
+
+    def __init__(self, runner: "ContinualRunner", index: int, every: int, loader: DataLoader):
+        self.runner, self.index, self.every, self.loader = runner, index, int(every), loader
+        self.generator = loader.generator
+        self._saved_step: int | None = None
+        self._position: dict | None = None
 
     def on_train_epoch_end(self, trainer, pl_module):
         done = trainer.current_epoch + 1
-        if self.every <= 0 or done % self.every or done >= (trainer.max_epochs or 0):
+        if self.every > 0 and done % self.every == 0 and done < (trainer.max_epochs or 0):
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        """Write the state now (every process takes part; rank 0 writes). A second signal waits for the write."""
+        if self._saved_step == trainer.global_step:
             return
-        if self.runner.stop_signal is not None:  # stopping: the state is mid-way through nothing worth keeping
-            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        self._position = None  # at an epoch's end the next epoch starts afresh
+        if isinstance(self.loader, _ResumableLoader) and done < trainer.num_training_batches:
+            self.loader.trained = done
+            self._position = self.loader.position()
         # Lightning's full state to write (weights_only=False here means "with optimiser, schedule and loops"; no
         # file is read): plain types only, checked by the run directory's writer
         state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        if distributed.is_rank_zero():
-            self.runner.run_dir.save_epoch_checkpoint(self.index, state)
+        saving, self.runner._saving = self.runner._saving, True
+        try:
+            if distributed.is_rank_zero():
+                self.runner.run_dir.save_epoch_checkpoint(self.index, state)
+        finally:
+            self.runner._saving = saving
         distributed.barrier()
+        self._saved_step = trainer.global_step
 
     def state_dict(self) -> dict:
-        return {"rng": _rng_state(self.generator),
-                "strategies": {s.name: s.state_dict() for s in self.runner.module.strategies}}
+        own = {"rng": _rng_state(self.generator), "metrics": _metric_states(self.runner.module)}
+        state = {**own, "strategies": {s.name: s.state_dict() for s in self.runner.module.strategies}}
+        if distributed.world_size() > 1:  # every process's random states and metric sums (rank 0 writes the file)
+            state["ranks"] = distributed.all_gather_object(own)
+        if self._position is not None:  # inside an epoch: where the training loader stands
+            state["loader"] = self._position
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for s in self.runner.module.strategies:
             s.load_state_dict(state["strategies"].get(s.name, {}))
-        _set_rng_state(state["rng"], self.generator)
+        ranks = state.get("ranks") or []
+        own = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state
+        _load_metric_states(self.runner.module, own.get("metrics", {}))
+        _set_rng_state(own["rng"], self.generator)
+        if state.get("loader") is not None and isinstance(self.loader, _ResumableLoader):
+            self.loader.resume(state["loader"])
 
 
 class _StopOnSignal(Callback):
-    """Ends training or evaluation after the current step once SIGINT or SIGTERM arrived (``ContinualRunner``)."""
+    """Ends training or evaluation after the current step once SIGINT or SIGTERM arrived (``ContinualRunner``).
 
-    def __init__(self, runner: "ContinualRunner", index: int):
-        self.runner, self.index = runner, index
+    In training (``checkpoint`` given) the experience's state is written first, so that a resume continues from
+    that step: after a step inside an epoch it is written at once and the run stops as the next batch starts (the
+    step's own logging done); after an epoch's last step, at the epoch boundary once the epoch's end ran (its
+    logging, its evaluation), even after the last epoch."""
+
+    def __init__(self, runner: "ContinualRunner", index: int, checkpoint: _EpochCheckpoint | None = None):
+        self.runner, self.index, self.checkpoint = runner, index, checkpoint
+        self.pending = False
 
     def _check(self):
         self.runner._check_stop(self.index)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._check()
+        if self.checkpoint is None:
+            return self._check()
+        signum = distributed.agree_on_stop(self.runner.stop_signal)
+        if signum is None or self.pending:
+            return
+        self.runner.stop_signal, self.pending = signum, True
+        if batch_idx + 1 < trainer.num_training_batches:
+            self.checkpoint.save(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.pending:
+            self._check()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.pending:
+            self._check()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.pending:
+            self.checkpoint.save(trainer)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._check()
@@ -344,10 +483,11 @@ class ContinualRunner:
     # -- data ------------------------------------------------------------------------------------------------------
 
     def _loader(self, dataset, train: bool, seed: int | None = None, shard: bool = False,
-                repeated: bool = False) -> DataLoader:
+                repeated: bool = False, resumable: bool = False) -> DataLoader:
         """``shard``: under DDP, this process's part of ``dataset``, every sample once over all processes.
         ``repeated``: the experience's training loader with ``data.repeated_aug`` on: this process's part of the
-        repeated epoch (the Trainer then keeps Lightning from replacing the sampler)."""
+        repeated epoch (the Trainer then keeps Lightning from replacing the sampler). ``resumable``: an experience's
+        training loader, which a resume inside an epoch continues (``_ResumableLoader``)."""
         cfg = self.loader
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = None
@@ -356,12 +496,19 @@ class ContinualRunner:
 
             sampler = RepeatAugSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                        shuffle=True, num_repeats=cfg.repeats)
+        elif resumable and distributed.world_size() > 1:
+            # the sampler Lightning would put in (its DistributedSampler, seeded with the experience's seed), made here
+            # so that Lightning keeps this loader, to which a resume gives its position, instead of building another
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                         shuffle=True, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         elif shard and distributed.world_size() > 1:
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=distributed.world_size(),
                                                    rank=distributed.rank(), shuffle=train, seed=seed or 0)
-        return DataLoader(
+        return (_ResumableLoader if resumable else DataLoader)(
             dataset,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
             shuffle=train and sampler is None,
@@ -373,17 +520,18 @@ class ContinualRunner:
             generator=generator,
         )
 
-    def _trainer(self, index: int, callbacks=(), **overrides) -> L.Trainer:
+    def _trainer(self, index: int, callbacks=(), checkpoint: _EpochCheckpoint | None = None,
+                 **overrides) -> L.Trainer:
         kwargs = dict(self.trainer_kwargs)
         kwargs.update(overrides)
         if kwargs.get("enable_progress_bar", True):
             callbacks = [ExperienceProgressBar(index, len(self.info.train_classes)), *callbacks]
-        callbacks = [*callbacks, _StopOnSignal(self, index)]
+        callbacks = [*callbacks, _StopOnSignal(self, index, checkpoint)]
         if os.environ.get("CL_VIT_TEST_SIGKILL_AT"):
             callbacks.append(_SigkillAt(index, os.environ["CL_VIT_TEST_SIGKILL_AT"]))
         if os.environ.get("CL_VIT_TEST_FSIZE_AT"):
             callbacks.append(_FileSizeLimitAt(index, os.environ["CL_VIT_TEST_FSIZE_AT"]))
-        return L.Trainer(
+        trainer = L.Trainer(
             logger=self.loggers or False,
             callbacks=callbacks,
             enable_checkpointing=False,
@@ -391,6 +539,12 @@ class ContinualRunner:
             num_sanity_val_steps=0,
             **kwargs,
         )
+        # signals are the run's (``_signals``: a flag, and every process stops at the same step). Lightning's own
+        # SIGTERM handler broadcasts from inside the handler, a collective the other processes are not in: under DDP
+        # a SIGTERM to rank 0 alone hung the run (tests/test_ddp.py); and its SLURM requeue handler saves a
+        # checkpoint the suite does not resume from
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        return trainer
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -503,16 +657,17 @@ class ContinualRunner:
             dataset = experience.dataset
             for s in self.module.strategies if self.train else ():  # a replay memory's samples join the experience's
                 dataset = s.train_dataset(self.module, info, dataset)
-            loader = self._loader(dataset, True, experience_seed(self.seed, i), repeated=repeated)
+            loader = self._loader(dataset, True, experience_seed(self.seed, i), repeated=repeated, resumable=True)
             # an experience shorter than the logging interval would log no loss at all (each Trainer restarts at 0)
             per_process = len(loader) if repeated else math.ceil(len(loader) / distributed.world_size())
             every = max(1, min(int(self.trainer_kwargs.get("log_every_n_steps") or 50), per_process))
             # Lightning would wrap the repeated-augmentation sampler in its own distributed one: it shards already
             callbacks = self._fit_callbacks(i)
-            if self.checkpoint_every_epochs:
-                callbacks.append(_EpochCheckpoint(self, i, self.checkpoint_every_epochs, loader.generator))
+            # always there: a signal writes the state of the step it stopped at (checkpoint_every_epochs or not)
+            checkpoint = _EpochCheckpoint(self, i, self.checkpoint_every_epochs, loader)
+            callbacks.append(checkpoint)
             epochs = _EpochTimes()
-            trainer = self._trainer(i, callbacks=[epochs, *callbacks], log_every_n_steps=every,
+            trainer = self._trainer(i, callbacks=[epochs, *callbacks], checkpoint=checkpoint, log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
@@ -525,7 +680,7 @@ class ContinualRunner:
                 cost.fit_started(self.module)
                 partial = self.run_dir.epoch_checkpoint_path(i)
                 if any(p.requires_grad for p in self.module.parameters()):  # e.g. SimpleCIL trains nothing
-                    if partial.exists():  # a resume after a preemption: from the last epoch boundary on
+                    if partial.exists():  # a resume after a preemption or a signal: from the step saved on
                         log.info("  continuing experience %d from %s", i + 1, partial.name)
                         trainer.fit(self.module, train_dataloaders=loader, ckpt_path=str(partial), weights_only=True)
                     else:

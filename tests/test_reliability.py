@@ -2,6 +2,7 @@
 status (results.json, exit code) and that no completed result changed."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -189,6 +190,8 @@ def test_sigterm_prints_how_to_continue_and_exits_143(tmp_path, data_root):
     after = json.loads((cut / "results.json").read_text())
     assert after["status"] == "interrupted" and after["accuracy_matrix"] == before["accuracy_matrix"]
     assert _digest(cut / "checkpoints" / "exp_000.pt") == kept
+    part = torch.load(cut / "checkpoints" / "exp_001.epoch.pt", weights_only=True)  # the step it stopped at
+    assert part["global_step"] >= 1
     # 9: the evaluation bar says what it evaluates
     shown = "".join(shown)  # (Lightning's bars write to stdout)
     assert "exp 1/2 · evaluating" in shown and "Predicting DataLoader" not in shown
@@ -504,6 +507,69 @@ def test_a_kill_inside_an_experience_resumes_from_the_last_epoch_boundary_with_e
     a, b = _weights(tmp_path / "ref" / "checkpoints" / "exp_001.pt"), _weights(cut / "checkpoints" / "exp_001.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((cut / "checkpoints").glob("*.epoch.pt"))  # dropped once each experience is saved
+
+
+def _signal_at(monkeypatch, sig, experience, epoch, batch):
+    """Send ``sig`` to this process at the end of one training step (once): the run's own handler receives it."""
+    from lightning.pytorch.callbacks import Callback
+
+    from cl_vit.runner import ContinualRunner
+
+    class SignalAt(Callback):
+        def __init__(self, index):
+            self.index = index
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
+            if (self.index, trainer.current_epoch, batch_idx) == (experience, epoch, batch):
+                os.kill(os.getpid(), sig)
+
+    fit_callbacks = ContinualRunner._fit_callbacks
+    monkeypatch.setattr(ContinualRunner, "_fit_callbacks", lambda self, i: [*fit_callbacks(self, i), SignalAt(i)])
+
+
+def _logged(run_dir):
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("sig,every,epoch,batch,ema", [
+    (signal.SIGTERM, 0, 1, 4, None),  # inside an epoch, no checkpoint_every_epochs
+    (signal.SIGTERM, 0, 0, 20, 0.9),  # after epoch 1's last step: written at its end
+    (signal.SIGINT, 1, 1, 20, 0.9),  # after the last epoch's last step: the resume only finishes the experience
+])
+def test_a_signal_mid_epoch_saves_the_step_and_resume_continues_it_with_equal_results(
+        tmp_path, data_root, monkeypatch, sig, every, epoch, batch, ema):
+    """A signal in experience 2 (2 epochs of 21 steps) after step ``batch`` of ``epoch``: the experience's state is
+    written at that step, with or without checkpoint_every_epochs (after an epoch's last step: at the epoch's end,
+    also the last epoch's); the resume trains only the steps after it and ends with the results, weights and logged
+    losses and accuracies of an uninterrupted run, the model EMA's average included."""
+    args = [*TINY, "benchmark.n_experiences=2", "trainer.max_epochs=2", f"checkpoint_every_epochs={every}",
+            "logger=csv", "trainer.log_every_n_steps=1", f"ema.decay={'null' if ema is None else ema}"]
+    ref = run(compose(args, data_root), tmp_path / "ref")
+    cut = tmp_path / "cut"
+    _signal_at(monkeypatch, sig, 1, epoch, batch)
+    with pytest.raises(Interrupted) as e:
+        run(compose(args, data_root), cut)
+    monkeypatch.undo()
+    assert e.value.exit_code == 128 + sig and e.value.experience == 1
+    part = torch.load(cut / "checkpoints" / "exp_001.epoch.pt", weights_only=True)
+    assert part["global_step"] == 21 * epoch + batch + 1  # the step the signal ended, not the last epoch boundary
+    position = part["callbacks"]["_EpochCheckpoint"].get("loader")  # where the training loader stands
+    assert (position["batches"] == batch + 1) if batch < 20 else position is None  # 20: at the epoch's end
+    steps = []
+    from cl_vit.module import ContinualModule
+
+    monkeypatch.setattr(ContinualModule, "on_train_batch_start",
+                        lambda self, b, i: steps.append((self.current_epoch, i)))
+    run(compose([*args, f"resume={cut}"], data_root), cut)
+    monkeypatch.undo()
+    assert steps == [(e, i) for e in range(epoch, 2) for i in range(21) if (e, i) > (epoch, batch)]  # only the rest
+    doc = json.loads((cut / "results.json").read_text())
+    assert doc["accuracy_matrix"] == ref["accuracy_matrix"] and doc["confusion"] == ref["confusion"]
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "exp_001.pt"), _weights(cut / "checkpoints" / "exp_001.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _logged(cut) == _logged(tmp_path / "ref")  # every step's losses, each epoch's training accuracy
+    assert not list((cut / "checkpoints").glob("*.epoch.pt"))  # dropped once the experience is saved
 
 
 def test_keep_checkpoints_last_keeps_what_resume_needs(tmp_path, data_root):
