@@ -8,8 +8,9 @@ from conftest import cli_env
 #: imported on first use only; none of them is needed by the default run (split-digits, Refiner-ViT-tiny,
 #: TensorBoard). albumentations: the image pipelines (cl_vit/data/transforms.py); qpsolvers (its solver probe
 #: imports JAX): imported by avalanche-lib's GEM, deferred by cl_vit.loading.defer_import (it stands in sys.modules
-#: unloaded: its submodules tell whether its code ran)
-LAZY = ("albumentations", "qpsolvers.solvers", "jax")
+#: unloaded: its submodules tell whether its code ran); wandb: imported by timm's summary writer and avalanche-lib's
+#: confusion matrix, which get it at first use (cl_vit.loading.import_deferring)
+LAZY = ("albumentations", "qpsolvers.solvers", "jax", "wandb")
 
 _SCRIPT = """
 import runpy, sys
@@ -29,6 +30,12 @@ y = to_tensor(image=img[:16, :16])["image"]
 # GEM's quadratic programme through the module avalanche-lib imported
 from avalanche.training.plugins import gem
 q = gem.qpsolvers.solve_qp(P=np.eye(2), q=-np.ones(2), G=np.ones((1, 2)), h=np.ones(1), solver="quadprog")
+# the W&B plot of avalanche-lib's confusion matrix and timm's row writer, through the names their modules hold: the
+# real wandb, imported as usual
+from avalanche.evaluation.metrics import confusion_matrix
+from timm.utils import summary
+assert confusion_matrix.wandb.plot is sys.modules["wandb"].plot and type(sys.modules["wandb"]).__name__ == "module"
+assert summary.wandb.log is sys.modules["wandb"].log
 print("pipelines:", tuple(x.shape), tuple(y.shape), *q.round(6), *[m in sys.modules for m in lazy])
 """
 
@@ -70,3 +77,37 @@ def test_a_deferred_library_runs_once_at_its_first_attribute_and_imports_as_usua
             sys.modules.pop(name, None)
         if hasattr(sys, "deferred_probe_runs"):
             del sys.deferred_probe_runs
+
+
+def test_a_library_imported_deferring_another_gets_it_at_first_use_and_sys_modules_keeps_no_stand_in(
+        tmp_path, monkeypatch):
+    from cl_vit.loading import import_deferring
+
+    (tmp_path / "probe_lib").mkdir()
+    (tmp_path / "probe_lib" / "__init__.py").write_text("from probe_lib import summary\n")
+    (tmp_path / "probe_lib" / "summary.py").write_text("import probe_opt\n\n\ndef log():\n    return probe_opt.VALUE\n")
+    (tmp_path / "probe_opt.py").write_text("import sys\nsys.probe_opt_runs = getattr(sys, 'probe_opt_runs', 0) + 1\n"
+                                           "VALUE = 5\n")
+    (tmp_path / "probe_eager.py").write_text("from probe_opt import VALUE\n")  # reads it while importing
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import_deferring("probe_lib", "probe_opt")
+        import probe_lib
+
+        assert "probe_opt" not in sys.modules and not hasattr(sys, "probe_opt_runs")
+        assert probe_lib.summary.log() == 5 and sys.probe_opt_runs == 1
+        import probe_opt  # as usual: the real module, imported once
+
+        assert type(probe_opt).__name__ == "module" and probe_opt.VALUE == 5 and sys.probe_opt_runs == 1
+        for name in ("probe_opt", "probe_lib", "probe_lib.summary"):
+            sys.modules.pop(name)
+        del sys.probe_opt_runs
+        import_deferring("probe_eager", "probe_opt")  # an attribute read at import: imported then, as usual
+        assert sys.modules["probe_eager"].VALUE == 5 and type(sys.modules["probe_opt"]).__name__ == "module"
+        import_deferring("probe_lib", "probe_opt")  # already imported: nothing deferred
+        assert sys.modules["probe_lib"].summary.probe_opt is sys.modules["probe_opt"] and sys.probe_opt_runs == 1
+    finally:
+        for name in ("probe_lib", "probe_lib.summary", "probe_opt", "probe_eager"):
+            sys.modules.pop(name, None)
+        if hasattr(sys, "probe_opt_runs"):
+            del sys.probe_opt_runs
