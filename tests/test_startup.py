@@ -111,3 +111,30 @@ def test_a_library_imported_deferring_another_gets_it_at_first_use_and_sys_modul
             sys.modules.pop(name, None)
         if hasattr(sys, "probe_opt_runs"):
             del sys.probe_opt_runs
+
+
+def test_the_startup_breakdown_files_cpu_time_under_the_first_phase_on_the_stack():
+    import time
+
+    from cl_vit.bench.startup import PHASES, phase_of, sample_phases
+
+    def spin(seconds):
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    def alpha():
+        spin(0.4)
+
+    def beta():
+        spin(0.1)
+
+    got, process_cpu = sample_phases(lambda: (alpha(), beta()), (("a", "test_startup.py:alpha"),
+                                                                ("b", "test_startup.py:beta")))
+    assert set(got) <= {"a", "b", "other"} and 0.3 <= got["a"] <= 0.5 and 0.03 <= got["b"] <= 0.17
+    assert process_cpu >= got["a"] + got["b"] - 0.02
+    # a lazy import inside training counts as an import; the loss inside backward-less code as forward
+    assert phase_of(["x/cl_vit/module.py:training_step", "<frozen importlib._bootstrap>:_find_and_load"]) == "imports"
+    assert phase_of(["x/cl_vit/module.py:training_step", "y/lightning/pytorch/trainer/trainer.py:fit"]) == \
+        "forward and loss"
+    assert phase_of(["z.py:f"]) == "other" and len({p for p, _ in PHASES}) >= 10
