@@ -9,12 +9,12 @@ reads ``wandb.sdk.data_types`` through the package, and a stand-in there let a r
 import order (docs/scale.md).
 """
 from cl_vit.hardware import passive_openmp
-from cl_vit.loading import import_deferring
+from cl_vit.loading import gc_paused, import_deferring
 
 passive_openmp()
-import_deferring("timm", "wandb")
-
-from cl_vit import models as _models  # noqa: E402,F401  (registers timm entry points)
+with gc_paused():  # torch and timm: ~0.5 s of full collections otherwise
+    import_deferring("timm", "wandb")
+    from cl_vit import models as _models  # noqa: E402,F401  (registers timm entry points)
 from cl_vit.errors import UserError  # noqa: E402
 
 __version__ = "0.1.0"

@@ -19,6 +19,8 @@ sys.argv = ["cl_vit.run", "trainer.max_epochs=1", "trainer.limit_train_batches=1
 runpy.run_module("cl_vit.run", run_name="__main__")
 lazy = {lazy!r}
 print("default run:", *[m in sys.modules for m in lazy])
+import gc
+print("collector:", gc.isenabled(), gc.get_freeze_count() > 100000)  # the command froze what its imports built
 
 import numpy as np
 from cl_vit.data.transforms import cifar_train_pipeline, imagenet_transforms
@@ -47,6 +49,7 @@ def test_default_run_leaves_lazy_modules_unimported_and_they_load_when_needed(tm
     lines = {line.split(":")[0]: line.split(":")[1].split() for line in out.stdout.splitlines() if ":" in line}
     assert (tmp_path / "run" / "results.json").exists()
     assert lines["default run"] == ["False"] * len(LAZY)
+    assert lines["collector"] == ["True", "True"]
     assert lines["pipelines"] == ["(3,", "32,", "32)", "(3,", "16,", "16)", "0.5", "0.5"] + ["True"] * len(LAZY)
 
 
@@ -138,3 +141,40 @@ def test_the_startup_breakdown_files_cpu_time_under_the_first_phase_on_the_stack
     assert phase_of(["x/cl_vit/module.py:training_step", "y/lightning/pytorch/trainer/trainer.py:fit"]) == \
         "forward and loss"
     assert phase_of(["z.py:f"]) == "other" and len({p for p, _ in PHASES}) >= 10
+
+
+def test_the_collector_is_paused_for_imports_and_runs_after_with_their_objects_in_its_oldest_generation():
+    import gc
+
+    from cl_vit.loading import gc_paused
+
+    class Node:
+        pass
+
+    frozen = gc.get_freeze_count()  # 0 unless something in this process ran the command (python -m cl_vit.run)
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # the outer block decides
+        kept = [Node() for _ in range(5000)]
+        assert gc.get_count()[0] >= 5000
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    if not frozen:
+        assert gc.get_count()[0] < 5000 and any(o is kept[0] for o in gc.get_objects(generation=2))
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # cyclic garbage made after the block is still collected
+    ref = __import__("weakref").ref(a)
+    del a, b
+    gc.collect()
+    assert ref() is None
+    if not frozen:
+        gc.freeze()  # someone else's freeze stays
+        try:
+            n = gc.get_freeze_count()
+            with gc_paused():
+                pass
+            assert gc.get_freeze_count() == n
+        finally:
+            gc.unfreeze()
