@@ -1,16 +1,22 @@
 """startup: where the CPU time of ``python -m cl_vit.run`` goes, phase by phase (issue 26: the default run in 20 s).
 
-``python -m cl_vit.bench.startup [OVERRIDE ...]`` runs the command (every default unless overridden) in this process
-with a sampling thread: every 5 ms of the main thread's CPU clock it files the main thread's stack under the first
-phase of ``PHASES`` that the stack passes through (imports, forward, backward, the optimiser step, figures, ...). Each
-row is a phase's CPU seconds and its share of the main thread's. CPU time rather than wall time: other work on the
-machine delays the command but adds little to its CPU seconds. torch's other intra-op threads count in the process
-total only; ``OMP_NUM_THREADS=1`` puts all the work on the sampled thread.
+``python -m cl_vit.bench.startup [OVERRIDE ...]`` runs the command (every default unless overridden) in a fresh
+process, from before its first import of the package, with a sampling thread: every 5 ms of the main thread's CPU
+clock it files the main thread's stack under the first phase of ``PHASES`` that the stack passes through (imports,
+forward, backward, the optimiser step, figures, ...). Each row is a phase's CPU seconds and its share of the main
+thread's. The notes add the garbage collector's collections per generation and their CPU time (``gc.callbacks``,
+with a last full collection as at the interpreter's exit). CPU time rather than wall time: other work on the machine
+delays the command but adds little to its CPU seconds. torch's other intra-op threads count in the process total
+only; ``OMP_NUM_THREADS=1`` puts all the work on the sampled thread.
 """
 from __future__ import annotations
 
 import collections
+import gc
+import json
+import os
 import runpy
+import subprocess
 import sys
 import threading
 import time
@@ -92,21 +98,55 @@ def run_command(overrides: Sequence[str] = ()) -> None:
         sys.argv = argv
 
 
+#: the line of the measuring process's output that carries its results
+MARK = "cl_vit.bench.startup: "
+
+
+def _measure(overrides: Sequence[str]) -> None:
+    """In the fresh process: the command, sampled, and the collector's work; the results as one marked line."""
+    collections_: dict[int, list[float]] = {}
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.process_time()]
+        elif started:
+            entry = collections_.setdefault(info["generation"], [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.process_time() - started[0]
+
+    gc.callbacks.append(on_gc)
+
+    def command():
+        run_command(overrides)
+        gc.collect()  # as the interpreter's exit does
+
+    phases, process_cpu = sample_phases(command)
+    gc.callbacks.remove(on_gc)
+    print(MARK + json.dumps({"phases": phases, "process_cpu": process_cpu, "gc": collections_}), flush=True)
+
+
 def run(quick: bool = False, overrides: Sequence[str] = ()) -> dict:
     if quick:
         overrides = ["trainer.max_epochs=1", "benchmark.n_experiences=2", *overrides]
-    # this process's CPU so far: the interpreter and ``import cl_vit`` (torch, timm), which the command does too
-    before = time.process_time()
-    phases, process_cpu = sample_phases(lambda: run_command(overrides))
-    phases = {"imports, before the command (python, cl_vit, torch, timm)": before, **phases}
+    # a fresh process that imports nothing of the suite before the sampler starts (this file run by path)
+    code = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='cl_vit.bench.startup.measure')"
+    out = subprocess.run([sys.executable, "-c", code, __file__, json.dumps(list(overrides))], capture_output=True,
+                         text=True, env=dict(os.environ), cwd=os.getcwd())
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(MARK)]
+    if out.returncode or not lines:
+        raise RuntimeError(f"python -m cl_vit.run {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
+    res = json.loads(lines[-1][len(MARK):])
+    phases = res["phases"]
     total = sum(phases.values()) or 1.0
     from cl_vit.bench import row
 
-    rows = [row(label, "main-thread CPU s / all", s, total) for label, s in
-            sorted(phases.items(), key=lambda kv: -kv[1])]
+    rows = [row(label, "main-thread CPU s / all", sec, total) for label, sec in phases.items()]
+    gcs = ", ".join(f"generation {g}: {n} collections, {sec:.2f} s" for g, (n, sec) in sorted(res["gc"].items()))
     return {"name": "startup", "device": "cpu", "rows": rows,
             "notes": [f"python -m cl_vit.run {' '.join(overrides)}".rstrip()
-                      + f": process CPU {before + process_cpu:.1f} s, main thread sampled {total:.1f} s"]}
+                      + f": process CPU {res['process_cpu']:.1f} s, main thread sampled {total:.1f} s",
+                      f"garbage collector: {gcs}"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one epoch, two experiences")
     args = p.parse_args(argv)
     res = run(args.quick, args.overrides)
-    # after the run's own output
-    print("\n" + res["notes"][0])
+    print(res["notes"][0])
     for r in res["rows"]:
         print(f"  {r['case']:<48} {r['value']:7.2f} s  {100 * r['ratio']:5.1f}%")
+    print(res["notes"][1])
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+if __name__ == "cl_vit.bench.startup.measure":
+    _measure(json.loads(sys.argv[2]))
