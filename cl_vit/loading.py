@@ -17,6 +17,7 @@ carry code.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import io
@@ -240,20 +241,62 @@ class _Deferred(types.ModuleType):
     def __getattr__(self, attr: str):
         real = sys.modules.get(self.__name__)
         if real is None or real is self:
-            del sys.modules[self.__name__]
+            if real is self:
+                del sys.modules[self.__name__]
             try:
                 real = importlib.import_module(self.__name__)
             except BaseException:
-                sys.modules.setdefault(self.__name__, self)
+                if real is self:
+                    sys.modules.setdefault(self.__name__, self)
                 raise
         return getattr(real, attr)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for a block that imports libraries. Each of its full collections
+    walks every object there is, and the objects that importing torch, timm, Lightning and avalanche-lib creates
+    trigger eight of them (~1 s of CPU in ``python -m cl_vit.run``, with little garbage found). After the block the
+    collector runs as before, with the block's objects in its oldest generation (``gc.freeze`` then ``unfreeze``)
+    rather than in the youngest, whose next collection would walk them all at once. Nested blocks leave it to the
+    outermost; objects someone else froze stay frozen."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
+            gc.enable()
+
+
+def import_deferring(library: str, optional: str) -> None:
+    """Import ``library`` with ``optional``, a library it imports but may never use, deferred (see ``defer_import``)
+    for the time of that import only: the modules of ``library`` hold a stand-in that imports ``optional`` at the
+    first read of one of its attributes, and ``sys.modules`` does not, so any later ``import optional`` (its own
+    code's included) imports the real one as usual. timm (its summary writer) and avalanche-lib (its confusion
+    matrix's W&B plot) import wandb (~0.5 s of CPU), which a run without logger=wandb never uses."""
+    spec = None
+    if library not in sys.modules and optional not in sys.modules:
+        spec = importlib.util.find_spec(optional)
+    if spec is None:
+        importlib.import_module(library)
+        return
+    stand_in = sys.modules[optional] = _Deferred(spec)
+    try:
+        importlib.import_module(library)
+    finally:
+        if sys.modules.get(optional) is stand_in:
+            del sys.modules[optional]
 
 
 def defer_import(name: str) -> None:
     """Let library ``name`` run its code at the first read of one of its attributes, not when another library
     imports it. Nothing changes for a library already imported or not installed. For imports the suite cannot avoid
     and the default run never uses: avalanche-lib's GEM plug-in imports qpsolvers, whose solver probe imports JAX
-    (~2 s of CPU), and timm imports wandb (~0.5 s) for a summary writer."""
+    (~2 s of CPU)."""
     if name in sys.modules:
         return
     spec = importlib.util.find_spec(name)

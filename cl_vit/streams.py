@@ -16,13 +16,15 @@ from typing import Sequence
 
 import numpy as np
 
-from cl_vit.loading import defer_import
+from cl_vit.loading import defer_import, import_deferring
 
 # avalanche.benchmarks imports its GEM plug-in, which imports qpsolvers, which warns on import when no QP solver is
 # installed; the suite never solves a QP (no GEM), so a normal run's console stays clean
 warnings.filterwarnings("ignore", message=r"no QP solver found", category=UserWarning, module=r"qpsolvers")
 # and qpsolvers probes every solver on import, JAX's among them (~2 s of CPU): its code runs when GEM first uses it
 defer_import("qpsolvers")
+# and its confusion-matrix metric imports wandb for a W&B plot: imported when that plot is drawn
+import_deferring("avalanche", "wandb")
 
 from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience  # noqa: E402
 from avalanche.benchmarks.scenarios.generic_scenario import CLScenario, EagerCLStream  # noqa: E402
