@@ -130,6 +130,26 @@ def record_steps(monkeypatch) -> list:
     return steps
 
 
+def patch_loader_order(monkeypatch, order) -> None:
+    """The runner's loaders (the plain ones and the experiences' resumable training loaders) built through
+    ``order(loader_class)``, the golden scripts' fixed batch order: one ``order`` shared by both, so that a later
+    shuffled loader of a data set (EWC's Fisher pass) can continue its training loader's order. Subclasses, so that
+    the runner's ``isinstance`` checks of its resumable loader still hold."""
+    import cl_vit.runner as runner
+
+    make = order(lambda dataset, *args, **kwargs: (dataset, args, kwargs))
+
+    def ordered(cls):
+        def __init__(self, dataset, *args, **kwargs):
+            dataset, args, kwargs = make(dataset, *args, **kwargs)
+            cls.__init__(self, dataset, *args, **kwargs)
+
+        return type(cls.__name__, (cls,), {"__init__": __init__})
+
+    monkeypatch.setattr(runner, "DataLoader", ordered(runner.DataLoader))
+    monkeypatch.setattr(runner, "_ResumableLoader", ordered(runner._ResumableLoader))
+
+
 def cut_and_resume(monkeypatch, overrides, data_root, run_dir, after: int = 0) -> dict:
     """Run ``overrides`` into ``run_dir``, stopped right after experience ``after`` is saved, then resume it there
     (``monkeypatch`` is undone in between); returns the resumed run's results."""

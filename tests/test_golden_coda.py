@@ -18,7 +18,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose
+from conftest import REPO_ROOT, compose, patch_loader_order
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
@@ -143,9 +143,7 @@ def record_steps(monkeypatch, order=golden.fixed_order) -> list:
         return loss
 
     monkeypatch.setattr(ContinualModule, "training_step", training_step)
-    import cl_vit.runner
-
-    monkeypatch.setattr(cl_vit.runner, "DataLoader", order(cl_vit.runner.DataLoader))
+    patch_loader_order(monkeypatch, order)
     return steps
 
 

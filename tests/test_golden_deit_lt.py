@@ -22,7 +22,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose
+from conftest import REPO_ROOT, compose, patch_loader_order
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
@@ -270,7 +270,6 @@ def teacher():
 
 def suite_run(tmp_path, monkeypatch, name):
     """The suite's recipe on the official script's data, as the script's run ``name``; returns the same numbers."""
-    import cl_vit.runner
     import cl_vit.strategies.deit_lt as deit_lt
     from cl_vit.epoch_eval import ShotGroupEpochEval
 
@@ -327,7 +326,7 @@ def suite_run(tmp_path, monkeypatch, name):
     monkeypatch.setattr(ContinualModule, "on_train_epoch_start", seeded_epoch_start)
     monkeypatch.setattr(deit_lt.DeiTLT, "training_loss", recorded_loss)
     monkeypatch.setattr(ShotGroupEpochEval, "evaluate", recorded_evaluate)
-    monkeypatch.setattr(cl_vit.runner, "DataLoader", golden.fixed_order(cl_vit.runner.DataLoader))
+    patch_loader_order(monkeypatch, golden.fixed_order)
     run(cfg, tmp_path / "run", scenario=stream())
     return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "cls": [s[1] - d for s, d in zip(steps, dist)],
             "dist": dist, "correct": [e[0] for e in epochs], "norm": [e[1] for e in epochs]}
