@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from cl_vit.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from cl_vit.module import ContinualModule
 
@@ -119,6 +121,32 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class TaskGrowingStrategy(Strategy):
+    """A strategy whose network grows parts for each task (GCAB, DyTox): its checkpoint state is each task's
+    classes, and a resume regrows those tasks in the freshly built network (``grow``) before the weights load.
+    ``self.module`` is the module of ``setup``, None before."""
+
+    module: "ContinualModule | None" = None
+
+    def grow(self, net, classes) -> None:
+        """Add one task of ``classes`` to ``net``, as the strategy does when the task starts."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        net = self.module.net if self.module is not None else None
+        return {"task_classes": [list(cs) for cs in net.task_classes] if net is not None else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.module is None:
+            raise RuntimeError(f"{self.name}: load_state_dict before setup")
+        net = self.module.net
+        if net.n_tasks:
+            raise UserError(f"{self.name}: the network already holds tasks; a checkpoint loads into a freshly "
+                            f"built run")
+        for classes in state.get("task_classes", []):
+            self.grow(net, classes)
 
 
 #: every strategy of the suite, by the name that selects it under ``strategy.`` in the config

@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cl_vit import distributed
-from cl_vit.errors import ConfigError, UserError
+from cl_vit.errors import ConfigError
 from cl_vit.models.dytox import DyToxNet
-from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
+from cl_vit.strategies.base import ExperienceInfo, TaskGrowingStrategy, register_strategy
 from cl_vit.strategies.replay import MemoryDataset, Replay, draw_seed
 
 #: the purpose of the finetuning loader's seed (cl_vit/strategies/replay.py numbers its own 0-3)
@@ -69,7 +69,7 @@ def divergence_loss(div_logits: torch.Tensor, targets: torch.Tensor, kind: str) 
 
 
 @register_strategy
-class DyTox(Strategy):
+class DyTox(TaskGrowingStrategy):
     """Task tokens, task-attention block, divergence head and distillation; defaults from the official CIFAR
     options (configs/strategy/dytox.yaml cites them)."""
 
@@ -204,19 +204,9 @@ class DyTox(Strategy):
         log.info("  dytox: balanced finetuning, %d epochs on %d memory samples, last loss %.4f",
                  self.finetuning_epochs, len(memory), float(loss.detach()))
 
-    def state_dict(self) -> dict:
-        net = self.module.net if self.module is not None else None
-        return {"task_classes": [list(cs) for cs in net.task_classes] if net is not None else []}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Regrow the tasks of the checkpoint (tokens, classifiers, the divergence head) before its weights load."""
-        if self.module is None:
-            raise RuntimeError("dytox: load_state_dict before setup")
-        net: DyToxNet = self.module.net
-        if net.n_tasks:
-            raise UserError("dytox: the network already holds tasks; a checkpoint loads into a freshly built run")
-        for classes in state.get("task_classes", []):
-            net.add_task(classes, divergence=self.head_div > 0)
+    def grow(self, net: DyToxNet, classes) -> None:
+        """A resumed task's token, classifier and divergence head (``TaskGrowingStrategy``)."""
+        net.add_task(classes, divergence=self.head_div > 0)
 
     def __repr__(self) -> str:
         return (f"DyTox(head_div={self.head_div:g}, distillation_tau={self.tau:g}, auto_kd={self.auto_kd}, "

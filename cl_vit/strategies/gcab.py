@@ -28,9 +28,9 @@ import math
 import torch
 import torch.nn as nn
 
-from cl_vit.errors import ConfigError, UserError
+from cl_vit.errors import ConfigError
 from cl_vit.models.gated import S_MAX, GatedNet, sab_features
-from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
+from cl_vit.strategies.base import ExperienceInfo, TaskGrowingStrategy, register_strategy
 
 log = logging.getLogger("cl_vit")
 
@@ -65,7 +65,7 @@ def is_norm(m: nn.Module) -> bool:
 
 
 @register_strategy
-class GCAB(Strategy):
+class GCAB(TaskGrowingStrategy):
     """Gated class-attention + cascaded feature drift compensation; defaults from the official CIFAR-100 options."""
 
     name = "gcab"
@@ -240,19 +240,9 @@ class GCAB(Strategy):
 
     # -- resume ----------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        net = self.module.net if self.module is not None else None
-        return {"task_classes": [list(cs) for cs in net.task_classes] if net is not None else []}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Regrow the tasks of the checkpoint (tokens, heads, embeddings, projectors) before its weights load."""
-        if self.module is None:
-            raise RuntimeError("gcab: load_state_dict before setup")
-        net: GatedNet = self.module.net
-        if net.n_tasks:
-            raise UserError("gcab: the network already holds tasks; a checkpoint loads into a freshly built run")
-        for classes in state.get("task_classes", []):
-            net.add_task(classes)
+    def grow(self, net: GatedNet, classes) -> None:
+        """A resumed task's token, head, embeddings and projector (``TaskGrowingStrategy``)."""
+        net.add_task(classes)
 
     def __repr__(self) -> str:
         return (f"GCAB(s_max={self.s_max:g}, lambda_mask={self.lambda_mask:g}, lambda_pfr={self.lambda_pfr:g}, "
