@@ -176,6 +176,16 @@ def assert_checkpointing_changes_nothing(plain, checkpointed, x) -> None:
         torch.testing.assert_close(ba, bb, rtol=0, atol=0, msg=n)
 
 
+def assert_same_checkpoints(dir_a, dir_b, experiences=(0, 1)) -> None:
+    """The experiences' checkpoints of the runs in ``dir_a`` and ``dir_b`` hold the same module and strategy state,
+    bit for bit (a resumed run against an uninterrupted one)."""
+    from cl_vit.rundir import RunDirectory
+
+    for i in experiences:
+        a, b = RunDirectory(dir_a).load_checkpoint(i), RunDirectory(dir_b).load_checkpoint(i)
+        assert state_equal(a["module"], b["module"]) and state_equal(a["strategies"], b["strategies"]), i
+
+
 def state_equal(a, b) -> bool:
     """Nested checkpoint state (dicts, lists, tensors, plain values) equal bit for bit."""
     if isinstance(a, torch.Tensor):

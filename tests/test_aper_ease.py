@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY, cached_runs, compose, cut_and_resume, record_steps, state_equal
+from conftest import REPO_ROOT, TINY, assert_same_checkpoints, cached_runs, compose, cut_and_resume, record_steps
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -356,9 +356,7 @@ def test_resume_reproduces_an_uninterrupted_run(name, runs, tmp_path, monkeypatc
     _, data_root, root, whole = runs(name)
     resumed = cut_and_resume(monkeypatch, over(name), data_root, tmp_path / "cut")
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-    for i in (0, 1):
-        a, b = RunDirectory(root / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)
-        assert state_equal(a["module"], b["module"]) and state_equal(a["strategies"], b["strategies"]), i
+    assert_same_checkpoints(root / "whole", tmp_path / "cut")
     torch.load(RunDirectory(tmp_path / "cut").checkpoint_path(1), weights_only=True)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_ANY_MODEL, cached_runs, compose, cut_and_resume, state_equal
+from conftest import TINY, TINY_ANY_MODEL, assert_same_checkpoints, cached_runs, compose, cut_and_resume
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit import distributed
@@ -238,9 +238,7 @@ def test_resume_reproduces_an_uninterrupted_run(name, runs, tmp_path, monkeypatc
     _, data_root, root, whole = runs(name)
     resumed = cut_and_resume(monkeypatch, over(name), data_root, tmp_path / "cut")
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
-    for i in (0, 1):
-        a, b = RunDirectory(root / "whole").load_checkpoint(i), RunDirectory(tmp_path / "cut").load_checkpoint(i)
-        assert state_equal(a["module"], b["module"]) and state_equal(a["strategies"], b["strategies"]), i
+    assert_same_checkpoints(root / "whole", tmp_path / "cut")
     # the strategy state is plain tensors and types: loadable without running code
     torch.load(RunDirectory(tmp_path / "cut").checkpoint_path(1), weights_only=True)
     assert json.loads((tmp_path / "cut" / "results.json").read_text())["completed_experiences"] == 2
