@@ -154,7 +154,8 @@ def test_gram_schmidt_keeps_earlier_components_and_adds_orthonormal_ones():
 
 def test_bad_values_fail_in_one_line():
     for cfg in ({"coda_prompt": {"pool_size": 0}}, {"dualprompt": {"e_length": "x"}}, {"l2p": {"top_k": 40}},
-                {"coda_prompt": {"ortho_mu": -1}}, {"l2p": {"key_loss_shards": 0}}):
+                {"coda_prompt": {"ortho_mu": -1}}, {"l2p": {"key_loss_shards": 0}},
+                {"dualprompt": {"first_session": "yes"}}):
         with pytest.raises(UserError) as e:
             build_strategies(cfg)
         assert "\n" not in str(e.value) and "strategy" in str(e.value)

@@ -214,3 +214,33 @@ def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path
     assert resumed["accuracy_matrix"] == result["accuracy_matrix"]
     whole, cut = RunDirectory(tmp_path / name).load_checkpoint(1), RunDirectory(tmp_path / "cut").load_checkpoint(1)
     assert state_equal(whole["module"], cut["module"])
+
+
+@pytest.mark.parametrize("name,small", [
+    ("l2p", ["strategy.l2p.pool_size=6", "strategy.l2p.top_k=2"]),
+    ("coda_prompt", ["strategy.coda_prompt.pool_size=4"]),
+])
+def test_first_session_trains_the_whole_network_in_the_first_experience_only(name, small, tmp_path, data_root,
+                                                                             monkeypatch):
+    over = ["model=refiner_vit_tiny", *TINY_ANY_MODEL, "trainer.limit_train_batches=2", "benchmark.n_experiences=2",
+            f"strategy={name}", *small, f"strategy.{name}.first_session=true"]
+    cfg = compose(over, data_root)
+    module = build(cfg)[3]
+    init = {k: v.clone() for k, v in module.net.state_dict().items()}
+    result = run(cfg, tmp_path / name)
+    first, last = (RunDirectory(tmp_path / name).load_checkpoint(i)["module"] for i in (0, 1))
+    backbone = [k for k in init if not k.startswith(("prompt.", "head."))]
+    # the first experience trains the backbone (weights and the refiner's batch-norm statistics) ...
+    assert any(not torch.equal(first[f"net.{k}"], init[k]) for k in backbone if "running_mean" in k)
+    assert any(not torch.equal(first[f"net.{k}"], init[k]) for k in backbone if k.startswith("blocks."))
+    # ... the second leaves all of it as the first left it, and trains the prompts and the classifier
+    assert [k for k in backbone if not torch.equal(last[f"net.{k}"], first[f"net.{k}"])] == []
+    assert any(not torch.equal(last[f"net.{k}"], first[f"net.{k}"]) for k in init if k.startswith("prompt."))
+    costs = result["cost"]["per_experience"]
+    assert costs[0]["params_trainable"] == sum(p.numel() for p in module.net.parameters())
+    assert costs[1]["params_trainable"] < costs[0]["params_trainable"]
+
+    # resuming after the first experience freezes what the uninterrupted run froze
+    resumed = cut_and_resume(monkeypatch, over, data_root, tmp_path / "cut")
+    assert resumed["accuracy_matrix"] == result["accuracy_matrix"]
+    assert state_equal(last, RunDirectory(tmp_path / "cut").load_checkpoint(1)["module"])

@@ -105,13 +105,14 @@ class CodaPromptPool(nn.Module):
 class CodaPrompt(PromptStrategy):
     name = "coda_prompt"
 
-    def __init__(self, pool_size: int = 100, length: int = 8, ortho_mu: float = 0.0):
+    def __init__(self, pool_size: int = 100, length: int = 8, ortho_mu: float = 0.0, first_session: bool = False):
         for key, value in (("pool_size", pool_size), ("length", length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (key == "length" and value < 2):
                 raise ConfigError(f"strategy.coda_prompt.{key}", value, "an integer >= 1 (length >= 2)")
         if isinstance(ortho_mu, bool) or not isinstance(ortho_mu, (int, float)) or ortho_mu < 0:
             raise ConfigError("strategy.coda_prompt.ortho_mu", ortho_mu, "a number >= 0")
         self.pool_size, self.length, self.ortho_mu = pool_size, length, float(ortho_mu)
+        self._set_first_session("coda_prompt", first_session)
 
     def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
         if self.pool_size > emb_d:
@@ -122,4 +123,5 @@ class CodaPrompt(PromptStrategy):
         return CodaPromptPool(emb_d, self.pool_size, self.length, self.ortho_mu, [b for b in range(5) if b < depth])
 
     def __repr__(self) -> str:
-        return f"CodaPrompt(pool_size={self.pool_size}, length={self.length}, ortho_mu={self.ortho_mu})"
+        return (f"CodaPrompt(pool_size={self.pool_size}, length={self.length}, ortho_mu={self.ortho_mu}, "
+                f"first_session={self.first_session})")

@@ -84,11 +84,12 @@ class PromptPool(nn.Module):
 class DualPrompt(PromptStrategy):
     name = "dualprompt"
 
-    def __init__(self, pool_size: int = 10, e_length: int = 20, g_length: int = 6):
+    def __init__(self, pool_size: int = 10, e_length: int = 20, g_length: int = 6, first_session: bool = False):
         for key, value in (("pool_size", pool_size), ("e_length", e_length), ("g_length", g_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"strategy.dualprompt.{key}", value, "an integer >= 1")
         self.pool_size, self.e_length, self.g_length = pool_size, e_length, g_length
+        self._set_first_session("dualprompt", first_session)
 
     def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
         # zoo.py _init_smart L227-239: G in blocks 0-1, E in blocks 2-4, top-1, task-id bootstrap in training
@@ -97,4 +98,5 @@ class DualPrompt(PromptStrategy):
                           top_k=1, task_id_bootstrap=True)
 
     def __repr__(self) -> str:
-        return f"DualPrompt(pool_size={self.pool_size}, e_length={self.e_length}, g_length={self.g_length})"
+        return (f"DualPrompt(pool_size={self.pool_size}, e_length={self.e_length}, g_length={self.g_length}, "
+                f"first_session={self.first_session})")

@@ -25,7 +25,7 @@ class L2P(PromptStrategy):
     name = "l2p"
 
     def __init__(self, pool_size: int = 30, length: int = 20, top_k: int = 5, deep: bool = False,
-                 key_loss_shards: int = 1):
+                 key_loss_shards: int = 1, first_session: bool = False):
         for key, value in (("pool_size", pool_size), ("length", length), ("top_k", top_k),
                            ("key_loss_shards", key_loss_shards)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -34,6 +34,7 @@ class L2P(PromptStrategy):
             raise ConfigError("strategy.l2p.top_k", top_k, f"at most pool_size ({pool_size})")
         self.pool_size, self.length, self.top_k, self.deep = pool_size, length, top_k, bool(deep)
         self.key_loss_shards = key_loss_shards
+        self._set_first_session("l2p", first_session)
 
     def make_prompt(self, emb_d: int, depth: int) -> nn.Module:
         layers = [b for b in range(5) if b < depth] if self.deep else [0]
@@ -42,4 +43,4 @@ class L2P(PromptStrategy):
 
     def __repr__(self) -> str:
         return (f"L2P(pool_size={self.pool_size}, length={self.length}, top_k={self.top_k}, deep={self.deep}, "
-                f"key_loss_shards={self.key_loss_shards})")
+                f"key_loss_shards={self.key_loss_shards}, first_session={self.first_session})")

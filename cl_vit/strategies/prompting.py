@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl_vit.errors import UserError
+from cl_vit.errors import ConfigError, UserError
 from cl_vit.strategies.base import ExperienceInfo, Strategy
 
 
@@ -155,7 +155,26 @@ class PromptStrategy(FrozenNormStatistics):
     """The shared policy of the prompt methods: a prompt module on a frozen backbone, a new task each experience.
 
     Subclasses build the module (``make_prompt(emb_d, depth)``, prompting only blocks below ``depth``); it has
-    ``start_task(index, n_experiences)`` and ``forward(query, layer, train) -> (prefix or None, loss)``."""
+    ``start_task(index, n_experiences)`` and ``forward(query, layer, train) -> (prefix or None, loss)``.
+
+    ``first_session`` (not in the methods, which assume a pre-trained backbone): the first experience trains the
+    whole network with the prompts, its batch norms in training mode, and the backbone is frozen from the second on;
+    the first-session adaptation of Panos et al. (ICCV 2023) and RanPAC's phase 1, for a backbone trained from
+    scratch, as on the default stream (``benchmark.strategy_args.<method>.first_session``)."""
+
+    first_session = False
+    _index = 0
+
+    def _adapting(self, index: int) -> bool:
+        return self.first_session and index == 0
+
+    def _set_first_session(self, name: str, value) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"strategy.{name}.first_session", value, "true or false")
+        self.first_session = value
+
+    def before_batch(self, module, batch: dict) -> dict:
+        return batch if self._adapting(self._index) else super().before_batch(module, batch)
 
     def make_prompt(self, emb_d: int, depth: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -168,7 +187,12 @@ class PromptStrategy(FrozenNormStatistics):
         install_prompt(module.net, self.make_prompt(embedding_dim(module.net), len(module.net.blocks)))
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
-        train_only_prompt_and_classifier(module.net)
+        self._index = experience.index
+        if self._adapting(experience.index):
+            for p in module.net.parameters():
+                p.requires_grad_(True)
+        else:
+            train_only_prompt_and_classifier(module.net)
         module.net.prompt.start_task(experience.index, experience.n_experiences)
 
     def frozen_slices(self, module) -> dict:
