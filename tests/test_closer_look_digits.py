@@ -44,11 +44,13 @@ def test_prompt_arms_keep_the_official_prompts_with_the_documented_changes():
         assert cfg.model.checkpoint.endswith("pretrain-fmnist-8/checkpoints/exp_000.pt")
         assert not cfg.model.checkpoint_head
         assert cfg.optimizer.weight_decay == 0 and cfg.loss.mask_old_logits and cfg.benchmark.name == "split-digits"
+    # the checkpoint is the pre-trained backbone: no first-session training (split-digits from scratch sets it)
     assert dict(cfgs["l2p"].strategy.l2p) == {"pool_size": 30, "length": 20, "top_k": 5, "deep": False,
-                                              "key_loss_shards": 1}
-    assert dict(cfgs["dualprompt"].strategy.dualprompt) == {"pool_size": 10, "e_length": 20, "g_length": 6}
+                                              "key_loss_shards": 1, "first_session": False}
+    assert dict(cfgs["dualprompt"].strategy.dualprompt) == {"pool_size": 10, "e_length": 20, "g_length": 6,
+                                                            "first_session": False}
     coda = cfgs["coda_prompt"]
-    assert dict(coda.strategy.coda_prompt) == {"pool_size": 50, "length": 8, "ortho_mu": 0.0}
+    assert dict(coda.strategy.coda_prompt) == {"pool_size": 50, "length": 8, "ortho_mu": 0.0, "first_session": False}
     assert coda.strategy.coda_prompt.pool_size // coda.benchmark.n_experiences == 10  # the official 100 / 10 tasks
 
 

@@ -52,7 +52,7 @@ HEAD = ["net.head.weight", "net.head.bias"]
     ("l2p", ["strategy.l2p.pool_size=6", "strategy.l2p.top_k=2"]),
 ])
 def test_prompt_methods_keep_the_backbone_past_components_and_past_classifier_rows(name, over, tmp_path, data_root):
-    _, init, a, b = _run(tmp_path, data_root, f"strategy={name}", *over)
+    _, init, a, b = _run(tmp_path, data_root, f"strategy={name}", *over, f"strategy.{name}.first_session=false")
     m0, m1 = a["module"], b["module"]
     _same(init, m1, _backbone(init))
     _same(m0, m1, HEAD, OLD)

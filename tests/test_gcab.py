@@ -309,11 +309,13 @@ def test_probe_reads_the_projectors_as_the_runs_evaluation_does(gcab_run):
         assert 0 < r["projector"] and 0 < r["mean"] <= 1 and r["drift"] > 0
 
 
-def test_default_stream_sizes_the_projector_loss_and_the_recipes_keep_the_official_one(data_root):
+def test_default_stream_sizes_the_projector_and_mask_losses_and_the_recipes_keep_the_official_ones(data_root):
     # split-digits: the drift projector must keep up with a backbone trained from scratch (docs/strategies.md)
-    assert compose(["strategy=gcab"], data_root).strategy.gcab.lambda_pfr == 0.03
+    gcab = compose(["strategy=gcab"], data_root).strategy.gcab
+    assert (gcab.lambda_pfr, gcab.lambda_mask) == (0.03, 0.5)
     assert compose(["strategy=gcab", "benchmark.strategy_args.gcab.lambda_pfr=0.1"]).strategy.gcab.lambda_pfr == 0.1
     for over in (["experiment=gcab-split-fmnist", "strategy=gcab"], ["strategy=gcab", "benchmark=synthetic"]):
-        assert compose(over, data_root).strategy.gcab.lambda_pfr == 0.001  # options/model/cifar_GCAB_FDC.yaml
+        gcab = compose(over, data_root).strategy.gcab
+        assert (gcab.lambda_pfr, gcab.lambda_mask) == (0.001, 0.05)  # options/model/cifar_GCAB_FDC.yaml
     if (CONFIG_DIR / "benchmark" / "cifar100.yaml").exists():
         assert compose(["experiment=gcab-cifar100"], data_root).strategy.gcab.lambda_pfr == 0.001

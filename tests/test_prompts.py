@@ -193,7 +193,8 @@ def test_coda_prompt_warns_when_its_keys_cannot_all_be_orthogonal(caplog):
 @pytest.mark.parametrize("name", ["coda_prompt", "dualprompt", "l2p"])
 def test_two_experiences_train_only_prompts_and_classifier_and_resume_exactly(name, tmp_path, data_root,
                                                                               monkeypatch):
-    over = FAST + [f"strategy={name}", *SMALL[name]]
+    # the methods' frozen backbone (the default stream trains it in the first experience: first_session)
+    over = FAST + [f"strategy={name}", *SMALL[name], f"strategy.{name}.first_session=false"]
     cfg = compose(over, data_root)
     _, _, _, module, _ = build(cfg)
     assert cfg.loss.mask_old_logits is True
@@ -233,7 +234,11 @@ def test_imagenet_r_recipes_compose_with_the_published_settings():
             ("adam", 1e-3, 50, 128)
         assert cfg.loss.mask_old_logits and cfg.model.pretrained_tag == "augreg_in21k_ft_in1k"
     assert dict(compose(["experiment=coda-prompt-imagenet-r"]).strategy.coda_prompt) == \
-        {"pool_size": 100, "length": 8, "ortho_mu": 0.0}
+        {"pool_size": 100, "length": 8, "ortho_mu": 0.0, "first_session": False}
+    for name, strategy in (("coda-prompt", "coda_prompt"), ("dualprompt", "dualprompt"), ("l2p", "l2p")):
+        # the frozen pre-trained backbone of the methods; only the default stream (from scratch) adapts it first
+        assert compose([f"experiment={name}-imagenet-r"]).strategy[strategy].first_session is False
+        assert compose([f"strategy={strategy}"]).strategy[strategy].first_session is True
     assert compose(["experiment=ranpac-imagenet-r"]).strategy.ranpac.M == 10000
     slca = compose(["experiment=slca-imagenet-r"])
     assert list(slca.scheduler.milestones) == [40] and slca.strategy.slca.backbone_lr_scale == 0.01

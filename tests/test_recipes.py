@@ -96,8 +96,9 @@ def test_imagenet_r_strategies_train_what_l2_trains_and_keep_their_own_loss():
     for name, key in (("ewc", "train_only_selected"), ("lwf", "train_only"), ("featkd", "train_only")):
         args = _resolved(["benchmark=imagenet-r", f"strategy={name}"])["strategy"][name]
         assert args[key] in (True, ["*attn.qkv.*"]) and args.get("params", ["*attn.qkv.*"]) == ["*attn.qkv.*"]
-        # outside ImageNet-R: split-digits' own sized setting (ewc as l2, qkv + classifier; lwf, featkd everything)
-        assert _resolved([f"strategy={name}"])["strategy"][name][key] in ((True,) if name == "ewc" else (False, None))
+        # outside ImageNet-R: split-digits' own sized setting (as l2: qkv + classifier), the synthetic stream's none
+        assert _resolved([f"strategy={name}"])["strategy"][name][key] in (True, ["*attn.qkv.*"])
+        assert _resolved(["benchmark=synthetic", f"strategy={name}"])["strategy"][name][key] in (False, None)
     # a strategy that needs its loss keeps it; the command line beats both
     assert _resolved(["benchmark=imagenet-r", "strategy=gcab"])["loss"] == {"name": "bce", "mask_old_logits": False}
     assert _resolved(["benchmark=imagenet-r", "loss.name=bce"])["loss"]["name"] == "bce"

@@ -195,7 +195,7 @@ def test_shared_layout_a_prefix_changes_its_block_and_those_reusing_its_map():
 ])
 def test_prompt_methods_run_two_experiences_on_refiner_vit(name, small, tmp_path, data_root, monkeypatch, recwarn):
     over = ["model=refiner_vit_tiny", *TINY_ANY_MODEL, "trainer.limit_train_batches=2", "benchmark.n_experiences=2",
-            f"strategy={name}", *small]
+            f"strategy={name}", *small, f"strategy.{name}.first_session=false"]
     cfg = compose(over, data_root)
     init = {k: v.clone() for k, v in build(cfg)[3].net.state_dict().items()}
     result = run(cfg, tmp_path / name)

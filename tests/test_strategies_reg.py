@@ -335,15 +335,18 @@ def test_strategy_configs_compose_and_keep_the_papers_defaults():
     assert cfg.strategy.l2.params == ["*attn.qkv.*"] and cfg.strategy.l2.lam == 1e-3
     assert cfg.strategy.lwf.form == "mc" and cfg.strategy.lwf.temperature == 2.0 and cfg.strategy.lwf.lam == 1.0
     assert compose(["strategy=[ewc,featkd]", "benchmark=synthetic"]).strategy.ewc.lam == 10.0
-    # split-digits sizes the strengths for its model, l2 and ewc in the paper's ViT setting with FT++'s head; the
-    # command line still wins
+    # split-digits sizes the strengths for its model, l2, ewc, lwf and featkd in the paper's ViT setting with FT++'s
+    # head; the command line still wins
     digits = compose(["strategy=[l2,ewc,featkd]"]).strategy
     assert (digits.l2.lam, list(digits.l2.params), digits.ewc.lam, digits.featkd.lam) == (1.0, ["*attn.qkv.*"],
-                                                                                          1e4, 3.0)
+                                                                                          1e4, 1.0)
     assert digits.l2.train_only_selected and digits.ewc.train_only_selected
-    assert compose(["strategy=l2"]).loss.mask_old_logits and compose(["strategy=ewc"]).loss.mask_old_logits
-    assert not compose([]).loss.mask_old_logits and not compose(["strategy=lwf"]).loss.mask_old_logits
-    assert not compose(["strategy=l2", "benchmark=synthetic"]).loss.mask_old_logits
+    assert list(digits.featkd.train_only) == list(compose(["strategy=lwf"]).strategy.lwf.train_only) == ["*attn.qkv.*"]
+    for name in ("l2", "ewc", "lwf", "featkd"):
+        assert compose([f"strategy={name}"]).loss.mask_old_logits, name
+        assert not compose([f"strategy={name}", "benchmark=synthetic"]).loss.mask_old_logits, name
+    assert compose(["strategy=lwf", "benchmark=synthetic"]).strategy.lwf.train_only is None
+    assert not compose([]).loss.mask_old_logits and not compose(["strategy=finetune"]).loss.mask_old_logits
     assert not compose(["strategy=l2", "loss.mask_old_logits=false"]).loss.mask_old_logits
     assert compose(["strategy=l2", "strategy.l2.lam=0.5"]).strategy.l2.lam == 0.5
 
