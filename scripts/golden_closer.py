@@ -53,14 +53,15 @@ import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
-import os
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import in_checkout  # noqa: E402  (the scripts' shared helpers)
 
 # the stream, data files, weights and batch order of the CODA-Prompt golden runs
 _spec = importlib.util.spec_from_file_location("golden_coda", Path(__file__).resolve().with_name("golden_coda.py"))
@@ -204,15 +205,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     _patch(official)
     importlib.import_module("learners.kd")  # after _patch: the official packages resolve from the checkout
-    cwd = os.getcwd()
     for method in METHODS if a.method == "all" else [a.method]:
-        with tempfile.TemporaryDirectory(prefix="golden_closer_") as tmp:
-            os.chdir(official)  # the official code reads its paths relative to its checkout
-            try:
-                with contextlib.redirect_stdout(sys.stderr):  # its progress prints
-                    numbers = run(method, Path(tmp))
-            finally:
-                os.chdir(cwd)
+        with in_checkout(official, "golden_closer_") as tmp, contextlib.redirect_stdout(sys.stderr):  # its prints
+            numbers = run(method, tmp)
         print(f"{method!r}: {numbers!r},")
 
 

@@ -34,14 +34,15 @@ resolve, numpy, Pillow, PyYAML). Run it from a checkout outside this repository;
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import in_checkout  # noqa: E402  (the scripts' shared helpers)
 
 #: the tiny stream: classes, images per class, image size, tasks, batch size, epochs
 STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epochs=6)
@@ -274,14 +275,9 @@ def main(argv=None) -> None:
     official = a.official.resolve()
     torch.set_num_threads(1)
     _patch(official)
-    cwd = os.getcwd()
     for method in METHODS if a.method == "all" else [a.method]:
-        with tempfile.TemporaryDirectory(prefix="golden_coda_") as tmp:
-            os.chdir(official)  # the official code reads its paths relative to its checkout
-            try:
-                numbers = run(official, method, Path(tmp))
-            finally:
-                os.chdir(cwd)
+        with in_checkout(official, "golden_coda_") as tmp:
+            numbers = run(official, method, tmp)
         print(f"{method!r}: {numbers!r},")
 
 

@@ -56,12 +56,14 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import in_checkout  # noqa: E402  (the scripts' shared helpers)
 
 #: the tiny set: classes (CIFAR-10's, KD_IMBALANCECIFAR10.cls_num), images per class before the long-tail cut, test
 #: images per class, image size, --imb_factor, batch size, epochs, --warmup-epochs, --drw
@@ -323,14 +325,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     official = a.official.resolve()
     torch.set_num_threads(1)
-    cwd = os.getcwd()
     for name in RUNS if a.run == "all" else [a.run]:
-        with tempfile.TemporaryDirectory(prefix="golden_deit_lt_") as tmp:
-            os.chdir(official)
-            try:
-                numbers = run(official, Path(tmp), name)
-            finally:
-                os.chdir(cwd)
+        with in_checkout(official, "golden_deit_lt_") as tmp:
+            numbers = run(official, tmp, name)
         print(f"{name!r}: {numbers!r},")
 
 

@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import importlib.machinery
-import os
 import re
 import sys
-import tempfile
 import types
 import zlib
 from pathlib import Path
@@ -48,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import in_checkout  # noqa: E402
 from golden_coda import STREAM, FixedOrder, write_cifar  # noqa: E402  (the same stream and batch order)
 
 #: the official ConViT + GCAB layout, small (options/model/cifar_GCAB_FDC.yaml: depth 6, local_up_to_layer 5)
@@ -268,13 +267,8 @@ def main(argv=None) -> None:
     official = a.official.resolve()
     torch.set_num_threads(1)
     _patch(official)
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="golden_gcab_") as tmp:
-        os.chdir(official)
-        try:
-            numbers = run(official, Path(tmp))
-        finally:
-            os.chdir(cwd)
+    with in_checkout(official, "golden_gcab_") as tmp:
+        numbers = run(official, tmp)
     print(f"OFFICIAL = {numbers!r}")
 
 
