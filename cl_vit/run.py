@@ -33,6 +33,11 @@ if not OmegaConf.has_resolver("cl_vit.run_dir"):
     # a resumed run writes into the directory it resumes; Hydra's own record of the first launch stays untouched
     OmegaConf.register_new_resolver("cl_vit.run_dir", lambda resume, default: resume if resume else default)
     OmegaConf.register_new_resolver("cl_vit.hydra_subdir", lambda resume: None if resume else ".hydra")
+    # a weights file the repository ships (weights/: the default stream's pre-trained backbone) for the model it was
+    # trained as, None for any other model: ${cl_vit.weights_for:${model.name},MODEL,FILE}
+    OmegaConf.register_new_resolver(
+        "cl_vit.weights_for",
+        lambda model, trained_as, name: str(CONFIG_DIR.parent / "weights" / name) if model == trained_as else None)
 
 #: what a resumed run may change: where it runs, how it loads data, what it logs and shows, never what it computes.
 #: A key or a prefix ending in "."; ``trainer=gpu`` (the group) changes the device keys below only.

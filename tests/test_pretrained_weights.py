@@ -95,3 +95,58 @@ def test_cli_pretrained_offline_exits_2_with_one_line(tmp_path, data_root):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: pretrained weights for 'vit_tiny_patch16_224.augreg_in21k_ft_in1k'")
     assert sum(ln.startswith("error:") for ln in lines) == 1
+
+
+# -- the default stream's pre-trained backbone (weights/) ------------------------------------------------------------
+
+PRETRAINED_METHODS = ("simplecil", "slca", "l2p", "dualprompt", "coda_prompt", "aper", "ease", "inflora", "sdlora")
+
+
+def test_methods_built_on_a_pretrained_backbone_start_from_the_shipped_one_on_the_default_stream():
+    from conftest import compose
+    from safetensors import safe_open
+
+    from cl_vit.config import CONFIG_DIR
+
+    shipped = CONFIG_DIR.parent / "weights" / "refiner_vit_tiny-fmnist8.safetensors"
+    for name in PRETRAINED_METHODS:
+        model = compose([f"strategy={name}"]).model
+        assert model.checkpoint == str(shipped) and model.checkpoint_head is False, name
+        # another model, another benchmark: no shipped weights (the model's own initialisation)
+        assert compose([f"strategy={name}", "model=vit_micro"]).model.checkpoint is None, name
+        assert compose([f"strategy={name}", "benchmark=synthetic"]).model.checkpoint is None, name
+    for name in ("finetune", "l2", "ranpac", "gcab", "replay"):  # from scratch
+        assert compose([f"strategy={name}"]).model.checkpoint is None, name
+    # the closer-look arms name their own checkpoint
+    assert compose(["experiment=closer-look-digits/l2p"]).model.checkpoint.endswith("pretrain-fmnist-8/checkpoints/"
+                                                                                     "exp_000.pt")
+    # a safetensors file (tensors only, nothing that runs code) that fits the default backbone but its classifier
+    with safe_open(str(shipped), "pt") as f:
+        keys = set(f.keys())
+        some = next(k for k in sorted(keys) if k.startswith("blocks.0.attn.qkv.weight"))
+        stored = f.get_tensor(some)
+    cfg = compose(["strategy=simplecil"])
+    net = build_model(dict(cfg.model), 10, 1, 8)
+    own = net.state_dict()
+    assert keys == {k for k in own if not k.startswith("head.")}
+    assert torch.equal(own[some], stored)
+
+
+def test_export_backbone_keeps_the_network_but_its_classifier(tmp_path):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("export_backbone", REPO_ROOT / "scripts" / "export_backbone.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    net = reference()
+    state = {f"net.{k}": v for k, v in net.state_dict().items()} | {"strategy_state": torch.zeros(1)}
+    torch.save({"module": state}, tmp_path / "exp_000.pt")
+    assert export.main([str(tmp_path / "exp_000.pt"), str(tmp_path / "b.safetensors")]) == 0
+    back = load_file(str(tmp_path / "b.safetensors"))
+    assert set(back) == {k for k in net.state_dict() if not k.startswith("head.")}
+    assert all(torch.equal(back[k], net.state_dict()[k]) for k in back)
+    torch.save({"weights": state}, tmp_path / "other.pt")
+    assert export.main([str(tmp_path / "other.pt"), str(tmp_path / "c.safetensors")]) == 2

@@ -236,9 +236,11 @@ def test_imagenet_r_recipes_compose_with_the_published_settings():
     assert dict(compose(["experiment=coda-prompt-imagenet-r"]).strategy.coda_prompt) == \
         {"pool_size": 100, "length": 8, "ortho_mu": 0.0, "first_session": False}
     for name, strategy in (("coda-prompt", "coda_prompt"), ("dualprompt", "dualprompt"), ("l2p", "l2p")):
-        # the frozen pre-trained backbone of the methods; only the default stream (from scratch) adapts it first
+        # the frozen pre-trained backbone of the methods (the default stream gives the shipped one: no first session)
         assert compose([f"experiment={name}-imagenet-r"]).strategy[strategy].first_session is False
-        assert compose([f"strategy={strategy}"]).strategy[strategy].first_session is True
+        assert compose([f"strategy={strategy}"]).strategy[strategy].first_session is False
+        assert compose([f"strategy={strategy}", f"+benchmark.strategy_args.{strategy}.first_session=true"]
+                       ).strategy[strategy].first_session is True
     assert compose(["experiment=ranpac-imagenet-r"]).strategy.ranpac.M == 10000
     slca = compose(["experiment=slca-imagenet-r"])
     assert list(slca.scheduler.milestones) == [40] and slca.strategy.slca.backbone_lr_scale == 0.01

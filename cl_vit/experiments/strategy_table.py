@@ -27,7 +27,8 @@ from cl_vit.errors import UserError, report_error
 #: the strategies that apply to a class-incremental stream; deit_lt and ldam_drw are long-tailed recipes (a teacher,
 #: a DRW schedule), cos_reg and mixup are training aids that compose with a method
 STRATEGIES = ("finetune", "ftpp", "l2", "ewc", "lwf", "featkd", "gcab", "simplecil", "ranpac", "slca", "l2p",
-              "dualprompt", "coda_prompt", "joint")
+              "dualprompt", "coda_prompt", "aper", "ease", "inflora", "sdlora", "replay", "er", "derpp", "icarl",
+              "dytox", "joint")
 BASELINE = "finetune"
 #: config keys that never describe a setting in the table (where and how it ran, and the strategies' own block)
 _NOT_SETTING = ("strategy.", "benchmark.strategy_args.", "split")
