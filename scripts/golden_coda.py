@@ -1,13 +1,15 @@
 """Golden trajectories from CODA-Prompt's own training loop (GT-RIPL/CODA-Prompt) on a tiny stream, on a CPU.
 
-    python scripts/golden_coda.py /path/to/CODA-Prompt [--method coda|dual|l2p|l2p4|ftpp|all]
+    python scripts/golden_coda.py /path/to/CODA-Prompt [--method coda|dual|l2p|l2p4|ftpp|er|all]
 
 runs the official ``Trainer.train`` (trainer.py) with the official learners (learners/prompt.py CODAPrompt, DualPrompt,
 L2P; learners/default.py FinetunePlus, the FT++ of the paper and of "A Closer Look at Rehearsal-Free Continual
-Learning"), models (models/zoo.py, models/vit.py), data set class (dataloaders/dataloader.py iCIFAR100) and scheduler
-(utils/schedulers.py), and prints what tests/test_golden_coda.py asserts the suite reproduces: per step the learning
-rate and the loss, at each task's end the correct test images per task (the accuracy matrix) and the norm of the
-trained parameters. Nothing of the official code is copied or changed on disk; at run time this script only
+Learning", and NormalNN with a coreset, ``--memory`` > 0: ER), models (models/zoo.py, models/vit.py), data set class
+(dataloaders/dataloader.py iCIFAR100) and scheduler (utils/schedulers.py), and prints what tests/test_golden_coda.py
+asserts the suite reproduces: per step the learning rate and the loss, at each task's end the correct test images per
+task (the accuracy matrix), the norm of the trained parameters and, for ER, the coreset (which of the stream's
+training images it holds, in its order). Nothing of the official code is copied or changed on disk; at run time this
+script only
 
 * makes ``.cuda()`` an identity (a copy, as a device move is: vit.py L186 adds into the tensor it returns) and
   ``torch.cuda.set_device`` a no-op, and runs with ``gpuid = [-1]`` (one process, no DataParallel), or for ``l2p4``
@@ -25,7 +27,17 @@ trained parameters. Nothing of the official code is copied or changed on disk; a
 * seeds torch right before each task's prompt initialisation (``prompt_seed``): CODA-Prompt's Gram-Schmidt draws
   (zoo.py L34-36 at the start, ``process_task_count`` L51-71 at each later task; the start draws are redone after
   construction so that the uniform draws of ``tensor_prompt`` do not shift them); L2P / DualPrompt prompts start from
-  ``initial_prompts``.
+  ``initial_prompts``;
+* for ER, replaces the random numbers of the coreset code (dataloaders/dataloader.py) by the suite's
+  (cl_vit/strategies/replay.py ``generator``), so that both runs replay the same images: ``append_coreset``'s
+  ``np.random.choice(len_core, len_data)`` (L135, with replacement, numpy's global generator) returns the suite's
+  ``torch.randint(len_core, (len_data,))`` of the task (``mix=resample``), and ``update_coreset``'s
+  ``np.random.choice(len(locs), num_data_k, replace=False)`` (L157, numpy reseeded with the run's seed at every
+  rebuild, L147-148) the suite's ``torch.randperm(len(locs))[:num_data_k]`` of that class (``rebuild=draws``): the
+  same law (numpy's choice without replacement is ``permutation(n)[:k]``), other numbers. The suite draws per class
+  in the order of the classes, the official loop asks for the latest class first (L149), so each rebuild runs twice:
+  once to read what it asks (lengths and counts; its coreset discarded), once answered in the suite's order. Nothing
+  else of the official run draws from numpy.
 
 The numbers depend on nothing else; tests/test_golden_coda.py builds the same stream, weights and seeds. The official
 code needs nothing the suite does not install (torch, torchvision, timm, whose old module paths it imports still
@@ -59,7 +71,11 @@ METHODS = {
     "l2p": ("prompt", "L2P", [6, 4, -1], 1, 1e-3),
     "l2p4": ("prompt", "L2P", [6, 4, -1], 4, 1e-3),
     "ftpp": ("default", "FinetunePlus", [1, 1, 1], 1, 5e-5),
+    "er": ("default", "NormalNN", [1, 1, 1], 1, 5e-5),
 }
+#: --memory of the runs with a coreset (ER): 10 images over 6 classes, so that the quota shrinks from 5 a class to 3
+#: or 2 and then 2 or 1 (the remainder to the latest classes, L140-153) and past classes keep some of their draws twice
+MEMORY = {"er": 10}
 SEED = 0
 
 
@@ -155,6 +171,39 @@ def fixed_order(loader_class):
     return make
 
 
+def suite_coreset_draws(dataset) -> callable:
+    """Makes the coreset code of ``dataset`` (the official training set) draw the suite's numbers (the module's
+    docstring); returns what undoes it."""
+    from cl_vit.strategies.replay import CORESET, RESAMPLE, generator
+
+    base_choice, base_update = np.random.choice, dataset.update_coreset
+    asked, answers = [], []
+
+    def choice(a, size=None, replace=True, p=None):
+        if replace:  # append_coreset L135: the memory positions resampled into task t's training set
+            return torch.randint(a, (size,), generator=generator(SEED, RESAMPLE, dataset.t)).numpy()
+        if answers:  # update_coreset L157, answered: the latest class first, as the loop asks
+            return answers.pop()
+        asked.append((a, size))  # the reading pass: any valid choice
+        return np.arange(size)
+
+    def update_coreset(coreset_size, seen):
+        asked.clear()
+        base_update(coreset_size, seen)
+        gen = generator(SEED, CORESET, dataset.t)
+        answers.extend(torch.randperm(n, generator=gen)[:k].numpy() for n, k in reversed(asked))  # in class order
+        base_update(coreset_size, seen)
+        assert not answers
+
+    np.random.choice, dataset.update_coreset = choice, update_coreset
+
+    def undo():
+        np.random.choice = base_choice
+        del dataset.update_coreset
+
+    return undo
+
+
 def _patch(official: Path, depth: int = BACKBONE["depth"]) -> None:
     """The run-time changes listed in the module docstring (a backbone of ``depth`` blocks)."""
     import torchvision.transforms as T
@@ -192,6 +241,7 @@ def run(official: Path, method: str, work: Path) -> dict:
     import trainer as tr
 
     kind, name, prompt_param, devices, lr = METHODS[method]
+    memory = MEMORY.get(method, 0)
     tr.DataLoader = fixed_order(tr.DataLoader_)
     learner_class = getattr(importlib.import_module(f"learners.{kind}"), name)
     create = learner_class.__dict__.get("create_model_", learner_class.create_model)
@@ -202,7 +252,7 @@ def run(official: Path, method: str, work: Path) -> dict:
         dataset="CIFAR100", first_split_size=2, other_split_size=2, max_task=STREAM["tasks"], rand_split=True,
         batch_size=STREAM["batch"], workers=0, schedule=[STREAM["epochs"]], schedule_type="cosine",
         optimizer="Adam", lr=lr, momentum=0.9, weight_decay=0.0, model_type="zoo", model_name="vit_pt_imnet",
-        gpuid=[-1] * devices, memory=0, temp=2.0, DW=False, upper_bound_flag=False, oracle_flag=False,
+        gpuid=[-1] * devices, memory=memory, temp=2.0, DW=False, upper_bound_flag=False, oracle_flag=False,
         learner_type=kind, learner_name=name, prompt_param=prompt_param, overwrite=1, debug_mode=0,
         log_dir=str(work / "log"), dataroot=str(work / "data"), validation=False, train_aug=False, repeat=1)
     import random
@@ -210,6 +260,7 @@ def run(official: Path, method: str, work: Path) -> dict:
     random.seed(SEED), np.random.seed(SEED), torch.manual_seed(SEED)  # run.py L140-144
     trainer = tr.Trainer(args, SEED, ["acc", "time"], ["global", "pt", "pt-local"])
     learner = trainer.learner
+    undo = suite_coreset_draws(trainer.train_dataset) if memory else lambda: None
     model = getattr(learner.model, "module", learner.model)  # the network itself (under DataParallel: .module)
     prompt = model.prompt
     start = initial_backbone()
@@ -236,7 +287,8 @@ def run(official: Path, method: str, work: Path) -> dict:
                 p.copy_(start[n])
     learner.init_optimizer()  # over the parameters as they now are (learn_batch rebuilds it at every task anyway)
 
-    steps, counts, norms = [], [], []
+    steps, counts, norms, kept = [], [], [], []
+    image_ids = {x.tobytes(): i for i, x in enumerate(images()["train"][0])}
     update = learner.update_model
 
     def update_model(x, y):
@@ -259,12 +311,18 @@ def run(official: Path, method: str, work: Path) -> dict:
             params = [p[:STREAM["n_classes"]] if id(p) in head else p  # the stream's rows of the head
                       for g in learner.optimizer.param_groups for p in g["params"]]
             norms.append(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))))
+            if memory:  # the coreset the task's end rebuilt (learners/default.py L137-138), as training image ids
+                kept.append([image_ids[x.tobytes()] for x in trainer.train_dataset.coreset[0]])
         return acc
 
     trainer.task_eval = record_eval
     metrics = {"acc": {}, "time": {"global": np.zeros((trainer.max_task, 1))}}
-    trainer.train(metrics)
-    return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "correct": counts, "norm": norms}
+    try:
+        trainer.train(metrics)
+    finally:
+        undo()
+    out = {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "correct": counts, "norm": norms}
+    return {**out, "memory": kept} if memory else out
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""Golden trajectories: the suite's CODA-P, DualPrompt, L2P++ and FT++ against CODA-Prompt's own training loop.
+"""Golden trajectories: the suite's CODA-P, DualPrompt, L2P++, FT++ and ER against CODA-Prompt's own training loop.
 
 The numbers below were produced by the official code (GT-RIPL/CODA-Prompt @ 6417d4f68754be68b697c7ca2323ee61e791e1a3)
 on a tiny stream, on a CPU, with
@@ -6,12 +6,14 @@ on a tiny stream, on a CPU, with
     python scripts/golden_coda.py /path/to/CODA-Prompt --method all
 
 (the script says what it changes at run time: ``.cuda()``, the data files, the transforms, the backbone's size, the
-seeds of the batches and of the prompt initialisation; L2P++ also as published, under 4-GPU DataParallel). Each test
-runs the suite's recipe (experiment=coda-prompt-cifar100, ...) on the same stream, from the same weights and seeds,
-and asserts per step the learning rate (exactly: the schedule as the official runs step it, drop_last's batch count)
-and the loss (to 1e-5 relative), and at each task's end the correct test images per task (exactly) and the norm of
-the trained parameters (to 1e-5 relative). The closer-look L2 / EWC / LwF.MC learners are not in CODA-Prompt's
-repository (the authors' own repository holds them: docs/recipes.md).
+seeds of the batches and of the prompt initialisation; L2P++ also as published, under 4-GPU DataParallel; for ER the
+random numbers of the coreset code, the suite's in their place). Each test runs the suite's recipe
+(experiment=coda-prompt-cifar100, ...) on the same stream, from the same weights and seeds, and asserts per step the
+learning rate (exactly: the schedule as the official runs step it, drop_last's batch count) and the loss (to 1e-5
+relative), and at each task's end the correct test images per task (exactly), the norm of the trained parameters (to
+1e-5 relative) and, for ER, the coreset: which training images, in which order, how many times (exactly). The
+closer-look L2 / EWC / LwF.MC learners are not in CODA-Prompt's repository (the authors' own repository holds them:
+docs/recipes.md).
 """
 import importlib.util
 
@@ -99,17 +101,57 @@ OFFICIAL = {'coda': {'lr': LR,
                    0.2565110921859741, 0.38061946630477905, 0.22471538186073303, 0.15189963579177856,
                    0.13107681274414062, 0.12190265953540802],
           'correct': [[5], [5, 0], [0, 0, 10]],
-          'norm': [125.64453731696173, 125.64680369390118, 125.65004297216744]}}
+          'norm': [125.64453731696173, 125.64680369390118, 125.65004297216744]},
+ 'er': {'lr': [5e-05, 5e-05, 5e-05, 5e-05, 4.760113134728383e-05, 4.760113134728383e-05, 4.06347082216547e-05,
+                4.06347082216547e-05, 2.9769191985417743e-05, 2.9769191985417743e-05, 1.604718049036047e-05,
+                1.604718049036047e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05,
+                4.760113134728383e-05, 4.760113134728383e-05, 4.760113134728383e-05, 4.760113134728383e-05,
+                4.760113134728383e-05, 4.06347082216547e-05, 4.06347082216547e-05, 4.06347082216547e-05,
+                4.06347082216547e-05, 4.06347082216547e-05, 2.9769191985417743e-05, 2.9769191985417743e-05,
+                2.9769191985417743e-05, 2.9769191985417743e-05, 2.9769191985417743e-05, 1.604718049036047e-05,
+                1.604718049036047e-05, 1.604718049036047e-05, 1.604718049036047e-05, 1.604718049036047e-05, 5e-05,
+                5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 4.760113134728383e-05,
+                4.760113134728383e-05, 4.760113134728383e-05, 4.760113134728383e-05, 4.760113134728383e-05,
+                4.06347082216547e-05, 4.06347082216547e-05, 4.06347082216547e-05, 4.06347082216547e-05,
+                4.06347082216547e-05, 2.9769191985417743e-05, 2.9769191985417743e-05, 2.9769191985417743e-05,
+                2.9769191985417743e-05, 2.9769191985417743e-05, 1.604718049036047e-05, 1.604718049036047e-05,
+                1.604718049036047e-05, 1.604718049036047e-05, 1.604718049036047e-05],
+         'loss': [0.7632989287376404, 4.247512340545654, 2.1645395755767822, 0.5729905366897583, 1.2123864889144897,
+                  1.6915340423583984, 1.2615065574645996, 0.5965585708618164, 0.5692822337150574, 0.6447046995162964,
+                  0.6425626873970032, 0.5650279521942139, 1.2897093296051025, 2.972428798675537, 2.1419425010681152,
+                  1.562400221824646, 1.1891685724258423, 1.305999755859375, 1.6946601867675781, 1.257799744606018,
+                  1.4979476928710938, 1.337129831314087, 1.114980697631836, 1.253124713897705, 1.2419297695159912,
+                  1.2402230501174927, 1.2975114583969116, 1.0858733654022217, 1.4726142883300781, 1.0974972248077393,
+                  1.3111271858215332, 1.1199839115142822, 0.9401344656944275, 1.0262974500656128, 0.9271016120910645,
+                  1.0519013404846191, 1.1028079986572266, 0.8719014525413513, 0.908744215965271, 0.8609774112701416,
+                  0.776677131652832, 0.7476043105125427, 1.3447198867797852, 1.2510430812835693, 2.787627696990967,
+                  2.369633436203003, 1.9803258180618286, 1.7101788520812988, 1.2195240259170532, 0.6578595638275146,
+                  1.479585886001587, 1.4285550117492676, 1.135730266571045, 1.2767819166183472, 0.6431597471237183,
+                  0.7475546598434448, 0.7867634892463684, 0.5718293190002441, 0.4276764988899231, 0.7470377087593079,
+                  0.3058231472969055, 0.5089824199676514, 0.24007339775562286, 0.27070683240890503,
+                  0.12277780473232269, 0.46331465244293213, 0.17031942307949066, 0.1881292164325714,
+                  0.1572776883840561, 0.3090551197528839, 0.2503852844238281, 0.05874042212963104],
+         'correct': [[5], [10, 10], [10, 10, 10]],
+         'norm': [125.64453731696173, 125.6560743432075, 125.67105129598171],
+         'memory': [[52, 20, 22, 5, 35, 34, 23, 49, 16, 42], [22, 35, 34, 23, 21, 32, 53, 19, 56, 38],
+                    [35, 23, 53, 53, 56, 38, 17, 44, 58, 12]]}}
 
 
 #: the suite's recipe of each official run, its strategy and the names of its --prompt_param values, and what else
 #: differs: the one-device official L2P++ run computes the key loss over the whole batch (the recipe: per quarter, as
-#: 4 GPUs do); FT++ has no recipe of its own: CODA-Prompt's CIFAR-100 protocol with strategy=ftpp and its loader
+#: 4 GPUs do); FT++ has no recipe of its own: CODA-Prompt's CIFAR-100 protocol with strategy=ftpp and its loader;
+#: ER is its recipe with the script's memory (--memory 10: 10 images over the stream's 6 classes)
 RECIPES = {"coda": (["experiment=coda-prompt-cifar100"], "coda_prompt", ["pool_size", "length", "ortho_mu"]),
            "dual": (["experiment=dualprompt-cifar100"], "dualprompt", ["pool_size", "e_length", "g_length"]),
            "l2p": (["experiment=l2p-cifar100", "strategy.l2p.key_loss_shards=1"], "l2p", ["pool_size", "length"]),
            "l2p4": (["experiment=l2p-cifar100"], "l2p", ["pool_size", "length"]),
-           "ftpp": (["benchmark=cifar100-coda", "strategy=ftpp", "data.drop_last=true"], "finetune", [])}
+           "ftpp": (["benchmark=cifar100-coda", "strategy=ftpp", "data.drop_last=true"], "finetune", []),
+           "er": (["experiment=er-cifar100", f"strategy.replay.memory_size={golden.MEMORY['er']}"], "replay", [])}
+
+
+def task_positions(labels, task: int) -> np.ndarray:
+    """Where task ``task``'s images sit in the script's array of ``labels`` (train or test), in the stored order."""
+    return np.isin(labels, [2 * task, 2 * task + 1]).nonzero()[0]
 
 
 def stream():
@@ -122,7 +164,7 @@ def stream():
     def tasks(x, y):
         out = []
         for t in range(golden.STREAM["tasks"]):
-            idx = np.isin(y, [2 * t, 2 * t + 1]).nonzero()[0]
+            idx = task_positions(y, t)
             images = torch.from_numpy(x[idx]).permute(0, 3, 1, 2).float().div(255)
             out.append(as_classification_dataset(TensorImageDataset(images, y[idx].tolist())))
         return out
@@ -194,9 +236,14 @@ def stream_run(over, weights, tmp_path, monkeypatch, order, batch=golden.STREAM[
 
     monkeypatch.setattr(cl_vit.plots, "run_figures", lambda run: {})  # the end-of-run figures: a sixth of the time
 
+    labels, memory = golden.images()["train"][1], []
+
     def norm_at_end(runner, i):
         params = [p for p in runner.module.net.parameters() if p.requires_grad]
         norms.append(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))))
+        for s in runner.module.strategies:  # a replay memory: the script's ids of its training images, in its order
+            if s.name == "replay":
+                memory.append([int(task_positions(labels, e)[k]) for e, k in zip(s.exp.tolist(), s.idx.tolist())])
 
     from cl_vit.runner import ContinualRunner
 
@@ -206,7 +253,8 @@ def stream_run(over, weights, tmp_path, monkeypatch, order, batch=golden.STREAM[
     doc = run(cfg, tmp_path / "run", scenario=stream())
     per_task = 2 * golden.STREAM["n_test"]
     correct = [[int(round(v * per_task)) for v in row[: i + 1]] for i, row in enumerate(doc["accuracy_matrix"])]
-    return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "correct": correct, "norm": norms}
+    out = {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps], "correct": correct, "norm": norms}
+    return {**out, "memory": memory} if memory else out
 
 
 @pytest.mark.parametrize("recipe", ["coda-prompt", "dualprompt", "l2p"])
@@ -241,6 +289,7 @@ def test_suite_recipe_follows_the_official_run(method, tmp_path, data_root, monk
     np.testing.assert_allclose(ours["loss"], theirs["loss"], rtol=1e-5, atol=0)
     assert ours["correct"] == theirs["correct"]
     np.testing.assert_allclose(ours["norm"], theirs["norm"], rtol=1e-5, atol=0)
+    assert ours.get("memory") == theirs.get("memory")  # ER: the coreset's images in order, duplicates included
 
 
 def test_the_golden_scripts_run_in_the_checkout_and_restore_the_directory_even_when_the_run_fails(tmp_path):
