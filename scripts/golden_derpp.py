@@ -1,0 +1,259 @@
+"""A golden trajectory of DER++ from Mammoth's own code (aimagelab/mammoth) on a tiny stream, on a CPU.
+
+    PYTHONPATH=/path/to/kornia-and-onedrivedownloader python scripts/golden_derpp.py /path/to/mammoth
+
+runs the official DER++ (models/derpp.py ``Derpp``: its ``observe``, the reservoir ``Buffer`` of utils/buffer.py, the
+SGD optimiser that ContinualModel ``get_optimizer`` builds and ``meta_begin_task`` rebuilds at every task) through
+Mammoth's training epoch (utils/training.py ``train_single_epoch``, ``meta_observe``) and its evaluation
+(utils/evaluate.py ``evaluate``), task after task in the order of utils/training.py ``train`` L197-307, and prints what
+tests/test_golden_derpp.py asserts the suite's ``strategy=derpp`` reproduces: per step the loss and its two replay
+terms (alpha * MSE to the stored logits, beta * CE of the second draw), at each task's end the memory (which sample
+of which task sits in each slot, its label) and the norm of its stored logits, the correct test images per task (the
+accuracy matrix), and after the last task the stored logits themselves. Nothing of the official code is copied or
+changed on disk; the script drives the loop itself instead of main.py / ``train`` (which add wandb, loggers, system
+statistics and a data set registry that imports every data set module, some needing open_clip / pandas) and at run
+time only
+
+* imports no official data set module (``os.listdir`` of the datasets folder reads empty while ``models`` loads)
+  and feeds ``train_single_epoch`` a loader of (image, label, image) triples of the stream (``STREAM``: 6 classes of
+  generated 32 x 32 images, 3 tasks of 2, ``ToTensor`` values, no augmentation: ``transform=None``, as the memory's
+  replayed images are then the stored ones on both sides); the loader's order is ``golden_coda.FixedOrder``, the one
+  the test gives the suite;
+* draws the memory's random numbers from the suite's generators instead of numpy's global state, the only random
+  calls of the DER++ path: the sampling of ``Buffer.get_data`` (``np.random.choice(n, size, replace=False)``,
+  buffer.py L523-529) returns ``torch.randperm(n)[:size]`` of ``cl_vit.strategies.replay.generator(seed, BATCH, task,
+  draw, 0)`` and the reservoir's draw (``np.random.randint(0, t + 1)`` of ``ReservoirSampling``, buffer.py L126-133)
+  ``floor(u * (t + 1))`` with u the sample's ``torch.rand`` of ``generator(seed, RESERVOIR, task, draw)``: per step
+  the two ``get_data`` draws, then the ``add_data`` draw, the counter starting at 0 each task (the suite's order,
+  cl_vit/strategies/derpp.py ``training_loss``). The uniform choice itself is Mammoth's semantics (a draw without
+  replacement; slot t while the memory fills, else the draw if below the size); only its source is aligned;
+* records the terms by wrapping ``Derpp.loss`` and models/derpp.py's ``F.mse_loss`` (L44, L50) and the stored
+  samples by matching ``Buffer.examples`` against the stream's images.
+
+The backbone is a timm ViT (``BACKBONE``, seeded 0), its head over the 6 classes: Mammoth's cross-entropy covers every
+output (models/derpp.py L38 and L50 with the data sets' ``F.cross_entropy``), the classes of later tasks included;
+the suite's run matches it with ``loss.mask_unseen=false``. Hyper-parameters: alpha 0.3, beta 0.5, lr 0.03 (Mammoth
+models/config/derpp.yaml L3-6), SGD without momentum or weight decay (utils/args.py L314-318 defaults), memory ``MEMORY``,
+minibatch = batch size (main.py L436). Needs, besides what the suite installs, ``kornia`` and ``onedrivedownloader``
+(imported by Mammoth's modules; ``pip install --target DIR --no-deps kornia kornia_rs onedrivedownloader`` and
+PYTHONPATH=DIR). Run it from a checkout outside this repository; it writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # cl_vit: the suite's draws
+from _official import in_checkout  # noqa: E402
+from golden_coda import FixedOrder, fixed_order, images  # noqa: E402  (the golden scripts' stream and batch order)
+
+#: the stream: classes, images per class, image size, tasks, batch size, epochs per task
+STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epochs=2)
+#: a small timm ViT (the suite's model=vit_micro with these geometry overrides)
+BACKBONE = dict(img_size=32, patch_size=16, in_chans=3, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+#: Mammoth models/config/derpp.yaml L3-6 (seq-cifar100)
+ALPHA, BETA, LR = 0.3, 0.5, 0.03
+MEMORY = 12
+SEED = 0
+
+
+def initial_backbone() -> dict:
+    """The starting weights of both runs: a timm ViT of ``BACKBONE`` seeded 0, its head over the stream's classes."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(**BACKBONE, num_classes=STREAM["n_classes"])
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def task_data(split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per task its images (``ToTensor`` values, N x 3 x 32 x 32) and labels, in the stored order."""
+    x, y = images(STREAM)[split]
+    out = []
+    for t in range(STREAM["tasks"]):
+        idx = np.isin(y, [2 * t, 2 * t + 1]).nonzero()[0]
+        out.append((torch.from_numpy(x[idx]).permute(0, 3, 1, 2).float().div(255), torch.from_numpy(y[idx]).long()))
+    return out
+
+
+class Triples(torch.utils.data.Dataset):
+    """Mammoth's training items: (augmented image, label, not-augmented image), here the same image twice."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], self.x[i]
+
+
+class SuiteDraws:
+    """The ``np.random`` of utils/buffer.py: ``choice`` and ``randint`` from the suite's seeded generators (module
+    docstring), everything else numpy's."""
+
+    def __init__(self, seed: int):
+        from cl_vit.strategies.replay import BATCH, RESERVOIR, generator
+
+        self.seed, self.task, self.draw, self.u, self.first = seed, 0, 0, None, 0
+        self._batch, self._reservoir, self._generator = BATCH, RESERVOIR, generator
+        self.random = types.SimpleNamespace(choice=self.choice, randint=self.randint)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def start_task(self, task: int) -> None:
+        self.task, self.draw = task, 0
+
+    def choice(self, n, size=None, replace=True):
+        assert not replace and isinstance(n, int), "only get_data's draw is expected"
+        gen = self._generator(self.seed, self._batch, self.task, self.draw, 0)
+        self.draw += 1
+        return torch.randperm(n, generator=gen)[:size].numpy()
+
+    def before_add(self, n_seen: int, n_new: int) -> None:
+        gen = self._generator(self.seed, self._reservoir, self.task, self.draw)
+        self.draw += 1
+        self.u, self.first = torch.rand(n_new, generator=gen, dtype=torch.float64), n_seen
+
+    def randint(self, low, high):
+        assert low == 0
+        return int(torch.floor(self.u[high - 1 - self.first] * high))
+
+
+def _import_mammoth(official: Path):
+    """Mammoth's modules without its data set modules (module docstring)."""
+    sys.path.insert(0, str(official))
+    listdir, folder = os.listdir, str(official / "datasets")
+    os.listdir = lambda p=".": [] if os.path.abspath(p) == folder else listdir(p)
+    try:
+        import models.derpp as derpp
+        import utils.buffer as buffer
+        import utils.evaluate as evaluate
+        import utils.training as training
+        from datasets.utils.continual_dataset import ContinualDataset
+    finally:
+        os.listdir = listdir
+    return derpp, buffer, evaluate, training, ContinualDataset
+
+
+def run(official: Path) -> dict:
+    """The official DER++ run on the stream; returns its numbers."""
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import VisionTransformer
+    from tqdm import tqdm
+
+    derpp, buffer, evaluate, training, ContinualDataset = _import_mammoth(official)
+    draws = SuiteDraws(SEED)
+    buffer.np = draws
+    add_data = buffer.Buffer.add_data
+
+    def add(self, examples, *a, **k):
+        draws.before_add(self.num_seen_examples, len(examples))
+        return add_data(self, examples, *a, **k)
+
+    buffer.Buffer.add_data = add
+    n = STREAM["n_classes"]
+    per_task = n // STREAM["tasks"]
+    train, test = task_data("train"), task_data("test")
+
+    class Stream:  # what Derpp, meta_begin_task and evaluate read of a ContinualDataset
+        SETTING, N_CLASSES, N_TASKS, N_CLASSES_PER_TASK = "class-il", n, STREAM["tasks"], per_task
+        get_offsets = ContinualDataset.get_offsets
+        c_task, test_loaders = -1, []
+
+        @staticmethod
+        def get_loss():
+            return F.cross_entropy
+
+    args = argparse.Namespace(
+        buffer_size=MEMORY, minibatch_size=STREAM["batch"], alpha=ALPHA, beta=BETA, lr=LR, optimizer="sgd",
+        optim_wd=0.0, optim_mom=0.0, optim_nesterov=False, label_perc=1, nowand=True, non_verbose=True,
+        debug_mode=0, eval_future=False, fitting_mode="epochs", n_epochs=STREAM["epochs"], scheduler_mode="epoch",
+        code_optimization=0, device="cpu", lr_scheduler=None)
+    net = VisionTransformer(**BACKBONE, num_classes=n)
+    net.load_state_dict(initial_backbone())
+    stream = Stream()
+    model = derpp.Derpp(net, F.cross_entropy, args, None, dataset=stream)
+    model.device = torch.device("cpu")
+
+    steps, terms = [], {"mse": [], "ce": []}
+    loss_fn, mse = model.loss, derpp.F.mse_loss
+
+    def loss(out, y):
+        value = loss_fn(out, y)
+        terms["ce"].append(float(value.detach()))
+        return value
+
+    def mse_loss(a, b):
+        value = mse(a, b)
+        terms["mse"].append(float(value.detach()))
+        return value
+
+    model.loss = loss
+    derpp.F = types.SimpleNamespace(mse_loss=mse_loss)
+    observe = model.observe
+
+    def recording(*a, **k):
+        terms["ce"].clear(), terms["mse"].clear()
+        total = observe(*a, **k)
+        replay = len(terms["ce"]) == 2
+        steps.append((total, ALPHA * terms["mse"][0] if replay else 0.0, BETA * terms["ce"][1] if replay else 0.0))
+        return total
+
+    model.observe = recording
+    memory, norms, correct = [], [], []
+    for t in range(STREAM["tasks"]):  # utils/training.py train L197-307, without its logging
+        draws.start_task(t)
+        model.net.train()
+        stream.c_task += 1
+        stream.test_loaders.append(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test[t]), batch_size=64))
+        loader = torch.utils.data.DataLoader(Triples(*train[t]), batch_size=STREAM["batch"],
+                                             sampler=FixedOrder(len(train[t][1]), t))
+        model.meta_begin_task(stream)
+        scheduler = training.get_scheduler(model, args, reload_optim=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # train_single_epoch prints "STOP ITERATION" per epoch
+            for epoch in range(STREAM["epochs"]):
+                model.meta_begin_epoch(epoch, stream)
+                training.train_single_epoch(model, loader, args, epoch, tqdm(disable=True), lambda: None, scheduler)
+                model.meta_end_epoch(epoch, stream)
+        model.meta_end_task(stream)
+        accs, _ = evaluate.evaluate(model, stream)
+        correct.append([int(round(a * len(test[k][1]) / 100)) for k, a in enumerate(accs)])
+        buf = model.buffer
+        slots = []
+        for e in buf.examples[: len(buf)]:
+            slots.append(next((k, i) for k in range(t + 1) for i in range(len(train[k][1]))
+                              if torch.equal(train[k][0][i], e)))
+        memory.append({"task": [k for k, _ in slots], "index": [i for _, i in slots],
+                       "label": buf.labels[: len(buf)].tolist()})
+        norms.append(float(buf.logits[: len(buf)].double().norm()))
+    return {"loss": [s[0] for s in steps], "logits": [s[1] for s in steps], "labels": [s[2] for s in steps],
+            "memory": memory, "logit_norm": norms, "correct": correct,
+            "stored_logits": model.buffer.logits[: len(model.buffer)].tolist()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("official", type=Path, help="a checkout of aimagelab/mammoth")
+    a = p.parse_args(argv)
+    official = a.official.resolve()
+    torch.set_num_threads(1)
+    with in_checkout(official, "golden_derpp_"):
+        numbers = run(official)
+    for k, v in numbers.items():
+        print(f"{k!r}: {v!r},")
+
+
+if __name__ == "__main__":
+    main()
