@@ -1,42 +1,45 @@
-"""A golden trajectory of DER++ from Mammoth's own code (aimagelab/mammoth) on a tiny stream, on a CPU.
+"""Golden trajectories of DER++ and ER from Mammoth's own code (aimagelab/mammoth) on a tiny stream, on a CPU.
 
-    PYTHONPATH=/path/to/kornia-and-onedrivedownloader python scripts/golden_derpp.py /path/to/mammoth
+    PYTHONPATH=DIR python scripts/golden_derpp.py /path/to/mammoth [--method derpp|er|all]
 
-runs the official DER++ (models/derpp.py ``Derpp``: its ``observe``, the reservoir ``Buffer`` of utils/buffer.py, the
-SGD optimiser that ContinualModel ``get_optimizer`` builds and ``meta_begin_task`` rebuilds at every task) through
-Mammoth's training epoch (utils/training.py ``train_single_epoch``, ``meta_observe``) and its evaluation
-(utils/evaluate.py ``evaluate``), task after task in the order of utils/training.py ``train`` L197-307, and prints what
-tests/test_golden_derpp.py asserts the suite's ``strategy=derpp`` reproduces: per step the loss and its two replay
-terms (alpha * MSE to the stored logits, beta * CE of the second draw), at each task's end the memory (which sample
-of which task sits in each slot, its label) and the norm of its stored logits, the correct test images per task (the
-accuracy matrix), and after the last task the stored logits themselves. Nothing of the official code is copied or
-changed on disk; the script drives the loop itself instead of main.py / ``train`` (which add wandb, loggers, system
-statistics and a data set registry that imports every data set module, some needing open_clip / pandas) and at run
-time only
+runs the official DER++ (models/derpp.py ``Derpp``) and ER (models/er.py ``Er``): their ``observe``, the reservoir
+``Buffer`` of utils/buffer.py, the SGD optimiser that ContinualModel ``get_optimizer`` builds and ``meta_begin_task``
+rebuilds at every task, through Mammoth's training epoch (utils/training.py ``train_single_epoch``, ``meta_observe``)
+and its evaluation (utils/evaluate.py ``evaluate``), task after task in the order of utils/training.py ``train``
+L197-307, and prints what tests/test_golden_derpp.py asserts the suite's ``strategy=derpp`` / ``strategy=er``
+reproduces: per step the loss (for DER++ also its two replay terms, alpha * MSE to the stored logits and beta * CE of
+the second draw), at each task's end the memory (which sample of which task sits in each slot, its label), the
+correct test images per task (the accuracy matrix), and for DER++ the norm of the stored logits after each task and
+the stored logits themselves after the last. Nothing of the official code is copied or changed on disk; the script
+drives the loop itself instead of main.py / ``train`` (which add wandb, loggers, system statistics and a data set
+registry that imports every data set module, some needing open_clip / pandas) and at run time only
 
 * imports no official data set module (``os.listdir`` of the datasets folder reads empty while ``models`` loads)
   and feeds ``train_single_epoch`` a loader of (image, label, image) triples of the stream (``STREAM``: 6 classes of
-  generated 32 x 32 images, 3 tasks of 2, ``ToTensor`` values, no augmentation: ``transform=None``, as the memory's
-  replayed images are then the stored ones on both sides); the loader's order is ``golden_coda.FixedOrder``, the one
-  the test gives the suite;
-* draws the memory's random numbers from the suite's generators instead of numpy's global state, the only random
-  calls of the DER++ path: the sampling of ``Buffer.get_data`` (``np.random.choice(n, size, replace=False)``,
-  buffer.py L523-529) returns ``torch.randperm(n)[:size]`` of ``cl_vit.strategies.replay.generator(seed, BATCH, task,
-  draw, 0)`` and the reservoir's draw (``np.random.randint(0, t + 1)`` of ``ReservoirSampling``, buffer.py L126-133)
-  ``floor(u * (t + 1))`` with u the sample's ``torch.rand`` of ``generator(seed, RESERVOIR, task, draw)``: per step
-  the two ``get_data`` draws, then the ``add_data`` draw, the counter starting at 0 each task (the suite's order,
-  cl_vit/strategies/derpp.py ``training_loss``). The uniform choice itself is Mammoth's semantics (a draw without
-  replacement; slot t while the memory fills, else the draw if below the size); only its source is aligned;
-* records the terms by wrapping ``Derpp.loss`` and models/derpp.py's ``F.mse_loss`` (L44, L50) and the stored
-  samples by matching ``Buffer.examples`` against the stream's images.
+  generated 32 x 32 images, 3 tasks of 2, ``ToTensor`` values, no augmentation: ``transform=None``, so that the
+  replayed images are the stored ones on both sides); the loader's order is ``golden_coda.FixedOrder``, the one the
+  test gives the suite;
+* draws the memory's random numbers from the suite's generators instead of numpy's global state (the only random
+  calls on these paths): the sampling of ``Buffer.get_data`` (``np.random.choice(n, size, replace=False)``,
+  buffer.py L529) returns ``torch.randperm(n)[:size]`` of ``cl_vit.strategies.replay.generator(seed, BATCH, task,
+  draw, 0)``, and the reservoir's draw (``np.random.randint(0, t + 1)`` of ``ReservoirSampling``, buffer.py L129)
+  ``floor(u * (t + 1))`` with u the sample's ``torch.rand`` (float64) of ``generator(seed, RESERVOIR, task, draw)``.
+  ``draw`` counts the memory's draws in the task from 0, in the order of the calls: per step the ``get_data`` draws
+  (two for DER++, one for ER), then the ``add_data`` draw, as the suite orders them (cl_vit/strategies/derpp.py
+  ``training_loss``, replay.py ``before_batch``). What is drawn is Mammoth's (a uniform choice without replacement;
+  slot t while the memory fills, then the draw when below the size); only the source of the numbers is aligned, as
+  the batch order is;
+* records DER++'s terms by wrapping the model's ``loss`` and models/derpp.py's ``F.mse_loss`` (L44, L50), and the
+  memory by matching ``Buffer.examples`` against the stream's images.
 
-The backbone is a timm ViT (``BACKBONE``, seeded 0), its head over the 6 classes: Mammoth's cross-entropy covers every
-output (models/derpp.py L38 and L50 with the data sets' ``F.cross_entropy``), the classes of later tasks included;
-the suite's run matches it with ``loss.mask_unseen=false``. Hyper-parameters: alpha 0.3, beta 0.5, lr 0.03 (Mammoth
-models/config/derpp.yaml L3-6), SGD without momentum or weight decay (utils/args.py L314-318 defaults), memory ``MEMORY``,
-minibatch = batch size (main.py L436). Needs, besides what the suite installs, ``kornia`` and ``onedrivedownloader``
-(imported by Mammoth's modules; ``pip install --target DIR --no-deps kornia kornia_rs onedrivedownloader`` and
-PYTHONPATH=DIR). Run it from a checkout outside this repository; it writes nothing.
+The backbone is a timm ViT (``BACKBONE``, seeded 0) with its head over the 6 classes. Mammoth's cross-entropy covers
+every output (models/derpp.py L38 and L50, models/er.py L60, with the data sets' ``F.cross_entropy``), the classes of
+later tasks included; the suite matches it with ``loss.mask_unseen=false`` (its default masks them). Hyper-parameters:
+alpha 0.3, beta 0.5, lr 0.03 (DER++, models/config/derpp.yaml L3-6) and 0.1 (ER, models/config/er.yaml L3), SGD
+without momentum or weight decay (utils/args.py L314-318 defaults), memory ``MEMORY``, minibatch = batch size
+(main.py L436). Needs, besides the suite's packages, ``kornia`` and ``onedrivedownloader``, which Mammoth's modules
+import (``pip install --target DIR --no-deps kornia kornia_rs onedrivedownloader``, then PYTHONPATH=DIR). Run it from
+a checkout outside this repository; it writes nothing.
 """
 from __future__ import annotations
 
@@ -60,8 +63,10 @@ from golden_coda import FixedOrder, fixed_order, images  # noqa: E402  (the gold
 STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epochs=2)
 #: a small timm ViT (the suite's model=vit_micro with these geometry overrides)
 BACKBONE = dict(img_size=32, patch_size=16, in_chans=3, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
-#: Mammoth models/config/derpp.yaml L3-6 (seq-cifar100)
-ALPHA, BETA, LR = 0.3, 0.5, 0.03
+#: DER++'s weights: Mammoth models/config/derpp.yaml L3-6 (seq-cifar100, buffer 500)
+ALPHA, BETA = 0.3, 0.5
+#: Mammoth's module, class and learning rate of each method (models/config/derpp.yaml L6, models/config/er.yaml L3)
+METHODS = {"derpp": ("derpp", "Derpp", 0.03), "er": ("er", "Er", 0.1)}
 MEMORY = 12
 SEED = 0
 
@@ -131,29 +136,21 @@ class SuiteDraws:
         return int(torch.floor(self.u[high - 1 - self.first] * high))
 
 
-def _import_mammoth(official: Path):
-    """Mammoth's modules without its data set modules (module docstring)."""
+def _patch(official: Path) -> tuple[types.SimpleNamespace, SuiteDraws]:
+    """Mammoth's modules, imported without its data set modules, their memory drawing from the suite's generators
+    (module docstring)."""
     sys.path.insert(0, str(official))
     listdir, folder = os.listdir, str(official / "datasets")
     os.listdir = lambda p=".": [] if os.path.abspath(p) == folder else listdir(p)
     try:
         import models.derpp as derpp
+        import models.er as er
         import utils.buffer as buffer
         import utils.evaluate as evaluate
         import utils.training as training
         from datasets.utils.continual_dataset import ContinualDataset
     finally:
         os.listdir = listdir
-    return derpp, buffer, evaluate, training, ContinualDataset
-
-
-def run(official: Path) -> dict:
-    """The official DER++ run on the stream; returns its numbers."""
-    import torch.nn.functional as F
-    from timm.models.vision_transformer import VisionTransformer
-    from tqdm import tqdm
-
-    derpp, buffer, evaluate, training, ContinualDataset = _import_mammoth(official)
     draws = SuiteDraws(SEED)
     buffer.np = draws
     add_data = buffer.Buffer.add_data
@@ -163,13 +160,24 @@ def run(official: Path) -> dict:
         return add_data(self, examples, *a, **k)
 
     buffer.Buffer.add_data = add
+    return types.SimpleNamespace(derpp=derpp, er=er, evaluate=evaluate, training=training,
+                                 ContinualDataset=ContinualDataset), draws
+
+
+def run(mammoth: types.SimpleNamespace, draws: SuiteDraws, method: str) -> dict:
+    """The official run of ``method`` (a key of METHODS) on the stream; returns its numbers."""
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import VisionTransformer
+    from tqdm import tqdm
+
+    module, name, lr = METHODS[method]
     n = STREAM["n_classes"]
     per_task = n // STREAM["tasks"]
     train, test = task_data("train"), task_data("test")
 
-    class Stream:  # what Derpp, meta_begin_task and evaluate read of a ContinualDataset
+    class Stream:  # what the models, meta_begin_task and evaluate read of a ContinualDataset
         SETTING, N_CLASSES, N_TASKS, N_CLASSES_PER_TASK = "class-il", n, STREAM["tasks"], per_task
-        get_offsets = ContinualDataset.get_offsets
+        get_offsets = mammoth.ContinualDataset.get_offsets
         c_task, test_loaders = -1, []
 
         @staticmethod
@@ -177,18 +185,18 @@ def run(official: Path) -> dict:
             return F.cross_entropy
 
     args = argparse.Namespace(
-        buffer_size=MEMORY, minibatch_size=STREAM["batch"], alpha=ALPHA, beta=BETA, lr=LR, optimizer="sgd",
+        buffer_size=MEMORY, minibatch_size=STREAM["batch"], alpha=ALPHA, beta=BETA, lr=lr, optimizer="sgd",
         optim_wd=0.0, optim_mom=0.0, optim_nesterov=False, label_perc=1, nowand=True, non_verbose=True,
         debug_mode=0, eval_future=False, fitting_mode="epochs", n_epochs=STREAM["epochs"], scheduler_mode="epoch",
         code_optimization=0, device="cpu", lr_scheduler=None)
     net = VisionTransformer(**BACKBONE, num_classes=n)
     net.load_state_dict(initial_backbone())
     stream = Stream()
-    model = derpp.Derpp(net, F.cross_entropy, args, None, dataset=stream)
+    model = getattr(getattr(mammoth, module), name)(net, F.cross_entropy, args, None, dataset=stream)
     model.device = torch.device("cpu")
 
     steps, terms = [], {"mse": [], "ce": []}
-    loss_fn, mse = model.loss, derpp.F.mse_loss
+    loss_fn = model.loss
 
     def loss(out, y):
         value = loss_fn(out, y)
@@ -196,18 +204,18 @@ def run(official: Path) -> dict:
         return value
 
     def mse_loss(a, b):
-        value = mse(a, b)
+        value = F.mse_loss(a, b)
         terms["mse"].append(float(value.detach()))
         return value
 
     model.loss = loss
-    derpp.F = types.SimpleNamespace(mse_loss=mse_loss)
+    mammoth.derpp.F = types.SimpleNamespace(mse_loss=mse_loss)  # the only F of models/derpp.py
     observe = model.observe
 
     def recording(*a, **k):
         terms["ce"].clear(), terms["mse"].clear()
         total = observe(*a, **k)
-        replay = len(terms["ce"]) == 2
+        replay = len(terms["mse"]) == 1
         steps.append((total, ALPHA * terms["mse"][0] if replay else 0.0, BETA * terms["ce"][1] if replay else 0.0))
         return total
 
@@ -221,14 +229,15 @@ def run(official: Path) -> dict:
         loader = torch.utils.data.DataLoader(Triples(*train[t]), batch_size=STREAM["batch"],
                                              sampler=FixedOrder(len(train[t][1]), t))
         model.meta_begin_task(stream)
-        scheduler = training.get_scheduler(model, args, reload_optim=True)
+        scheduler = mammoth.training.get_scheduler(model, args, reload_optim=True)
         with contextlib.redirect_stdout(io.StringIO()):  # train_single_epoch prints "STOP ITERATION" per epoch
             for epoch in range(STREAM["epochs"]):
                 model.meta_begin_epoch(epoch, stream)
-                training.train_single_epoch(model, loader, args, epoch, tqdm(disable=True), lambda: None, scheduler)
+                mammoth.training.train_single_epoch(model, loader, args, epoch, tqdm(disable=True), lambda: None,
+                                                    scheduler)
                 model.meta_end_epoch(epoch, stream)
         model.meta_end_task(stream)
-        accs, _ = evaluate.evaluate(model, stream)
+        accs, _ = mammoth.evaluate.evaluate(model, stream)
         correct.append([int(round(a * len(test[k][1]) / 100)) for k, a in enumerate(accs)])
         buf = model.buffer
         slots = []
@@ -237,22 +246,26 @@ def run(official: Path) -> dict:
                               if torch.equal(train[k][0][i], e)))
         memory.append({"task": [k for k, _ in slots], "index": [i for _, i in slots],
                        "label": buf.labels[: len(buf)].tolist()})
-        norms.append(float(buf.logits[: len(buf)].double().norm()))
-    return {"loss": [s[0] for s in steps], "logits": [s[1] for s in steps], "labels": [s[2] for s in steps],
-            "memory": memory, "logit_norm": norms, "correct": correct,
-            "stored_logits": model.buffer.logits[: len(model.buffer)].tolist()}
+        if hasattr(buf, "logits"):
+            norms.append(float(buf.logits[: len(buf)].double().norm()))
+    numbers = {"loss": [s[0] for s in steps], "memory": memory, "correct": correct}
+    if method == "derpp":
+        numbers.update({"logits": [s[1] for s in steps], "labels": [s[2] for s in steps], "logit_norm": norms,
+                        "stored_logits": model.buffer.logits[: len(model.buffer)].tolist()})
+    return numbers
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("official", type=Path, help="a checkout of aimagelab/mammoth")
+    p.add_argument("--method", default="all", choices=[*METHODS, "all"])
     a = p.parse_args(argv)
     official = a.official.resolve()
     torch.set_num_threads(1)
     with in_checkout(official, "golden_derpp_"):
-        numbers = run(official)
-    for k, v in numbers.items():
-        print(f"{k!r}: {v!r},")
+        mammoth, draws = _patch(official)
+        for method in METHODS if a.method == "all" else [a.method]:
+            print(f"{method!r}: {run(mammoth, draws, method)!r},")
 
 
 if __name__ == "__main__":
