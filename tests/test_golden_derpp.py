@@ -1,5 +1,6 @@
-"""Golden trajectories: the suite's DER++ (strategy=derpp) and ER (strategy=er) against Mammoth's own runs
-(models/derpp.py, models/er.py, utils/buffer.py, utils/training.py train_single_epoch, utils/evaluate.py).
+"""Golden trajectories: the suite's DER++ (strategy=derpp), ER (strategy=er) and iCaRL (strategy=icarl) against
+Mammoth's own runs (models/derpp.py, models/er.py, models/icarl.py, utils/buffer.py, utils/training.py
+train_single_epoch, utils/evaluate.py).
 
 The numbers below were produced by the official code (aimagelab/mammoth @ e75a491c69fd729edeb01431afb753d9157d9a81)
 on a tiny stream, on a CPU, with
@@ -7,12 +8,13 @@ on a tiny stream, on a CPU, with
     PYTHONPATH=DIR python scripts/golden_derpp.py /path/to/mammoth --method all
 
 (DIR holds kornia, kornia_rs and onedrivedownloader, which Mammoth's modules import; the script says what it changes
-at run time: the data, the batch order, the source of the memory's random numbers, which are the suite's seeded
-draws). Each test runs the strategy on the same stream, from the same weights, batch order and seed, with Mammoth's
-optimiser (SGD, no momentum, its learning rate) and its cross-entropy over the whole head (loss.mask_unseen=false),
-and asserts per step the loss (for DER++ also its two replay terms), to 1e-5 relative; at each task's end which
-sample sits in each memory slot and its label (exactly); the correct test images per task (exactly); for DER++ the
-norm of the stored logits after each task and, after the last, the stored logits (to 1e-5).
+at run time: the data, the batch order, the source of the reservoir's random numbers, which are the suite's seeded
+draws, iCaRL's backbone interface). Each test runs the strategy on the same stream, from the same weights, batch
+order and seed, with Mammoth's optimiser (SGD, no momentum, its learning rate; iCaRL's weight decay term as SGD's
+weight decay on every parameter) and its cross-entropy over the whole head (loss.mask_unseen=false), and asserts per
+step the loss (DER++: also its two replay terms), to 1e-5 relative; at each task's end which sample sits in each
+memory slot and its label (exactly); the correct test images per task (exactly; iCaRL's nearest-mean classifier); for
+DER++ the norm of the stored logits after each task and, after the last, the stored logits (to 1e-5).
 """
 import importlib.util
 
@@ -109,6 +111,26 @@ OFFICIAL = {
         ],
         'correct': [[5], [5, 0], [0, 0, 5]],
     },
+    'icarl': {
+        'loss': [0.6690525412559509, 0.5233569741249084, 0.41830161213874817, 0.3747459650039673, 0.35388460755348206,
+                 0.34165892004966736, 0.4731258153915405, 0.5005140900611877, 0.45016881823539734,
+                 0.5319923758506775, 0.4196130335330963, 0.4818607568740845, 0.491216778755188,
+                 0.4542969763278961, 0.8522109985351562, 0.6520669460296631, 0.6879703402519226,
+                 0.6357189416885376, 0.6886022686958313, 0.6669766902923584, 0.6237433552742004,
+                 0.6258497834205627],
+        'memory': [
+            {'task': [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+             'index': [4, 14, 17, 16, 9, 0, 7, 13, 18, 12, 6, 3],
+             'label': [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]},
+            {'task': [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+             'index': [4, 14, 17, 7, 13, 18, 12, 0, 16, 18, 10, 3],
+             'label': [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]},
+            {'task': [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+             'index': [4, 14, 7, 13, 12, 0, 18, 10, 15, 13, 0, 19],
+             'label': [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]},
+        ],
+        'correct': [[10], [10, 9], [10, 10, 10]],
+    },
 }
 
 
@@ -127,14 +149,18 @@ def stream():
 #: the suite's side of each official run (strategy and its memory's settings)
 RECIPES = {"derpp": ["strategy=derpp", f"strategy.derpp.alpha={golden.ALPHA}", f"strategy.derpp.beta={golden.BETA}",
                      f"strategy.derpp.memory_size={golden.MEMORY}"],
-           "er": ["strategy=er", f"strategy.replay.memory_size={golden.MEMORY}"]}
+           "er": ["strategy=er", f"strategy.replay.memory_size={golden.MEMORY}"],
+           # Mammoth adds opt_wd * sum theta^2 to iCaRL's loss (icarl.py L98-102, L120) over every parameter: SGD's
+           # weight decay at twice that, biases and norms included
+           "icarl": ["strategy=icarl", f"strategy.icarl.memory_size={golden.MEMORY}",
+                     f"optimizer.weight_decay={2 * golden.ICARL_WD}", "+optimizer.filter_bias_and_bn=false"]}
 
 
 def suite_run(method, tmp_path, monkeypatch) -> dict:
     """The suite's run of ``method`` on the stream; returns the numbers the script prints."""
     torch.save(golden.initial_backbone(), tmp_path / "init.pth")
     b, s = golden.BACKBONE, golden.STREAM
-    over = [*RECIPES[method], "model=vit_micro", "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
+    over = ["model=vit_micro", "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
             f"model.patch_size={b['patch_size']}", f"+model.depth={b['depth']}", f"+model.embed_dim={b['embed_dim']}",
             f"+model.num_heads={b['num_heads']}", f"+model.mlp_ratio={b['mlp_ratio']}",
             # Mammoth's optimiser (ContinualModel.get_optimizer: SGD, utils/args.py L314-318 no momentum, no weight
@@ -142,7 +168,8 @@ def suite_run(method, tmp_path, monkeypatch) -> dict:
             "optimizer.name=momentum", "+optimizer.momentum=0.0", f"optimizer.lr={golden.METHODS[method][2]}",
             "optimizer.weight_decay=0.0", "scheduler.name=constant", "loss.mask_unseen=false",
             f"data.batch_size={s['batch']}", f"trainer.max_epochs={s['epochs']}", "trainer.accelerator=cpu",
-            "logger=none", "data.num_workers=0", "data.persistent_workers=false", f"seed={golden.SEED}"]
+            "logger=none", "data.num_workers=0", "data.persistent_workers=false", f"seed={golden.SEED}",
+            *RECIPES[method]]
     cfg = compose(over, tmp_path / "data")
     losses, terms = [], []
     step, derpp_loss = ContinualModule.training_step, DERpp.training_loss
@@ -191,7 +218,8 @@ def suite_run(method, tmp_path, monkeypatch) -> dict:
 def test_suite_follows_mammoths_run(method, tmp_path, data_root, monkeypatch):
     ours, theirs = suite_run(method, tmp_path, monkeypatch), OFFICIAL[method]
     assert ours.keys() == theirs.keys()
-    # 3 tasks x 2 epochs x 3 batches (8, 8, 4 of 20 images); DER++'s first step has an empty memory (both terms 0)
+    # 3 tasks x 2 epochs x 3 batches (8, 8, 4 of 20 images; iCaRL's later tasks 4, with the 12 exemplars); DER++'s
+    # first step has an empty memory (both terms 0)
     for key in ("loss", "logits", "labels", "logit_norm", "stored_logits"):
         if key in theirs:
             np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6, err_msg=key)
