@@ -156,8 +156,9 @@ RECIPES = {"derpp": ["strategy=derpp", f"strategy.derpp.alpha={golden.ALPHA}", f
                      f"optimizer.weight_decay={2 * golden.ICARL_WD}", "+optimizer.filter_bias_and_bn=false"]}
 
 
-def suite_run(method, tmp_path, monkeypatch) -> dict:
-    """The suite's run of ``method`` on the stream; returns the numbers the script prints."""
+def suite_run(method, tmp_path, monkeypatch, extra=()) -> dict:
+    """The suite's run of ``method`` on the stream (overrides ``extra`` last); returns the numbers the script
+    prints."""
     torch.save(golden.initial_backbone(), tmp_path / "init.pth")
     b, s = golden.BACKBONE, golden.STREAM
     over = ["model=vit_micro", "model.pretrained=false", f"model.checkpoint={tmp_path / 'init.pth'}",
@@ -169,7 +170,7 @@ def suite_run(method, tmp_path, monkeypatch) -> dict:
             "optimizer.weight_decay=0.0", "scheduler.name=constant", "loss.mask_unseen=false",
             f"data.batch_size={s['batch']}", f"trainer.max_epochs={s['epochs']}", "trainer.accelerator=cpu",
             "logger=none", "data.num_workers=0", "data.persistent_workers=false", f"seed={golden.SEED}",
-            *RECIPES[method]]
+            *RECIPES[method], *extra]
     cfg = compose(over, tmp_path / "data")
     losses, terms = [], []
     step, derpp_loss = ContinualModule.training_step, DERpp.training_loss
@@ -225,3 +226,15 @@ def test_suite_follows_mammoths_run(method, tmp_path, data_root, monkeypatch):
             np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert ours["memory"] == theirs["memory"]  # reservoir slots: (task, index in the task's data), label
     assert ours["correct"] == theirs["correct"]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("derpp", ["loss.mask_unseen=true"]),  # the suite's default: the classes not seen yet masked out of the CE
+    ("icarl", ["++optimizer.filter_bias_and_bn=true"]),  # timm's default: biases and norm weights undecayed
+    ("icarl", [f"optimizer.weight_decay={golden.ICARL_WD}"]),  # opt_wd itself as SGD's weight decay
+], ids=["derpp-masked", "icarl-bias-undecayed", "icarl-half-decay"])
+def test_the_golden_runs_tell_mammoths_loss_from_the_near_misses(method, extra, tmp_path, data_root, monkeypatch):
+    ours, theirs = suite_run(method, tmp_path, monkeypatch, extra), OFFICIAL[method]
+    off = np.max(np.abs(np.subtract(ours["loss"], theirs["loss"])) / np.abs(theirs["loss"]))
+    print(f"{method} {extra}: the loss up to {off:.2%} off Mammoth's")
+    assert off > 1e-3  # a hundred times the golden test's tolerance
