@@ -66,7 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # cl_vit: the suite's draws
 from _official import in_checkout  # noqa: E402
-from golden_coda import FixedOrder, fixed_order, images  # noqa: E402  (the golden scripts' stream and batch order)
+from golden_coda import FixedOrder, fixed_order, images  # noqa: E402, F401  (stream and batch order; fixed_order: the test's)
 
 #: the stream: classes, images per class, image size, tasks, batch size, epochs per task
 STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epochs=2)
