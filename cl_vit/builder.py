@@ -89,6 +89,7 @@ def build(cfg: DictConfig, scenario=None):
         strategies,
         loss=cfg.loss.name,
         mask_old_logits=cfg.loss.mask_old_logits,
+        mask_unseen=cfg.loss.get("mask_unseen", True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
     )

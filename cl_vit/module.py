@@ -134,8 +134,9 @@ def scale_learning_rates(opt: torch.optim.Optimizer, net: nn.Module, scales: dic
 class ContinualModule(L.LightningModule):
     """A timm backbone with one linear head over every class of the benchmark.
 
-    Logits of classes not seen yet are masked out in training and evaluation (``seen_mask``); with
-    ``mask_old_logits`` the training loss covers only the current experience's classes (FT++ of CODA-Prompt).
+    Logits of classes not seen yet are masked out in training and evaluation (``seen_mask``; in training not with
+    ``mask_unseen=False``, Mammoth's cross-entropy over the whole head); with ``mask_old_logits`` the training loss
+    covers only the current experience's classes (FT++ of CODA-Prompt).
     """
 
     def __init__(
@@ -145,6 +146,7 @@ class ContinualModule(L.LightningModule):
         strategies: Sequence[Strategy] = (),
         loss: str = "ce",
         mask_old_logits: bool = False,
+        mask_unseen: bool = True,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
     ):
@@ -155,6 +157,7 @@ class ContinualModule(L.LightningModule):
         self.strategies = list(strategies)
         self.loss_name = loss
         self.mask_old_logits = mask_old_logits
+        self.mask_unseen = mask_unseen
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0})
         self._deit_schedule: DeiTCosine | None = None  # scheduler.name=deit_cosine, set per batch
@@ -178,6 +181,11 @@ class ContinualModule(L.LightningModule):
         self.current_mask[experience.classes] = True
         self.seen_mask[experience.seen_classes] = True
 
+    @property
+    def training_mask(self) -> torch.Tensor:
+        """The classes the training loss covers (without ``mask_old_logits``): the seen ones, or every output."""
+        return self.seen_mask if self.mask_unseen else torch.ones_like(self.seen_mask)
+
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +205,7 @@ class ContinualModule(L.LightningModule):
             batch = s.before_batch(self, batch)
         outputs = self.forward_outputs(batch["x"])
         y = batch["y"]
-        mask = self.current_mask if self.mask_old_logits else self.seen_mask
+        mask = self.current_mask if self.mask_old_logits else self.training_mask
         if self.mask_old_logits and y.ndim == 1 and self.loss_name == "ce":
             # FT++ masks the past classes for the current experience's samples; a replayed sample of a past class
             # (strategy=[replay,...]) keeps every seen class, else its own label would be masked (an infinite loss)

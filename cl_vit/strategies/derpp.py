@@ -50,7 +50,7 @@ class DERpp(Replay):
             stored = self.logits[pos_a].to(module.device)
             terms = derpp_terms(module.forward_outputs(a["x"])["logits"], stored,
                                 module.forward_outputs(b["x"])["logits"], b["y"], self.alpha, self.beta,
-                                lambda z, y: classification_loss(z, y, module.seen_mask, module.loss_name))
+                                lambda z, y: classification_loss(z, y, module.training_mask, module.loss_name))
         n = len(batch["key"])  # the batch's own samples (another replay strategy may have appended its memory's)
         self.add(batch["key"], batch["y"][:n], outputs["logits"][:n])  # after the draws, as Mammoth L56
         return terms

@@ -14,7 +14,8 @@ it (aimagelab/mammoth models/icarl.py):
 
 The exemplars' embeddings are taken under the test transform (Mammoth: the non-augmented images through the
 normalisation, L193-194). Mammoth's own weight decay (``opt_wd`` 1e-5 added to the loss as 1e-5 * sum theta^2,
-L98-102, L120) is the optimiser's ``weight_decay`` here (2e-5 for plain SGD gives the same step).
+L98-102, L120) is the optimiser's ``weight_decay`` here (2e-5 for plain SGD gives the same step, with
+``optimizer.filter_bias_and_bn=false``: the sum covers biases and norm weights, which timm leaves undecayed by default).
 """
 from __future__ import annotations
 
