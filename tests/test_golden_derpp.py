@@ -229,7 +229,7 @@ def test_suite_follows_mammoths_run(method, tmp_path, data_root, monkeypatch):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("derpp", ["loss.mask_unseen=true"]),  # the suite's default: the classes not seen yet masked out of the CE
+    ("derpp", ["loss.mask_unseen=true"]),  # unseen classes masked out of the CE (the others' default)
     ("icarl", ["++optimizer.filter_bias_and_bn=true"]),  # timm's default: biases and norm weights undecayed
     ("icarl", [f"optimizer.weight_decay={golden.ICARL_WD}"]),  # opt_wd itself as SGD's weight decay
 ], ids=["derpp-masked", "icarl-bias-undecayed", "icarl-half-decay"])
@@ -238,3 +238,10 @@ def test_the_golden_runs_tell_mammoths_loss_from_the_near_misses(method, extra, 
     off = np.max(np.abs(np.subtract(ours["loss"], theirs["loss"])) / np.abs(theirs["loss"]))
     print(f"{method} {extra}: the loss up to {off:.2%} off Mammoth's")
     assert off > 1e-3  # a hundred times the golden test's tolerance
+
+
+def test_derpp_and_er_train_with_mammoths_loss_by_default_and_the_other_strategies_mask_unseen_classes():
+    for name in ("derpp", "er"):
+        assert compose([f"strategy={name}"]).loss.mask_unseen is False, name
+    for name in ("finetune", "replay", "icarl", "l2", "dytox"):
+        assert compose([f"strategy={name}"]).loss.mask_unseen is True, name

@@ -41,3 +41,14 @@ def test_the_table_lists_each_strategy_with_the_a_n_of_its_runs(tmp_path, data_r
     assert strategy_table.main([*argv, "optimizer.weight_decay=0.01"]) == 2
     assert "ran with optimizer.weight_decay=0.05, today's setting is 0.01: remove it" in capsys.readouterr().err
     assert np.isfinite(list(a_n.values())).all()
+
+
+def test_a_shipped_file_in_a_setting_is_named_by_its_place_in_the_repository():
+    from conftest import REPO_ROOT
+
+    from cl_vit.experiments import strategy_table
+
+    shipped = str(REPO_ROOT / "weights" / "refiner_vit_tiny-fmnist8.safetensors")
+    assert strategy_table._compact(shipped) == "weights/refiner_vit_tiny-fmnist8.safetensors"
+    assert strategy_table._compact("/elsewhere/w.safetensors") == "/elsewhere/w.safetensors"
+    assert strategy_table._compact([1e-8, 0.1, 1.0, 1e8]) == "[1e-08, ..., 1e+08]"

@@ -32,6 +32,7 @@ STRATEGIES = ("finetune", "ftpp", "l2", "ewc", "lwf", "featkd", "gcab", "simplec
 BASELINE = "finetune"
 #: config keys that never describe a setting in the table (where and how it ran, and the strategies' own block)
 _NOT_SETTING = ("strategy.", "benchmark.strategy_args.", "split")
+_REPO = str(Path(__file__).resolve().parents[2]) + os.sep
 
 
 def run_dir(out: Path, strategy: str, seed: int) -> Path:
@@ -118,6 +119,8 @@ def _compact(v) -> str:
         return str(v).lower()
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, str) and v.startswith(_REPO):  # a file the repository ships (weights/...): where it is in it
+        return v[len(_REPO):]
     return str(v)
 
 
