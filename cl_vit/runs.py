@@ -107,6 +107,11 @@ def _float_array(values) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
+#: config keys added after runs were made, with the value that does what those runs did (their config lacks the key):
+#: ``setting`` fills them in, so that a run and its repetition with today's config are one setting
+ADDED_KEYS: dict[str, Any] = {"loss.mask_unseen": True}
+
+
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
     """``{"optimizer": {"lr": 0.1}}`` -> ``{"optimizer.lr": 0.1}``; an empty mapping stays one value
     (``strategy.finetune``)."""
@@ -263,6 +268,9 @@ class Run:
         flat = {k: v for k, v in flatten_config(self.config).items()
                 if not _is_execution_key(k) and not k.startswith(unused)
                 and not any(k == s or k.startswith(s + ".") for s in same)}
+        for key, value in ADDED_KEYS.items():  # a run from before the key existed did what its value does
+            if key not in flat and not any(key == s or key.startswith(s + ".") for s in same):
+                flat[key] = value
         split = (self.results.get("source") or {}).get("split")
         if isinstance(split, dict) and split.get("sha256"):
             flat["split"] = f"{split.get('name', '?')}:{split['sha256'][:12]}"

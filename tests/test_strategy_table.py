@@ -52,3 +52,14 @@ def test_a_shipped_file_in_a_setting_is_named_by_its_place_in_the_repository():
     assert strategy_table._compact(shipped) == "weights/refiner_vit_tiny-fmnist8.safetensors"
     assert strategy_table._compact("/elsewhere/w.safetensors") == "/elsewhere/w.safetensors"
     assert strategy_table._compact([1e-8, 0.1, 1.0, 1e8]) == "[1e-08, ..., 1e+08]"
+
+
+def test_a_run_from_before_a_config_key_existed_is_the_same_setting_as_its_repetition_today(tmp_path):
+    from cl_vit.runs import ADDED_KEYS, Run
+
+    old = {"seed": 0, "strategy": {"finetune": {}}, "loss": {"name": "ce", "mask_old_logits": False}}
+    today = {**old, "loss": {**old["loss"], "mask_unseen": True}}
+    other = {**old, "loss": {**old["loss"], "mask_unseen": False}}
+    key = lambda c: Run(path=tmp_path, config=c, results={}, stream=None).setting_key()  # noqa: E731
+    assert ADDED_KEYS["loss.mask_unseen"] is True
+    assert key(old) == key(today) != key(other)
