@@ -71,7 +71,7 @@ def test_imagenet_r_benchmark_is_the_closer_look_l2_recipe():
     cfg = _resolved(["benchmark=imagenet-r"])
     # configs/benchmark/imagenet-r.yaml cites each: CODA-Prompt configs/imnet-r_prompt.yaml, learners/prompt.py,
     # dataloaders/utils.py, trainer.py; the paper's qkv-only L2
-    assert cfg["loss"] == {"name": "ce", "mask_old_logits": True}
+    assert cfg["loss"] == {"name": "ce", "mask_old_logits": True, "mask_unseen": True}
     assert cfg["benchmark"]["source_args"]["normalize"] == "coda"
     assert cfg["benchmark"]["source_args"]["test_resize"] == "crop"
     assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 1e-3, 0.0)
@@ -100,9 +100,10 @@ def test_imagenet_r_strategies_train_what_l2_trains_and_keep_their_own_loss():
         assert _resolved([f"strategy={name}"])["strategy"][name][key] in (True, ["*attn.qkv.*"])
         assert _resolved(["benchmark=synthetic", f"strategy={name}"])["strategy"][name][key] in (False, None)
     # a strategy that needs its loss keeps it; the command line beats both
-    assert _resolved(["benchmark=imagenet-r", "strategy=gcab"])["loss"] == {"name": "bce", "mask_old_logits": False}
+    assert _resolved(["benchmark=imagenet-r", "strategy=gcab"])["loss"] == {"name": "bce", "mask_old_logits": False,
+                                                                             "mask_unseen": True}
     assert _resolved(["benchmark=imagenet-r", "loss.name=bce"])["loss"]["name"] == "bce"
-    assert _resolved([])["loss"] == {"name": "ce", "mask_old_logits": False}
+    assert _resolved([])["loss"] == {"name": "ce", "mask_old_logits": False, "mask_unseen": True}
 
 
 def test_predkd_recipe_is_ewc_mc_with_eps(tmp_path, data_root):
@@ -113,7 +114,8 @@ def test_predkd_recipe_is_ewc_mc_with_eps(tmp_path, data_root):
 
     cfg = _resolved(["experiment=closer-look-imagenet-r-predkd"])
     # shaunak27/data-free-continual-learning learners/kd.py EWC_MC: BCE with LwF.MC targets + eps L2, mu = 0
-    assert list(cfg["strategy"]) == ["lwf", "l2"] and cfg["loss"] == {"name": "bce", "mask_old_logits": False}
+    assert list(cfg["strategy"]) == ["lwf", "l2"]
+    assert cfg["loss"] == {"name": "bce", "mask_old_logits": False, "mask_unseen": True}
     assert cfg["strategy"]["lwf"]["form"] == "mc" and cfg["strategy"]["lwf"]["lam"] == 1.0
     assert cfg["strategy"]["l2"]["lam"] == 1e-3 and cfg["optimizer"]["lr"] == 1e-3
     # a tiny run on ImageNet-R-shaped data, from a weights file (the L2 anchor of the first experience)
@@ -180,7 +182,7 @@ def test_cifar100_coda_protocol_values_and_dry_run(tmp_path, data_root):
     assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 1e-3, 0.0)
     assert (cfg["trainer"]["max_epochs"], cfg["data"]["batch_size"], cfg["scheduler"]["name"]) == (20, 128, "coda_cosine")
     assert (cfg["benchmark"]["n_experiences"], cfg["benchmark"]["class_order"]) == (10, "coda")
-    assert cfg["loss"] == {"name": "ce", "mask_old_logits": True}
+    assert cfg["loss"] == {"name": "ce", "mask_old_logits": True, "mask_unseen": True}
     assert (cfg["model"]["name"], cfg["model"]["pretrained_tag"]) == ("vit_base_patch16_224", "augreg_in21k_ft_in1k")
     make_cifar(data_root, "cifar100", train_counts=[2] * 100, test_per_class=1)
     stream = run(compose(["benchmark=cifar100-coda", "model.pretrained=false", "dry_run=true"], data_root),
@@ -286,7 +288,7 @@ def test_er_recipes_are_normalnn_with_coda_prompts_coreset(benchmark, epochs):
                                           "mix": "resample", "batch_size": 128, "remainder": "latest",
                                           "rebuild": "draws"}}
     # NormalNN: CE over every seen class, the whole network trained (no strategy restricts it), cifar-100_ft.yaml
-    assert cfg["loss"] == {"name": "ce", "mask_old_logits": False}
+    assert cfg["loss"] == {"name": "ce", "mask_old_logits": False, "mask_unseen": True}
     assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 5e-5, 0.0)
     assert (cfg["data"]["batch_size"], cfg["data"]["drop_last"], cfg["scheduler"]["name"]) == (128, True, "coda_cosine")
     assert (cfg["model"]["name"], cfg["model"]["pretrained_tag"]) == ("vit_base_patch16_224", "augreg_in21k_ft_in1k")
