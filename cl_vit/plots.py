@@ -143,6 +143,31 @@ def forgetting_figure(values: Mapping[str, Mapping[str, Sequence[float]]], title
     return fig
 
 
+def strategy_table_figure(rows: Sequence[Mapping], baseline: Sequence[float], title: str = "") -> Figure:
+    """Every strategy's A_N (%) as a horizontal bar (mean over seeds, error bar: sample std) with its seeds as dots,
+    the baseline's (fine-tuning's) mean and spread as a band; ``rows``: {"strategy", "A_N": values in [0, 1]}."""
+    rows = [r for r in rows if r["A_N"]]
+    fig, ax = _axes(None, (6.0, 0.9 + 0.28 * max(1, len(rows))))
+    y = np.arange(len(rows))[::-1]
+    values = [100 * np.asarray(r["A_N"], dtype=float) for r in rows]
+    ax.barh(y, [v.mean() for v in values], xerr=[v.std(ddof=1) if v.size > 1 else 0.0 for v in values],
+            color="tab:blue", alpha=0.6, capsize=2)
+    for yi, v in zip(y, values):
+        ax.plot(v, np.full(v.size, yi), "k.", ms=3)
+    if len(baseline):
+        b = 100 * np.asarray(baseline, dtype=float)
+        ax.axvspan(b.min(), b.max(), color="tab:red", alpha=0.15, lw=0)
+        ax.axvline(b.mean(), color="tab:red", lw=1, label=f"fine-tuning {b.mean():.1f}")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_yticks(y, [r["strategy"] for r in rows], fontsize=8)
+    ax.set_xlabel("A_N (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title or "every strategy on the stream (bars: mean ± std, dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 # -- the long tail -------------------------------------------------------------------------------------------------
 
 

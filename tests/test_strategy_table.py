@@ -33,6 +33,9 @@ def test_the_table_lists_each_strategy_with_the_a_n_of_its_runs(tmp_path, data_r
     # length is the command line's here, the same for both)
     assert "s_max=800" in rows["gcab"][1] and "loss.name=bce" in rows["gcab"][1]
     assert "trainer.max_epochs" not in rows["gcab"][1] and rows["finetune"][1] == "—"
+    # the same as a figure: a PNG beside the table, named on the console
+    png = out / "strategy_table.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figure: {png}" in printed
     # a second call trains nothing and gives the same table
     assert strategy_table.main(argv) == 0
     assert "0 runs to train, 2 found done" in capsys.readouterr().out

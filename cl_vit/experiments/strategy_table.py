@@ -9,7 +9,8 @@ strategy alike), through the suite's own multirun (``python -m cl_vit.run -m``),
 seed: ``<out>/<strategy>/seed<k>``. A run directory that already holds a completed run is read, not trained again, so
 an interrupted table continues where it stopped. The table, also written to ``<out>/strategy_table.md``: per
 strategy, its setting (the strategy's arguments, and whatever else of the config differs from the fine-tuning run:
-loss, epochs, batch), A_N mean ± sample std over the seeds, fine-tuning's beside it and the difference.
+loss, epochs, batch), A_N mean ± sample std over the seeds, fine-tuning's beside it and the difference; the same
+as a figure, ``<out>/strategy_table.png`` (a bar per strategy, its seeds as dots, fine-tuning's spread as a band).
 ``python -m cl_vit.report <out>`` reads the same runs with every column.
 """
 from __future__ import annotations
@@ -222,12 +223,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{'done' if rc == 0 else f'exit {rc}, see {out}/multirun.log'} in {time.time() - start:.0f} s",
               flush=True)
         status = status or rc
-    text, _ = table(out, strategies, args.seeds)
+    text, rows = table(out, strategies, args.seeds)
     from cl_vit.rundir import atomic_write_text
 
     command = " ".join(["python -m cl_vit.experiments.strategy_table", *(argv if argv is not None else sys.argv[1:])])
     atomic_write_text(out / "strategy_table.md", f"    {command}\n\n{text}")
     print(text)
+    import matplotlib.pyplot as plt
+
+    from cl_vit.plots import save_png, strategy_table_figure
+
+    base = next((r["A_N"] for r in rows if r["strategy"] == BASELINE), [])
+    fig = strategy_table_figure(rows, base)
+    print(f"figure: {save_png(fig, out / 'strategy_table.png')}")
+    plt.close(fig)
     return status
 
 
