@@ -150,3 +150,16 @@ def test_export_backbone_keeps_the_network_but_its_classifier(tmp_path):
     assert all(torch.equal(back[k], net.state_dict()[k]) for k in back)
     torch.save({"weights": state}, tmp_path / "other.pt")
     assert export.main([str(tmp_path / "other.pt"), str(tmp_path / "c.safetensors")]) == 2
+
+
+def test_the_shipped_backbone_is_the_file_its_readme_describes():
+    import hashlib
+    import re
+
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "weights" / "README.md").read_text()
+    for name, digest in re.findall(r"## (\S+\.safetensors)\n.*?sha256 `([0-9a-f]{64})`", readme, re.S):
+        assert hashlib.sha256((REPO_ROOT / "weights" / name).read_bytes()).hexdigest() == digest, name
+    shipped = sorted(p.name for p in (REPO_ROOT / "weights").glob("*.safetensors"))
+    assert shipped == sorted(re.findall(r"## (\S+\.safetensors)", readme)) == ["refiner_vit_tiny-fmnist8.safetensors"]
