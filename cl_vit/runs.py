@@ -265,12 +265,10 @@ class Run:
         unused = tuple(f"benchmark.strategy_args.{n}." for n in
                        (self.config_value("benchmark.strategy_args", {}) or {}) if n not in used)
         same = tuple(same)
-        flat = {k: v for k, v in flatten_config(self.config).items()
+        # a run from before a key existed did what the key's value in ADDED_KEYS does
+        flat = {k: v for k, v in {**ADDED_KEYS, **flatten_config(self.config)}.items()
                 if not _is_execution_key(k) and not k.startswith(unused)
                 and not any(k == s or k.startswith(s + ".") for s in same)}
-        for key, value in ADDED_KEYS.items():  # a run from before the key existed did what its value does
-            if key not in flat and not any(key == s or key.startswith(s + ".") for s in same):
-                flat[key] = value
         split = (self.results.get("source") or {}).get("split")
         if isinstance(split, dict) and split.get("sha256"):
             flat["split"] = f"{split.get('name', '?')}:{split['sha256'][:12]}"
