@@ -123,3 +123,26 @@ def test_gpu_check_on_cpu_writes_each_section_and_survives_a_failing_one(tmp_pat
     assert gpu_check.main([str(tmp_path / "none"), "--cpu", "--budget", "5"]) == 0
     skipped = json.loads((tmp_path / "none" / "results.json").read_text())["sections"]
     assert all("skipped" in v for k, v in skipped.items() if k != "peak") and len(skipped) == len(gpu_check.SECTIONS)
+
+
+def test_paired_times_alternate_the_order_and_pair_neighbours():
+    """Each pair's two steps run back to back, the baseline first in even pairs: a host that slows down between
+    pairs changes both members of a pair, not the ratio (a median over each side separately would mix them)."""
+    from cl_vit.bench import pair_spread, paired_times
+
+    clock_now, calls = [0.0], []
+    slow = [1.0]
+
+    def step(name, cost):
+        def f():
+            calls.append(name)
+            clock_now[0] += cost * slow[0]
+            if len(calls) % 4 == 0:
+                slow[0] *= 3  # the host's speed drops after every second pair
+        return f
+
+    times = paired_times(step("b", 2.0), step("c", 1.0), pairs=4, warmup=0, clock=lambda: clock_now[0])
+    assert calls == ["b", "c", "c", "b", "b", "c", "c", "b"]
+    spread = pair_spread(times)
+    assert spread["median"] == pytest.approx(2.0) and spread["q1"] == pytest.approx(2.0) and spread["pairs"] == 4
+    assert spread["baseline_s"] > 2.0  # the sides' own medians carry the slowdown; the pairs' ratio does not

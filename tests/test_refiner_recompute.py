@@ -144,3 +144,33 @@ def test_share_blocks_recompute_in_one_function(case, monkeypatch):
         torch.testing.assert_close(grads_f[n], grads_c[n], rtol=0, atol=1e-6, msg=n)
     for n in bufs_c:
         torch.testing.assert_close(bufs_f[n], bufs_c[n], rtol=0, atol=0, msg=n)
+
+
+def _unique_saved_bytes(model, x, y) -> int:
+    """Bytes of the distinct storages a training step keeps for backward (a tensor kept twice counts once)."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_share_blocks_keep_the_map_they_are_given(monkeypatch):
+    """The share-block function keeps the attend block's map itself, not a channels_last copy of it: in distinct
+    storages it keeps what the checkpoint keeps plus the norms' statistics, no map more."""
+    spec = CASES["conv stem"]
+    fused = _model(spec, keep=False)
+    x, y = _data(fused)
+    fused_bytes = _unique_saved_bytes(fused, x, y)
+    monkeypatch.setattr(refiner_mod._SharedRefinedProduct, "applies", staticmethod(lambda *a: False))
+    ckpt_bytes = _unique_saved_bytes(_model(spec, keep=False), x, y)
+    stats = sum(2 * 4 * (2 * b.attn.refiner.norm1.num_features + 2 * b.attn.num_heads)
+                for b in fused.blocks if b.is_share)
+    one_map = x.shape[0] * fused.blocks[0].attn.num_heads * (fused.patch_embed.num_patches + 1) ** 2 * 4
+    assert fused_bytes - ckpt_bytes <= stats < one_map

@@ -75,6 +75,33 @@ def interleaved_clocks(fns: dict[str, Callable[[], object]], repeats: int = 5,
     return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
+def paired_times(baseline: Callable[[], object], candidate: Callable[[], object], pairs: int = 12,
+                 warmup: int = 1, clock: Callable[[], float] = time.process_time) -> list[tuple[float, float]]:
+    """(baseline time, candidate time) per pair, the two run back to back in alternating order (baseline first in
+    even pairs, candidate first in odd ones), so that a change of the host's speed within a run falls on both
+    members of a pair alike instead of on one side's median."""
+    for _ in range(warmup):
+        baseline(), candidate()
+    out = []
+    for i in range(pairs):
+        times = {}
+        for name in (("b", "c") if i % 2 == 0 else ("c", "b")):
+            t0 = clock()
+            (baseline if name == "b" else candidate)()
+            times[name] = clock() - t0
+        out.append((times["b"], times["c"]))
+    return out
+
+
+def pair_spread(times: list[tuple[float, float]]) -> dict[str, float]:
+    """Median and quartiles of the per-pair ratios baseline time / candidate time (above 1: the candidate is
+    faster), and each side's median time, of ``paired_times``."""
+    ratios = [b / c for b, c in times]
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": med, "q1": q1, "q3": q3, "pairs": len(ratios),
+            "baseline_s": statistics.median(b for b, _ in times), "candidate_s": statistics.median(c for _, c in times)}
+
+
 def row(case: str, metric: str, value: float, baseline: float, aim: str | None = None,
         higher_is_better: bool = False, target: float | None = None, **extra) -> dict:
     """One result row; ``ratio = value / baseline``; ``meets_aim`` compares the ratio with ``target``."""

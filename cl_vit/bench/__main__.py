@@ -14,9 +14,11 @@ def format_table(results: list[dict]) -> str:
     for res in results:
         for r in res["rows"]:
             ok = {True: "ok", False: "MISSED", None: ""}[r.get("meets_aim")]
+            spread = f" (quartiles {r['quartiles'][0]:.3f}-{r['quartiles'][1]:.3f} of {r['pairs']} pairs)" \
+                if r.get("quartiles") else ""
             lines.append(
                 f"{res['name']:<10} {r['case'][:34]:<34} {r['metric'][:22]:<22} {r['value']:>11.4g} "
-                f"{r['baseline']:>11.4g} {r['ratio']:>7.3f}  {r.get('aim') or ''} {ok}".rstrip()
+                f"{r['baseline']:>11.4g} {r['ratio']:>7.3f}  {r.get('aim') or ''} {ok}{spread}".rstrip()
             )
         for note in res.get("notes", []):
             lines.append(f"{'':<10} note: {note}")

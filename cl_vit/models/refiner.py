@@ -175,10 +175,11 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SharedRefinedProduct(torch.autograd.Function):
-    """``adapt_norm(refiner(A)) @ v`` with batch norms (a share block in training), keeping for backward only A, v
-    and the five norms' batch statistics: the backward recomputes the expanded maps with those statistics (no second
-    pass to collect them, and the running statistics are updated once, in forward) and runs the kernels autograd
-    would run on them (native_batch_norm_backward, hardtanh_backward, convolution_backward, matrix products)."""
+    """``adapt_norm(refiner(A)) @ v`` with batch norms (a share block in training), keeping for backward only A (as
+    given, which the block that made it keeps anyway), v and the five norms' batch statistics: the backward
+    recomputes the expanded maps with those statistics (no second pass to collect them, and the running statistics
+    are updated once, in forward) and runs the kernels autograd would run on them (native_batch_norm_backward,
+    hardtanh_backward, convolution_backward, matrix products)."""
 
     @staticmethod
     def forward(ctx, attn: torch.Tensor, v: torch.Tensor, refiner: "Refiner", adapt: nn.BatchNorm2d,
@@ -195,15 +196,18 @@ class _SharedRefinedProduct(torch.autograd.Function):
         x, m, i = _bn_forward(adapt, a + x)
         stats.append((m, i))
         ctx.modules = (r, adapt)
-        ctx.save_for_backward(a, v, *[t for st in stats for t in st])
+        # the map as it came (the attend block's product with V keeps it anyway), not its channels_last copy: one
+        # map less kept per share block, for a copy again in backward
+        ctx.save_for_backward(attn, v, *[t for st in stats for t in st])
         return x.contiguous() @ v
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a second derivative fails in one line instead of silently
     def backward(ctx, g_out: torch.Tensor):
         r, adapt = ctx.modules
-        a, v, m1, i1, m2, i2, m3, i3, m4, i4 = ctx.saved_tensors
+        attn, v, m1, i1, m2, i2, m3, i3, m4, i4 = ctx.saved_tensors
         # the forward again, with the saved statistics
+        a = attn.contiguous(memory_format=torch.channels_last)
         e1 = _conv1x1(r.expand.weight, a)
         r1 = _bn_apply(r.norm1, e1, m1, i1).clamp_(0, 6)
         d = r.dw(r1)
