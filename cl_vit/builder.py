@@ -92,6 +92,7 @@ def build(cfg: DictConfig, scenario=None):
         mask_unseen=cfg.loss.get("mask_unseen", True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        finite_check_every=int(cfg.trainer.get("finite_check_every") or 1),
     )
     module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
     for s in strategies:

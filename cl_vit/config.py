@@ -9,12 +9,11 @@ from typing import Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from cl_vit.errors import ConfigError, UserError
+from cl_vit.hardware import SUITE_TRAINER_KEYS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_GROUPS = ("benchmark", "model", "strategy", "trainer", "logger", "experiment")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
-#: trainer keys the suite reads itself, not Lightning's Trainer (torch's CPU threads: cl_vit.hardware)
-SUITE_TRAINER_KEYS = ("threads",)
 #: sections the suite reads key by key: a key added there with ``+`` is read by nothing (the top level is one too)
 FIXED_SECTIONS = ("data", "scheduler", "loss", "ema")
 

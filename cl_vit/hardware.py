@@ -19,6 +19,8 @@ from cl_vit.errors import UserError
 log = logging.getLogger("cl_vit")
 
 CUDA_ACCELERATORS = ("gpu", "cuda")
+#: keys of cfg.trainer that are the suite's, not Lightning's (configure_threads; ContinualModule's checks)
+SUITE_TRAINER_KEYS = ("threads", "finite_check_every")
 
 
 def uses_cuda(accelerator: str, cuda_available: bool) -> bool:
@@ -50,7 +52,8 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], cuda_available: bool | None =
     import torch
 
     kwargs = dict(trainer_cfg)
-    kwargs.pop("threads", None)  # the suite's, not Lightning's: configure_threads reads it
+    for key in SUITE_TRAINER_KEYS:
+        kwargs.pop(key, None)
     accelerator = str(kwargs.get("accelerator", "auto"))
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if accelerator in CUDA_ACCELERATORS and not cuda:

@@ -115,6 +115,63 @@ class DeiTCosine:
             self.schedule.step(max(epoch - 1, 0))
 
 
+class _DeferredChecks:
+    """The non-finite loss and gradient checks without a device-to-host read per step (``trainer.finite_check_every``
+    = k > 1): each step's verdict stays on the device, where it is also the ``found_inf`` of a fused Adam / AdamW,
+    which then skips that step's update (as under GradScaler): no non-finite value reaches the weights. Every k
+    steps, and at the end of each epoch and fit, one read of the verdicts; the first bad step stops the run with the
+    step it happened in. For optimisers without ``found_inf`` (SGD, SAM, unfused) and fp16 (GradScaler's own), the
+    checks stay per step."""
+
+    LOSS, GRADIENT = 1, 2
+
+    def __init__(self, every: int, optimizer: torch.optim.Optimizer, experience):
+        self.every, self.optimizer, self.experience = every, optimizer, experience
+        self.pending: list[tuple[torch.Tensor, str]] = []  # (verdict code on the device, where)
+        self._loss_bad: torch.Tensor | None = None
+
+    @classmethod
+    def for_run(cls, every: int, optimizer, precision: str, experience) -> "_DeferredChecks | None":
+        fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")
+        if every <= 1 or not fused or precision.startswith("16"):
+            return None
+        return cls(every, optimizer, experience)
+
+    def loss(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())  # gradient accumulation: any micro-batch of the step
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+
+    def gradients(self, grads: list, optimizer, where: str) -> None:
+        grad_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else None
+        code = torch.zeros((), dtype=torch.int32, device=grads[0].device if grads else None)
+        if self._loss_bad is not None:
+            code = code + self._loss_bad.to(code.device) * self.LOSS
+        if grad_bad is not None:
+            code = code + grad_bad * self.GRADIENT
+        self._loss_bad = None
+        opt = getattr(optimizer, "optimizer", optimizer)
+        opt.found_inf = (code > 0).float()  # read by the fused kernel: a bad step leaves weights and moments alone
+        self.pending.append((code, where))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.every
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        codes = torch.stack([c for c, _ in self.pending]).tolist()  # the one read of these steps
+        pending, self.pending = self.pending, []
+        for code, (_, where) in zip(codes, pending):
+            if code:
+                what = "loss" if code & self.LOSS else "gradient (the loss was finite)"
+                raise NonFiniteLoss(
+                    f"non-finite {what} in {where} (found {len(pending)} steps or fewer later: "
+                    f"trainer.finite_check_every={self.every}; that step's update was skipped); lower optimizer.lr, "
+                    "set trainer.gradient_clip_val, or train in trainer.precision=32-true",
+                    self.experience.index if self.experience is not None else None,
+                )
+
+
 def scale_learning_rates(opt: torch.optim.Optimizer, net: nn.Module, scales: dict[str, float]):
     """The optimiser (before its first step) with each parameter group split by learning-rate factor (parameters named in ``scales``
     get ``lr * factor``, the others keep ``lr``); weight decay and the other settings stay per group."""
@@ -149,6 +206,7 @@ class ContinualModule(L.LightningModule):
         mask_unseen: bool = True,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
+        finite_check_every: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "strategies"])
@@ -158,6 +216,9 @@ class ContinualModule(L.LightningModule):
         self.loss_name = loss
         self.mask_old_logits = mask_old_logits
         self.mask_unseen = mask_unseen
+        #: steps between reads of the non-finite checks (trainer.finite_check_every; 1: every step, _DeferredChecks)
+        self.finite_check_every = max(1, int(finite_check_every))
+        self._deferred: _DeferredChecks | None = None
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0})
         self._deit_schedule: DeiTCosine | None = None  # scheduler.name=deit_cosine, set per batch
@@ -216,7 +277,9 @@ class ContinualModule(L.LightningModule):
             for k, v in s.training_loss(self, batch, outputs).items():
                 terms[f"{s.name}/{k}" if k != s.name else k] = v
         loss = sum(terms.values())
-        if not torch.isfinite(loss):  # one scalar; training on would only spread NaN into every weight
+        if self._deferred is not None:  # no read of the loss now; the step is skipped on the device if it is not finite
+            self._deferred.loss(loss)
+        elif not torch.isfinite(loss):  # one scalar; training on would only spread NaN into every weight
             self._stop_non_finite(terms, batch_idx)
         if self._logging_step():
             bs = y.shape[0]
@@ -257,6 +320,9 @@ class ContinualModule(L.LightningModule):
         if self._trainer is None or str(self.trainer.precision).startswith("16"):
             return
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if self._deferred is not None:
+            self._deferred.gradients(grads, optimizer, self._where(self.trainer.fit_loop.epoch_loop.batch_idx))
+            return
         if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             return
         name = next(n for n, p in self.net.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
@@ -276,7 +342,13 @@ class ContinualModule(L.LightningModule):
         self.train_acc.reset()
         self.on_train_epoch_start_rho()
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._deferred is not None and self._deferred.due():
+            self._deferred.read()
+
     def on_train_epoch_end(self) -> None:
+        if self._deferred is not None:  # nothing of this epoch reaches evaluation or a checkpoint unread
+            self._deferred.read()
         if self.train_acc.update_count:  # the metric object: Lightning computes it (synced under DDP) and resets it
             self.log("train/acc", self.train_acc, prog_bar=True)
 
@@ -332,11 +404,17 @@ class ContinualModule(L.LightningModule):
         return {n: m for n, m in out.items() if m.any()}
 
     def on_train_start(self) -> None:
+        opt = self.optimizers()
+        self._deferred = _DeferredChecks.for_run(self.finite_check_every, getattr(opt, "optimizer", opt),
+                                                 str(self.trainer.precision), self.experience)
         params = dict(self.net.named_parameters())
         self._frozen = [(params[n], m, params[n].detach().clone()) for n, m in self.frozen_slices().items()]
 
     def on_train_end(self) -> None:
         self._frozen = []
+        if self._deferred is not None:
+            self._deferred.read()
+            self._deferred = None
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimiser's step, then every frozen entry back to its value at the start of the fit, whatever the

@@ -44,6 +44,7 @@ if not OmegaConf.has_resolver("cl_vit.run_dir"):
 RESUME_DEVICE_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                       "trainer.precision", "trainer.sync_batchnorm", "trainer.threads")
 RESUME_OVERRIDABLE = ("trainer", *RESUME_DEVICE_KEYS, "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                      "trainer.finite_check_every",
                       "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size",
                       "data.verify", "data_root", "logger", "logger.", "epoch_eval", "compile", "hydra.", "resume",
                       "trust_code", "skip_corrupt", "checkpoint_every_epochs", "keep_checkpoints")

@@ -41,6 +41,7 @@ from cl_vit import metrics as M
 from cl_vit.cost import ExperienceCost
 from cl_vit.data.base import CorruptImage
 from cl_vit.errors import BadDataDuringRun, DiskFull, Interrupted, RunStopped
+from cl_vit.hardware import SUITE_TRAINER_KEYS
 from cl_vit.loggers import StreamSteps
 from cl_vit.module import ContinualModule
 from cl_vit.stream_results import LOCAL, StreamResults, matrix_csv
@@ -459,7 +460,8 @@ class ContinualRunner:
         self.run_dir = run_dir
         self.seed = seed
         self.trainer_kwargs = dict(trainer or {})
-        self.trainer_kwargs.pop("threads", None)  # the suite's (cl_vit.hardware.configure_threads), not Lightning's
+        for key in SUITE_TRAINER_KEYS:  # the suite's (threads: configure_threads; the module's), not Lightning's
+            self.trainer_kwargs.pop(key, None)
         self.loader = loader or LoaderConfig()
         #: cl_vit.loggers: one or several (logger=[tensorboard,csv]); TensorBoard also gets figures and attention maps
         self.loggers = [] if logger is None else list(logger) if isinstance(logger, (list, tuple)) else [logger]

@@ -96,7 +96,7 @@ SUMMARY_KEYS = (*M.METRIC_KEYS, *SHOT_KEYS, *LOCAL_KEYS, "wall_time", *COST_KEYS
 #: config keys that say where and how a run was executed, not what it computed: runs that differ only in these and in
 #: the seed are repetitions of one setting
 EXECUTION_KEYS = ("seed", "resume", "data_root", "dry_run", "logger", "trainer.accelerator", "data.num_workers",
-                  "data.pin_memory", "data.persistent_workers", "data.eval_batch_size")
+                  "data.pin_memory", "data.persistent_workers", "data.eval_batch_size", "trainer.finite_check_every")
 
 
 class NotARunError(UserError, FileNotFoundError):

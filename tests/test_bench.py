@@ -146,3 +146,24 @@ def test_paired_times_alternate_the_order_and_pair_neighbours():
     spread = pair_spread(times)
     assert spread["median"] == pytest.approx(2.0) and spread["q1"] == pytest.approx(2.0) and spread["pairs"] == 4
     assert spread["baseline_s"] > 2.0  # the sides' own medians carry the slowdown; the pairs' ratio does not
+
+
+def test_gpu_check_on_cpu_measures_the_deferred_checks_and_the_recomputing_refiner(tmp_path, monkeypatch):
+    """The two sections issue 26 asks a lent GPU for run to the end on the CPU script path: the suite's step with the
+    non-finite checks read every step and every DEFERRED_EVERY steps against the bare loop, and the refiner's
+    recompute rows (memory against the twin, paired speed)."""
+    from cl_vit.bench import gpu_check
+
+    monkeypatch.setenv("CL_VIT_GPU_CHECK_WORK", str(tmp_path / "work"))
+    keep = {"deferred_checks", "refiner_recompute"}
+    out = tmp_path / "out"
+    assert gpu_check.main([str(out), "--cpu", "--skip", *(s for s in gpu_check.SECTIONS if s not in keep)]) == 0
+    sections = json.loads((out / "results.json").read_text())["sections"]
+    dc = sections["deferred_checks"]
+    assert "error" not in dc and len(dc["images_per_s_every_step"]) == 2 and dc["bare_images_per_s"] > 0
+    assert dc[f"suite_over_bare_every_{gpu_check.DEFERRED_EVERY}"] > 0
+    rows = sections["refiner_recompute"]["rows"]
+    assert {r["metric"] for r in rows} == {"img/s: recompute/keep"}  # (memory rows: on the GPU only)
+    assert all(r["ratio"] > 0 for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "suite / bare loop" in summary and "refiner recompute" in summary

@@ -67,6 +67,18 @@ class Fault(Strategy):
             next(p for p in module.net.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
 
+class Watch(Fault):
+    """Fault that also keeps the weights as each step of the faulty experience begins (Watch.seen, by step)."""
+
+    name = "watch"
+    seen: dict = {}
+
+    def training_loss(self, module, batch, outputs):
+        if self.index == self.at:
+            Watch.seen[self.steps + 1] = [p.detach().clone() for p in module.net.parameters()]
+        return super().training_loss(module, batch, outputs)
+
+
 @pytest.fixture
 def fault_registered(monkeypatch):
     monkeypatch.setitem(S.STRATEGIES, "fault", Fault)
@@ -144,6 +156,35 @@ def test_a_non_finite_gradient_stops_the_run_before_the_step(tmp_path, data_root
         run(compose([*TINY, "benchmark.n_experiences=2", "+strategy.fault.at=0", "+strategy.fault.kind=grad"],
                     data_root), tmp_path / "r")
     assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "failed"
+
+
+def test_deferred_checks_skip_the_bad_step_and_stop_naming_it(tmp_path, data_root, monkeypatch):
+    """trainer.finite_check_every=4: no read per step, yet the bad step's update never reaches the weights (the fused
+    AdamW skips it) and the run stops within 4 steps with the step it happened in."""
+    monkeypatch.setitem(S.STRATEGIES, "watch", Watch)
+    Watch.seen = {}
+    base = [*TINY, "benchmark.n_experiences=2", "trainer.finite_check_every=4", "+strategy.watch.at=0"]
+    with pytest.raises(NonFiniteLoss) as e:
+        run(compose([*base, "+strategy.watch.kind=grad"], data_root), tmp_path / "g")
+    msg = str(e.value)
+    assert msg.startswith("non-finite gradient (the loss was finite) in experience 1, epoch 1, step 2 (")
+    assert "trainer.finite_check_every=4" in msg and "\n" not in msg
+    assert sorted(Watch.seen) == [1, 2, 3, 4]  # steps 3 and 4 ran before the read after step 4
+    assert all(torch.equal(a, b) for a, b in zip(Watch.seen[2], Watch.seen[3]))  # step 2 changed no weight
+    assert not all(torch.equal(a, b) for a, b in zip(Watch.seen[3], Watch.seen[4]))  # step 3 trained as usual
+    assert json.loads((tmp_path / "g" / "results.json").read_text())["status"] == "failed"
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss in experience 1, epoch 1, step 2 \(found"):
+        run(compose(base, data_root), tmp_path / "n")  # (Fault's default kind: a NaN loss term)
+
+
+def test_deferred_checks_change_no_number(tmp_path, data_root):
+    """Without a fault, reading the checks every 4 steps trains exactly as reading them every step."""
+    every = [run(compose([*TINY, "benchmark.n_experiences=2", f"trainer.finite_check_every={k}"], data_root),
+                 tmp_path / f"k{k}") for k in (1, 4)]
+    assert every[0]["status"] == every[1]["status"] == "completed"
+    assert every[0]["accuracy_matrix"] == every[1]["accuracy_matrix"]
+    a, b = (torch.load(tmp_path / f"k{k}" / "checkpoints" / "exp_001.pt", weights_only=True)["module"] for k in (1, 4))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_a_nan_loss_exits_non_zero_with_one_line(tmp_path, data_root):

@@ -112,7 +112,7 @@ def bare_step(model_name: str | dict, img_size: int, batch: int, device: str, pr
 def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list, loader, warmup: int, steps: int,
                        batch: int, device: str, precision: str, compile_: bool = False,
                        class_counts=None, optimizer: dict | None = None, mask_old_logits: bool = False,
-                       classes=None) -> dict:
+                       classes=None, finite_check_every: int = 1) -> dict:
     """images/s and peak memory of the suite's training step: ContinualModule (``strategies``, AdamW) in a Lightning
     Trainer over ``loader`` (``warmup + steps`` batches), timed from batch ``warmup`` to the end of fit."""
     import lightning as L
@@ -134,7 +134,7 @@ def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list,
 
     module = ContinualModule(net, num_classes, strategies, mask_old_logits=mask_old_logits,
                              optimizer=optimizer or {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
-                             scheduler={"name": "constant"})
+                             scheduler={"name": "constant"}, finite_check_every=finite_check_every)
     for s in strategies:  # as cl_vit.builder.build: a strategy installs what it needs (prompts, a DIST head)
         s.setup(module)
     if compile_:
@@ -162,9 +162,9 @@ def train_images_per_s(net: torch.nn.Module, num_classes: int, strategies: list,
 
 def measure(model_name: str | dict, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, batch: int = 128,
             steps: int = 20, warmup: int = 5, device: str = "cuda", precision: str = "bf16-mixed",
-            compile_: bool = False, bare: bool = True) -> dict:
+            compile_: bool = False, bare: bool = True, finite_check_every: int = 1) -> dict:
     """images/s of the suite (and of a bare loop, ``bare``), its peak memory and FLOPs per training image, for one
-    timm model."""
+    timm model; ``finite_check_every``: the suite's trainer.finite_check_every."""
     from cl_vit.strategies.finetune import Finetune
 
     x, y = resident_batch(batch, in_chans, img_size, num_classes, device)
@@ -187,7 +187,7 @@ def measure(model_name: str | dict, img_size: int = 224, in_chans: int = 3, num_
             torch.cuda.empty_cache()
     out.update(train_images_per_s(make_net(model_name, num_classes, in_chans, img_size, device), num_classes,
                                   [Finetune()], Repeat((x, y), warmup + steps), warmup, steps, batch, device,
-                                  precision, compile_=compile_))
+                                  precision, compile_=compile_, finite_check_every=finite_check_every))
     return out
 
 

@@ -12,6 +12,12 @@ says so. Sections, in the order they run:
   images/s, peak memory, FLOPs per image counted by ``torch.utils.flop_counter`` (forward + backward), MFU; a bare
   PyTorch loop with the same model and optimiser beside it (the suite's overhead); later the same with
   ``compile=true``.
+* ``deferred_checks``: ViT-B/16's suite step with the non-finite checks read every step (``trainer.finite_check_every``
+  1, the default) and every ``DEFERRED_EVERY`` steps, twice each, alternating, against the bare loop: whether the
+  per-step reads hold the suite below 0.90x of the bare loop (issue 26).
+* ``refiner_recompute``: ``python -m cl_vit.bench.refiner --recompute`` on the GPU: per official size, peak memory
+  (``max_memory_allocated``) recomputing the refiner's maps against the plain twin and against keeping them, and
+  the paired speed of recomputing against keeping.
 * ``deit_lt``: the DeiT-LT student step of experiment=deit-lt-imagenet-lt (deit_base_distilled_patch16_224, Mixup /
   CutMix, hard distillation from a ResNet-50 at 224) against the same student with ``distillation=none``.
 * ``data``: the ImageNet-R training pipeline (cl_vit.data.transforms.imagenet_transforms, reduced JPEG decode) on
@@ -49,7 +55,12 @@ from cl_vit.rundir import atomic_write_bytes, atomic_write_text
 
 
 #: the sections, in the order they run (each one's estimate of seconds is in ``main``)
-SECTIONS = ("peak", "train", "twin", "prompt_step", "deit_lt", "data", "recipe", "profile", "train_compiled")
+SECTIONS = ("peak", "train", "deferred_checks", "refiner_recompute", "twin", "prompt_step", "deit_lt", "data",
+            "recipe", "profile", "train_compiled")
+#: the ViT of the script check on the CPU (--cpu)
+CPU_VIT = {"name": "vit_small_patch16_224", "embed_dim": 64, "depth": 2, "num_heads": 2}
+#: trainer.finite_check_every of the deferred_checks section (issue 26: one read of the checks per this many steps)
+DEFERRED_EVERY = 50
 #: Refiner-ViT-S's plain twin: a timm ViT of its width, depth, heads and MLP ratio (patch embedding for the conv stem)
 TWIN = {"name": "vit_small_patch16_224", "embed_dim": 384, "depth": 16, "num_heads": 12, "mlp_ratio": 3.0}
 
@@ -190,6 +201,42 @@ def train_section(check: Check, compile_: bool) -> dict:
     if "images_per_s" in vit and "images_per_s" in ref:
         out["refiner_s_over_vit_b"] = ref["images_per_s"] / vit["images_per_s"]
     return {"batch": g["batch"], "img_size": g["img"], "precision": g["precision"], "compile": compile_, **out}
+
+
+def deferred_checks_section(check: Check) -> dict:
+    """ViT-B/16's suite step with the non-finite checks read every step (today's default) and every DEFERRED_EVERY
+    steps (trainer.finite_check_every), against the bare loop: whether the per-step reads are what holds the suite
+    below 0.90x of the bare loop (docs/scale.md). Each variant twice, alternating; the bare loop once."""
+    g = sizes(check.cpu)
+    name = MODELS["ViT-B/16"] if not check.cpu else CPU_VIT  # the script check: a small ViT
+    runs: dict = {1: [], DEFERRED_EVERY: []}
+    bare = None
+    for rnd in range(2):
+        for every in (1, DEFERRED_EVERY):
+            m = measure(name, img_size=g["img"], batch=g["batch"], steps=g["steps"], warmup=g["warmup"],
+                        device=check.device, precision=g["precision"], bare=bare is None,
+                        finite_check_every=every)
+            bare = m.get("bare_images_per_s", bare)
+            runs[every].append(m["images_per_s"])
+    out = {"model": name, "batch": g["batch"], "bare_images_per_s": bare,
+           "images_per_s_every_step": runs[1], f"images_per_s_every_{DEFERRED_EVERY}": runs[DEFERRED_EVERY]}
+    if bare:
+        out["suite_over_bare_every_step"] = max(runs[1]) / bare
+        out[f"suite_over_bare_every_{DEFERRED_EVERY}"] = max(runs[DEFERRED_EVERY]) / bare
+    return out
+
+
+def refiner_recompute_section(check: Check) -> dict:
+    """The memory-efficient refiner on the GPU (docs/models.md): per official size, peak memory of a training step
+    recomputing the maps (the default) against its plain ViT twin and against keeping the maps, and the speed of
+    recomputing against keeping (paired steps), as ``python -m cl_vit.bench.refiner --recompute`` on a GPU."""
+    from cl_vit.bench import refiner
+
+    if check.cpu:  # the script check: the smallest case's speed only
+        rows: list = []
+        refiner._recompute_rows(True, False, "cpu", 1, 1, 1, rows, pairs=2, memory=False)
+        return {"rows": rows}
+    return {"rows": refiner.run_recompute()["rows"]}
 
 
 def twin_section(check: Check) -> dict:
@@ -453,6 +500,17 @@ def summary(doc: dict) -> str:
                 lines.append(f"| {k} | {v['images_per_s']:.0f} | {_fmt(v.get('bare_images_per_s'))} | "
                              f"{_gib(v.get('peak_memory_bytes'))} | {v['flops_per_image'] / 1e9:.1f} | "
                              f"{_fmt(v.get('mfu_measured_peak'))} | {_fmt(v.get('mfu_datasheet_peak'))} |")
+    dc = s.get("deferred_checks") or {}
+    if "suite_over_bare_every_step" in dc:
+        k = DEFERRED_EVERY
+        lines += ["", f"ViT-B/16 suite / bare loop: {dc['suite_over_bare_every_step']:.2f} with the non-finite checks "
+                  f"read every step, {dc[f'suite_over_bare_every_{k}']:.2f} read every {k} "
+                  f"(trainer.finite_check_every={k}; aim 0.90)"]
+    rr = (s.get("refiner_recompute") or {}).get("rows") or []
+    for r in rr:
+        lines.append(f"- refiner recompute, {r['case']}: {r['metric']} {r['value']:.4g} / {r['baseline']:.4g} = "
+                     f"{r['ratio']:.3f}" + (f" (quartiles {r['quartiles'][0]}-{r['quartiles'][1]})"
+                                            if r.get("quartiles") else ""))
     t = s.get("twin") or {}
     if "refiner_s_over_twin" in t:
         lines += ["", f"Refiner-ViT-S / its plain ViT twin: {t['refiner_s_over_twin']:.2f}x images/s "
@@ -500,6 +558,8 @@ def main(argv=None) -> int:
     sections = {
         "peak": (lambda: matmul_peak(check.device, g["matmul"], torch.float32 if args.cpu else torch.bfloat16), 10),
         "train": (lambda: train_section(check, compile_=False), 40),
+        "deferred_checks": (lambda: deferred_checks_section(check), 40),
+        "refiner_recompute": (lambda: refiner_recompute_section(check), 60),
         "twin": (lambda: twin_section(check), 20),
         "prompt_step": (lambda: prompt_step_section(check), 30),
         "deit_lt": (lambda: deit_lt_section(check), 40),
