@@ -101,6 +101,21 @@ def test_cooldown_epochs_must_fit_in_max_epochs(tmp_path, data_root):
                      *TINY[2:]], data_root), tmp_path / "run")
 
 
+def test_runs_from_before_the_timm_cosine_keys_are_the_same_setting(tmp_path):
+    """configs/config.yaml's scheduler gained warmup_lr, min_lr (null) and cooldown_epochs (0): a run made without
+    them did what those defaults do (cl_vit.runs.ADDED_KEYS)."""
+    from omegaconf import OmegaConf
+
+    from cl_vit.runs import Run
+
+    today = OmegaConf.to_container(compose(TINY), resolve=False)
+    before = {**today, "scheduler": {k: v for k, v in today["scheduler"].items()
+                                     if k not in ("warmup_lr", "min_lr", "cooldown_epochs")}}
+    other = {**today, "scheduler": {**today["scheduler"], "cooldown_epochs": 1}}
+    key = lambda c: Run(path=tmp_path, config=c, results={}, stream=None).setting_key()  # noqa: E731
+    assert key(before) == key(today) != key(other)
+
+
 def test_refiner_recipe_trains_on_generated_imagenet_jpegs(tmp_path, data_root):
     make_imagenet(data_root, train_per_class=(4, 4, 4))
     over = ["experiment=refiner-vit-s-imagenet", *TINY[1:], "model=refiner_vit_s", "+model.depth=4",
