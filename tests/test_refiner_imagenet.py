@@ -95,10 +95,12 @@ def test_refiner_recipe_schedule_is_the_official_per_epoch_lr():
     np.testing.assert_allclose([ours[e].pop() for e in OFFICIAL_LR], list(OFFICIAL_LR.values()), rtol=1e-12, atol=0)
 
 
-def test_cooldown_epochs_must_fit_in_max_epochs(tmp_path, data_root):
-    with pytest.raises(UserError, match="scheduler.cooldown_epochs=4 is not allowed"):
+def test_cooldown_epochs_must_fit_in_max_epochs_and_need_timm_cosine(tmp_path, data_root):
+    with pytest.raises(UserError, match="scheduler.cooldown_epochs=4 is not allowed: an integer from 0 to"):
         run(compose(["scheduler.name=timm_cosine", "scheduler.cooldown_epochs=4", *TINY[:1], "trainer.max_epochs=4",
                      *TINY[2:]], data_root), tmp_path / "run")
+    with pytest.raises(UserError, match="scheduler.cooldown_epochs=1 is not allowed: 0 unless scheduler.name=timm"):
+        run(compose(["scheduler.cooldown_epochs=1", *TINY], data_root), tmp_path / "run2")
 
 
 def test_runs_from_before_the_timm_cosine_keys_are_the_same_setting(tmp_path):
