@@ -220,8 +220,8 @@ def validate(cfg: DictConfig) -> None:
             _number(cfg, key, lo=0)
     cooldown = _get(cfg, "scheduler.cooldown_epochs")
     if cooldown and _get(cfg, "scheduler.name") != "timm_cosine":
-        raise ConfigError("scheduler.cooldown_epochs", cooldown, "0 unless scheduler.name=timm_cosine, the one schedule "
-                          "with a cool-down")
+        raise ConfigError("scheduler.cooldown_epochs", cooldown,
+                          "0 unless scheduler.name=timm_cosine, the one schedule with a cool-down")
     if cooldown is not None:
         epochs = _get(cfg, "trainer.max_epochs")
         if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0 or (

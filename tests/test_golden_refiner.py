@@ -85,12 +85,13 @@ def suite_run(tmp_path, monkeypatch):
     torch.save(golden.initial_official(), tmp_path / "init.pth")
     m, r = golden.MODEL, golden.RUN
     over = ["experiment=refiner-vit-s-imagenet", f"model.checkpoint={tmp_path / 'init.pth'}",
-            f"model.img_size={m['img_size']}", f"model.patch_size={m['patch_size']}", f"+model.embed_dim={m['embed_dim']}",
-            f"+model.depth={m['depth']}", f"+model.num_heads={m['num_heads']}", "model.drop_path_rate=0",
-            f"trainer.max_epochs={r['epochs'] + r['cooldown']}", f"scheduler.cooldown_epochs={r['cooldown']}",
-            f"scheduler.warmup_epochs={r['warmup']}", f"ema.decay={r['ema']}", f"strategy.mixup.cutmix={r['cutmix']}",
-            f"data.batch_size={r['batch']}", "trainer.precision=64-true", "trainer.accelerator=cpu", "trainer.devices=1",
-            "data.num_workers=0", "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}"]
+            f"model.img_size={m['img_size']}", f"model.patch_size={m['patch_size']}",
+            f"+model.embed_dim={m['embed_dim']}", f"+model.depth={m['depth']}", f"+model.num_heads={m['num_heads']}",
+            "model.drop_path_rate=0", f"trainer.max_epochs={r['epochs'] + r['cooldown']}",
+            f"scheduler.cooldown_epochs={r['cooldown']}", f"scheduler.warmup_epochs={r['warmup']}",
+            f"ema.decay={r['ema']}", f"strategy.mixup.cutmix={r['cutmix']}", f"data.batch_size={r['batch']}",
+            "trainer.precision=64-true", "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0",
+            "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}"]
     cfg = compose(over, tmp_path / "data")
     x, y = golden.images()["test"]
     x, y = golden.to_input(x).double(), torch.from_numpy(y).long()

@@ -11,7 +11,8 @@ runs over the heads (``CosineSimilarity(dim=1)`` on [B, H, N, N]); n = 2, the lo
 main.py L582 builds it without arguments, and ``cos_reg_component`` (12 in scripts/refiner_{s,m}.yaml, 0 in
 refiner_l.yaml) only switches the term on (main.py L296, L735). In the shared layout a share block passes on the map
 it received, so the first pair is one map twice (cosine 1, no gradient) and the second compares the first two attend
-blocks' maps. Penalising similar consecutive maps keeps the blocks' attention diverse. The maps are read from the training forward pass by forward hooks on the blocks (no second pass).
+blocks' maps. Penalising similar consecutive maps keeps the blocks' attention diverse. The maps are read from the
+training forward pass by forward hooks on the blocks (no second pass).
 """
 from __future__ import annotations
 
