@@ -36,7 +36,7 @@ Nothing of the official code is copied or changed on disk; at run time this scri
 * computes in float64 (``torch.set_default_dtype``: the model, Mixup's soft targets and the loss; the images as
   float64 tensors), as the test runs the suite (``trainer.precision=64-true``): in float32 Adam turns rounding noise
   in gradients near zero into whole steps of opposite sign (its update is ``lr * m / (sqrt(v) + 1e-8)``), and the two
-  implementations (the suite's fused refiner product, the official autograd) part by 1e-4 within a few steps of the
+  implementations (the suite's fused refiner product, the official autograd) part within a few steps of the
   recipe's rate; in float64 they agree to rounding;
 * seeds numpy, from which Mixup draws, ``mixing_seed(epoch)`` before each epoch (``train_one_epoch`` wrapped; the
   test seeds the suite's at the same point);
