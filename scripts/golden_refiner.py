@@ -7,10 +7,10 @@ with the arguments of scripts/refiner_s.yaml (``-c``) and a few overrides that s
 (bundled ``timm.optim.create_optimizer``: AdamW, no weight decay on biases, 1-D tensors and the model's
 ``no_weight_decay()``), its scheduler (bundled ``timm.scheduler.create_scheduler``: per-epoch cosine with warm-up from
 ``warmup_lr`` and ``cooldown_epochs`` at ``min_lr``, stepped ``step(epoch + 1)`` after each epoch, main.py L646), its
-``ModelEmaV2`` (updated after every step, evaluated after every epoch beside the model, main.py L634-639), its loss
-(``SoftTargetCrossEntropyCosReg``, which main.py L581-582 picks when ``cos_reg_component > 0``: soft-target CE plus the
-attention-map cosine term over its default ``n_comn=2`` pairs), Mixup / CutMix with label smoothing (bundled timm
-``Mixup``, scripts/refiner_s.yaml's 0.8 / 1.0 / 0.1) and its ``train_one_epoch`` and ``validate``. It prints what
+``ModelEmaV2`` (updated after every step, main.py L762, evaluated after every epoch beside the model, L635-642), its
+loss (``SoftTargetCrossEntropyCosReg``, which main.py L581-582 picks when ``cos_reg_component > 0``: soft-target CE
+plus the attention-map cosine term over its default ``n_comn=2`` pairs), Mixup with label smoothing (bundled timm ``Mixup``,
+scripts/refiner_s.yaml's 0.8 / 0.1; CutMix off, ``RUN``) and its ``train_one_epoch`` and ``validate``. It prints what
 tests/test_golden_refiner.py asserts the suite reproduces: per step the learning rate and the loss, after each epoch
 the correct test images and the mean test loss of the model and of its EMA, and the norm of the model's and the EMA's
 parameters.
@@ -22,7 +22,7 @@ Nothing of the official code is copied or changed on disk; at run time this scri
   native AMP, whose autocast and GradScaler disable themselves without CUDA: the run is fp32); apex and tensorflow
   are absent, which main.py allows; Mixup's soft targets are built on the CPU (timm/data/mixup.py L22 defaults
   ``mixup_target`` to ``device='cuda'``);
-* registers ``golden_tiny_Refiner`` with the bundled timm (timm/models/factory.py L52-58 passes ``return_dense`` and
+* registers ``golden_tiny_Refiner`` with the bundled timm (timm/models/factory.py L52-60 passes ``return_dense`` and
   ``mix_token`` only to names containing "Refiner"): the official ``Refiner_ViT`` built as ``Refiner_ViT_S``
   (models/refined_transformer.py L480-487: attend / share block pairs, MLP ratio 3, qkv bias, LayerNorm eps 1e-6,
   ``head_expand`` 6) with ``MODEL``'s depth, width, heads and patch size; ``--initial-checkpoint`` loads
