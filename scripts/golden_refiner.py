@@ -9,8 +9,9 @@ with the arguments of scripts/refiner_s.yaml (``-c``) and a few overrides that s
 ``warmup_lr`` and ``cooldown_epochs`` at ``min_lr``, stepped ``step(epoch + 1)`` after each epoch, main.py L646), its
 ``ModelEmaV2`` (updated after every step, main.py L762, evaluated after every epoch beside the model, L635-642), its
 loss (``SoftTargetCrossEntropyCosReg``, which main.py L581-582 picks when ``cos_reg_component > 0``: soft-target CE
-plus the attention-map cosine term over its default ``n_comn=2`` pairs), Mixup with label smoothing (bundled timm ``Mixup``,
-scripts/refiner_s.yaml's 0.8 / 0.1; CutMix off, ``RUN``) and its ``train_one_epoch`` and ``validate``. It prints what
+plus the attention-map cosine term over its default ``n_comn=2`` pairs), Mixup with label smoothing (bundled timm
+``Mixup``, scripts/refiner_s.yaml's 0.8 / 0.1; CutMix off, ``RUN``) and its ``train_one_epoch`` and ``validate``. It
+prints what
 tests/test_golden_refiner.py asserts the suite reproduces: per step the learning rate and the loss, after each epoch
 the correct test images and the mean test loss of the model and of its EMA, and the norm of the model's and the EMA's
 parameters.
