@@ -213,10 +213,21 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg, "optimizer.name", list_optimizers())
     _choice(cfg, "scheduler.name", ("cosine", "cosine_epoch", "constant", "multistep", "coda_cosine",
-                                    "coda_cosine_formula", "deit_cosine"))
-    for key in ("scheduler.warmup_lr", "scheduler.min_lr"):  # deit_cosine's absolute rates
+                                    "coda_cosine_formula", "deit_cosine", "timm_cosine"))
+    for key in ("scheduler.warmup_lr", "scheduler.min_lr"):  # deit_cosine's and timm_cosine's absolute rates
         if _get(cfg, key) is not None:
             _number(cfg, key, lo=0)
+    cooldown = _get(cfg, "scheduler.cooldown_epochs")
+    if cooldown and _get(cfg, "scheduler.name") != "timm_cosine":
+        raise ConfigError("scheduler.cooldown_epochs", cooldown,
+                          "0 unless scheduler.name=timm_cosine, the one schedule with a cool-down")
+    if cooldown is not None:
+        epochs = _get(cfg, "trainer.max_epochs")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0 or (
+                isinstance(epochs, int) and cooldown >= epochs):
+            raise ConfigError("scheduler.cooldown_epochs", cooldown,
+                              f"an integer from 0 to trainer.max_epochs - 1 ({epochs}): the epochs at min_lr after "
+                              "the cosine, counted in trainer.max_epochs (scheduler.name=timm_cosine)")
     rho = _get(cfg, "optimizer.sam_rho")
     if rho is not None:
         _number(cfg, "optimizer.sam_rho", lo=0)

@@ -115,6 +115,19 @@ class DeiTCosine:
             self.schedule.step(max(epoch - 1, 0))
 
 
+class TimmTrainCosine(DeiTCosine):
+    """timm train.py's learning rate as Refiner-ViT's main.py runs it (zhoudaquan/Refiner_ViT,
+    ``scheduler.name=timm_cosine``): the same ``CosineLRScheduler`` as :class:`DeiTCosine` (main.py L461
+    ``create_scheduler``, timm/scheduler/scheduler_factory.py of the bundled timm 0.4.8), stepped after each epoch to the
+    next one (main.py L646 ``step(epoch + 1)``), so epoch e trains at the schedule's value at e (epoch 0 at
+    ``warmup_lr``). ``epochs`` is the cosine's length; the ``cooldown_epochs`` after it train at ``min_lr``
+    (the factory runs cycle length + cooldown epochs in all, and the scheduler holds ``lr_min`` past its one cycle)."""
+
+    def set_rate(self, epoch: int, batch: int, batches: int, accumulate: int) -> None:
+        if batch == 0:
+            self.schedule.step(epoch)
+
+
 class _DeferredChecks:
     """The non-finite loss and gradient checks without a device-to-host read per step (``trainer.finite_check_every``
     = k > 1): each step's verdict stays on the device, where it is also the ``found_inf`` of a fused Adam / AdamW,
@@ -221,7 +234,7 @@ class ContinualModule(L.LightningModule):
         self._deferred: _DeferredChecks | None = None
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0})
-        self._deit_schedule: DeiTCosine | None = None  # scheduler.name=deit_cosine, set per batch
+        self._deit_schedule: DeiTCosine | None = None  # scheduler.name=deit_cosine / timm_cosine, set per batch
         self.register_buffer("seen_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("current_mask", torch.zeros(n_classes, dtype=torch.bool))
         self.experience: ExperienceInfo | None = None
@@ -452,9 +465,13 @@ class ContinualModule(L.LightningModule):
         self._deit_schedule = None
         if name == "constant":
             return opt
-        if name == "deit_cosine":  # set before each batch that the official loop sets it at (on_train_batch_start)
-            self._deit_schedule = DeiTCosine(opt, self.trainer.max_epochs or 1, float(sched.get("warmup_epochs", 0)),
-                                             sched.get("warmup_lr"), sched.get("min_lr"))
+        if name in ("deit_cosine", "timm_cosine"):  # set before the batches the official loop sets it at
+            epochs = self.trainer.max_epochs or 1
+            if name == "timm_cosine":  # trainer.max_epochs counts the cool-down epochs too (timm's num_epochs)
+                epochs -= int(sched.get("cooldown_epochs") or 0)
+            schedule = DeiTCosine if name == "deit_cosine" else TimmTrainCosine
+            self._deit_schedule = schedule(opt, max(1, epochs), float(sched.get("warmup_epochs", 0)),
+                                           sched.get("warmup_lr"), sched.get("min_lr"))
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)

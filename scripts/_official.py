@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 
@@ -20,3 +22,12 @@ def in_checkout(official: Path, prefix: str) -> Iterator[Path]:
             yield Path(tmp)
         finally:
             os.chdir(cwd)
+
+
+def sibling(name: str) -> ModuleType:
+    """The golden script ``scripts/<name>.py`` as a module (golden_coda.py's generated images and fixed batch order
+    are shared by the others)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import in_checkout  # noqa: E402  (the scripts' shared helpers)
+from _official import in_checkout, sibling  # noqa: E402  (the scripts' shared helpers)
 
 #: the tiny set: classes (CIFAR-10's, KD_IMBALANCECIFAR10.cls_num), images per class before the long-tail cut, test
 #: images per class, image size, --imb_factor, batch size, epochs, --warmup-epochs, --drw
@@ -99,12 +99,7 @@ def scaled_lr() -> float:
 
 def _golden_coda():
     """scripts/golden_coda.py, whose generated images and fixed batch order this run shares."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("golden_coda", Path(__file__).with_name("golden_coda.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling("golden_coda")
 
 
 def images() -> dict:

@@ -1,4 +1,5 @@
 """Refiner-ViT on ImageNet-1k: benchmark=imagenet, the refiner-vit-{s,m,l}-imagenet recipes, the cos_reg term."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ def test_imagenet_source_reads_the_ilsvrc_folders(data_root):
         build_source("imagenet", data_root / "nowhere")
 
 
-# scripts/refiner_{s,m,l}.yaml: (model, drop_path L24, batch L5, img_size L29, cos_reg_component L13)
-OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 12), ("m", "refiner_vit_m", 0.2, 32, 224, 12),
+# scripts/refiner_{s,m,l}.yaml: (model, drop_path L24, batch L5, img_size L29, cos_reg pairs: 2 where
+# cos_reg_component L13 > 0, main.py L581-582 building SoftTargetCrossEntropyCosReg() with its default n_comn=2)
+OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 2), ("m", "refiner_vit_m", 0.2, 32, 224, 2),
             ("l", "refiner_vit_l", 0.2, 12, 448, 0)]
 
 
@@ -48,8 +50,10 @@ def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch
     assert (cfg.model.name, cfg.model.drop_path_rate, cfg.data.batch_size) == (model, drop_path, batch)
     assert cfg.benchmark.source_args.img_size == img and cfg.benchmark.name == "imagenet"
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw", 5e-4, 0.05)
-    assert (cfg.trainer.max_epochs, cfg.scheduler.warmup_epochs) == (300, 5)
-    assert cfg.optimizer.lr * cfg.scheduler.min_lr_ratio == pytest.approx(1e-5)
+    # epochs 300 (L25) + cooldown_epochs 10 (L12), timm's cosine stepped per epoch from warmup_lr to min_lr
+    assert (cfg.trainer.max_epochs, cfg.scheduler.cooldown_epochs, cfg.scheduler.warmup_epochs) == (310, 10, 5)
+    assert (cfg.scheduler.name, cfg.scheduler.warmup_lr, cfg.scheduler.min_lr) == ("timm_cosine", 1e-6, 1e-5)
+    assert cfg.data.drop_last  # data/loader.py L220: drop_last=is_training
     mix = cfg.strategy.mixup
     assert (mix.mixup, mix.cutmix, mix.label_smoothing) == (0.8, 1.0, 0.1)
     aug = cfg.benchmark.source_args.augment
@@ -60,11 +64,66 @@ def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch
     assert compose([f"model={model}"]).model.drop_path_rate == drop_path
 
 
+# the learning rate each epoch of the S / M / L recipes trains at: the bundled timm 0.4.8's create_scheduler with
+# scripts/refiner_s.yaml's values (lr 5e-4, epochs 300, warmup 5 from 1e-6, min_lr 1e-5, cooldown 10; 310 epochs),
+# stepped step(epoch + 1) after each epoch as main.py L646 does, read at the start of each epoch:
+#   cd Refiner_ViT && python -c "import sys, argparse, torch; sys.path.insert(0, '.'); from timm.scheduler import \
+#   create_scheduler; a = argparse.Namespace(epochs=300, sched='cosine', min_lr=1e-5, decay_rate=0.1, warmup_lr=1e-6, \
+#   warmup_epochs=5, lr_cycle_limit=1, lr_cycle_mul=1.0, lr_noise=None, lr_noise_pct=0.67, lr_noise_std=1.0, seed=42, \
+#   cooldown_epochs=10); o = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-4); s, n = \
+#   create_scheduler(a, o); lr = []; [(lr.append(o.param_groups[0]['lr']), s.step(e + 1)) for e in range(n)]; \
+#   print(n, {e: lr[e] for e in (0, 1, 4, 5, 6, 150, 298, 299, 300, 309)})"
+OFFICIAL_EPOCHS = 310
+OFFICIAL_LR = {0: 1e-06, 1: 0.0001008, 4: 0.0004002, 5: 0.0004996642360148705, 6: 0.0004995165484649266,
+               150: 0.000255, 298: 1.0053732548662853e-05, 299: 1.0013433505449525e-05, 300: 1e-05, 309: 1e-05}
+
+
+def test_refiner_recipe_schedule_is_the_official_per_epoch_lr():
+    from cl_vit.module import TimmTrainCosine
+
+    cfg = compose(["experiment=refiner-vit-s-imagenet"])
+    s = cfg.scheduler
+    assert cfg.trainer.max_epochs == OFFICIAL_EPOCHS
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
+    schedule = TimmTrainCosine(opt, cfg.trainer.max_epochs - s.cooldown_epochs, s.warmup_epochs, s.warmup_lr, s.min_lr)
+    ours = {}
+    for epoch in range(cfg.trainer.max_epochs):
+        for batch in range(3):  # set at an epoch's first batch only
+            schedule.set_rate(epoch, batch, 3, 1)
+            ours.setdefault(epoch, set()).add(opt.param_groups[0]["lr"])
+    assert all(len(v) == 1 for v in ours.values())
+    np.testing.assert_allclose([ours[e].pop() for e in OFFICIAL_LR], list(OFFICIAL_LR.values()), rtol=1e-12, atol=0)
+
+
+def test_cooldown_epochs_must_fit_in_max_epochs_and_need_timm_cosine(tmp_path, data_root):
+    with pytest.raises(UserError, match="scheduler.cooldown_epochs=4 is not allowed: an integer from 0 to"):
+        run(compose(["scheduler.name=timm_cosine", "scheduler.cooldown_epochs=4", *TINY[:1], "trainer.max_epochs=4",
+                     *TINY[2:]], data_root), tmp_path / "run")
+    with pytest.raises(UserError, match="scheduler.cooldown_epochs=1 is not allowed: 0 unless scheduler.name=timm"):
+        run(compose(["scheduler.cooldown_epochs=1", *TINY], data_root), tmp_path / "run2")
+
+
+def test_runs_from_before_the_timm_cosine_keys_are_the_same_setting(tmp_path):
+    """configs/config.yaml's scheduler gained warmup_lr, min_lr (null) and cooldown_epochs (0): a run made without
+    them did what those defaults do (cl_vit.runs.ADDED_KEYS)."""
+    from omegaconf import OmegaConf
+
+    from cl_vit.runs import Run
+
+    today = OmegaConf.to_container(compose(TINY), resolve=False)
+    before = {**today, "scheduler": {k: v for k, v in today["scheduler"].items()
+                                     if k not in ("warmup_lr", "min_lr", "cooldown_epochs")}}
+    other = {**today, "scheduler": {**today["scheduler"], "cooldown_epochs": 1}}
+    key = lambda c: Run(path=tmp_path, config=c, results={}, stream=None).setting_key()  # noqa: E731
+    assert key(before) == key(today) != key(other)
+
+
 def test_refiner_recipe_trains_on_generated_imagenet_jpegs(tmp_path, data_root):
     make_imagenet(data_root, train_per_class=(4, 4, 4))
     over = ["experiment=refiner-vit-s-imagenet", *TINY[1:], "model=refiner_vit_s", "+model.depth=4",
             "benchmark.source_args.img_size=32", "data.batch_size=6", "data.num_workers=0",
             "data.persistent_workers=false", "trainer.precision=32-true", "strategy.cos_reg.n_components=3",
+            "scheduler.cooldown_epochs=0",
             "logger=tensorboard"]
     doc = run(compose(over, data_root), tmp_path / "run")
     assert doc["status"] == "completed" and doc["strategy"] == ["mixup", "cos_reg"]

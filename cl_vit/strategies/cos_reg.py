@@ -7,9 +7,12 @@ The official loss (loss/cross_entropy.py L22-36, ``SoftTargetCrossEntropyCosReg`
 
 to the classification loss, where ``A_i`` is the attention map block i passes on (models/refined_transformer.py
 L430-434: ``atten_list`` collects every block's returned map; a share block returns the map it received) and the cosine
-runs over the heads (``CosineSimilarity(dim=1)`` on [B, H, N, N]); n = ``cos_reg_component`` (12 in
-scripts/refiner_{s,m}.yaml, 0 = off in refiner_l.yaml). Penalising similar consecutive maps keeps the blocks'
-attention diverse. The maps are read from the training forward pass by forward hooks on the blocks (no second pass).
+runs over the heads (``CosineSimilarity(dim=1)`` on [B, H, N, N]); n = 2, the loss's default ``n_comn``:
+main.py L582 builds it without arguments, and ``cos_reg_component`` (12 in scripts/refiner_{s,m}.yaml, 0 in
+refiner_l.yaml) only switches the term on (main.py L296, L735). In the shared layout a share block passes on the map
+it received, so the first pair is one map twice (cosine 1, no gradient) and the second compares the first two attend
+blocks' maps. Penalising similar consecutive maps keeps the blocks' attention diverse. The maps are read from the
+training forward pass by forward hooks on the blocks (no second pass).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def cos_reg_loss(maps: list[torch.Tensor], n: int, weight: float = 0.1) -> torch
 class CosReg(Strategy):
     name = "cos_reg"
 
-    def __init__(self, n_components: int = 12, weight: float = 0.1):
+    def __init__(self, n_components: int = 2, weight: float = 0.1):
         if int(n_components) < 1:
             raise UserError(f"strategy.cos_reg.n_components={n_components} must be >= 1 (remove the strategy for none)")
         self.n, self.weight = int(n_components), float(weight)

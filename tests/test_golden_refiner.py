@@ -1,0 +1,133 @@
+"""Golden trajectory: the suite's Refiner-ViT ImageNet recipe against Refiner-ViT's own training loop (main.py).
+
+The numbers below were produced by the official code (zhoudaquan/Refiner_ViT @
+b3e8cb0c41524af6f501785f47eda691c85f25e4) with the timm 0.4.8 it bundles, on a tiny stream (6 generated 32-px classes,
+42 training and 24 test images), on a CPU, with
+
+    git clone https://github.com/zhoudaquan/Refiner_ViT /tmp/refgolden/Refiner_ViT
+    python scripts/golden_refiner.py /tmp/refgolden/Refiner_ViT
+
+(the script says what it changes at run time: ``stty``, ``.cuda()``, Mixup's target device, float64, the model's
+size, the data, the batch order, numpy's seed at each epoch, and which values of scripts/refiner_s.yaml it
+overrides). The test runs experiment=refiner-vit-s-imagenet, sized down alike, in float64 (trainer.precision=64-true),
+on the same images, from the same weights and in the same batch order, and asserts per step the learning rate
+(exactly: timm's per-epoch cosine, one warm-up epoch at 1e-6, one cool-down epoch at min_lr after a 3-epoch cosine:
+scheduler.name=timm_cosine; 5 steps an epoch: the last incomplete batch dropped) and the loss (to 1e-10 relative:
+Mixup with smoothing, soft-target cross-entropy, the cos_reg term over 2 pairs, AdamW with timm's weight-decay
+groups), and after each epoch the correct test images (exactly), the mean test loss and the parameter norm (to 1e-10
+relative) of the model and of its EMA (updated after every step). CutMix is off on both sides (its box differs by a
+pixel between timm 0.4.8 and 1.0: docs/recipes.md "Refiner-ViT on ImageNet-1k").
+"""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO_ROOT, compose, patch_loader_order
+
+import cl_vit  # noqa: F401  (registers the suite's models)
+from cl_vit.data.base import TensorImageDataset
+from cl_vit.module import ContinualModule
+from cl_vit.run import run
+
+_spec = importlib.util.spec_from_file_location("golden_refiner", REPO_ROOT / "scripts" / "golden_refiner.py")
+golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(golden)
+
+
+# -- the official numbers (python scripts/golden_refiner.py Refiner_ViT, at the commit above) --------------------------
+
+OFFICIAL = {'lr': [1e-06, 1e-06, 1e-06, 1e-06, 1e-06, 0.0003775, 0.0003775, 0.0003775, 0.0003775, 0.0003775,
+        0.00013250000000000005, 0.00013250000000000005, 0.00013250000000000005, 0.00013250000000000005,
+        0.00013250000000000005, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05],
+ 'loss': [1.8836279144352654, 1.8390286188210891, 1.8893376460214863, 1.9140389498696901, 1.9307265632496644,
+          1.8639403622789532, 1.8422747457810518, 1.787768922317604, 1.6986743860068596, 1.736047328363789,
+          1.5942590327760993, 1.7970573153630178, 1.6028123439848794, 1.677576153852081, 1.5573333204837732,
+          1.5510208175686402, 1.4577554423800285, 1.610839713923128, 1.5698055325023337, 1.6250723484731413],
+ 'correct': [4, 8, 4, 6],
+ 'eval_loss': [1.7861379619307873, 1.7403270698624753, 1.689521414893883, 1.6493723532344238],
+ 'norm': [29.379436840372783, 29.382228218087604, 29.383709394786585, 29.383847090026475],
+ 'ema_correct': [4, 4, 4, 8],
+ 'ema_eval_loss': [1.786602085010541, 1.763239133343627, 1.7533275825952153, 1.7393211013399814],
+ 'ema_norm': [29.37943769418836, 29.379767157116678, 29.380704808329437, 29.38175626033365]}
+
+
+def stream():
+    """The script's images as a one-experience scenario, normalised as its loaders feed them."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.utils import as_classification_dataset
+
+    def dataset(x, y):
+        return as_classification_dataset(TensorImageDataset(golden.to_input(x), y.tolist()))
+
+    data = golden.images()
+    return with_classes_timeline(benchmark_from_datasets(train=[dataset(*data["train"])],
+                                                         test=[dataset(*data["test"])]))
+
+
+def evaluate(net, x, y) -> tuple[int, float, float]:
+    """main.py ``validate``'s numbers for ``net``: correct test images, mean cross-entropy; and the parameter norm."""
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(x[i:i + golden.RUN["batch"]]) for i in range(0, len(x), golden.RUN["batch"])])
+    net.train(was)
+    return (int((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y)),
+            golden.trained_norm(net.parameters()))
+
+
+def suite_run(tmp_path, monkeypatch):
+    """The suite's recipe on the script's stream; returns the same numbers."""
+    from cl_vit.ema import ModelEma
+
+    torch.save(golden.initial_official(), tmp_path / "init.pth")
+    m, r = golden.MODEL, golden.RUN
+    over = ["experiment=refiner-vit-s-imagenet", f"model.checkpoint={tmp_path / 'init.pth'}",
+            f"model.img_size={m['img_size']}", f"model.patch_size={m['patch_size']}",
+            f"+model.embed_dim={m['embed_dim']}", f"+model.depth={m['depth']}", f"+model.num_heads={m['num_heads']}",
+            "model.drop_path_rate=0", f"trainer.max_epochs={r['epochs'] + r['cooldown']}",
+            f"scheduler.cooldown_epochs={r['cooldown']}", f"scheduler.warmup_epochs={r['warmup']}",
+            f"ema.decay={r['ema']}", f"strategy.mixup.cutmix={r['cutmix']}", f"data.batch_size={r['batch']}",
+            "trainer.precision=64-true", "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0",
+            "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}"]
+    cfg = compose(over, tmp_path / "data")
+    x, y = golden.images()["test"]
+    x, y = golden.to_input(x).double(), torch.from_numpy(y).long()
+    steps, model, ema = [], [], []
+    step, epoch_start, epoch_end = (ContinualModule.training_step, ContinualModule.on_train_epoch_start,
+                                    ContinualModule.on_train_epoch_end)
+
+    def training_step(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        steps.append((self.trainer.optimizers[0].param_groups[0]["lr"], float(loss.detach())))
+        return loss
+
+    def seeded_epoch_start(self):
+        np.random.seed(golden.mixing_seed(self.current_epoch))
+        epoch_start(self)
+
+    def evaluated_epoch_end(self):
+        average = next(c for c in self.trainer.callbacks if isinstance(c, ModelEma)).ema.module
+        model.append(evaluate(self.net, x, y))
+        ema.append(evaluate(average, x, y))
+        epoch_end(self)
+
+    monkeypatch.setattr(ContinualModule, "training_step", training_step)
+    monkeypatch.setattr(ContinualModule, "on_train_epoch_start", seeded_epoch_start)
+    monkeypatch.setattr(ContinualModule, "on_train_epoch_end", evaluated_epoch_end)
+    patch_loader_order(monkeypatch, golden.fixed_order)
+    run(cfg, tmp_path / "run", scenario=stream())
+    return {"lr": [s[0] for s in steps], "loss": [s[1] for s in steps],
+            "correct": [e[0] for e in model], "eval_loss": [e[1] for e in model], "norm": [e[2] for e in model],
+            "ema_correct": [e[0] for e in ema], "ema_eval_loss": [e[1] for e in ema], "ema_norm": [e[2] for e in ema]}
+
+
+def test_suite_recipe_follows_the_official_run(tmp_path, data_root, monkeypatch):
+    ours, theirs = suite_run(tmp_path, monkeypatch), OFFICIAL
+    # 4 epochs x 5 batches of 8 (42 images, the last 2 dropped): warm-up epoch at 1e-6, cosine, cool-down at 1e-5
+    assert ours["lr"] == theirs["lr"]
+    for key in ("loss", "eval_loss", "norm", "ema_eval_loss", "ema_norm"):  # float64 on both sides
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-10, atol=0, err_msg=key)
+    assert (ours["correct"], ours["ema_correct"]) == (theirs["correct"], theirs["ema_correct"])
