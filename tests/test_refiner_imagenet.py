@@ -40,13 +40,15 @@ def test_imagenet_source_reads_the_ilsvrc_folders(data_root):
 
 # scripts/refiner_{s,m,l}.yaml: (model, drop_path L24, batch L5, img_size L29, cos_reg pairs: 2 where
 # cos_reg_component L13 > 0, main.py L581-582 building SoftTargetCrossEntropyCosReg() with its default n_comn=2)
-OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 2), ("m", "refiner_vit_m", 0.2, 32, 224, 2),
-            ("l", "refiner_vit_l", 0.2, 12, 448, 0)]
+# and the evaluation crop fraction: the model's default_cfg crop_pct (models/refined_transformer.py L37, L42, L47)
+OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 2, 0.9), ("m", "refiner_vit_m", 0.2, 32, 224, 2, 1.0),
+            ("l", "refiner_vit_l", 0.2, 12, 448, 0, 1.13)]
 
 
-@pytest.mark.parametrize("size,model,drop_path,batch,img,n_cos", OFFICIAL)
-def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch, img, n_cos):
+@pytest.mark.parametrize("size,model,drop_path,batch,img,n_cos,crop_pct", OFFICIAL)
+def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch, img, n_cos, crop_pct):
     cfg = compose([f"experiment=refiner-vit-{size}-imagenet"])
+    assert cfg.benchmark.source_args.test_crop_pct == crop_pct
     assert (cfg.model.name, cfg.model.drop_path_rate, cfg.data.batch_size) == (model, drop_path, batch)
     assert cfg.benchmark.source_args.img_size == img and cfg.benchmark.name == "imagenet"
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw", 5e-4, 0.05)
@@ -179,3 +181,31 @@ def test_refiner_m_and_l_recipes_dry_run_on_the_real_layout(size, millions, tmp_
                           "data.persistent_workers=false"], data_root), tmp_path / size)
     assert stream["model"] == f"refiner_vit_{size}" and len(stream["experiences"]) == 1
     assert abs(stream["n_params"] / 1e6 - millions) < 1.5  # the official size, with a 3-class head here
+
+
+@pytest.mark.parametrize("img,crop_pct", [(224, 0.9), (448, 1.13), (32, 0.9)])
+def test_evaluation_crop_is_timms(img, crop_pct):
+    """test_crop_pct gives timm's evaluation transform (what main.py's loader runs with the model's crop_pct):
+    bicubic resize of the shorter side to floor(img / crop_pct), centre crop (zero-padded when 1.13 leaves the side
+    short), the same tensor."""
+    import numpy as np
+    from PIL import Image
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    from cl_vit.data.transforms import deit_eval_transform
+
+    rgb = np.random.default_rng(0).integers(0, 256, (img + 37, img + 11, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    ours = deit_eval_transform(img, mean, std, crop_pct=crop_pct)(image=rgb)["image"]
+    timm_tf = transforms_imagenet_eval(img, crop_pct=crop_pct, interpolation="bicubic", mean=mean, std=std)
+    assert torch.equal(ours, timm_tf(Image.fromarray(rgb)))
+    deit = deit_eval_transform(img, mean, std)(image=rgb)["image"]  # DeiT's 256/224 crops something else
+    assert deit.shape == ours.shape and not torch.equal(deit, ours)
+
+
+def test_crop_pct_needs_the_deit_evaluation():
+    from cl_vit.data.transforms import check_pipelines
+
+    assert check_pipelines("deit", "deit", test_crop_pct=0.9)["test_crop_pct"] == 0.9
+    with pytest.raises(UserError, match="test_crop_pct=0.9 sets the crop fraction of test_transform=deit"):
+        check_pipelines("default", "default", test_crop_pct=0.9)

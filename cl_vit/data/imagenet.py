@@ -22,7 +22,7 @@ LAYOUT = "<root>/train/<wnid>/<images> and <root>/val/<wnid>/<images> (ILSVRC-20
 #: the image arguments every file source takes (cl_vit.data.filelist, cl_vit.data.imagenet_r), with their defaults
 IMAGE_ARGS = dict(img_size=224, normalize="imagenet", mean=None, std=None, test_resize="crop", skip_corrupt=False,
                   verify="header")
-PIPELINE_ARGS = dict(train_transform="default", test_transform="default", augment=None)
+PIPELINE_ARGS = dict(train_transform="default", test_transform="default", augment=None, test_crop_pct=None)
 DECODE_ARGS = dict(backend="opencv", crop_scale=(0.08, 1.0), train_interpolation="bilinear",
                    test_interpolation="bilinear")
 

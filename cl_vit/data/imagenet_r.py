@@ -195,6 +195,7 @@ def build_imagenet_r(
     train_transform: str = "default",
     test_transform: str = "default",
     augment: dict | None = None,
+    test_crop_pct: float | None = None,
     backend: str = "opencv",
     crop_scale: Sequence[float] = (0.08, 1.0),
     train_interpolation: str = "bilinear",
@@ -219,7 +220,8 @@ def build_imagenet_r(
     if not root.is_dir():
         raise missing_dataset_error("imagenet-r", root, LAYOUT, data_root)
     mean, std = resolve_normalization(normalize, mean, std)
-    pipelines = dict(train_transform=train_transform, test_transform=test_transform, augment=augment)
+    pipelines = dict(train_transform=train_transform, test_transform=test_transform, augment=augment,
+                     test_crop_pct=test_crop_pct)
     meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize,
             "transforms": check_pipelines(**pipelines, test_resize=test_resize)}
     meta["transforms"]["decode"] = decode = decode_options(backend, crop_scale, train_interpolation,

@@ -6,6 +6,7 @@ already small crop into float32 once.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import cv2
@@ -350,7 +351,7 @@ def array_pipeline(img_size: int, mean, std, train: bool, test_resize: str = "sq
 
 def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: str = "crop",
                             train_transform: str = "default", test_transform: str = "default", augment=None,
-                            decode: dict | None = None):
+                            test_crop_pct: float | None = None, decode: dict | None = None):
     """Training and test ImageFileDatasets of ImageNet-like photos (ImageNet-R, ImageNet-LT, iNaturalist).
 
     ``default``: the crops of :class:`DecodeRandomResizedCrop` / :class:`DecodeResizeCenterCrop` with the options
@@ -358,7 +359,7 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
     decoded image (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
     from cl_vit.data.base import ImageFileDataset
 
-    check_pipelines(train_transform, test_transform, augment, test_resize)
+    check_pipelines(train_transform, test_transform, augment, test_resize, test_crop_pct)
     decode = dict(decode or {})
     if train_transform == "deit":
         train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment))
@@ -368,7 +369,7 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
         crop, transform = imagenet_transforms(img_size, mean, std, True, **decode)
         train_ds = ImageFileDataset(train, transform, decode=crop)
     if test_transform == "deit":
-        return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std))
+        return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std, crop_pct=test_crop_pct))
     if test_transform == "torchvision":
         return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std))
     crop, transform = imagenet_transforms(img_size, mean, std, False, test_resize, **decode)
@@ -414,7 +415,8 @@ def deit_augment(augment=None) -> dict:
     return {**DEIT_AUGMENT, **augment}
 
 
-def check_pipelines(train_transform: str, test_transform: str, augment=None, test_resize: str = "crop") -> dict:
+def check_pipelines(train_transform: str, test_transform: str, augment=None, test_resize: str = "crop",
+                    test_crop_pct: float | None = None) -> dict:
     """Validate the pipeline choice of a source; returns what ``Source.meta["transforms"]`` records."""
     for key, value in (("train_transform", train_transform), ("test_transform", test_transform)):
         if value not in PIPELINES:
@@ -425,7 +427,13 @@ def check_pipelines(train_transform: str, test_transform: str, augment=None, tes
     if test_transform in ("deit", "torchvision") and test_resize != "crop":
         raise UserError(f"benchmark.source_args.test_resize={test_resize!r} applies to test_transform=default; "
                         "DeiT's evaluation (test_transform=deit) is resize + centre crop")
+    if test_crop_pct is not None and (test_transform != "deit" or not 0 < float(test_crop_pct) <= 2):
+        raise UserError(f"benchmark.source_args.test_crop_pct={test_crop_pct!r} sets the crop fraction of "
+                        "test_transform=deit (timm's evaluation: shorter side to img_size / crop_pct, centre crop): "
+                        "use it with benchmark.source_args.test_transform=deit and a value in (0, 2], or remove it")
     record = {"train": train_transform, "test": test_transform}
+    if test_crop_pct is not None:
+        record["test_crop_pct"] = float(test_crop_pct)
     if train_transform == "deit":
         record["augment"] = deit_augment(augment)
         record["train_source"] = "val-iisc/DeiT-LT datasets.py build_transform_deit (timm create_transform)"
@@ -513,13 +521,17 @@ def torchvision_eval_transform(img_size: int, mean, std) -> PILTransform:
                                    T.Normalize(mean=list(mean), std=list(std))]))
 
 
-def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True) -> PILTransform:
+def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True,
+                        crop_pct: float | None = None) -> PILTransform:
     """DeiT's evaluation transform (build_transform_deit, ``is_train=False``): shorter side to
-    ``int(256 / 224 * img_size)`` (bicubic), centre crop; ``resize_im=False`` (CIFAR at 32) leaves the image as is."""
+    ``int(256 / 224 * img_size)`` (bicubic), centre crop; ``resize_im=False`` (CIFAR at 32) leaves the image as is.
+    ``crop_pct``: timm's evaluation (transforms_imagenet_eval, which timm train.py scripts such as Refiner-ViT's
+    main.py run with the model's crop_pct): shorter side to ``floor(img_size / crop_pct)``, centre crop (zero-padded
+    where the resized image is smaller, crop_pct > 1)."""
     from torchvision import transforms as T
 
     steps = []
     if resize_im:
-        steps += [T.Resize(int((256 / 224) * img_size), interpolation=T.InterpolationMode.BICUBIC),
-                  T.CenterCrop(img_size)]
+        size = int((256 / 224) * img_size) if crop_pct is None else int(math.floor(img_size / float(crop_pct)))
+        steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)]
     return PILTransform(T.Compose([*steps, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]))
