@@ -204,7 +204,7 @@ class ResNetCifar(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # average pooling as ResNet_s.forward (resnet_cifar.py L121), which rounds differently from x.mean((2, 3))
-        x = F.avg_pool2d(x, tuple(x.shape[-2:])).flatten(1)
+        x = F.avg_pool2d(x, [x.shape[-2], x.shape[-1]]).flatten(1)
         return x if pre_logits else self.linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
