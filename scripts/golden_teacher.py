@@ -204,7 +204,8 @@ def run(official: Path, work: Path, name: str) -> dict:
         epochs.append((int(round(float(top1) * len(val_loader.dataset) / 100)), *norms(model)))
         return top1
 
-    script.range, script.LDAMLoss, script.SAM, script.validate = epoch_range, Recorded, remembered_sam, recorded_validate
+    script.range, script.LDAMLoss = epoch_range, Recorded
+    script.SAM, script.validate = remembered_sam, recorded_validate
     sys.argv = ["cifar_train_sam.py", "--gpu", "0", "--imb_type", "exp", "--imb_factor", str(IMB_FACTOR),
                 "--loss_type", "LDAM", "--train_rule", "DRW", "--rho", "0.8", "--rho_schedule", "none",
                 "--dataset", "cifar10", "--seed", str(SEED), "-b", str(RUNS[name]["batch"]), "-j", "0",

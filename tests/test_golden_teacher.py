@@ -1,7 +1,8 @@
-"""Golden trajectory: the suite's DeiT-LT teacher recipe against Saddle-LongTail's own training loop (cifar_train_sam.py).
+"""Golden trajectory: the suite's DeiT-LT teacher recipe against Saddle-LongTail's own loop (cifar_train_sam.py).
 
-The numbers below were produced by the official code (val-iisc/Saddle-LongTail @ 48328fbd46be040f3ab4ac912126c15cec111360)
-on a tiny long-tailed CIFAR-10 (61 images, imbalance 10), on a CPU, with
+The numbers below were produced by the official code
+(val-iisc/Saddle-LongTail @ 48328fbd46be040f3ab4ac912126c15cec111360) on a tiny long-tailed CIFAR-10 (61 images,
+imbalance 10), on a CPU, with
 
     python scripts/golden_teacher.py /path/to/Saddle-LongTail --run all
 
@@ -12,7 +13,8 @@ momentum 0.9 and weight decay 2e-4, the warm-up and step schedule) on the same d
 from the same weights and in the same batch order, with its epoch settings moved so that its epoch i is the script's
 i-th visited official epoch (``golden.suite_schedule``), and asserts per step the learning rate and SAM's radius
 (exactly) and the LDAM loss at ``w`` and at ``w + e(w)`` (to 1e-5 relative), after each epoch the correct test images
-(exactly) and the norms of the trained parameters and of the BatchNorm running statistics (to 1e-5 relative).
+(exactly) and the norms of the trained parameters and of the BatchNorm running statistics (to 1e-5 relative; they
+agree to the last bit here). The suite's warm-up over several batches per epoch differs (the last test).
 """
 import importlib.util
 
