@@ -59,3 +59,40 @@ def test_teacher_recipes_dry_run_on_the_real_layouts(tmp_path, data_root):
                        test_transform="torchvision")
     assert src.train[0][0].shape == src.test[0][0].shape == (3, 32, 32)
     assert {k: src.meta["transforms"][k] for k in ("train", "test")} == {"train": "torchvision", "test": "torchvision"}
+
+
+def test_sam_returns_to_the_stored_weights_bit_for_bit():
+    """sam.py L22 / L33 (Saddle-LongTail) restore the copy of ``w`` taken before the climb; ``(w + e) - e`` would
+    differ from it by rounding. With a zero learning rate the step must leave every weight as it was."""
+    from cl_vit.optim.sam import SAM
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = SAM(torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9), rho=0.8)
+    x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    # the subtraction the suite made before does not give w back here
+    e = [torch.randn_like(b) * 0.1 for b in before]
+    assert not all(torch.equal((b + d) - d, b) for b, d in zip(before, e))
+
+
+def test_resnet32_cifar_pools_as_resnet_s():
+    """models/resnet_cifar.py L121 pools with ``F.avg_pool2d(out, out.size()[3])``, which rounds differently from a
+    mean over the two spatial axes; the suite's teacher pools the same way, bit for bit."""
+    import torch.nn.functional as F
+
+    net = timm.create_model("resnet32_cifar", num_classes=10, use_norm=True)
+    torch.manual_seed(0)
+    feats = torch.randn(16, 64, 8, 8) * 3 + 1
+    pooled = net.forward_head(feats, pre_logits=True)
+    assert torch.equal(pooled, F.avg_pool2d(feats, feats.size()[3]).view(16, -1))
+    assert not torch.equal(pooled, feats.mean((2, 3)))

@@ -203,7 +203,8 @@ class ResNetCifar(nn.Module):
         return self.layer3(self.layer2(self.layer1(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        # average pooling as ResNet_s.forward (resnet_cifar.py L121), which rounds differently from x.mean((2, 3))
+        x = F.avg_pool2d(x, [x.shape[-2], x.shape[-1]]).flatten(1)
         return x if pre_logits else self.linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ class SAM(Optimizer):
             group.setdefault("rho", rho)
             group.setdefault("adaptive", adaptive)
         self.state = base.state
-        self._e_w: dict[torch.Tensor, torch.Tensor] = {}
+        self._w: dict[torch.Tensor, torch.Tensor] = {}
 
     def _grad_norm(self) -> torch.Tensor:
         norms = [
@@ -50,15 +50,18 @@ class SAM(Optimizer):
                 if p.grad is None:
                     continue
                 e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
+                self._w[p] = p.detach().clone()
                 p.add_(e_w)
-                self._e_w[p] = e_w
 
     @torch.no_grad()
     def second_step(self) -> None:
-        """Return to ``w`` and take the base optimiser's step with the gradient measured at ``w + e(w)``."""
-        for p, e_w in self._e_w.items():
-            p.sub_(e_w)
-        self._e_w.clear()
+        """Return to ``w`` and take the base optimiser's step with the gradient measured at ``w + e(w)``.
+
+        ``w`` is the copy taken before the climb, as Saddle-LongTail sam.py L22 / L33 keeps and restores it
+        (``old_p``), not ``(w + e) - e``, which differs from ``w`` by rounding."""
+        for p, w in self._w.items():
+            p.copy_(w)
+        self._w.clear()
         self.base.step()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
