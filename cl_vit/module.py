@@ -481,7 +481,13 @@ class ContinualModule(L.LightningModule):
             lam = lambda step: factor(step // per_epoch, epochs)  # noqa: E731
         else:
             warmup = int(sched.get("warmup_epochs", 0) * per_epoch)
-            if name == "multistep":
+            if name == "multistep" and sched.get("warmup_per_epoch"):
+                # the rate set once per epoch (LDAM-DRW / Saddle-LongTail adjust_learning_rate): warm-up epoch e at
+                # (e + 1) / warmup_epochs for all of its steps
+                ms, warm = list(sched.get("milestones") or ()), int(sched.get("warmup_epochs", 0))
+                gamma = float(sched.get("gamma", 0.1))
+                lam = lambda step: warmup_multistep(step // per_epoch, warm, ms, gamma)  # noqa: E731
+            elif name == "multistep":
                 milestones = [int(m * per_epoch) for m in sched.get("milestones") or ()]
                 gamma = float(sched.get("gamma", 0.1))
                 lam = lambda step: warmup_multistep(step, warmup, milestones, gamma)  # noqa: E731

@@ -134,8 +134,9 @@ def torchvision_normalisation(size, mean, std):
     return lambda image: {"image": tf(image)}
 
 
-def suite_run(tmp_path, monkeypatch, name):
-    """The suite's recipe on the official script's data, as the script's run ``name``; returns the same numbers."""
+def suite_run(tmp_path, monkeypatch, name, extra=()):
+    """The suite's recipe on the official script's data, as the script's run ``name`` (``extra``: more overrides);
+    returns the same numbers."""
     import cl_vit.data.cifar as cifar
     from cl_vit.epoch_eval import ShotGroupEpochEval
     from cl_vit.strategies.ldam import LDAMDRW
@@ -149,7 +150,7 @@ def suite_run(tmp_path, monkeypatch, name):
             f"trainer.max_epochs={s['max_epochs']}", f"scheduler.warmup_epochs={s['warmup_epochs']}",
             f"scheduler.milestones={s['milestones']}", f"strategy.ldam_drw.drw_start_epoch={s['drw_start_epoch']}",
             f"data.batch_size={golden.RUNS[name]['batch']}", "trainer.devices=1", "trainer.accelerator=cpu",
-            "data.num_workers=0", "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}"]
+            "data.num_workers=0", "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}", *extra]
     cfg = compose(over, tmp_path / "data")
     steps, epochs = [], []
     training_loss = LDAMDRW.training_loss
@@ -182,11 +183,12 @@ def suite_run(tmp_path, monkeypatch, name):
             "norm": [e[1] for e in epochs], "bn_norm": [e[2] for e in epochs]}
 
 
-@pytest.mark.parametrize("name", ["drw", "warmup"])
+@pytest.mark.parametrize("name", ["drw", "warmup", "warmup_batches"])
 def test_suite_teacher_recipe_follows_the_official_run(name, tmp_path, monkeypatch):
     ours, theirs = suite_run(tmp_path, monkeypatch, name), OFFICIAL[name]
     # drw: 5 epochs x 8 batches (61 images, the last batch of 5 kept) at 0.1, 0.1, 0.001 + DRW, 0.001, 1e-5;
-    # warmup: 7 epochs of one batch at 0.02, 0.04, 0.06, 0.08, 0.1, 0.1, 0.001 + DRW
+    # warmup: 7 epochs of one batch at 0.02, 0.04, 0.06, 0.08, 0.1, 0.1, 0.001 + DRW; warmup_batches: the warm-up's
+    # first two epochs of 8 batches, each at its epoch's rate (scheduler.warmup_per_epoch)
     assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-12, abs=0)
     assert ours["rho"] == theirs["rho"]
     for key in ("loss", "loss_perturbed"):
@@ -196,14 +198,12 @@ def test_suite_teacher_recipe_follows_the_official_run(name, tmp_path, monkeypat
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=0, err_msg=key)
 
 
-def test_warmup_over_several_batches_is_a_known_difference(tmp_path, monkeypatch):
-    """Remaining difference (docs/recipes.md, "The teacher's training against Saddle-LongTail's own loop"): the
-    official rate is set once per epoch, ``lr * (e + 1) / 5`` through epoch e of the warm-up (cifar_train_sam.py
-    L207, L426-427); the suite's ``scheduler.name=multistep`` warms up per step, ``lr * (k + 1) / (5 * batches)``
-    at step k. With one batch per epoch both agree (the ``warmup`` run above). This test fails once the suite
-    follows the official per-epoch warm-up: then move ``warmup_batches`` into the golden test."""
-    ours, theirs = suite_run(tmp_path, monkeypatch, "warmup_batches"), OFFICIAL["warmup_batches"]
+def test_per_step_warm_up_is_the_other_option(tmp_path, monkeypatch):
+    """The official rate is set once per epoch, ``lr * (e + 1) / 5`` through epoch e of the warm-up (cifar_train_sam.py
+    L207, L426-427: the recipe's scheduler.warmup_per_epoch=true); false, the suite's multistep default elsewhere,
+    rises per step, ``lr * (k + 1) / (5 * batches)`` at step k, which the official run does not do."""
+    ours = suite_run(tmp_path, monkeypatch, "warmup_batches", ["scheduler.warmup_per_epoch=false"])
+    theirs = OFFICIAL["warmup_batches"]
     batches, base = 8, 0.1  # ceil(61 / 8); cifar_train_sam.py --lr 0.1
     assert theirs["lr"] == pytest.approx([base * (k // batches + 1) / 5 for k in range(2 * batches)], rel=1e-12)
     assert ours["lr"] == pytest.approx([base * (k + 1) / (5 * batches) for k in range(2 * batches)], rel=1e-12)
-    assert ours["loss"][0] == pytest.approx(theirs["loss"][0], rel=1e-6)  # the same start; the rates then differ
