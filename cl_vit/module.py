@@ -139,7 +139,7 @@ class _DeferredChecks:
     LOSS, GRADIENT = 1, 2
 
     def __init__(self, every: int, optimizer: torch.optim.Optimizer, experience):
-        self.every, self.optimizer, self.experience = every, optimizer, experience
+        self.every, self.optimizer, self.experience = every, optimizer, experience  # optimizer: the unwrapped one
         self.pending: list[tuple[torch.Tensor, str]] = []  # (verdict code on the device, where)
         self._loss_bad: torch.Tensor | None = None
 
@@ -154,7 +154,7 @@ class _DeferredChecks:
         bad = ~torch.isfinite(loss.detach())  # gradient accumulation: any micro-batch of the step
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
 
-    def gradients(self, grads: list, optimizer, where: str) -> None:
+    def gradients(self, grads: list, where: str) -> None:
         grad_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else None
         code = torch.zeros((), dtype=torch.int32, device=grads[0].device if grads else None)
         if self._loss_bad is not None:
@@ -162,8 +162,8 @@ class _DeferredChecks:
         if grad_bad is not None:
             code = code + grad_bad * self.GRADIENT
         self._loss_bad = None
-        opt = getattr(optimizer, "optimizer", optimizer)
-        opt.found_inf = (code > 0).float()  # read by the fused kernel: a bad step leaves weights and moments alone
+        # read by the fused kernel: a bad step leaves weights and moments alone
+        self.optimizer.found_inf = (code > 0).float()
         self.pending.append((code, where))
 
     def due(self) -> bool:
@@ -334,7 +334,7 @@ class ContinualModule(L.LightningModule):
             return
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if self._deferred is not None:
-            self._deferred.gradients(grads, optimizer, self._where(self.trainer.fit_loop.epoch_loop.batch_idx))
+            self._deferred.gradients(grads, self._where(self.trainer.fit_loop.epoch_loop.batch_idx))
             return
         if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
             return
