@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -22,6 +22,30 @@ def in_checkout(official: Path, prefix: str) -> Iterator[Path]:
             yield Path(tmp)
         finally:
             os.chdir(cwd)
+
+
+def print_runs(argv, doc: str, repo: str, prefix: str, runs, run: Callable[[Path, Path, str], object],
+               flag: str = "--run", before: Callable[[Path], object] | None = None) -> None:
+    """A golden script's command line: ``OFFICIAL_CHECKOUT [flag NAME|all]``; ``before(checkout)`` once (the run-time
+    patches), then for each chosen name ``run(checkout, folder, name)`` in a fresh :func:`in_checkout` folder on one
+    torch thread, its numbers printed as ``'name': {...},`` lines to paste into the test's OFFICIAL."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("official", type=Path, help=f"a checkout of {repo}")
+    p.add_argument(flag, default="all", choices=[*runs, "all"], help="which run; all by default")
+    a = p.parse_args(argv)
+    official = a.official.resolve()
+    torch.set_num_threads(1)
+    if before is not None:
+        before(official)
+    chosen = getattr(a, flag.lstrip("-"))
+    for name in runs if chosen == "all" else [chosen]:
+        with in_checkout(official, prefix) as tmp:
+            numbers = run(official, tmp, name)
+        print(f"{name!r}: {numbers!r},")
 
 
 def sibling(name: str) -> ModuleType:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import in_checkout  # noqa: E402  (the scripts' shared helpers)
+from _official import print_runs  # noqa: E402  (the scripts' shared helpers)
 
 #: the tiny stream: classes, images per class, image size, tasks, batch size, epochs
 STREAM = dict(n_classes=6, n_train=10, n_test=5, size=32, tasks=3, batch=8, epochs=6)
@@ -326,17 +326,8 @@ def run(official: Path, method: str, work: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("official", type=Path, help="a checkout of GT-RIPL/CODA-Prompt")
-    p.add_argument("--method", default="all", choices=[*METHODS, "all"])
-    a = p.parse_args(argv)
-    official = a.official.resolve()
-    torch.set_num_threads(1)
-    _patch(official)
-    for method in METHODS if a.method == "all" else [a.method]:
-        with in_checkout(official, "golden_coda_") as tmp:
-            numbers = run(official, method, tmp)
-        print(f"{method!r}: {numbers!r},")
+    print_runs(argv, __doc__, "GT-RIPL/CODA-Prompt", "golden_coda_", METHODS,
+               lambda official, tmp, method: run(official, method, tmp), flag="--method", before=_patch)
 
 
 if __name__ == "__main__":

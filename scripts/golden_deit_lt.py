@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import in_checkout, sibling  # noqa: E402  (the scripts' shared helpers)
+from _official import print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
 
 #: the tiny set: classes (CIFAR-10's, KD_IMBALANCECIFAR10.cls_num), images per class before the long-tail cut, test
 #: images per class, image size, --imb_factor, batch size, epochs, --warmup-epochs, --drw
@@ -314,16 +314,7 @@ def run(official: Path, work: Path, name: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("official", type=Path, help="a checkout of val-iisc/DeiT-LT")
-    p.add_argument("--run", default="all", choices=[*RUNS, "all"], help="which run (RUNS); all by default")
-    a = p.parse_args(argv)
-    official = a.official.resolve()
-    torch.set_num_threads(1)
-    for name in RUNS if a.run == "all" else [a.run]:
-        with in_checkout(official, "golden_deit_lt_") as tmp:
-            numbers = run(official, tmp, name)
-        print(f"{name!r}: {numbers!r},")
+    print_runs(argv, __doc__, "val-iisc/DeiT-LT", "golden_deit_lt_", RUNS, run)
 
 
 if __name__ == "__main__":

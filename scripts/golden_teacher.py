@@ -41,9 +41,7 @@ The numbers depend on nothing else; tests/test_golden_teacher.py builds the same
 """
 from __future__ import annotations
 
-import argparse
 import builtins
-import importlib.util
 import os
 import sys
 import types
@@ -53,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import in_checkout  # noqa: E402  (the scripts' shared helpers)
+from _official import print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
 
 #: blocks per stage of the official ResNet_s (resnet32 has 5, 5, 5; one each keeps the test at seconds)
 DEPTHS = (1, 1, 1)
@@ -74,18 +72,10 @@ WARMUP, RATE_STEPS, DRW = 5, (160, 180), 160
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
-def _sibling(name: str):
-    """scripts/<name>.py as a module (the data of golden_deit_lt.py, the batch order of golden_coda.py)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_cifar10(root: Path) -> None:
     """golden_deit_lt.py's tiny CIFAR-10 (torchvision's pickles) under ``root``; its ``--imb_factor 0.1`` cut is this
     run's too."""
-    deit = _sibling("golden_deit_lt")
+    deit = sibling("golden_deit_lt")
     assert deit.STREAM["imb_factor"] == IMB_FACTOR and deit.STREAM["n_classes"] == N_CLASSES
     deit.write_cifar10(root)
 
@@ -93,7 +83,7 @@ def write_cifar10(root: Path) -> None:
 def training_images() -> tuple[torch.Tensor, np.ndarray]:
     """The long-tailed training images in ``IMBALANCECIFAR10``'s order (``ToTensor`` + the CIFAR normalisation) and
     their labels."""
-    x, y = _sibling("golden_deit_lt").long_tailed_train()
+    x, y = sibling("golden_deit_lt").long_tailed_train()
     t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
     return (t - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1), y
 
@@ -155,7 +145,7 @@ def _patch(official: Path):
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
     transforms.RandomCrop = lambda *a, **k: (lambda img: img)
     transforms.RandomHorizontalFlip = lambda *a, **k: (lambda img: img)
-    order = _sibling("golden_coda").FixedOrder  # the sampler a DataLoader(shuffle=True) builds
+    order = sibling("golden_coda").FixedOrder  # the sampler a DataLoader(shuffle=True) builds
     torch.utils.data.dataloader.RandomSampler = lambda data, **k: order(len(data), 0)
     sys.path.insert(0, str(official))
     import models
@@ -220,16 +210,7 @@ def run(official: Path, work: Path, name: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("official", type=Path, help="a checkout of val-iisc/Saddle-LongTail")
-    p.add_argument("--run", default="all", choices=[*RUNS, "all"], help="which run (RUNS); all by default")
-    a = p.parse_args(argv)
-    official = a.official.resolve()
-    torch.set_num_threads(1)
-    for name in RUNS if a.run == "all" else [a.run]:
-        with in_checkout(official, "golden_teacher_") as tmp:
-            numbers = run(official, tmp, name)
-        print(f"{name!r}: {numbers!r},")
+    print_runs(argv, __doc__, "val-iisc/Saddle-LongTail", "golden_teacher_", RUNS, run)
 
 
 if __name__ == "__main__":

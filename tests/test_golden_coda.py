@@ -295,9 +295,11 @@ def test_suite_recipe_follows_the_official_run(method, tmp_path, data_root, monk
 def test_the_golden_scripts_run_in_the_checkout_and_restore_the_directory_even_when_the_run_fails(tmp_path):
     import os
 
+    from _official import in_checkout  # (scripts/ is on sys.path since the golden script above was loaded)
+
     cwd = os.getcwd()
     with pytest.raises(RuntimeError):
-        with golden.in_checkout(tmp_path, "golden_test_") as work:
+        with in_checkout(tmp_path, "golden_test_") as work:
             assert os.getcwd() == str(tmp_path) and work.is_dir() and work.name.startswith("golden_test_")
             raise RuntimeError("the official run failed")
     assert os.getcwd() == cwd and not work.exists()

@@ -110,7 +110,7 @@ def official_order(loader_class):
     ``FixedOrder`` of task 0): the experience's dataset holds the long-tailed images grouped by class in another order
     than ``IMBALANCECIFAR10`` (class 9 first), so each official position is mapped to the suite's position of the
     same image."""
-    order = golden._sibling("golden_coda").FixedOrder
+    order = golden.sibling("golden_coda").FixedOrder
 
     def make(dataset, *args, **kwargs):
         if kwargs.pop("shuffle", False):
