@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 
 from cl_vit.bench import __main__ as bench_cli
-from cl_vit.bench import gpu
+from cl_vit.bench import gpu, scratch
 from cl_vit.bench.memory import peak_rss_mib
 from cl_vit.models import build_model
 
@@ -18,8 +18,11 @@ ROW_KEYS = {"case", "metric", "value", "baseline", "ratio", "aim", "meets_aim"}
 
 def test_bench_quick_prints_a_table_and_writes_ratios(tmp_path):
     out = tmp_path / "bench.json"
+    scratch_root = tmp_path / "tmp"  # the benchmarks' temporary run directories go here, and must be gone after
+    scratch_root.mkdir()
     proc = run_cli("runner", "avalanche", "gpu", "--quick", "--out", out, module="cl_vit.bench", timeout=900,
-                   check=True)
+                   check=True, env={"TMPDIR": str(scratch_root)})
+    assert sorted(p.name for p in scratch_root.iterdir()) == []
     assert "ratio" in proc.stdout and f"written to {out}" in proc.stdout
     results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
     assert list(results) == ["runner", "avalanche", "gpu"]
@@ -46,6 +49,15 @@ def test_bench_quick_prints_a_table_and_writes_ratios(tmp_path):
     assert all(r["seeds"] == [0] and len(r["suite_per_seed"]) == len(r["avalanche_per_seed"]) == 1 for r in referee)
     if not torch.cuda.is_available():
         assert results["gpu"]["rows"] == [] and "not measured" in results["gpu"]["notes"][0]
+
+
+def test_scratch_is_removed_when_the_benchmark_fails():
+    with pytest.raises(RuntimeError, match="midway"):
+        with scratch("cl_vit_bench_test_") as root:
+            (root / "run").mkdir()
+            (root / "run" / "results.json").write_text("{}")
+            raise RuntimeError("midway")
+    assert not root.exists()
 
 
 def test_unknown_bench_is_one_line():

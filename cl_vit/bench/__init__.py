@@ -12,9 +12,12 @@ both alike.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
+import tempfile
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 from cl_vit.loading import import_own
 
@@ -44,6 +47,14 @@ def compose_config(overrides=()):
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary directory for a benchmark's own runs, removed when the benchmark ends, on an error too: each
+    ``python -m cl_vit.bench`` (and each test suite, which runs it) left its run directories in the temp folder."""
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as d:
+        yield Path(d)
 
 
 def run_bench(name: str, quick: bool = False) -> dict:

@@ -12,15 +12,13 @@ classes; both A_N are reported.
 from __future__ import annotations
 
 import math
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from cl_vit.bench import compose_config, interleaved_clocks, row
+from cl_vit.bench import compose_config, interleaved_clocks, row, scratch
 from cl_vit.bench.runner import silenced, suite_run
 
 OVERRIDES = ["benchmark=split-digits", "strategy=finetune", "trainer.accelerator=cpu", "logger=none"]
@@ -82,31 +80,33 @@ def referee(quick: bool = False) -> tuple[list[dict], list[str]]:
     bs = int(cfg.data.batch_size)
     case = (f"{cfg.benchmark.name} {cfg.benchmark.source_args.get('img_size', '')}px, "
             f"{cfg.trainer.max_epochs} epoch(s), {len(seeds)} seed(s)")
-    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_referee_"))
-    rows, notes, suite_cache = [], [], {}
-    for name, (suite_args, method, method_args) in method_pairs(bs).items():
-        a_suite, a_av = [], []
-        for seed in seeds:
-            overrides = [*base, *suite_args, f"seed={seed}"]
-            key = tuple(overrides)
-            if key not in suite_cache:  # ewc-backbone reuses the ewc runs
-                try:
-                    suite_cache[key] = suite_run(overrides, root / f"{name}_{seed}")["metrics"]["final_average_accuracy"]
-                except UserError as e:  # the referee's data is not on this machine
-                    return [], [f"referee not run: {e}"]
-            a_suite.append(suite_cache[key])
-            with silenced():
-                a_av.append(avalanche_run(overrides, method=method, **method_args)["final_average_accuracy"])
-        ms, ma = float(np.mean(a_suite)), float(np.mean(a_av))
-        sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-        theirs = f"{method}, classifier unpenalised" if method_args.get("backbone_only") else method
-        rows.append(row(case, f"A_N: suite {name.split('-')[0]} / Avalanche {theirs}", ms, ma,
-                        aim="equal within the seeds' spread",
-                        suite_per_seed=a_suite, avalanche_per_seed=a_av, seeds=list(seeds)))
-        notes.append(f"referee {name}: suite {100 * ms:.2f} ± {100 * sd(a_suite):.2f}, Avalanche {theirs} "
-                     f"{100 * ma:.2f} ± {100 * sd(a_av):.2f} (A_N %, mean ± std over seeds {list(seeds)}; per seed "
-                     f"{[round(100 * a, 2) for a in a_suite]} vs {[round(100 * a, 2) for a in a_av]})")
-    return rows, notes
+    with scratch("cl_vit_bench_referee_") as root:
+        rows, notes, suite_cache = [], [], {}
+        for name, (suite_args, method, method_args) in method_pairs(bs).items():
+            a_suite, a_av = [], []
+            for seed in seeds:
+                overrides = [*base, *suite_args, f"seed={seed}"]
+                key = tuple(overrides)
+                if key not in suite_cache:  # ewc-backbone reuses the ewc runs
+                    try:
+                        metrics = suite_run(overrides, root / f"{name}_{seed}")["metrics"]
+                        suite_cache[key] = metrics["final_average_accuracy"]
+                    except UserError as e:  # the referee's data is not on this machine
+                        return [], [f"referee not run: {e}"]
+                a_suite.append(suite_cache[key])
+                with silenced():
+                    a_av.append(avalanche_run(overrides, method=method, **method_args)["final_average_accuracy"])
+            ms, ma = float(np.mean(a_suite)), float(np.mean(a_av))
+            sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            theirs = f"{method}, classifier unpenalised" if method_args.get("backbone_only") else method
+            rows.append(row(case, f"A_N: suite {name.split('-')[0]} / Avalanche {theirs}", ms, ma,
+                            aim="equal within the seeds' spread",
+                            suite_per_seed=a_suite, avalanche_per_seed=a_av, seeds=list(seeds)))
+            notes.append(f"referee {name}: suite {100 * ms:.2f} ± {100 * sd(a_suite):.2f}, Avalanche {theirs} "
+                         f"{100 * ma:.2f} ± {100 * sd(a_av):.2f} (A_N %, mean ± std over seeds {list(seeds)}; "
+                         "per seed "
+                         f"{[round(100 * a, 2) for a in a_suite]} vs {[round(100 * a, 2) for a in a_av]})")
+        return rows, notes
 
 
 class SeenMasked(torch.nn.Module):
@@ -214,46 +214,47 @@ def avalanche_run(overrides: list[str], fused: bool = False, method: str = "naiv
 def run(quick: bool = False) -> dict:
     overrides = [*OVERRIDES, *(QUICK if quick else [])]
     cfg = compose_config(overrides)
-    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_avalanche_"))
-    counter = iter(range(10**6))
-    results = {}
+    with scratch("cl_vit_bench_avalanche_") as root:
+        counter = iter(range(10**6))
+        results = {}
 
-    def suite():
-        results["suite"] = suite_run(overrides, root / f"suite_{next(counter)}")
+        def suite():
+            results["suite"] = suite_run(overrides, root / f"suite_{next(counter)}")
 
-    def naive(fused: bool):
-        def go():
-            with silenced():
-                results[fused] = avalanche_run(overrides, fused=fused)
-        return go
+        def naive(fused: bool):
+            def go():
+                with silenced():
+                    results[fused] = avalanche_run(overrides, fused=fused)
+            return go
 
-    repeats = 1 if quick else 3
-    wall, cpu = interleaved_clocks({"suite": suite, "avalanche": naive(False), "avalanche_fused": naive(True)},
-                                   repeats=repeats, warmup=0 if quick else 1)
-    a_suite = results["suite"]["metrics"]["final_average_accuracy"]
-    a_av, a_fused = results[False]["final_average_accuracy"], results[True]["final_average_accuracy"]
-    case = f"split-digits, {cfg.benchmark.n_experiences} experiences, {cfg.trainer.max_epochs} epochs"
-    rows = []
-    for key, label, a_base in (("avalanche", case, a_av), ("avalanche_fused", f"{case}, Naive fused AdamW", a_fused)):
-        for clock, times in (("wall", wall), ("CPU", cpu)):
-            rows.append(row(label, f"{clock} s: suite / Naive", times["suite"], times[key], aim=f"<= {AIM:.2f}x",
-                            target=AIM, accuracy=a_suite, baseline_accuracy=a_base))
-    referee_rows, referee_notes = referee(quick)
-    return {
-        "name": "avalanche",
-        "device": "cpu",
-        "rows": [
-            *rows,
-            row(case, "A_N: suite / Naive", a_suite, a_av, aim="equal accuracy"),
-            *referee_rows,
-        ],
-        "notes": [
-            f"{cfg.model.name}, AdamW lr {cfg.optimizer.lr} + per-step cosine, batch {cfg.data.batch_size}; "
-            f"torch threads {torch.get_num_threads()}; median of {repeats} interleaved repetitions; CPU = this "
-            "process's CPU time",
-            "Naive: torch's default AdamW loop, as an Avalanche script gets it; the 'Naive fused AdamW' rows give "
-            "Naive the suite's fused AdamW",
-            f"final A_N: suite {a_suite:.4f}, Avalanche Naive {a_av:.4f} (fused AdamW: {a_fused:.4f})",
-            *referee_notes,
-        ],
-    }
+        repeats = 1 if quick else 3
+        wall, cpu = interleaved_clocks({"suite": suite, "avalanche": naive(False), "avalanche_fused": naive(True)},
+                                       repeats=repeats, warmup=0 if quick else 1)
+        a_suite = results["suite"]["metrics"]["final_average_accuracy"]
+        a_av, a_fused = results[False]["final_average_accuracy"], results[True]["final_average_accuracy"]
+        case = f"split-digits, {cfg.benchmark.n_experiences} experiences, {cfg.trainer.max_epochs} epochs"
+        rows = []
+        fused_case = f"{case}, Naive fused AdamW"
+        for key, label, a_base in (("avalanche", case, a_av), ("avalanche_fused", fused_case, a_fused)):
+            for clock, times in (("wall", wall), ("CPU", cpu)):
+                rows.append(row(label, f"{clock} s: suite / Naive", times["suite"], times[key], aim=f"<= {AIM:.2f}x",
+                                target=AIM, accuracy=a_suite, baseline_accuracy=a_base))
+        referee_rows, referee_notes = referee(quick)
+        return {
+            "name": "avalanche",
+            "device": "cpu",
+            "rows": [
+                *rows,
+                row(case, "A_N: suite / Naive", a_suite, a_av, aim="equal accuracy"),
+                *referee_rows,
+            ],
+            "notes": [
+                f"{cfg.model.name}, AdamW lr {cfg.optimizer.lr} + per-step cosine, batch {cfg.data.batch_size}; "
+                f"torch threads {torch.get_num_threads()}; median of {repeats} interleaved repetitions; CPU = this "
+                "process's CPU time",
+                "Naive: torch's default AdamW loop, as an Avalanche script gets it; the 'Naive fused AdamW' rows give "
+                "Naive the suite's fused AdamW",
+                f"final A_N: suite {a_suite:.4f}, Avalanche Naive {a_av:.4f} (fused AdamW: {a_fused:.4f})",
+                *referee_notes,
+            ],
+        }

@@ -17,11 +17,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from cl_vit.bench import row
+from cl_vit.bench import row, scratch
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 AIM = 2.2
@@ -60,13 +59,13 @@ def timed_runs(n: int, overrides: list[str], root: Path, env: dict) -> list[floa
 
 def measure(overrides: list[str], repeats: int, extra_env: dict | None = None) -> tuple[float, list[float]]:
     """Median wall time of the lone run and of each run of the pair, alternating lone and pair ``repeats`` times."""
-    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_contention_"))
-    env = run_environment(extra_env)
-    lone, pair = [], []
-    for _ in range(repeats):
-        lone += timed_runs(1, overrides, root, env)
-        pair.append(timed_runs(2, overrides, root, env))
-    return statistics.median(lone), [statistics.median(p[i] for p in pair) for i in range(2)]
+    with scratch("cl_vit_bench_contention_") as root:
+        env = run_environment(extra_env)
+        lone, pair = [], []
+        for _ in range(repeats):
+            lone += timed_runs(1, overrides, root, env)
+            pair.append(timed_runs(2, overrides, root, env))
+        return statistics.median(lone), [statistics.median(p[i] for p in pair) for i in range(2)]
 
 
 def run(quick: bool = False, spinning: bool = False) -> dict:

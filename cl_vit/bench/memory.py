@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from cl_vit.bench import row
+from cl_vit.bench import row, scratch
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,28 +36,28 @@ def peak_rss_mib(cmd: list[str]) -> float:
 
 def run(quick: bool = False) -> dict:
     overrides = ["trainer.max_epochs=1"] if quick else []
-    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_memory_"))
-    suite = peak_rss_mib([sys.executable, "-m", "cl_vit.run", *overrides, f"hydra.run.dir={root / 'run'}"])
-    bare = peak_rss_mib([sys.executable, "-c",
-                         f"from cl_vit.bench.runner import bare_run; bare_run({overrides!r})"])
-    imports = peak_rss_mib([sys.executable, "-c", "import cl_vit.run, cl_vit.runner, lightning, timm, avalanche"])
-    case = "default run" + (" (1 epoch)" if quick else "")
-    n = 30 if quick else 100
-    slope, first, late, early = long_stream_slope(root, n)
-    return {
-        "name": "memory",
-        "device": "cpu",
-        "rows": [
-            row(case, "peak RSS MiB: suite / bare", suite, bare),
-            row(case, "peak RSS MiB: suite / imports", suite, imports),
-            # value: RSS growth per experience (MiB); baseline: the RSS after the first experience
-            row(f"{n}-experience stream", "RSS slope MiB/exp / RSS", slope, first),
-            # training + evaluation of one experience; the evaluation covers the n test images seen so far
-            row(f"{n}-experience stream", "s/exp: last 10 / exps 5-14", late, early),
-        ],
-        "notes": ["python -m cl_vit.run (split-digits, TensorBoard) vs a bare PyTorch loop over the same stream "
-                  "and vs importing the stack; each in a fresh process"],
-    }
+    with scratch("cl_vit_bench_memory_") as root:
+        suite = peak_rss_mib([sys.executable, "-m", "cl_vit.run", *overrides, f"hydra.run.dir={root / 'run'}"])
+        bare = peak_rss_mib([sys.executable, "-c",
+                             f"from cl_vit.bench.runner import bare_run; bare_run({overrides!r})"])
+        imports = peak_rss_mib([sys.executable, "-c", "import cl_vit.run, cl_vit.runner, lightning, timm, avalanche"])
+        case = "default run" + (" (1 epoch)" if quick else "")
+        n = 30 if quick else 100
+        slope, first, late, early = long_stream_slope(root, n)
+        return {
+            "name": "memory",
+            "device": "cpu",
+            "rows": [
+                row(case, "peak RSS MiB: suite / bare", suite, bare),
+                row(case, "peak RSS MiB: suite / imports", suite, imports),
+                # value: RSS growth per experience (MiB); baseline: the RSS after the first experience
+                row(f"{n}-experience stream", "RSS slope MiB/exp / RSS", slope, first),
+                # training + evaluation of one experience; the evaluation covers the n test images seen so far
+                row(f"{n}-experience stream", "s/exp: last 10 / exps 5-14", late, early),
+            ],
+            "notes": ["python -m cl_vit.run (split-digits, TensorBoard) vs a bare PyTorch loop over the same stream "
+                      "and vs importing the stack; each in a fresh process"],
+        }
 
 
 def long_stream_slope(root: Path, n: int = 100) -> tuple[float, float, float, float]:

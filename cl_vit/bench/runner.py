@@ -12,7 +12,6 @@ import contextlib
 import io
 import logging
 import math
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from cl_vit.bench import compose_config, interleaved_clocks, row
+from cl_vit.bench import compose_config, interleaved_clocks, row, scratch
 
 #: the one-experience split-digits stream: 10 classes, 1,347 training images (43 batches of 32 per epoch)
 OVERRIDES = ["benchmark=split-digits", "benchmark.n_experiences=1", "trainer.accelerator=cpu"]
@@ -98,36 +97,36 @@ def run(quick: bool = False) -> dict:
     cfg = compose_config(overrides)
     epochs = int(cfg.trainer.max_epochs)
     steps = epochs * math.ceil(1347 / int(cfg.data.batch_size))
-    root = Path(tempfile.mkdtemp(prefix="cl_vit_bench_runner_"))
-    counter = iter(range(10**6))
-    results = {}
+    with scratch("cl_vit_bench_runner_") as root:
+        counter = iter(range(10**6))
+        results = {}
 
-    def suite(logger: str):
-        def go():
-            results[logger] = suite_run([*overrides, f"logger={logger}"], root / f"{logger}_{next(counter)}")
-        return go
+        def suite(logger: str):
+            def go():
+                results[logger] = suite_run([*overrides, f"logger={logger}"], root / f"{logger}_{next(counter)}")
+            return go
 
-    def bare():
-        results["bare"] = bare_run(overrides)
+        def bare():
+            results["bare"] = bare_run(overrides)
 
-    wall, cpu = interleaved_clocks({"suite": suite("tensorboard"), "suite_nolog": suite("none"), "bare": bare},
-                                   repeats=1 if quick else 3, warmup=0 if quick else 1)
-    a_suite = results["tensorboard"]["metrics"]["final_average_accuracy"]
-    a_bare = results["bare"]["final_average_accuracy"]
-    case = f"1 experience, {epochs} epochs, {steps} steps"
-    rows = []
-    for key, label in (("suite", case), ("suite_nolog", f"{case}, logger=none")):
-        for clock, times in (("wall", wall), ("CPU", cpu)):
-            rows.append(row(label, f"{clock} s: suite / bare loop", times[key], times["bare"], aim=f"<= {AIM:.2f}x",
-                            target=AIM, accuracy=a_suite, baseline_accuracy=a_bare))
-    return {
-        "name": "runner",
-        "device": "cpu",
-        "rows": rows,
-        "notes": [
-            f"split-digits as one experience (10 classes), {cfg.model.name}, batch {cfg.data.batch_size}, "
-            f"AdamW + cosine; torch threads {torch.get_num_threads()}; median of "
-            f"{1 if quick else 3} interleaved repetitions; CPU = this process's CPU time",
-            f"final accuracy: suite {a_suite:.4f}, bare loop {a_bare:.4f}",
-        ],
-    }
+        wall, cpu = interleaved_clocks({"suite": suite("tensorboard"), "suite_nolog": suite("none"), "bare": bare},
+                                       repeats=1 if quick else 3, warmup=0 if quick else 1)
+        a_suite = results["tensorboard"]["metrics"]["final_average_accuracy"]
+        a_bare = results["bare"]["final_average_accuracy"]
+        case = f"1 experience, {epochs} epochs, {steps} steps"
+        rows = []
+        for key, label in (("suite", case), ("suite_nolog", f"{case}, logger=none")):
+            for clock, times in (("wall", wall), ("CPU", cpu)):
+                rows.append(row(label, f"{clock} s: suite / bare loop", times[key], times["bare"], aim=f"<= {AIM:.2f}x",
+                                target=AIM, accuracy=a_suite, baseline_accuracy=a_bare))
+        return {
+            "name": "runner",
+            "device": "cpu",
+            "rows": rows,
+            "notes": [
+                f"split-digits as one experience (10 classes), {cfg.model.name}, batch {cfg.data.batch_size}, "
+                f"AdamW + cosine; torch threads {torch.get_num_threads()}; median of "
+                f"{1 if quick else 3} interleaved repetitions; CPU = this process's CPU time",
+                f"final accuracy: suite {a_suite:.4f}, bare loop {a_bare:.4f}",
+            ],
+        }
