@@ -31,9 +31,9 @@ At run time this script also
   ``DEPTHS`` blocks per stage and inner width ``WIDTH`` (resnet50: 3, 4, 6, 3 and 64; the stage outputs stay 256 ...
   2048), and ``NormedLinear(2048, 1000)`` (L142) with ``N_CLASSES`` outputs, both loaded with ``initial_weights()``;
   ``LT_Dataset.num_classes`` (1000) is ``N_CLASSES`` too;
-* writes the images (PNG) and the list files ``ImageNet_LT_train.txt`` / ``ImageNet_LT_test.txt`` (``write_imagenet_lt``)
-  and copies the lists to ``./datasets/data_txt/`` of a temporary working directory, where datasets/imagenet.py L110-111
-  reads them;
+* writes the images (PNG) and the list files ``ImageNet_LT_train.txt`` / ``ImageNet_LT_test.txt``
+  (``write_imagenet_lt``) and copies the lists to ``./datasets/data_txt/`` of a temporary working directory, where
+  datasets/imagenet.py L110-111 reads them;
 * turns the random augmentation off: ``RandomResizedCrop(224)``, ``RandomHorizontalFlip`` and ``ColorJitter`` of
   transform_train (datasets/imagenet.py L93-98) become identities (the training images are written at ``SIZE``), and
   scales the test transform to ``SIZE``: ``Resize(256)`` + ``CenterCrop(224)`` (L102-106) become
