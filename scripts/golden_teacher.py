@@ -119,13 +119,10 @@ def norms(model: torch.nn.Module) -> tuple[float, float]:
             float(torch.sqrt(sum((b ** 2).sum() for b in stats))))
 
 
-def _patch(official: Path):
-    """The run-time changes listed in the module docstring (once per process); returns ``cifar_train_sam``."""
-    if "cifar_train_sam" in sys.modules:
-        return sys.modules["cifar_train_sam"]
-    import torchvision
-    import torchvision.transforms as transforms
-
+def patch_cuda() -> None:
+    """The official scripts on a CPU: ``.cuda()`` an identity, ``torch.cuda.set_device`` a no-op,
+    ``torch.cuda.FloatTensor`` the CPU one (losses.py L49, L59), and a ``tensorboardX`` whose writer drops what it is
+    given where the package is missing (its ``SummaryWriter`` only logs)."""
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.cuda.set_device = lambda *a, **k: None
@@ -141,12 +138,32 @@ def _patch(official: Path):
                 return lambda *a, **k: None
 
         sys.modules["tensorboardX"] = types.SimpleNamespace(SummaryWriter=SummaryWriter)
+
+
+def identity(*a, **k):
+    """A random transform turned off: it returns the image it is given."""
+    return lambda img: img
+
+
+def fixed_shuffle() -> None:
+    """Every ``DataLoader(shuffle=True)`` visits its data in golden_coda.py's ``FixedOrder`` (epoch e:
+    ``randperm(n)`` from a generator seeded e), the order the tests give the suite's loader."""
+    order = sibling("golden_coda").FixedOrder
+    torch.utils.data.dataloader.RandomSampler = lambda data, **k: order(len(data), 0)
+
+
+def _patch(official: Path):
+    """The run-time changes listed in the module docstring (once per process); returns ``cifar_train_sam``."""
+    if "cifar_train_sam" in sys.modules:
+        return sys.modules["cifar_train_sam"]
+    import torchvision
+    import torchvision.transforms as transforms
+
+    patch_cuda()
     torchvision.datasets.CIFAR10._check_integrity = lambda self: True
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
-    transforms.RandomCrop = lambda *a, **k: (lambda img: img)
-    transforms.RandomHorizontalFlip = lambda *a, **k: (lambda img: img)
-    order = sibling("golden_coda").FixedOrder  # the sampler a DataLoader(shuffle=True) builds
-    torch.utils.data.dataloader.RandomSampler = lambda data, **k: order(len(data), 0)
+    transforms.RandomCrop = transforms.RandomHorizontalFlip = identity
+    fixed_shuffle()
     sys.path.insert(0, str(official))
     import models
     import models.resnet_cifar as rc
@@ -162,18 +179,16 @@ def _patch(official: Path):
     return cifar_train_sam
 
 
-def run(official: Path, work: Path, name: str) -> dict:
-    """The official run ``name`` (a key of ``RUNS``) on the tiny set; returns its numbers."""
-    script = _patch(official)
-    write_cifar10(work / "data")
-    os.chdir(work)  # cifar_train_sam.py reads './data' (in_checkout restores the directory)
-    visited = RUNS[name]["epochs"]
+def trace(script, argv: list[str], visited, loop: tuple[int, int]) -> dict:
+    """``script.main()`` with the command line ``argv``, its epoch loop (``range(*loop)``) visiting the official
+    epochs ``visited`` instead; returns per step the rate, SAM's radius and the LDAM loss of both passes, after each
+    epoch the correct test images and the norms (:func:`norms`)."""
     steps, epochs, state = [], [], {}
 
     def epoch_range(*a):
-        return list(visited) if a == (0, 200) else builtins.range(*a)
+        return list(visited) if a == loop else builtins.range(*a)
 
-    class Recorded(script.LDAMLoss):  # built afresh each epoch (cifar_train_sam.py L242)
+    class Recorded(script.LDAMLoss):  # built afresh each epoch
         def forward(self, x, target):
             loss = super().forward(x, target)
             if torch.is_grad_enabled():  # train(); validate() runs under no_grad
@@ -196,17 +211,30 @@ def run(official: Path, work: Path, name: str) -> dict:
 
     script.range, script.LDAMLoss = epoch_range, Recorded
     script.SAM, script.validate = remembered_sam, recorded_validate
-    sys.argv = ["cifar_train_sam.py", "--gpu", "0", "--imb_type", "exp", "--imb_factor", str(IMB_FACTOR),
-                "--loss_type", "LDAM", "--train_rule", "DRW", "--rho", "0.8", "--rho_schedule", "none",
-                "--dataset", "cifar10", "--seed", str(SEED), "-b", str(RUNS[name]["batch"]), "-j", "0",
-                "--root_log", str(work / "log"), "--root_model", str(work / "checkpoint")]
+    sys.argv = argv
     script.best_acc1 = 0
-    script.main()
+    try:
+        script.main()
+    finally:
+        script.range, script.LDAMLoss, script.SAM, script.validate = builtins.range, Recorded.__base__, sam, validate
     first, second = steps[0::2], steps[1::2]
     assert [s[:2] for s in first] == [s[:2] for s in second]
     return {"lr": [s[0] for s in first], "rho": [s[1] for s in first], "loss": [s[2] for s in first],
             "loss_perturbed": [s[2] for s in second], "correct": [e[0] for e in epochs],
             "norm": [e[1] for e in epochs], "bn_norm": [e[2] for e in epochs]}
+
+
+def run(official: Path, work: Path, name: str) -> dict:
+    """The official run ``name`` (a key of ``RUNS``) on the tiny set; returns its numbers."""
+    script = _patch(official)
+    write_cifar10(work / "data")
+    os.chdir(work)  # cifar_train_sam.py reads './data' (in_checkout restores the directory)
+    argv = ["cifar_train_sam.py", "--gpu", "0", "--imb_type", "exp", "--imb_factor", str(IMB_FACTOR),
+            "--loss_type", "LDAM", "--train_rule", "DRW", "--rho", "0.8", "--rho_schedule", "none",
+            "--dataset", "cifar10", "--seed", str(SEED), "-b", str(RUNS[name]["batch"]), "-j", "0",
+            "--root_log", str(work / "log"), "--root_model", str(work / "checkpoint")]
+    # the epoch loop, cifar_train_sam.py L206: range(start_epoch, epochs) of 200; the LDAMLoss of L242
+    return trace(script, argv, RUNS[name]["epochs"], (0, 200))
 
 
 def main(argv=None) -> None:

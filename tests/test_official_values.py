@@ -53,7 +53,7 @@ def test_imagenet_lt_and_inat_teachers_match_saddle_longtail(recipe, lr, wd, mea
     assert (o.name, o.lr, o.momentum, o.weight_decay) == ("momentum", lr, 0.9, wd)
     assert (cfg.strategy.ldam_drw.max_margin, cfg.strategy.ldam_drw.scale, cfg.strategy.ldam_drw.drw_start_epoch) == (
         0.3, 30.0, 60)
-    assert cfg.scheduler.name == "cosine" and cfg.scheduler.min_lr_ratio == 0 and cfg.scheduler.warmup_epochs == 0
+    assert cfg.scheduler.name == "cosine_epoch" and cfg.scheduler.min_lr_ratio == 0 and cfg.scheduler.warmup_epochs == 0
     steps = [0.05, 0.1, 0.5, 0.5]  # run.sh L27, L35 --rho_steps
     assert [rho_at(e, o.sam_rho, o.sam_rho_milestones, o.sam_rho_values) for e in range(90)] == [
         saddle_adjust_rho(e, steps) for e in range(90)]
