@@ -90,8 +90,9 @@ def suite_run(tmp_path, monkeypatch):
             "model.drop_path_rate=0", f"trainer.max_epochs={r['epochs'] + r['cooldown']}",
             f"scheduler.cooldown_epochs={r['cooldown']}", f"scheduler.warmup_epochs={r['warmup']}",
             f"ema.decay={r['ema']}", f"strategy.mixup.cutmix={r['cutmix']}", f"data.batch_size={r['batch']}",
-            "trainer.precision=64-true", "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0",
-            "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}"]
+            "benchmark.source_args.augment.prefetcher=false", "trainer.precision=64-true", "trainer.accelerator=cpu",
+            "trainer.devices=1", "data.num_workers=0", "data.persistent_workers=false", "logger=none",
+            f"seed={golden.SEED}"]
     cfg = compose(over, tmp_path / "data")
     x, y = golden.images()["test"]
     x, y = golden.to_input(x).double(), torch.from_numpy(y).long()

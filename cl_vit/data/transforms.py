@@ -548,7 +548,8 @@ class PrefetchStage:
     L71-72, L77-79, L94-96, main.py L521-547 with ``args.prefetcher`` on by default, L295): ``(x - 255 mean) /
     (255 std)`` of the uint8 batch, then timm's ``RandomErasing`` per image on the normalised batch (the one loader
     erasing; the per-image transform leaves it out with ``use_prefetcher``, timm/data/transforms_factory.py L110-122).
-    Computes in the default dtype (float32; float64 under ``trainer.precision=64-true``)."""
+    Computes in float32 as the loader does (without its fp16 option), then casts to the default dtype (float64 under
+    ``trainer.precision=64-true``)."""
 
     def __init__(self, mean, std, re_prob: float = 0.0, re_mode: str = "const", re_count: int = 1):
         self.mean = [255 * float(m) for m in mean]
@@ -562,14 +563,13 @@ class PrefetchStage:
         if x.dtype != torch.uint8:
             raise UserError(f"benchmark.source_args.augment.prefetcher=true expects uint8 training images from the "
                             f"DeiT pipeline; this stream gives {x.dtype}: set it to false for this stream")
-        dtype = torch.get_default_dtype()
         shape = (1, len(self.mean), 1, 1)
-        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(shape)
-        x = x.to(dtype).sub_(mean).div_(std)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+        x = x.float().sub_(mean).div_(std)
         if self.re["probability"] > 0:
             x = RandomErasing(**self.re, device=x.device)(x)
-        return x
+        return x.to(torch.get_default_dtype())
 
     def __repr__(self):
         return f"PrefetchStage(mean={self.mean}, std={self.std}, random_erasing={self.re})"
