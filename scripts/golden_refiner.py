@@ -1,54 +1,62 @@
 """Golden trajectory from Refiner-ViT's own training loop (zhoudaquan/Refiner_ViT) on a tiny stream, on a CPU.
 
-    python scripts/golden_refiner.py /path/to/Refiner_ViT
+    python scripts/golden_refiner.py /path/to/Refiner_ViT [--run no_prefetcher|prefetcher|all]
 
-runs the official ``main.main`` of main.py (a timm 0.4.8 train.py, with the timm it bundles in its ``timm/`` folder)
-with the arguments of scripts/refiner_s.yaml (``-c``) and a few overrides that size the run down: its optimiser
+runs (twice, ``RUNS``: without and with main.py's default prefetcher loader) the official ``main.main`` of main.py (a
+timm 0.4.8 train.py, with the timm it bundles in its ``timm/`` folder) with the arguments of scripts/refiner_s.yaml
+(``-c``) and a few overrides that size the run down: its optimiser
 (bundled ``timm.optim.create_optimizer``: AdamW, no weight decay on biases, 1-D tensors and the model's
 ``no_weight_decay()``), its scheduler (bundled ``timm.scheduler.create_scheduler``: per-epoch cosine with warm-up from
 ``warmup_lr`` and ``cooldown_epochs`` at ``min_lr``, stepped ``step(epoch + 1)`` after each epoch, main.py L646), its
 ``ModelEmaV2`` (updated after every step, main.py L762, evaluated after every epoch beside the model, L635-642), its
 loss (``SoftTargetCrossEntropyCosReg``, which main.py L581-582 picks when ``cos_reg_component > 0``: soft-target CE
-plus the attention-map cosine term over its default ``n_comn=2`` pairs), Mixup with label smoothing (bundled timm
-``Mixup``, scripts/refiner_s.yaml's 0.8 / 0.1; CutMix off, ``RUN``) and its ``train_one_epoch`` and ``validate``. It
-prints what
-tests/test_golden_refiner.py asserts the suite reproduces: per step the learning rate and the loss, after each epoch
-the correct test images and the mean test loss of the model and of its EMA, and the norm of the model's and the EMA's
-parameters.
+plus the attention-map cosine term over its default ``n_comn=2`` pairs), Mixup with label smoothing (bundled timm,
+scripts/refiner_s.yaml's 0.8 / 0.1; ``no_prefetcher``: ``Mixup`` in ``train_one_epoch``, CutMix off; ``prefetcher``:
+``FastCollateMixup`` in the loader's collate with the yaml's CutMix 1.0, then data/loader.py's ``PrefetchLoader``
+normalising the mixed uint8 batch and erasing it with the yaml's reprob 0.25) and its ``train_one_epoch`` and
+``validate``. It prints what tests/test_golden_refiner.py asserts the suite reproduces: per step the learning rate and
+the loss, after each epoch the correct test images and the mean test loss of the model and of its EMA, and the norm
+of the model's and the EMA's parameters.
 
 Nothing of the official code is copied or changed on disk; at run time this script only
 
 * answers utils/utils.py's ``os.popen('stty size')`` (run at import, it fails without a terminal) with "24 80";
-* makes ``.cuda()`` an identity and ``torch.cuda.synchronize`` a no-op (scripts/refiner_s.yaml's ``amp: true`` picks
-  native AMP, whose autocast and GradScaler disable themselves without CUDA: the run is fp32); apex and tensorflow
-  are absent, which main.py allows; Mixup's soft targets are built on the CPU (timm/data/mixup.py L22 defaults
-  ``mixup_target`` to ``device='cuda'``);
+* makes ``.cuda()`` an identity, ``torch.cuda.synchronize`` a no-op and ``torch.cuda.Stream`` / ``stream`` /
+  ``current_stream`` (the PrefetchLoader's side stream) stand-ins without effect (scripts/refiner_s.yaml's
+  ``amp: true`` picks native AMP, whose autocast and GradScaler disable themselves without CUDA: the run is fp32);
+  apex and tensorflow are absent, which main.py allows; Mixup's soft targets are built on the CPU
+  (timm/data/mixup.py L22 defaults ``mixup_target`` to ``device='cuda'``);
 * registers ``golden_tiny_Refiner`` with the bundled timm (timm/models/factory.py L52-60 passes ``return_dense`` and
   ``mix_token`` only to names containing "Refiner"): the official ``Refiner_ViT`` built as ``Refiner_ViT_S``
   (models/refined_transformer.py L480-487: attend / share block pairs, MLP ratio 3, qkv bias, LayerNorm eps 1e-6,
   ``head_expand`` 6) with ``MODEL``'s depth, width, heads and patch size; ``--initial-checkpoint`` loads
   ``initial_official()`` into it (written to a temporary file by a child process, which builds it with the suite);
-* replaces main.py's data (``create_dataset``, ``create_relabel_loader``, ``create_loader``) by ``STREAM``'s images as
-  tensors, normalised with the model's mean / std (0.5) and without random augmentation; the training loader keeps
-  main.py's batch size and data/loader.py L220's ``drop_last=is_training`` and takes golden_coda.py's ``FixedOrder``
-  (epoch e: ``randperm(n)`` from a generator seeded e) in place of shuffling; ``--no-prefetcher`` so that
-  ``train_one_epoch`` mixes the batch itself (``mixup_fn``) instead of the prefetcher's collate (``FastCollateMixup``
-  mixes the uint8 images, the same mixing before normalisation, rounded to integers);
+* replaces main.py's data (``create_dataset``, ``create_relabel_loader``, ``create_loader``) by ``STREAM``'s images,
+  without random per-image augmentation: test images (and ``no_prefetcher``'s training images) as tensors normalised
+  with the model's mean / std (0.5); the training loader keeps main.py's batch size and data/loader.py L220's
+  ``drop_last=is_training`` and takes golden_coda.py's ``FixedOrder`` (epoch e: ``randperm(n)`` from a generator
+  seeded e) in place of shuffling. ``prefetcher``: main.py's call of data/loader.py's own ``create_relabel_loader``
+  with its arguments, on the uint8 images (channels first, as the prefetcher transform's ``ToNumpy`` gives them; the
+  per-image transform it installs is bypassed), its inner DataLoader swapped for one in that order with the same
+  collate, its ``RandomErasing`` on the CPU (timm 0.4.8's default device ``'cuda'``), its float32 batches handed
+  on in float64 (below);
 * computes in float64 (``torch.set_default_dtype``: the model, Mixup's soft targets and the loss; the images as
   float64 tensors), as the test runs the suite (``trainer.precision=64-true``): in float32 Adam turns rounding noise
   in gradients near zero into whole steps of opposite sign (its update is ``lr * m / (sqrt(v) + 1e-8)``), and the two
   implementations (the suite's fused refiner product, the official autograd) part within a few steps of the
   recipe's rate; in float64 they agree to rounding;
 * seeds numpy, from which Mixup draws, ``mixing_seed(epoch)`` before each epoch (``train_one_epoch`` wrapped; the
-  test seeds the suite's at the same point);
+  test seeds the suite's at the same point); ``prefetcher``: numpy, Python's ``random`` and torch (the erasing) at
+  each epoch's first collate (the test: at each epoch's first training step, before the batch is mixed);
 * wraps the loss, ``create_optimizer`` and ``validate`` to record the numbers.
 
 main.py takes most values only from its ``-c`` file, so the run reads a copy of scripts/refiner_s.yaml (in the
 temporary folder) with these changed: the model (above), ``img_size`` 32, ``num_classes``, ``batch_size``,
 ``epochs``, ``warmup_epochs``, ``cooldown_epochs`` (``RUN``), ``model_ema_decay`` (an average that moves within 20
-steps), ``cutmix`` 0 (``RUN``), ``drop_path`` 0, ``no_prefetcher``, ``workers`` 0, ``initial_checkpoint``,
-``output`` (the temporary folder), ``seed``. Everything else is the file's (AdamW at lr 5e-4, weight decay 0.05,
-``warmup_lr`` 1e-6, ``min_lr`` 1e-5, Mixup 0.8 / smoothing 0.1, ``cos_reg_component`` 12, EMA on, ``amp``).
+steps), ``drop_path`` 0, ``workers`` 0, ``initial_checkpoint``, ``output`` (the temporary folder), ``seed``, and
+per run ``no_prefetcher`` and ``cutmix`` (``RUNS``). Everything else is the file's (AdamW at lr 5e-4, weight decay
+0.05, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, Mixup 0.8 / smoothing 0.1, CutMix 1.0, reprob 0.25 in pixel mode,
+``cos_reg_component`` 12, EMA on, ``amp``).
 The official code needs nothing the suite does not install. Run it from a checkout outside this repository; it
 writes only to temporary folders.
 """
@@ -65,7 +73,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
+from _official import cuda_streams_off, print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
 
 #: the tiny set: classes (at least 5: validate() counts top-5), training and test images per class (42 training
 #: images: 5 batches of 8 and 2 dropped), image size
@@ -178,19 +186,12 @@ def _patch(official: Path):
     """The run-time changes listed in the module docstring (once per process); returns the official ``main``."""
     if "main" in sys.modules and hasattr(sys.modules["main"], "train_one_epoch"):
         return sys.modules["main"]
-    import contextlib
     import functools
 
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.cuda.synchronize = lambda *a, **k: None
-
-    class Stream:  # the PrefetchLoader's side stream (data/loader.py L84-103), without effect on a CPU
-        def wait_stream(self, other):
-            return None
-
-    torch.cuda.Stream, torch.cuda.current_stream = Stream, lambda *a, **k: Stream()
-    torch.cuda.stream = lambda s: contextlib.nullcontext()
+    cuda_streams_off()  # the PrefetchLoader's side stream, data/loader.py L84-103
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(var, None)
     sys.path.insert(0, str(official))

@@ -29,8 +29,6 @@ this repository (it imports the checkout's ``timm``, never the installed one); i
 """
 from __future__ import annotations
 
-import contextlib
-import random
 import sys
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import print_runs  # noqa: E402  (the scripts' shared helpers)
+from _official import cuda_streams_off, print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
 
 #: images per batch, batches, image shape (odd sides), classes
 BATCH, BATCHES, SIZE, N_CLASSES = 4, 4, (3, 15, 13), 5
@@ -60,9 +58,8 @@ def images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def seed_all() -> None:
-    np.random.seed(SEED)
-    random.seed(SEED)
-    torch.manual_seed(SEED)
+    """numpy (the collate's mixing), Python's ``random`` and torch (erasing), as scripts/golden_refiner.py seeds them."""
+    sibling("golden_refiner").seed_all(SEED)
 
 
 def checksums(x: torch.Tensor) -> list:
@@ -78,14 +75,7 @@ def checksums(x: torch.Tensor) -> list:
 def _patch(official: Path) -> None:
     """The run-time changes of the module docstring."""
     torch.Tensor.cuda = lambda self, *a, **k: self
-
-    class Stream:
-        def wait_stream(self, other):
-            return None
-
-    torch.cuda.Stream = Stream
-    torch.cuda.stream = lambda s: contextlib.nullcontext()
-    torch.cuda.current_stream = lambda *a, **k: Stream()
+    cuda_streams_off()
     sys.path.insert(0, str(official))
 
 

@@ -488,7 +488,8 @@ def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool
     """DeiT's training transform: timm's ``create_transform(is_training=True)`` at the student's input size:
     RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip, RandAugment, normalisation, random
     erasing; with ``augment.prefetcher`` it stops before normalisation, at a uint8 CHW tensor (:class:`PrefetchStage`
-    normalises and erases the batch). ``resize_im=False`` (DeiT: ``input_size <= 32``, i.e. CIFAR at its own size) swaps the crop for
+    normalises and erases the batch).
+    ``resize_im=False`` (DeiT: ``input_size <= 32``, i.e. CIFAR at its own size) swaps the crop for
     ``RandomCrop(img_size, padding=4)`` as build_transform_deit does (``augment.crop_padding``)."""
     from timm.data import create_transform
     from torchvision import transforms as T
@@ -500,7 +501,8 @@ def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool
     fill = NORMALIZATIONS[fill][0] if isinstance(fill, str) else tuple(fill) if fill else tuple(mean)
     transform = create_transform(input_size=img_size, is_training=True, mean=fill, std=tuple(std),
                                  use_prefetcher=prefetcher, **options)
-    if fill != tuple(mean) and not prefetcher:  # the fill mean went to RandAugment; the tensor is normalised with the dataset's own
+    # the fill mean went to RandAugment; the tensor is normalised with the dataset's own (the batch, with prefetcher)
+    if fill != tuple(mean) and not prefetcher:
         transform.transforms = [T.Normalize(mean=list(mean), std=list(std)) if isinstance(t, T.Normalize) else t
                                 for t in transform.transforms]
     if not resize_im:
