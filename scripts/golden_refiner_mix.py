@@ -58,7 +58,7 @@ def images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def seed_all() -> None:
-    """numpy (the collate's mixing), Python's ``random`` and torch (erasing), as scripts/golden_refiner.py seeds them."""
+    """numpy (the collate's mixing), Python's ``random`` and torch (erasing), as golden_refiner.py seeds them."""
     sibling("golden_refiner").seed_all(SEED)
 
 
