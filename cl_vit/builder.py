@@ -53,7 +53,7 @@ def train_batch_stage(cfg: DictConfig, source, strategies):
     """timm's prefetcher stage (normalisation, random erasing) when the source's DeiT pipeline has
     ``augment.prefetcher`` on; checks that the strategies can take its uint8 batches."""
     from cl_vit.data.transforms import prefetch_meta, prefetch_stage
-    from cl_vit.strategies.mixup import UINT8_MODES
+    from cl_vit.strategies.mixup import check_uint8_mode
 
     meta = source.meta if source is not None else prefetch_meta(source_arguments(cfg))
     stage = prefetch_stage(meta)
@@ -64,9 +64,8 @@ def train_batch_stage(cfg: DictConfig, source, strategies):
             raise UserError(f"strategy {s.name} expects normalised images, and benchmark.source_args.augment."
                             f"prefetcher=true hands uint8 batches to the strategies (works with "
                             f"{', '.join(PREFETCHER_STRATEGIES)}): set it to false or drop {s.name}")
-        if s.name == "mixup" and s.args["mode"] not in UINT8_MODES:
-            raise UserError(f"strategy.mixup.mode={s.args['mode']!r} is not supported on uint8 batches "
-                            f"(benchmark.source_args.augment.prefetcher=true): use one of {list(UINT8_MODES)}")
+        if s.name == "mixup":
+            check_uint8_mode(s.args["mode"])
     return stage
 
 

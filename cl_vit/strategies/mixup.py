@@ -21,6 +21,12 @@ from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 UINT8_MODES = ("batch", "pair", "elem")
 
 
+def check_uint8_mode(mode: str) -> None:
+    if mode not in UINT8_MODES:
+        raise UserError(f"strategy.mixup.mode={mode!r} is not supported on uint8 batches "
+                        f"(benchmark.source_args.augment.prefetcher=true): use one of {list(UINT8_MODES)}")
+
+
 def cutmix_box_v048(shape, lam, minmax=None, correct_lam: bool = True):
     """CutMix's box ``(top, bottom, left, right)`` and the label weight, drawn from numpy's global generator as timm
     0.4.8 draws them (zhoudaquan/Refiner_ViT b3e8cb0, timm/data/mixup.py L30-87). Its lambda box spans ``cut // 2``
@@ -58,9 +64,7 @@ def mix_uint8(mixup: Mixup, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
     ``B - 1 - i`` of the unmixed batch, Mixup computed in float32 and rounded to integers, CutMix with
     :func:`cutmix_box_v048`; returns the mixed uint8 batch and the smoothed soft targets. ``mixup``: timm's ``Mixup``
     with the settings (its parameter draws are 0.4.8's)."""
-    if mixup.mode not in UINT8_MODES:
-        raise UserError(f"strategy.mixup.mode={mixup.mode!r} is not supported on uint8 batches "
-                        f"(benchmark.source_args.augment.prefetcher=true): use one of {list(UINT8_MODES)}")
+    check_uint8_mode(mixup.mode)
     n = len(x)
     if n % 2:  # as mix_batch: an odd last batch leaves its last image unmixed (timm's collate asserts an even batch)
         head, target = mix_uint8(mixup, x[:-1], y[:-1]) if n > 1 else (x[:0], None)
