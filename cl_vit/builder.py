@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cl_vit.errors import UserError
 from cl_vit.loading import TARGET
 
 
@@ -41,6 +42,31 @@ def dataset_labels(source, info) -> list[int]:
     if class_map is None:
         return order.tolist()
     return np.argsort(np.asarray(class_map, dtype=np.int64))[order].tolist()
+
+
+#: the strategies that take uint8 training batches (benchmark.source_args.augment.prefetcher): mixup mixes them as
+#: timm's collate does; the others leave the images alone
+PREFETCHER_STRATEGIES = ("mixup", "cos_reg", "finetune")
+
+
+def train_batch_stage(cfg: DictConfig, source, strategies):
+    """timm's prefetcher stage (normalisation, random erasing) when the source's DeiT pipeline has
+    ``augment.prefetcher`` on; checks that the strategies can take its uint8 batches."""
+    from cl_vit.data.transforms import prefetch_meta, prefetch_stage
+    from cl_vit.strategies.mixup import check_uint8_mode
+
+    meta = source.meta if source is not None else prefetch_meta(source_arguments(cfg))
+    stage = prefetch_stage(meta)
+    if stage is None:
+        return None
+    for s in strategies:
+        if s.name not in PREFETCHER_STRATEGIES:
+            raise UserError(f"strategy {s.name} expects normalised images, and benchmark.source_args.augment."
+                            f"prefetcher=true hands uint8 batches to the strategies (works with "
+                            f"{', '.join(PREFETCHER_STRATEGIES)}): set it to false or drop {s.name}")
+        if s.name == "mixup":
+            check_uint8_mode(s.args["mode"])
+    return stage
 
 
 def build(cfg: DictConfig, scenario=None):
@@ -95,6 +121,7 @@ def build(cfg: DictConfig, scenario=None):
         finite_check_every=int(cfg.trainer.get("finite_check_every") or 1),
     )
     module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
+    module.batch_stage = train_batch_stage(cfg, source, strategies)
     for s in strategies:
         s.setup(module)
     if cfg.get("compile"):

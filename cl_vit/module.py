@@ -246,6 +246,9 @@ class ContinualModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=n_classes, average="micro", validate_args=False)
         #: (parameter, frozen entries, their value) of every trainable tensor with frozen parts in this fit
         self._frozen: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        #: what the training batch goes through after the strategies' before_batch and before the forward pass (the
+        #: builder sets timm's prefetcher normalisation and erasing here: cl_vit.data.transforms.PrefetchStage)
+        self.batch_stage = None
 
     # -- the stream ------------------------------------------------------------------------------------------------
 
@@ -277,6 +280,8 @@ class ContinualModule(L.LightningModule):
         batch = {"x": batch[0], "y": batch[1], **({"key": batch[3]} if len(batch) > 3 else {})}
         for s in self.strategies:
             batch = s.before_batch(self, batch)
+        if self.batch_stage is not None:
+            batch = {**batch, "x": self.batch_stage(batch["x"])}
         outputs = self.forward_outputs(batch["x"])
         y = batch["y"]
         mask = self.current_mask if self.mask_old_logits else self.training_mask

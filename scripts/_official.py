@@ -48,6 +48,19 @@ def print_runs(argv, doc: str, repo: str, prefix: str, runs, run: Callable[[Path
         print(f"{name!r}: {numbers!r},")
 
 
+def cuda_streams_off() -> None:
+    """torch.cuda's ``Stream``, ``stream`` and ``current_stream`` as stand-ins without effect: timm's PrefetchLoader
+    runs its copies on a side stream, which a CPU run does not have."""
+    import torch
+
+    class Stream:
+        def wait_stream(self, other):
+            return None
+
+    torch.cuda.Stream, torch.cuda.current_stream = Stream, lambda *a, **k: Stream()
+    torch.cuda.stream = lambda s: contextlib.nullcontext()
+
+
 def sibling(name: str) -> ModuleType:
     """The golden script ``scripts/<name>.py`` as a module (golden_coda.py's generated images and fixed batch order
     are shared by the others)."""

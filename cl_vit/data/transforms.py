@@ -402,6 +402,9 @@ DEIT_AUGMENT = {
     # build_transform_deit's crop for inputs of 32 px or less (CIFAR at its own size): RandomCrop(32, padding=4);
     # a smaller image keeps the crop's strength with the same fraction (4 of 32 px is 2 of 14)
     "crop_padding": 4,
+    # timm's prefetcher loader order (train.py without --no-prefetcher, Refiner-ViT's main.py): the transform ends at
+    # uint8, strategy=mixup mixes the uint8 batch, then the batch is normalised and randomly erased (PrefetchStage)
+    "prefetcher": False,
 }
 
 
@@ -484,7 +487,9 @@ def _pillow_safe(transform):
 def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool = True) -> PILTransform:
     """DeiT's training transform: timm's ``create_transform(is_training=True)`` at the student's input size:
     RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip, RandAugment, normalisation, random
-    erasing. ``resize_im=False`` (DeiT: ``input_size <= 32``, i.e. CIFAR at its own size) swaps the crop for
+    erasing; with ``augment.prefetcher`` it stops before normalisation, at a uint8 CHW tensor (:class:`PrefetchStage`
+    normalises and erases the batch).
+    ``resize_im=False`` (DeiT: ``input_size <= 32``, i.e. CIFAR at its own size) swaps the crop for
     ``RandomCrop(img_size, padding=4)`` as build_transform_deit does (``augment.crop_padding``)."""
     from timm.data import create_transform
     from torchvision import transforms as T
@@ -492,9 +497,12 @@ def deit_train_transform(img_size: int, mean, std, augment=None, resize_im: bool
     options = deit_augment(augment)
     fill = options.pop("fill_mean")
     padding = options.pop("crop_padding")
+    prefetcher = bool(options.pop("prefetcher"))
     fill = NORMALIZATIONS[fill][0] if isinstance(fill, str) else tuple(fill) if fill else tuple(mean)
-    transform = create_transform(input_size=img_size, is_training=True, mean=fill, std=tuple(std), **options)
-    if fill != tuple(mean):  # the fill mean went to RandAugment; the tensor is normalised with the dataset's own
+    transform = create_transform(input_size=img_size, is_training=True, mean=fill, std=tuple(std),
+                                 use_prefetcher=prefetcher, **options)
+    # the fill mean went to RandAugment; the tensor is normalised with the dataset's own (the batch, with prefetcher)
+    if fill != tuple(mean) and not prefetcher:
         transform.transforms = [T.Normalize(mean=list(mean), std=list(std)) if isinstance(t, T.Normalize) else t
                                 for t in transform.transforms]
     if not resize_im:
@@ -535,3 +543,56 @@ def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True,
         size = int((256 / 224) * img_size) if crop_pct is None else int(math.floor(img_size / float(crop_pct)))
         steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)]
     return PILTransform(T.Compose([*steps, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]))
+
+
+class PrefetchStage:
+    """What timm's ``PrefetchLoader`` does to a training batch on the device (Refiner_ViT b3e8cb0 data/loader.py
+    L71-72, L77-79, L94-96, main.py L521-547 with ``args.prefetcher`` on by default, L295): ``(x - 255 mean) /
+    (255 std)`` of the uint8 batch, then timm's ``RandomErasing`` per image on the normalised batch (the one loader
+    erasing; the per-image transform leaves it out with ``use_prefetcher``, timm/data/transforms_factory.py L110-122).
+    Computes in float32 as the loader does (without its fp16 option), then casts to the default dtype (float64 under
+    ``trainer.precision=64-true``)."""
+
+    def __init__(self, mean, std, re_prob: float = 0.0, re_mode: str = "const", re_count: int = 1):
+        self.mean = [255 * float(m) for m in mean]
+        self.std = [255 * float(s) for s in std]
+        self.re = dict(probability=float(re_prob), mode=re_mode, max_count=int(re_count))
+
+    def __call__(self, x):
+        import torch
+        from timm.data.random_erasing import RandomErasing
+
+        if x.dtype != torch.uint8:
+            raise UserError(f"benchmark.source_args.augment.prefetcher=true expects uint8 training images from the "
+                            f"DeiT pipeline; this stream gives {x.dtype}: set it to false for this stream")
+        shape = (1, len(self.mean), 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+        x = x.float().sub_(mean).div_(std)
+        if self.re["probability"] > 0:
+            x = RandomErasing(**self.re, device=x.device)(x)
+        return x.to(torch.get_default_dtype())
+
+    def __repr__(self):
+        return f"PrefetchStage(mean={self.mean}, std={self.std}, random_erasing={self.re})"
+
+
+def prefetch_stage(meta: dict) -> PrefetchStage | None:
+    """The batch stage a source's ``meta`` asks for (its ``transforms`` record and ``normalization``), or None when
+    its DeiT pipeline's ``augment.prefetcher`` is off."""
+    record = meta.get("transforms") or {}
+    augment = record.get("augment") or {}
+    if record.get("train") != "deit" or not augment.get("prefetcher"):
+        return None
+    n = meta["normalization"]
+    return PrefetchStage(n["mean"], n["std"], augment["re_prob"], augment["re_mode"], augment["re_count"])
+
+
+def prefetch_meta(source_args: dict) -> dict:
+    """What :func:`prefetch_stage` reads, from ``benchmark.source_args`` alone (a stream given ready-made, whose
+    source the run does not build): the pipelines' record and the normalisation (ImageNet's when none is named)."""
+    a = source_args
+    mean, std = resolve_normalization(a.get("normalize", "imagenet"), a.get("mean"), a.get("std"))
+    return {"normalization": {"mean": list(mean), "std": list(std)},
+            "transforms": check_pipelines(a.get("train_transform", "default"), a.get("test_transform", "default"),
+                                          a.get("augment"))}
