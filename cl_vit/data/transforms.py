@@ -590,8 +590,12 @@ def prefetch_stage(meta: dict) -> PrefetchStage | None:
 
 def prefetch_meta(source_args: dict) -> dict:
     """What :func:`prefetch_stage` reads, from ``benchmark.source_args`` alone (a stream given ready-made, whose
-    source the run does not build): the pipelines' record and the normalisation (ImageNet's when none is named)."""
+    source the run does not build): the pipelines' record and the normalisation (ImageNet's when none is named); empty
+    when the DeiT pipeline's prefetcher is off (the pipelines are then the source's to check: the CIFAR and ImageNet-R
+    sources have ones of their own, e.g. ``coda``)."""
     a = source_args
+    if a.get("train_transform", "default") != "deit" or not (a.get("augment") or {}).get("prefetcher"):
+        return {}
     mean, std = resolve_normalization(a.get("normalize", "imagenet"), a.get("mean"), a.get("std"))
     return {"normalization": {"mean": list(mean), "std": list(std)},
             "transforms": check_pipelines(a.get("train_transform", "default"), a.get("test_transform", "default"),
