@@ -160,17 +160,21 @@ def test_paired_times_alternate_the_order_and_pair_neighbours():
     assert spread["baseline_s"] > 2.0  # the sides' own medians carry the slowdown; the pairs' ratio does not
 
 
-def test_gpu_check_on_cpu_measures_the_deferred_checks_and_the_recomputing_refiner(tmp_path, monkeypatch):
-    """The two sections issue 26 asks a lent GPU for run to the end on the CPU script path: the suite's step with the
-    non-finite checks read every step and every DEFERRED_EVERY steps against the bare loop, and the refiner's
-    recompute rows (memory against the twin, paired speed)."""
+def test_gpu_check_on_cpu_measures_the_deferred_checks_the_recomputing_refiner_and_the_prefetcher(tmp_path,
+                                                                                                  monkeypatch):
+    """The sections issue 26 asks a lent GPU for run to the end on the CPU script path: the suite's step with the
+    non-finite checks read every step and every DEFERRED_EVERY steps against the bare loop, the refiner's
+    recompute rows (memory against the twin, paired speed), and the Refiner recipes' prefetcher order (uint8 mixing
+    and the batch stage on the device against the CPU)."""
     from cl_vit.bench import gpu_check
 
     monkeypatch.setenv("CL_VIT_GPU_CHECK_WORK", str(tmp_path / "work"))
-    keep = {"deferred_checks", "refiner_recompute"}
+    keep = {"deferred_checks", "refiner_recompute", "prefetcher"}
     out = tmp_path / "out"
     assert gpu_check.main([str(out), "--cpu", "--skip", *(s for s in gpu_check.SECTIONS if s not in keep)]) == 0
     sections = json.loads((out / "results.json").read_text())["sections"]
+    pf = sections["prefetcher"]  # (on the CPU both sides are the CPU: this checks the script, not the device)
+    assert pf["mixed_equal"] is True and pf["targets_max_abs_diff"] == 0 and pf["images_per_s"] > 0
     dc = sections["deferred_checks"]
     assert "error" not in dc and len(dc["images_per_s_every_step"]) == 2 and dc["bare_images_per_s"] > 0
     assert dc[f"suite_over_bare_every_{gpu_check.DEFERRED_EVERY}"] > 0
@@ -178,4 +182,4 @@ def test_gpu_check_on_cpu_measures_the_deferred_checks_and_the_recomputing_refin
     assert {r["metric"] for r in rows} == {"img/s: recompute/keep"}  # (memory rows: on the GPU only)
     assert all(r["ratio"] > 0 for r in rows)
     summary = (out / "summary.md").read_text()
-    assert "suite / bare loop" in summary and "refiner recompute" in summary
+    assert "suite / bare loop" in summary and "refiner recompute" in summary and "Prefetcher order" in summary

@@ -20,6 +20,9 @@ says so. Sections, in the order they run:
   the paired speed of recomputing against keeping.
 * ``deit_lt``: the DeiT-LT student step of experiment=deit-lt-imagenet-lt (deit_base_distilled_patch16_224, Mixup /
   CutMix, hard distillation from a ResNet-50 at 224) against the same student with ``distillation=none``.
+* ``prefetcher``: the Refiner-ViT recipes' prefetcher order on the device (``augment.prefetcher``): uint8 Mixup /
+  CutMix (``strategy=mixup``) equal to the CPU's from the same numpy draws, ``PrefetchStage``'s normalisation
+  likewise, and the images/s of mixing + normalising + erasing against Refiner-ViT-S's step.
 * ``data``: the ImageNet-R training pipeline (cl_vit.data.transforms.imagenet_transforms, reduced JPEG decode) on
   generated 250-900 px JPEGs with 4, 8 and 16 DataLoader workers, against the GPU step's images/s.
 * ``recipe``: one experience of ``benchmark=imagenet-r`` (the closer-look L2 recipe) and of
@@ -55,8 +58,8 @@ from cl_vit.rundir import atomic_write_bytes, atomic_write_text
 
 
 #: the sections, in the order they run (each one's estimate of seconds is in ``main``)
-SECTIONS = ("peak", "train", "deferred_checks", "refiner_recompute", "twin", "prompt_step", "deit_lt", "data",
-            "recipe", "profile", "train_compiled")
+SECTIONS = ("peak", "train", "deferred_checks", "refiner_recompute", "twin", "prompt_step", "deit_lt", "prefetcher",
+            "data", "recipe", "profile", "train_compiled")
 #: the ViT of the script check on the CPU (--cpu)
 CPU_VIT = {"name": "vit_small_patch16_224", "embed_dim": 64, "depth": 2, "num_heads": 2}
 #: trainer.finite_check_every of the deferred_checks section (issue 26: one read of the checks per this many steps)
@@ -310,6 +313,50 @@ def deit_lt_section(check: Check) -> dict:
     return out
 
 
+def prefetcher_section(check: Check) -> dict:
+    """timm's prefetcher order on the device (the Refiner-ViT recipes' ``augment.prefetcher``, docs/strategies.md):
+    ``strategy=mixup``'s uint8 mixing gives on the device the batches and targets it gives on the CPU from the same
+    numpy draws, and ``PrefetchStage``'s normalisation the same values (random erasing off: its draws come from the
+    device's generator); and how fast both run against Refiner-ViT-S's training step (the train section)."""
+    import numpy as np
+    from timm.data import Mixup
+
+    from cl_vit.data.transforms import PrefetchStage
+    from cl_vit.strategies.mixup import mix_uint8
+
+    g = sizes(check.cpu)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (g["batch"], 3, g["img"], g["img"]), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 1000, (g["batch"],), generator=gen)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)  # the recipes' settings
+    draws = {}
+    for dev in ("cpu", check.device):
+        np.random.seed(0)
+        draws[dev] = [mix_uint8(mixup, x.to(dev), y.to(dev)) for _ in range(8)]  # Mixup and CutMix batches both
+    pairs = list(zip(draws["cpu"], draws[check.device]))
+    stage = PrefetchStage((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Refiner-ViT's default_cfg mean / std
+    out = {"batch": g["batch"], "img_size": g["img"], "draws": len(pairs),
+           "mixed_equal": all(torch.equal(a[0], b[0].cpu()) for a, b in pairs),
+           "targets_max_abs_diff": max(float((a[1] - b[1].cpu()).abs().max()) for a, b in pairs),
+           "normalised_max_abs_diff": float((stage(x) - stage(x.to(check.device)).cpu()).abs().max())}
+    erasing = PrefetchStage((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), re_prob=0.25, re_mode="pixel")  # the recipes' erasing
+    xd, yd = x.to(check.device), y.to(check.device)
+
+    def mix_and_stage():
+        erasing(mix_uint8(mixup, xd, yd)[0])
+        sync(check.device)
+
+    mix_and_stage()
+    n, t0 = 10, time.perf_counter()
+    for _ in range(n):
+        mix_and_stage()
+    out["images_per_s"] = g["batch"] * n / (time.perf_counter() - t0)
+    step = ((check.doc["sections"].get("train") or {}).get("Refiner-ViT-S") or {}).get("images_per_s")
+    if step:
+        out["share_of_refiner_s_step"] = step / out["images_per_s"]
+    return out
+
+
 def make_imagenet_r(root: Path, classes: list[str], per_class: int, workers: int) -> None:
     """ImageNet-R's layout (<root>/imagenet-r/<wnid>/*.jpg) with photo-like JPEGs of 250-900 px (cl_vit.bench.data),
     one process per class folder."""
@@ -524,6 +571,15 @@ def summary(doc: dict) -> str:
     if "teacher_cost" in d:
         lines += ["", f"DeiT-LT student step: {d['with_teacher']['images_per_s']:.0f} images/s with the teacher, "
                   f"{d['without_teacher']['images_per_s']:.0f} without ({d['teacher_cost']:.2f}x)"]
+    pf = s.get("prefetcher") or {}
+    if "mixed_equal" in pf:
+        same = "equal to" if pf["mixed_equal"] else "DIFFERENT from"
+        lines += ["", f"Prefetcher order on the device (batch {pf['batch']}, {pf['img_size']} px): uint8 mixing "
+                  f"{same} the CPU's over {pf['draws']} draws, targets "
+                  f"{pf['targets_max_abs_diff']:.1e}, normalisation {pf['normalised_max_abs_diff']:.1e} apart; mixing "
+                  f"+ normalising + erasing {pf['images_per_s']:.0f} images/s"
+                  + (f" ({pf['share_of_refiner_s_step']:.1%} of a Refiner-ViT-S step)"
+                     if pf.get("share_of_refiner_s_step") else "")]
     dt = s.get("data") or {}
     if dt.get("workers"):
         lines += ["", "Data pipeline images/s: " + ", ".join(f"{w} workers {v['images_per_s']:.0f}"
@@ -563,6 +619,7 @@ def main(argv=None) -> int:
         "twin": (lambda: twin_section(check), 20),
         "prompt_step": (lambda: prompt_step_section(check), 30),
         "deit_lt": (lambda: deit_lt_section(check), 40),
+        "prefetcher": (lambda: prefetcher_section(check), 15),
         "data": (lambda: data_section(check), 45),
         "recipe": (lambda: recipe_section(check), 100),
         "profile": (lambda: profile_section(check), 25),
