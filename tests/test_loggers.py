@@ -41,6 +41,12 @@ def test_loggers_compose_into_one_run_each(tmp_path, data_root, monkeypatch):
                                                                                                     (12, a_t[1])]
     assert [m.step for m in client.get_metric_history(found.info.run_id, "train.loss")] == list(range(12))
 
+    # wandb-core writes the run's log from its own process; wandb.teardown() waits for it to finish, as a
+    # command-line run does at exit (wandb's atexit hook). Once, in a loaded CI run, the file read right after
+    # finish() without it held only its 7-byte header
+    import wandb
+
+    wandb.teardown()
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # offline: nothing left the machine
     data = wandb_file.read_bytes()
     assert b"eval/A_t" in data and b"eval/acc/exp_2" in data and all(json.dumps(v).encode() in data for v in a_t)
