@@ -210,6 +210,33 @@ def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
         generator.set_state(state["loader"])
 
 
+class RankSeeds(Callback):
+    """Under DDP, training draws (drop path, Mixup / CutMix, dropout) from ``seed + rank``, as DeiT-LT's main.py
+    L69-71 and DyTox's main.py L335 seed each process; Lightning's DDP re-seeds every process alike as a fit starts
+    (``reset_seed``), which gives every process the same drop-path masks and mixing boxes. The common state comes
+    back when the fit ends, so that what follows it (memory selection, evaluation) draws the same on every process.
+    ``setup`` runs before a resume restores each process's saved states, which then win. One process: untouched."""
+
+    def __init__(self, seed: int):
+        self.seed, self._common = int(seed), None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit" or distributed.world_size() <= 1:
+            return
+        import random
+
+        self._common = _rng_state(None)
+        own = self.seed + distributed.rank()
+        torch.manual_seed(own)
+        np.random.seed(own % 2**32)
+        random.seed(own)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._common is not None:
+            _set_rng_state(self._common, None)
+            self._common = None
+
+
 def _metric_states(module: torch.nn.Module) -> dict:
     """What the module's torchmetrics metrics (the epoch's training accuracy) have accumulated so far: an epoch
     resumed in its middle logs the value of the whole epoch."""
@@ -669,7 +696,8 @@ class ContinualRunner:
             checkpoint = _EpochCheckpoint(self, i, self.checkpoint_every_epochs, loader)
             callbacks.append(checkpoint)
             epochs = _EpochTimes()
-            trainer = self._trainer(i, callbacks=[epochs, *callbacks], checkpoint=checkpoint, log_every_n_steps=every,
+            trainer = self._trainer(i, callbacks=[RankSeeds(experience_seed(self.seed, i)), epochs, *callbacks],
+                                    checkpoint=checkpoint, log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
