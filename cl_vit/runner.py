@@ -212,8 +212,8 @@ def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
 
 class RankSeeds(Callback):
     """Under DDP, training draws (drop path, Mixup / CutMix, dropout) from ``seed + rank``, as DeiT-LT's main.py
-    L69-71 and DyTox's main.py L335 seed each process; Lightning's DDP re-seeds every process alike as a fit starts
-    (``reset_seed``), which gives every process the same drop-path masks and mixing boxes. The common state comes
+    L69-71, DyTox's main.py L335 and Refiner-ViT's main.py L331-332 seed each process; Lightning's DDP re-seeds
+    every process alike as a fit starts (``reset_seed``): the same drop-path masks and mixing boxes everywhere. The common state comes
     back when the fit ends, so that what follows it (memory selection, evaluation) draws the same on every process.
     ``setup`` runs before a resume restores each process's saved states, which then win. One process: untouched."""
 
