@@ -512,8 +512,9 @@ class ContinualRunner:
     # -- data ------------------------------------------------------------------------------------------------------
 
     def _loader(self, dataset, train: bool, seed: int | None = None, shard: bool = False,
-                repeated: bool = False, resumable: bool = False) -> DataLoader:
+                repeated: bool = False, resumable: bool = False, shuffle: bool = True) -> DataLoader:
         """``shard``: under DDP, this process's part of ``dataset``, every sample once over all processes.
+        ``shuffle=False``: a training loader in the dataset's order (DyTox's balanced finetuning).
         ``repeated``: the experience's training loader with ``data.repeated_aug`` on: this process's part of the
         repeated epoch (the Trainer then keeps Lightning from replacing the sampler). ``resumable``: an experience's
         training loader, which a resume inside an epoch continues (``_ResumableLoader``)."""
@@ -540,7 +541,7 @@ class ContinualRunner:
         return (_ResumableLoader if resumable else DataLoader)(
             dataset,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shuffle=train and sampler is None,
+            shuffle=train and shuffle and sampler is None,
             sampler=sampler,
             drop_last=train and cfg.drop_last and len(dataset) > (cfg.batch_size if train else cfg.eval_batch_size),
             num_workers=cfg.num_workers,
@@ -670,7 +671,7 @@ class ContinualRunner:
                 n_classes=self.info.n_classes,
                 train_loader=lambda ds=experience.dataset, i=i, **kw: self._loader(
                     statistics_dataset(self.scenario, i) if kw.get("transform") == "test" else ds,
-                    kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
+                    kw.get("train", True), kw.get("seed"), kw.get("shard", False), shuffle=kw.get("shuffle", True)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
                 dataset_labels=self.dataset_labels,
