@@ -210,6 +210,33 @@ def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
         generator.set_state(state["loader"])
 
 
+class RankSeeds(Callback):
+    """Under DDP, training draws (drop path, Mixup / CutMix, dropout) from ``seed + rank``, as DeiT-LT's main.py
+    L69-71, DyTox's main.py L335 and Refiner-ViT's main.py L331-332 seed each process; Lightning's DDP re-seeds
+    every process alike as a fit starts (``reset_seed``): the same drop-path masks and mixing boxes everywhere. The common state comes
+    back when the fit ends, so that what follows it (memory selection, evaluation) draws the same on every process.
+    ``setup`` runs before a resume restores each process's saved states, which then win. One process: untouched."""
+
+    def __init__(self, seed: int):
+        self.seed, self._common = int(seed), None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit" or distributed.world_size() <= 1:
+            return
+        import random
+
+        self._common = _rng_state(None)
+        own = self.seed + distributed.rank()
+        torch.manual_seed(own)
+        np.random.seed(own % 2**32)
+        random.seed(own)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._common is not None:
+            _set_rng_state(self._common, None)
+            self._common = None
+
+
 def _metric_states(module: torch.nn.Module) -> dict:
     """What the module's torchmetrics metrics (the epoch's training accuracy) have accumulated so far: an epoch
     resumed in its middle logs the value of the whole epoch."""
@@ -485,8 +512,9 @@ class ContinualRunner:
     # -- data ------------------------------------------------------------------------------------------------------
 
     def _loader(self, dataset, train: bool, seed: int | None = None, shard: bool = False,
-                repeated: bool = False, resumable: bool = False) -> DataLoader:
+                repeated: bool = False, resumable: bool = False, shuffle: bool = True) -> DataLoader:
         """``shard``: under DDP, this process's part of ``dataset``, every sample once over all processes.
+        ``shuffle=False``: a training loader in the dataset's order (DyTox's balanced finetuning).
         ``repeated``: the experience's training loader with ``data.repeated_aug`` on: this process's part of the
         repeated epoch (the Trainer then keeps Lightning from replacing the sampler). ``resumable``: an experience's
         training loader, which a resume inside an epoch continues (``_ResumableLoader``)."""
@@ -513,7 +541,7 @@ class ContinualRunner:
         return (_ResumableLoader if resumable else DataLoader)(
             dataset,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shuffle=train and sampler is None,
+            shuffle=train and shuffle and sampler is None,
             sampler=sampler,
             drop_last=train and cfg.drop_last and len(dataset) > (cfg.batch_size if train else cfg.eval_batch_size),
             num_workers=cfg.num_workers,
@@ -643,7 +671,7 @@ class ContinualRunner:
                 n_classes=self.info.n_classes,
                 train_loader=lambda ds=experience.dataset, i=i, **kw: self._loader(
                     statistics_dataset(self.scenario, i) if kw.get("transform") == "test" else ds,
-                    kw.get("train", True), kw.get("seed"), kw.get("shard", False)),
+                    kw.get("train", True), kw.get("seed"), kw.get("shard", False), shuffle=kw.get("shuffle", True)),
                 class_counts=self.class_counts,
                 class_names=list(self.info.class_names) or None,
                 dataset_labels=self.dataset_labels,
@@ -669,7 +697,8 @@ class ContinualRunner:
             checkpoint = _EpochCheckpoint(self, i, self.checkpoint_every_epochs, loader)
             callbacks.append(checkpoint)
             epochs = _EpochTimes()
-            trainer = self._trainer(i, callbacks=[epochs, *callbacks], checkpoint=checkpoint, log_every_n_steps=every,
+            trainer = self._trainer(i, callbacks=[RankSeeds(experience_seed(self.seed, i)), epochs, *callbacks],
+                                    checkpoint=checkpoint, log_every_n_steps=every,
                                     **({"use_distributed_sampler": False} if repeated else {}))
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device

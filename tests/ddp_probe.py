@@ -19,8 +19,15 @@ class ProbeStats(Strategy):
 
     def __init__(self):
         self.stats = {}
+        self._first_draw = None
+
+    def before_batch(self, module, batch):
+        if self._first_draw is None:  # what the experience's first training step draws (drop path, Mixup)
+            self._first_draw = torch.rand(4)
+        return batch
 
     def after_experience(self, module, experience):
+        in_fit, self._first_draw = self._first_draw, None
         counts = torch.zeros(experience.n_classes, dtype=torch.float64)
         local = 0
         for batch in experience.train_loader(train=False, shard=True):
@@ -33,6 +40,8 @@ class ProbeStats(Strategy):
             "mean_share": distributed.reduce_mean(module, torch.tensor(float(local))),
             "rank0": distributed.broadcast(module, torch.tensor(float(distributed.rank()))),
             "world_size": distributed.world_size(),
+            # each process's first draw in the fit, and its first draw after the fit
+            "draws": distributed.all_gather_object((in_fit, torch.rand(4))),
             "device": str(module.device),
         }
 

@@ -80,6 +80,21 @@ def test_ddp_strategy_statistics_are_reduced_over_processes(ddp_run, data_root):
         assert stats["device"] == "cpu"
 
 
+def test_ddp_processes_train_from_seed_plus_rank_and_agree_after_the_fit(ddp_run):
+    """DeiT-LT's main.py L69-71 and DyTox's main.py L335 seed each process with seed + rank: with one seed on every
+    process both would draw the same drop-path masks and Mixup boxes. After the fit the processes draw alike again."""
+    from cl_vit.runner import experience_seed
+
+    run_dir, _ = ddp_run
+    for i in range(2):
+        draws = RunDirectory(run_dir).load_checkpoint(i)["strategies"]["probe_stats"]["stats"][i]["draws"]
+        (fit0, after0), (fit1, after1) = draws
+        seed = experience_seed(0, i)
+        assert torch.equal(fit0, torch.rand(4, generator=torch.Generator().manual_seed(seed)))
+        assert torch.equal(fit1, torch.rand(4, generator=torch.Generator().manual_seed(seed + 1)))
+        assert torch.equal(after0, after1)
+
+
 def test_only_rank_zero_writes_the_run_directory(ddp_run):
     run_dir, proc = ddp_run
     log = (run_dir / "run.log").read_text()

@@ -98,6 +98,33 @@ def test_resume_ends_as_the_uninterrupted_run_and_finetuning_moves_only_what_it_
             assert moved, k
 
 
+def test_finetuning_without_shuffle_runs_the_memory_in_its_stored_order(tmp_path, data_root, monkeypatch):
+    """cifar_dytox.yaml L32 ft_no_sampling: the official finetuning loader has no sampler and no shuffle
+    (continual/factory.py L62), so its batches follow the memory's order; the suite's default shuffles."""
+    seen = {}
+    finetune = DyTox.balanced_finetuning
+
+    def spy(self, module, experience):
+        loader = experience.train_loader
+
+        def recorded(dataset, **kw):
+            out = loader(dataset, **kw)
+            seen["strategy"] = [int(v) for _, y, *_ in out for v in torch.as_tensor(y)]
+            seen["shuffled"] = [int(v) for _, y, *_ in loader(dataset, seed=kw["seed"]) for v in torch.as_tensor(y)]
+            return out
+
+        experience.train_loader = recorded
+        finetune(self, module, experience)
+        seen["memory"] = module.strategies[0].labels.tolist()
+
+    monkeypatch.setattr(DyTox, "balanced_finetuning", spy)
+    run(compose([*FAST, "strategy.dytox.finetuning_epochs=1", "strategy.dytox.finetuning_shuffle=false"], data_root),
+        tmp_path / "run")
+    assert seen["strategy"] == seen["memory"] and len(set(seen["memory"])) > 1
+    assert sorted(seen["shuffled"]) == sorted(seen["memory"]) and seen["shuffled"] != seen["memory"]
+    assert compose(["experiment=dytox-cifar100"], data_root).strategy.dytox.finetuning_shuffle is False
+
+
 def test_without_finetuning_the_first_task_stays_fixed(tmp_path, data_root):
     run(compose([*FAST, "strategy.dytox.finetuning_epochs=0"], data_root), tmp_path / "run")
     first, second = (RunDirectory(tmp_path / "run").load_checkpoint(i)["module"] for i in (0, 1))

@@ -60,3 +60,44 @@ def test_imagenet_lt_and_inat_teachers_match_saddle_longtail(recipe, lr, wd, mea
     args = cfg.benchmark.source_args
     assert args.train_transform == args.test_transform == "torchvision"
     assert (list(args.mean) if mean else args.normalize) == (mean or "imagenet")
+
+
+# The run-level settings of each official launch (docs/recipes.md "Run-level settings against the official launch"):
+# (recipe, processes, per-process batch, precision, repeated augmentation, gradient clipping). The recipes state the
+# processes of the official launch, the batch per process and the lr as the official code scales it for them.
+RUN_LEVEL = [
+    # torch.distributed.launch --nproc_per_node=2 (sh/train_c10_if100.sh L1) / 4 (sh/train_imagenetlt.sh L1);
+    # engine.py L163 autocast + NativeScaler (main.py L225-228); --clip-grad None (arguments.py L86-91)
+    ("deit-lt-cifar10-lt", 2, 128, "16-mixed", True, None),
+    ("deit-lt-imagenet-lt", 4, 128, "16-mixed", True, None),
+    # train.sh 0,1 (README L47); cifar_dytox.yaml L16 no_amp; main.py L117-119 + continual/samplers.py L108-111
+    ("dytox-cifar100", 2, 128, "32-true", True, None),
+    # README: python3 main.py, one process (samplers.py L79 RandomSampler); no_amp true / false
+    # (cifar_GCAB_FDC.yaml L16, tiny_GCAB_FDC.yaml L16, ImageNet_GCAB_FDC.yaml L19); continual/scaler.py L43
+    ("gcab-cifar100", 1, 128, "32-true", False, 10000),
+    ("gcab-tiny-imagenet", 1, 128, "32-true", False, 10000),
+    ("gcab-imagenet100", 1, 128, "16-mixed", False, 10000),
+    # one process with DataParallel over GPUID='0 1 2 3' (experiments/cifar-100.sh L10, learners/prompt.py L87-88):
+    # the loader's batch 128 is the global batch; no autocast, no clipping
+    ("coda-prompt-cifar100", 1, 128, "32-true", False, None),
+    ("l2p-imagenet-r", 1, 128, "32-true", False, None),
+    ("dualprompt-cifar100", 1, 128, "32-true", False, None),
+    ("er-cifar100", 1, 128, "32-true", False, None),
+    # DataParallel over "device": ["0","1"] (exps/slca/slca_cifar.json), batch 128 global (models/slca.py L21)
+    ("slca-cifar100", 1, 128, "32-true", False, None),
+]
+
+
+@pytest.mark.parametrize("recipe,gpus,batch,precision,repeated,clip", RUN_LEVEL)
+def test_recipes_state_the_official_launch(recipe, gpus, batch, precision, repeated, clip):
+    cfg = compose([f"experiment={recipe}"])
+    assert (cfg.trainer.devices, cfg.data.batch_size, cfg.trainer.precision) == (gpus, batch, precision)
+    assert cfg.data.repeated_aug is repeated and cfg.trainer.gradient_clip_val == clip
+    assert cfg.ema.decay is None and not cfg.trainer.get("sync_batchnorm")
+
+
+@pytest.mark.parametrize("recipe,gpus", [("dytox-cifar100", 2), ("gcab-cifar100", 1), ("gcab-imagenet100", 1)])
+def test_dytox_and_gcab_lr_is_scaled_by_the_official_processes(recipe, gpus):
+    # DyTox main.py L516-518 / GCAB-CFDC main.py L358-360: 5e-4 x batch x world size / 512
+    cfg = compose([f"experiment={recipe}"])
+    assert cfg.optimizer.lr == pytest.approx(5e-4 * cfg.data.batch_size * gpus / 512)

@@ -44,7 +44,8 @@ class ExperienceInfo:
     seen_classes: list[int]
     n_classes: int
     #: a DataLoader over this experience's training data (evaluation transforms are the source's business);
-    #: ``transform="test"``: the same images in the same order under the test transform (statistics_transform)
+    #: ``transform="test"``: the same images in the same order under the test transform (statistics_transform);
+    #: ``shuffle=False``: training batches in the dataset's order
     train_loader: Callable[..., Any] | None = None
     #: training images per class (stream labels) of the whole training set, for re-weighting strategies
     class_counts: list[int] | None = None

@@ -79,7 +79,7 @@ class DyTox(TaskGrowingStrategy):
     def __init__(self, head_div: float = 0.1, distillation_tau: float = 1.0, auto_kd: bool = True, kd: float = 0.0,
                  init_from_last_block: bool = True, backbone_no_decay: bool = True, finetuning_epochs: int = 20,
                  finetuning_lr: float = 1.25e-5, finetuning_weight_decay: float = 1e-6,
-                 norm_eps: float | None = None):
+                 norm_eps: float | None = None, finetuning_shuffle: bool = True):
         if isinstance(finetuning_epochs, bool) or not isinstance(finetuning_epochs, int) or finetuning_epochs < 0:
             raise ConfigError("strategy.dytox.finetuning_epochs", finetuning_epochs, "a whole number >= 0 (0: none)")
         for key, v in (("head_div", head_div), ("kd", kd), ("finetuning_lr", finetuning_lr),
@@ -102,6 +102,9 @@ class DyTox(TaskGrowingStrategy):
         self.finetuning_epochs = finetuning_epochs
         self.finetuning_lr = float(finetuning_lr)
         self.finetuning_weight_decay = float(finetuning_weight_decay)
+        if not isinstance(finetuning_shuffle, bool):
+            raise ConfigError("strategy.dytox.finetuning_shuffle", finetuning_shuffle, "true or false")
+        self.finetuning_shuffle = finetuning_shuffle
         self.module = None
         self.teacher: nn.Module | None = None
         self._new: torch.Tensor | None = None
@@ -185,7 +188,8 @@ class DyTox(TaskGrowingStrategy):
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=self.finetuning_lr, eps=1e-8)
         loader = experience.train_loader(MemoryDataset(experience.dataset, memory.exp, memory.idx),
-                                         seed=draw_seed(experience.seed, FINETUNE, experience.index))
+                                         seed=draw_seed(experience.seed, FINETUNE, experience.index),
+                                         shuffle=self.finetuning_shuffle)
         with torch.enable_grad():
             for _ in range(self.finetuning_epochs):
                 for x, y, *_ in loader:
