@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Mapping, MutableMapping
 
-from cl_vit.errors import UserError
+from cl_vit.errors import ConfigError, UserError
 
 # no torch at module level: cl_vit/__init__ calls passive_openmp() from here before anything imports torch
 
@@ -20,7 +20,7 @@ log = logging.getLogger("cl_vit")
 
 CUDA_ACCELERATORS = ("gpu", "cuda")
 #: keys of cfg.trainer that are the suite's, not Lightning's (configure_threads; ContinualModule's checks)
-SUITE_TRAINER_KEYS = ("threads", "finite_check_every")
+SUITE_TRAINER_KEYS = ("threads", "finite_check_every", "tf32")
 
 
 def uses_cuda(accelerator: str, cuda_available: bool) -> bool:
@@ -52,6 +52,9 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], cuda_available: bool | None =
     import torch
 
     kwargs = dict(trainer_cfg)
+    tf32 = kwargs.get("tf32", True)
+    if not isinstance(tf32, bool):
+        raise ConfigError("trainer.tf32", tf32, "true (fp32 matmuls on TF32 tensor cores) or false (full fp32)")
     for key in SUITE_TRAINER_KEYS:
         kwargs.pop(key, None)
     accelerator = str(kwargs.get("accelerator", "auto"))
@@ -67,8 +70,9 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], cuda_available: bool | None =
         if message:
             log.warning(message)
         kwargs["precision"] = precision
-        # fp32 matmuls (fp32 precision, or what autocast leaves in fp32) may use TF32 tensor cores
-        torch.set_float32_matmul_precision("high")
+        # trainer.tf32: fp32 matmuls (fp32 precision, or what autocast leaves in fp32) may use TF32 tensor cores;
+        # false keeps them full fp32, torch's own default from 1.12 on
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
     return kwargs
 
 

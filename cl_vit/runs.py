@@ -110,7 +110,8 @@ def _float_array(values) -> np.ndarray:
 #: config keys added after runs were made, with the value that does what those runs did (their config lacks the key):
 #: ``setting`` fills them in, so that a run and its repetition with today's config are one setting
 ADDED_KEYS: dict[str, Any] = {"loss.mask_unseen": True, "scheduler.warmup_lr": None, "scheduler.min_lr": None,
-                               "scheduler.cooldown_epochs": 0, "scheduler.warmup_per_epoch": False}
+                               "scheduler.cooldown_epochs": 0, "scheduler.warmup_per_epoch": False,
+                               "trainer.tf32": True}
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:

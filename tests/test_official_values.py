@@ -101,3 +101,19 @@ def test_dytox_and_gcab_lr_is_scaled_by_the_official_processes(recipe, gpus):
     # DyTox main.py L516-518 / GCAB-CFDC main.py L358-360: 5e-4 x batch x world size / 512
     cfg = compose([f"experiment={recipe}"])
     assert cfg.optimizer.lr == pytest.approx(5e-4 * cfg.data.batch_size * gpus / 512)
+
+
+# trainer.tf32 against the torch each official code ran on: TF32 matmuls were torch's default up to 1.11, full fp32
+# from 1.12 (RanPAC README L16: 1.13.1; SLCA README L27: 1.12.0; LAMDA-PILOT README L132: 2.0.1; SD-Lora-CL
+# requirements.txt L21: 2.4.1; RevisitingCIL README L76: 1.11.0; InfLoRA README L21: 1.10.0; GCAB-CFDC
+# requirements.txt L80: 1.11.0)
+TF32 = {**{r: False for r in ("ranpac-cifar100", "ranpac-imagenet-r", "ranpac-imagenet-r-coda", "slca-cifar100",
+                              "slca-imagenet-r", "slca-imagenet-r-coda", "aper-cifar100", "aper-imagenet-r",
+                              "ease-cifar100", "ease-imagenet-r", "sdlora-cifar100", "sdlora-imagenet-r")},
+        **{r: True for r in ("simplecil-cifar100", "simplecil-imagenet-r", "inflora-cifar100", "inflora-imagenet-r",
+                             "gcab-cifar100", "gcab-imagenet100")}}
+
+
+@pytest.mark.parametrize("recipe", sorted(TF32))
+def test_fp32_matmuls_follow_the_official_torch(recipe):
+    assert compose([f"experiment={recipe}"]).trainer.tf32 is TF32[recipe]

@@ -171,3 +171,27 @@ def test_adamw_uses_the_fused_kernel_unless_the_config_says_otherwise(monkeypatc
 
     monkeypatch.setattr(timm.optim, "create_optimizer_v2", no_fused)
     assert not hardware.create_optimizer(net, "adamw", lr=1e-3).defaults.get("fused")
+
+
+@pytest.mark.parametrize("overrides,expected", [([], "high"), (["trainer.tf32=false"], "highest")])
+def test_tf32_sets_the_fp32_matmul_precision_on_a_gpu(monkeypatch, overrides, expected):
+    """trainer.tf32 (default true): fp32 matmuls on TF32 tensor cores ("high"), or full fp32 ("highest", torch's
+    own default from 1.12, which the recipes of codes run on torch >= 1.12 set); a run before the key existed used
+    TF32 (cl_vit.runs.ADDED_KEYS)."""
+    from cl_vit.runs import ADDED_KEYS
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(hardware, "_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    cfg = compose(["trainer=gpu", *overrides])
+    kwargs = hardware.trainer_kwargs(OmegaConf.to_container(cfg.trainer), cuda_available=True)
+    assert calls == [expected] and "tf32" not in kwargs
+    assert ADDED_KEYS["trainer.tf32"] is True
+
+
+def test_tf32_must_be_true_or_false():
+    cfg = OmegaConf.to_container(compose(["trainer=gpu", "trainer.tf32=maybe"]).trainer)
+    with pytest.raises(UserError) as e:
+        hardware.trainer_kwargs(cfg, cuda_available=True)
+    assert "\n" not in str(e.value) and "trainer.tf32='maybe'" in str(e.value)
