@@ -557,20 +557,29 @@ class PrefetchStage:
         self.mean = [255 * float(m) for m in mean]
         self.std = [255 * float(s) for s in std]
         self.re = dict(probability=float(re_prob), mode=re_mode, max_count=int(re_count))
+        self._on = {}  # device -> (mean, std, eraser or None), built at the first batch on it, not at every step
+
+    def _parts(self, device):
+        if device not in self._on:
+            import torch
+            from timm.data.random_erasing import RandomErasing
+
+            shape = (1, len(self.mean), 1, 1)
+            self._on[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device).view(shape),
+                                torch.tensor(self.std, dtype=torch.float32, device=device).view(shape),
+                                RandomErasing(**self.re, device=device) if self.re["probability"] > 0 else None)
+        return self._on[device]
 
     def __call__(self, x):
         import torch
-        from timm.data.random_erasing import RandomErasing
 
         if x.dtype != torch.uint8:
             raise UserError(f"benchmark.source_args.augment.prefetcher=true expects uint8 training images from the "
                             f"DeiT pipeline; this stream gives {x.dtype}: set it to false for this stream")
-        shape = (1, len(self.mean), 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+        mean, std, erase = self._parts(x.device)
         x = x.float().sub_(mean).div_(std)
-        if self.re["probability"] > 0:
-            x = RandomErasing(**self.re, device=x.device)(x)
+        if erase is not None:
+            x = erase(x)
         return x.to(torch.get_default_dtype())
 
     def __repr__(self):
