@@ -16,8 +16,6 @@ three loaders alternating.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cl_vit.bench import interleaved, row
+from cl_vit.bench import interleaved, row, scratch
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -94,8 +92,7 @@ def run(quick: bool = False) -> dict:
     rows = []
     for case, short_side, noise, per_class in CASES:
         per_class = max(2, per_class // 2) if quick else per_class
-        tmp = Path(tempfile.mkdtemp(prefix="cl_vit-bench-data-"))
-        try:
+        with scratch("cl_vit-bench-data-") as tmp:
             make_jpegs(tmp / "imagenet-r", n_classes, per_class, short_side=short_side, noise=noise)
             loaders = _loaders(tmp / "imagenet-r", batch_size=16, workers=workers)
             n_images = n_classes * per_class
@@ -109,8 +106,6 @@ def run(quick: bool = False) -> dict:
                 row(f"{case}, alb. full decode", "images/s", ips["albumentations_full_decode"],
                     ips["torchvision"], higher_is_better=True, workers=workers, images=n_images),
             ]
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     notes = [f"batch 16, {workers} DataLoader workers, medians of interleaved passes; baseline = torchvision "
              "ImageFolder + RandomResizedCrop(224)/RandomHorizontalFlip/ToTensor/Normalize (PIL decode)"]
     return {"name": "data", "device": "cpu", "rows": rows, "notes": notes}
