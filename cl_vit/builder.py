@@ -44,28 +44,22 @@ def dataset_labels(source, info) -> list[int]:
     return np.argsort(np.asarray(class_map, dtype=np.int64))[order].tolist()
 
 
-#: the strategies that take uint8 training batches (benchmark.source_args.augment.prefetcher): mixup mixes them as
-#: timm's collate does; the others leave the images alone
-PREFETCHER_STRATEGIES = ("mixup", "cos_reg", "finetune")
-
-
 def train_batch_stage(cfg: DictConfig, source, strategies):
     """timm's prefetcher stage (normalisation, random erasing) when the source's DeiT pipeline has
     ``augment.prefetcher`` on; checks that the strategies can take its uint8 batches."""
     from cl_vit.data.transforms import prefetch_meta, prefetch_stage
-    from cl_vit.strategies.mixup import check_uint8_mode
+    from cl_vit.strategies import STRATEGIES
 
     meta = source.meta if source is not None else prefetch_meta(source_arguments(cfg))
     stage = prefetch_stage(meta)
     if stage is None:
         return None
     for s in strategies:
-        if s.name not in PREFETCHER_STRATEGIES:
+        if not s.uint8_batches:
+            takes = sorted(n for n, c in STRATEGIES.items() if c.uint8_batches)
             raise UserError(f"strategy {s.name} expects normalised images, and benchmark.source_args.augment."
                             f"prefetcher=true hands uint8 batches to the strategies (works with "
-                            f"{', '.join(PREFETCHER_STRATEGIES)}): set it to false or drop {s.name}")
-        if s.name == "mixup":
-            check_uint8_mode(s.args["mode"])
+                            f"{', '.join(takes)}): set it to false or drop {s.name}")
     return stage
 
 

@@ -72,6 +72,10 @@ class Strategy:
     #: whether this strategy's loss reaches the logits of past classes (LwF's distillation): with
     #: ``loss.mask_old_logits`` their classifier rows are otherwise frozen (ContinualModule.frozen_slices)
     reads_old_logits: bool = False
+    #: whether it takes the uint8 training batches of ``benchmark.source_args.augment.prefetcher`` (normalised only
+    #: after its ``before_batch``, by the module's PrefetchStage): a strategy that leaves the images alone or mixes
+    #: them as timm's collate does
+    uint8_batches: bool = False
 
     def setup(self, module: "ContinualModule") -> None:
         pass

@@ -35,6 +35,7 @@ def cos_reg_loss(maps: list[torch.Tensor], n: int, weight: float = 0.1) -> torch
 @register_strategy
 class CosReg(Strategy):
     name = "cos_reg"
+    uint8_batches = True
 
     def __init__(self, n_components: int = 2, weight: float = 0.1):
         if int(n_components) < 1:

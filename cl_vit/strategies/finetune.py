@@ -9,3 +9,4 @@ from cl_vit.strategies.base import Strategy, register_strategy
 @register_strategy
 class Finetune(Strategy):
     name = "finetune"
+    uint8_batches = True

@@ -107,12 +107,17 @@ def mix_uint8(mixup: Mixup, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
 @register_strategy
 class MixupCutMix(Strategy):
     name = "mixup"
+    uint8_batches = True
 
     def __init__(self, mixup: float = 0.8, cutmix: float = 1.0, cutmix_minmax: Sequence[float] | None = None,
                  prob: float = 1.0, switch_prob: float = 0.5, mode: str = "batch", label_smoothing: float = 0.1):
         self.args = dict(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax, prob=prob,
                          switch_prob=switch_prob, mode=mode, label_smoothing=label_smoothing)
         self.mixup: Mixup | None = None
+
+    def setup(self, module) -> None:
+        if module.batch_stage is not None:  # uint8 batches: a mode mix_uint8 follows, checked before training
+            check_uint8_mode(self.args["mode"])
 
     def before_experience(self, module, experience: ExperienceInfo) -> None:
         self.mixup = Mixup(num_classes=experience.n_classes, **self.args)
