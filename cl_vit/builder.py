@@ -113,6 +113,7 @@ def build(cfg: DictConfig, scenario=None):
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         finite_check_every=int(cfg.trainer.get("finite_check_every") or 1),
+        eval_autocast=cfg.trainer.get("eval_autocast"),
     )
     module.input_size = (int(in_chans), int(img_size), int(img_size))  # the geometry the net was built for
     module.batch_stage = train_batch_stage(cfg, source, strategies)

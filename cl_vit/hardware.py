@@ -7,6 +7,7 @@ equivalent, with loss scaling, and says so once.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -20,7 +21,9 @@ log = logging.getLogger("cl_vit")
 
 CUDA_ACCELERATORS = ("gpu", "cuda")
 #: keys of cfg.trainer that are the suite's, not Lightning's (configure_threads; ContinualModule's checks)
-SUITE_TRAINER_KEYS = ("threads", "finite_check_every", "tf32")
+SUITE_TRAINER_KEYS = ("threads", "finite_check_every", "tf32", "eval_autocast")
+#: trainer.eval_autocast: the dtypes the evaluation forward may run under on a CUDA GPU (null: the training precision)
+EVAL_AUTOCAST_DTYPES = ("float16", "bfloat16")
 
 
 def uses_cuda(accelerator: str, cuda_available: bool) -> bool:
@@ -55,6 +58,7 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], cuda_available: bool | None =
     tf32 = kwargs.get("tf32", True)
     if not isinstance(tf32, bool):
         raise ConfigError("trainer.tf32", tf32, "true (fp32 matmuls on TF32 tensor cores) or false (full fp32)")
+    check_eval_autocast(kwargs.get("eval_autocast"))
     for key in SUITE_TRAINER_KEYS:
         kwargs.pop(key, None)
     accelerator = str(kwargs.get("accelerator", "auto"))
@@ -74,6 +78,33 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], cuda_available: bool | None =
         # false keeps them full fp32, torch's own default from 1.12 on
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
     return kwargs
+
+
+def check_eval_autocast(dtype: str | None) -> str | None:
+    """``trainer.eval_autocast`` as given, or one line naming what it may be."""
+    if dtype is not None and dtype not in EVAL_AUTOCAST_DTYPES:
+        raise ConfigError("trainer.eval_autocast", dtype, "null (evaluate at trainer.precision) or "
+                          f"{' / '.join(EVAL_AUTOCAST_DTYPES)} (the evaluation forward under CUDA autocast)")
+    return dtype
+
+
+#: the device types trainer.eval_autocast applies on: the official torch.cuda.amp.autocast() does nothing off CUDA
+EVAL_AUTOCAST_DEVICES = ("cuda",)
+
+
+def evaluation_autocast(dtype: str | None, device):
+    """The context of the evaluation forward on ``device``: autocast to ``dtype`` (trainer.eval_autocast) on a CUDA
+    device, nothing elsewhere.
+
+    Inside Lightning's own autocast (a ``*-mixed`` precision) the inner dtype wins. The weight-cast cache stays off,
+    as Lightning keeps its own: two nested autocasts of different dtypes that both cache fail on the first matmul
+    ("mat1 and mat2 must have the same dtype", torch 2.14)."""
+    import torch
+
+    device_type = torch.device(device).type if dtype is not None else None
+    if device_type not in EVAL_AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype), cache_enabled=False)
 
 
 #: torch optimisers (timm names) with a fused implementation on CPU and CUDA (torch >= 2.4)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from cl_vit.errors import NonFiniteLoss
-from cl_vit.hardware import create_optimizer
+from cl_vit.hardware import check_eval_autocast, create_optimizer, evaluation_autocast
 from cl_vit.strategies.base import ExperienceInfo, Strategy
 
 LOSSES = ("ce", "bce")
@@ -220,6 +220,7 @@ class ContinualModule(L.LightningModule):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         finite_check_every: int = 1,
+        eval_autocast: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "strategies"])
@@ -232,6 +233,8 @@ class ContinualModule(L.LightningModule):
         #: steps between reads of the non-finite checks (trainer.finite_check_every; 1: every step, _DeferredChecks)
         self.finite_check_every = max(1, int(finite_check_every))
         self._deferred: _DeferredChecks | None = None
+        #: trainer.eval_autocast: the dtype of the evaluation forward's CUDA autocast (None: the training precision)
+        self.eval_autocast = check_eval_autocast(eval_autocast)
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0})
         self._deit_schedule: DeiTCosine | None = None  # scheduler.name=deit_cosine / timm_cosine, set per batch
@@ -510,9 +513,10 @@ class ContinualModule(L.LightningModule):
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         """Task-agnostic predictions over the classes seen so far: the main output and every extra head."""
         x, y, exp = batch
-        outputs = self.forward_outputs(x)
-        for s in self.strategies:
-            outputs = s.evaluation_outputs(self, outputs)
+        with evaluation_autocast(self.eval_autocast, x.device):
+            outputs = self.forward_outputs(x)
+            for s in self.strategies:
+                outputs = s.evaluation_outputs(self, outputs)
         preds = {"main": outputs["logits"].masked_fill(~self.seen_mask, float("-inf")).argmax(1)}
         for name, logits in outputs.get("heads", {}).items():
             preds[name] = logits.masked_fill(~self.seen_mask, float("-inf")).argmax(1)

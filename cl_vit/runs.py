@@ -111,7 +111,7 @@ def _float_array(values) -> np.ndarray:
 #: ``setting`` fills them in, so that a run and its repetition with today's config are one setting
 ADDED_KEYS: dict[str, Any] = {"loss.mask_unseen": True, "scheduler.warmup_lr": None, "scheduler.min_lr": None,
                                "scheduler.cooldown_epochs": 0, "scheduler.warmup_per_epoch": False,
-                               "trainer.tf32": True}
+                               "trainer.tf32": True, "trainer.eval_autocast": None}
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:

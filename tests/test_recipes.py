@@ -294,3 +294,18 @@ def test_er_recipes_are_normalnn_with_coda_prompts_coreset(benchmark, epochs):
     assert (cfg["model"]["name"], cfg["model"]["pretrained_tag"]) == ("vit_base_patch16_224", "augreg_in21k_ft_in1k")
     # composed with another strategy, the memory keeps the recipe's size
     assert _resolved([f"experiment={name}", "strategy=[replay,l2]"])["strategy"]["replay"]["memory_size"] == 5000
+
+
+# trainer.eval_autocast: the recipes whose official evaluate runs under torch.cuda.amp.autocast() whatever the
+# training precision (DyTox continual/engine.py L279; GCAB-CFDC continual/engine_GCAB.py L126). DeiT-LT (engine.py
+# L163 / L310) and Refiner-ViT (main.py L421, L734 / L835) evaluate under the autocast they train in (16-mixed here);
+# CODA-Prompt, LAMDA-PILOT, RanPAC, SLCA, InfLoRA, SD-LoRA and the long-tailed codes use no autocast
+EVAL_AUTOCAST = {"dytox-cifar100": "float16", "gcab-cifar100": "float16", "gcab-tiny-imagenet": "float16",
+                 "gcab-imagenet100": "float16"}
+
+
+def test_the_recipes_evaluating_under_fp16_autocast_set_eval_autocast_and_no_other():
+    recipes = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
+    assert set(EVAL_AUTOCAST) <= set(recipes)
+    assert {r: compose([f"experiment={r}"]).trainer.eval_autocast for r in recipes} == {
+        r: EVAL_AUTOCAST.get(r) for r in recipes}
