@@ -120,10 +120,12 @@ def test_gpu_check_on_cpu_writes_each_section_and_survives_a_failing_one(tmp_pat
 
     monkeypatch.setattr(gpu_check, "deit_lt_section", broken)
     out = tmp_path / "out"
-    keep = {"peak", "deit_lt", "data"}
+    keep = {"peak", "deit_lt", "eval_autocast", "data"}
     assert gpu_check.main([str(out), "--cpu", "--skip", *(s for s in gpu_check.SECTIONS if s not in keep)]) == 0
     sections = json.loads((out / "results.json").read_text())["sections"]
-    assert list(sections) == ["peak", "deit_lt", "data"]
+    assert list(sections) == ["peak", "deit_lt", "eval_autocast", "data"]
+    # the CPU opened to trainer.eval_autocast (bfloat16): the evaluation forward in bf16, as a forward by hand
+    assert sections["eval_autocast"]["ok"] is True
     assert sections["peak"]["measured_flops"] > 0
     assert sections["deit_lt"]["error"] == "RuntimeError: injected"
     data = sections["data"]

@@ -23,6 +23,9 @@ says so. Sections, in the order they run:
 * ``prefetcher``: the Refiner-ViT recipes' prefetcher order on the device (``augment.prefetcher``): uint8 Mixup /
   CutMix (``strategy=mixup``) equal to the CPU's from the same numpy draws, ``PrefetchStage``'s normalisation
   likewise, and the images/s of mixing + normalising + erasing against Refiner-ViT-S's step.
+* ``eval_autocast``: ``trainer.eval_autocast=float16`` (the DyTox and GCAB recipes) on the device under ``32-true``:
+  the evaluation forward's linear layers give fp16 outputs and its predictions equal those of a forward by hand
+  under ``torch.cuda.amp.autocast()`` (the official evaluate's context); without the key, fp32.
 * ``data``: the ImageNet-R training pipeline (cl_vit.data.transforms.imagenet_transforms, reduced JPEG decode) on
   generated 250-900 px JPEGs with 4, 8 and 16 DataLoader workers, against the GPU step's images/s.
 * ``recipe``: one experience of ``benchmark=imagenet-r`` (the closer-look L2 recipe) and of
@@ -59,7 +62,7 @@ from cl_vit.rundir import atomic_write_bytes, atomic_write_text
 
 #: the sections, in the order they run (each one's estimate of seconds is in ``main``)
 SECTIONS = ("peak", "train", "deferred_checks", "refiner_recompute", "twin", "prompt_step", "deit_lt", "prefetcher",
-            "data", "recipe", "profile", "train_compiled")
+            "eval_autocast", "data", "recipe", "profile", "train_compiled")
 #: the ViT of the script check on the CPU (--cpu)
 CPU_VIT = {"name": "vit_small_patch16_224", "embed_dim": 64, "depth": 2, "num_heads": 2}
 #: trainer.finite_check_every of the deferred_checks section (issue 26: one read of the checks per this many steps)
@@ -357,6 +360,44 @@ def prefetcher_section(check: Check) -> dict:
     return out
 
 
+def eval_autocast_section(check: Check) -> dict:
+    """ContinualModule.predict_step with trainer.eval_autocast float16 and without, on one batch of a small ViT on the
+    device: the dtypes of its linear layers' outputs and its predictions against a forward by hand under CUDA fp16
+    autocast. The script check (--cpu) opens the CPU to the key with bfloat16 (the key does nothing there)."""
+    from unittest import mock
+
+    import timm
+
+    from cl_vit import hardware
+    from cl_vit.module import ContinualModule
+
+    dtype, device_type = ("bfloat16", "cpu") if check.cpu else ("float16", "cuda")
+    torch.manual_seed(0)
+    net = timm.create_model(CPU_VIT["name"], embed_dim=CPU_VIT["embed_dim"], depth=CPU_VIT["depth"],
+                            num_heads=CPU_VIT["num_heads"], num_classes=10, img_size=32, patch_size=8)
+    x = torch.randn(64, 3, 32, 32, device=check.device)
+    batch = (x, torch.zeros(64, dtype=torch.long, device=check.device), torch.zeros(64, dtype=torch.long))
+    out: dict = {"dtype": dtype}
+    for key in (None, dtype):
+        module = ContinualModule(net, 10, eval_autocast=key).to(check.device).eval()
+        module.seen_mask[:] = True
+        seen = []
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: seen.append(str(o.dtype)) if isinstance(m, torch.nn.Linear) else None)
+        try:
+            with torch.no_grad(), mock.patch.object(hardware, "EVAL_AUTOCAST_DEVICES", (device_type,)):
+                preds = module.predict_step(batch, 0)["preds"]["main"]
+        finally:
+            hook.remove()
+        with torch.no_grad(), torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=key is not None):
+            by_hand = module.forward_outputs(x)["logits"].argmax(1)
+        out[f"linear_dtypes_{key}"] = sorted(set(seen))
+        out[f"preds_equal_by_hand_{key}"] = bool(torch.equal(preds, by_hand))
+    out["ok"] = (out["linear_dtypes_None"] == ["torch.float32"] and out[f"linear_dtypes_{dtype}"] == [f"torch.{dtype}"]
+                 and out["preds_equal_by_hand_None"] and out[f"preds_equal_by_hand_{dtype}"])
+    return out
+
+
 def make_imagenet_r(root: Path, classes: list[str], per_class: int, workers: int) -> None:
     """ImageNet-R's layout (<root>/imagenet-r/<wnid>/*.jpg) with photo-like JPEGs of 250-900 px (cl_vit.bench.data),
     one process per class folder."""
@@ -580,6 +621,12 @@ def summary(doc: dict) -> str:
                   f"+ normalising + erasing {pf['images_per_s']:.0f} images/s"
                   + (f" ({pf['share_of_refiner_s_step']:.1%} of a Refiner-ViT-S step)"
                      if pf.get("share_of_refiner_s_step") else "")]
+    ea = s.get("eval_autocast") or {}
+    if "ok" in ea:
+        lines += ["", f"trainer.eval_autocast={ea['dtype']}: evaluation linear outputs {ea['linear_dtypes_' + ea['dtype']]} "
+                  f"(without the key {ea['linear_dtypes_None']}), predictions "
+                  + ("equal to" if ea[f"preds_equal_by_hand_{ea['dtype']}"] else "DIFFERENT from")
+                  + " an autocast forward by hand: " + ("ok" if ea["ok"] else "NOT OK")]
     dt = s.get("data") or {}
     if dt.get("workers"):
         lines += ["", "Data pipeline images/s: " + ", ".join(f"{w} workers {v['images_per_s']:.0f}"
@@ -620,6 +667,7 @@ def main(argv=None) -> int:
         "prompt_step": (lambda: prompt_step_section(check), 30),
         "deit_lt": (lambda: deit_lt_section(check), 40),
         "prefetcher": (lambda: prefetcher_section(check), 15),
+        "eval_autocast": (lambda: eval_autocast_section(check), 5),
         "data": (lambda: data_section(check), 45),
         "recipe": (lambda: recipe_section(check), 100),
         "profile": (lambda: profile_section(check), 25),
