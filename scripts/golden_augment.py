@@ -8,7 +8,9 @@ under the timm version its own code ran, on generated images, on a CPU.
 
 ``/path/to/DeiT-LT``: a checkout of val-iisc/DeiT-LT, or a folder with just its datasets.py, augment.py and
 arguments.py (``git archive HEAD datasets.py augment.py arguments.py | tar x -C DIR``); ``--run NAME`` runs one of
-``RUNS`` only. The timm wheel goes into a folder of its own, never into the suite's environment.
+``RUNS`` only; ``--pillow DIR`` puts another Pillow (a pip ``--target`` folder, e.g. 9.5.0 of DeiT-LT's
+environment.yml L152) first for the official code. The old timm and Pillow go into folders of their own, never into
+the suite's environment.
 
 DeiT-LT (``deit_*`` runs, timm 0.8.15.dev0 of environment.yml L199, from the ``--timm-0815`` folder): datasets.py
 ``build_transform_deit(is_train, args)`` (L578-629) with arguments.py's defaults (``get_args_parser()``: ``--aa
@@ -42,8 +44,8 @@ their mean and std to the device and copy on a side stream; only the evaluation 
 evaluation loader without worker processes (``num_workers=0``, no persistent workers: they change no image), and
 gives ``PIL.ImageOps.posterize`` the Pillow 9.5 result for 0 bits kept (environment.yml L152; a black image), where
 the installed Pillow raises (RandAugment's PosterizeIncreasing keeps 0 bits at the clipped maximum magnitude); the
-suite does the same (cl_vit.data.transforms.posterize). torch, torchvision and Pillow are the installed ones on both
-sides. It writes nothing.
+suite does the same (cl_vit.data.transforms.posterize). torch, torchvision and (without ``--pillow``) Pillow are the
+installed ones on both sides. It writes nothing.
 """
 from __future__ import annotations
 
@@ -183,22 +185,29 @@ def refiner_vit(official: Path, work: Path, name: str) -> dict:
 
 
 def _pillow_95_posterize() -> None:
+    """Where this Pillow refuses 0 bits, Pillow 9.5's black image."""
     from PIL import Image, ImageOps
 
     posterize = ImageOps.posterize
-    ImageOps.posterize = lambda img, bits: Image.new(img.mode, img.size) if bits < 1 else posterize(img, bits)
+    try:
+        posterize(Image.new("RGB", (1, 1)), 0)
+    except ValueError:
+        ImageOps.posterize = lambda img, bits: Image.new(img.mode, img.size) if bits < 1 else posterize(img, bits)
 
 
 FAMILIES = {"deit_lt": ("val-iisc/DeiT-LT", deit_lt), "refiner_vit": ("zhoudaquan/Refiner_ViT", refiner_vit)}
 
 
 def _child(family: str, first: list[str], argv: list[str]) -> None:
-    """One family's runs in this process, with ``first`` (the official timm's folder, the checkout) leading
-    ``sys.path``."""
+    """One family's runs in this process, with ``first`` (another Pillow's and the official timm's folders) and the
+    checkout leading ``sys.path``."""
     import torch
 
     def before(official: Path) -> None:
         sys.path[:0] = [*first, str(official)]
+        import PIL
+
+        print(f"Pillow {PIL.__version__} ({PIL.__file__})", file=sys.stderr)
         torch.Tensor.cuda = lambda self, *a, **k: self
         cuda_streams_off()
         _pillow_95_posterize()
@@ -217,14 +226,17 @@ def main(argv=None) -> None:
     p.add_argument("deit_lt", type=Path, help="a folder with val-iisc/DeiT-LT's datasets.py, augment.py, arguments.py")
     p.add_argument("refiner_vit", type=Path, help="a checkout of zhoudaquan/Refiner_ViT")
     p.add_argument("--timm-0815", type=Path, required=True, help="a pip --target folder holding timm 0.8.15.dev0")
+    p.add_argument("--pillow", type=Path, help="a pip --target folder with another Pillow for the official code "
+                                                "(e.g. 9.5.0 of DeiT-LT's environment.yml); default: the installed one")
     p.add_argument("--run", default="all", choices=[*RUNS, "all"])
     a = p.parse_args(argv)
-    for family, official, first in (("deit_lt", a.deit_lt, str(a.timm_0815.resolve())),
-                                    ("refiner_vit", a.refiner_vit, "")):
+    pillow = [str(a.pillow.resolve())] if a.pillow else []
+    for family, official, first in (("deit_lt", a.deit_lt, [*pillow, str(a.timm_0815.resolve())]),
+                                    ("refiner_vit", a.refiner_vit, pillow)):
         chosen = [n for n, (f, _, _) in RUNS.items() if f == family and a.run in (n, "all")]
         if chosen:
             run = chosen[0] if len(chosen) == 1 else "all"
-            subprocess.run([sys.executable, __file__, "--child", family, first, str(official), "--run", run],
+            subprocess.run([sys.executable, __file__, "--child", family, ":".join(first), str(official), "--run", run],
                            check=True)
 
 
