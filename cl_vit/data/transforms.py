@@ -548,7 +548,7 @@ def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True,
     ``prefetcher`` (the DeiT pipeline's ``augment.prefetcher``): the crop is normalised from uint8 with the prefetcher
     loader's float32 arithmetic, ``(x - 255 mean) / (255 std)`` (:class:`LoaderNormalization`), as Refiner-ViT's
     evaluation loader does (main.py L550-561 ``use_prefetcher=args.prefetcher``; its timm/data/loader.py L66, L89),
-    in place of ToTensor + Normalize, which round differently in the last bit of about half the values."""
+    in place of ToTensor + Normalize, which round many values differently in the last bit."""
     from torchvision import transforms as T
 
     steps = []
