@@ -22,6 +22,7 @@ from cl_vit.data.transforms import (
     decode_options,
     deit_eval_transform,
     deit_train_transform,
+    eval_prefetcher,
     resolve_normalization,
 )
 from cl_vit import loading
@@ -172,7 +173,8 @@ def build_cifar(
     else:
         train_tf = cifar_train_pipeline(img_size, mean, std)
     if test_transform == "deit":
-        test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im)
+        test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im,
+                                      prefetcher=eval_prefetcher(train_transform, augment))
     elif coda["test"]:
         test_tf = array_pipeline(img_size, mean, std, False, test_resize, **transforms["decode"])
     else:

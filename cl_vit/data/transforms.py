@@ -369,7 +369,9 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
         crop, transform = imagenet_transforms(img_size, mean, std, True, **decode)
         train_ds = ImageFileDataset(train, transform, decode=crop)
     if test_transform == "deit":
-        return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std, crop_pct=test_crop_pct))
+        return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std, crop_pct=test_crop_pct,
+                                                                    prefetcher=eval_prefetcher(train_transform,
+                                                                                               augment)))
     if test_transform == "torchvision":
         return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std))
     crop, transform = imagenet_transforms(img_size, mean, std, False, test_resize, **decode)
@@ -382,8 +384,9 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
 # script) is trained on timm's ``create_transform`` output, the "out-of-distribution" images its teacher is distilled
 # on; Mixup/CutMix follow on the batch (the deit_lt strategy). timm's RandAugment works on PIL images, so these
 # pipelines make a PIL image of the uint8 array the datasets decode and run timm's own transforms. DeiT-LT pinned
-# timm 0.8.15.dev0 (environment.yml); with the same torch and seeds it and timm 1.0.31 gave bit-identical tensors for
-# this pipeline (40 CIFAR-sized images, checked when this was written). Unlike the default pipelines, file sources
+# timm 0.8.15.dev0 (environment.yml L199), Refiner-ViT bundles timm 0.4.8; from the same seeds the recipes' pipelines
+# under the installed timm give those versions' training and evaluation tensors bit for bit
+# (tests/test_golden_augment.py, scripts/golden_augment.py). Unlike the default pipelines, file sources
 # decode the whole image here: timm's crop interpolates the full-resolution image bicubically, as DeiT's does.
 
 PIPELINES = ("default", "deit", "torchvision")
@@ -416,6 +419,12 @@ def deit_augment(augment=None) -> dict:
         raise ConfigError(f"benchmark.source_args.augment.{unknown[0]}", augment[unknown[0]],
                           f"keys of the DeiT pipeline are {sorted(DEIT_AUGMENT)}")
     return {**DEIT_AUGMENT, **augment}
+
+
+def eval_prefetcher(train_transform: str, augment=None) -> bool:
+    """Whether the evaluation images are normalised as the prefetcher loader does: the DeiT training pipeline with
+    ``augment.prefetcher`` (timm train.py scripts build both loaders with the one ``args.prefetcher``)."""
+    return train_transform == "deit" and bool(deit_augment(augment)["prefetcher"])
 
 
 def check_pipelines(train_transform: str, test_transform: str, augment=None, test_resize: str = "crop",
@@ -530,19 +539,39 @@ def torchvision_eval_transform(img_size: int, mean, std) -> PILTransform:
 
 
 def deit_eval_transform(img_size: int, mean, std, resize_im: bool = True,
-                        crop_pct: float | None = None) -> PILTransform:
+                        crop_pct: float | None = None, prefetcher: bool = False) -> PILTransform:
     """DeiT's evaluation transform (build_transform_deit, ``is_train=False``): shorter side to
     ``int(256 / 224 * img_size)`` (bicubic), centre crop; ``resize_im=False`` (CIFAR at 32) leaves the image as is.
     ``crop_pct``: timm's evaluation (transforms_imagenet_eval, which timm train.py scripts such as Refiner-ViT's
     main.py run with the model's crop_pct): shorter side to ``floor(img_size / crop_pct)``, centre crop (zero-padded
-    where the resized image is smaller, crop_pct > 1)."""
+    where the resized image is smaller, crop_pct > 1).
+    ``prefetcher`` (the DeiT pipeline's ``augment.prefetcher``): the crop is normalised from uint8 with the prefetcher
+    loader's float32 arithmetic, ``(x - 255 mean) / (255 std)`` (:class:`LoaderNormalization`), as Refiner-ViT's
+    evaluation loader does (main.py L550-561 ``use_prefetcher=args.prefetcher``; its timm/data/loader.py L66, L89),
+    in place of ToTensor + Normalize, which round many values differently in the last bit."""
     from torchvision import transforms as T
 
     steps = []
     if resize_im:
         size = int((256 / 224) * img_size) if crop_pct is None else int(math.floor(img_size / float(crop_pct)))
         steps += [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size)]
+    if prefetcher:
+        return PILTransform(T.Compose([*steps, T.PILToTensor(), LoaderNormalization(mean, std)]))
     return PILTransform(T.Compose([*steps, T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]))
+
+
+class LoaderNormalization:
+    """:class:`PrefetchStage`'s normalisation (without erasing) of one uint8 ``CHW`` image: the evaluation images of
+    a recipe with ``augment.prefetcher``."""
+
+    def __init__(self, mean, std):
+        self.stage = PrefetchStage(mean, std)
+
+    def __call__(self, x):
+        return self.stage(x[None])[0]
+
+    def __repr__(self):
+        return f"LoaderNormalization(mean={self.stage.mean}, std={self.stage.std})"
 
 
 class PrefetchStage:
