@@ -110,7 +110,6 @@ RUNS = {
 REFINER = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="random", re_prob=0.25,
                re_mode="pixel", re_count=1, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0)
 REFINER_MEAN = REFINER_STD = (0.5, 0.5, 0.5)
-#: evaluation run -> the model whose default_cfg (models/refined_transformer.py L32-49) gives the crop
 #: evaluation run -> (the training script's options, the default_cfg its model sets: models/refined_transformer.py
 #: L487, L497, L507)
 REFINER_EVAL = {"refiner_eval": ("refiner_s", "Refined_vit_small_patch16_224"),
@@ -243,12 +242,12 @@ def gcab(official: Path, work: Path, name: str) -> dict:
 
     assert timm.__version__ == "0.5.4", timm.__file__
     torch.autograd.set_detect_anomaly(False)  # main.py L31 turns it on at import
-    args = main.get_args_parser().parse_args(["--input-size", str(RUNS[name][2])])
+    args = main.get_args_parser().parse_args([])
     # main.py's load_options (L494-506) sets the files' values; it refuses tiny_10splits.yaml (L4 memory_size) and
     # ImageNet_GCAB_FDC.yaml (L29-33 finetuning, dytox), which no main.py option takes: set as it would set them
     for f in GCAB_OPTIONS[RUNS[name][2]]:
         vars(args).update(yaml.safe_load((official / "options" / f).read_text()))
-    assert args.input_size == RUNS[name][2], args.input_size
+    assert args.input_size == RUNS[name][2], args.input_size  # the model file's input_size (L11)
     return apply(build_transform("train" in name, args), name)
 
 
@@ -330,6 +329,7 @@ def main(argv=None) -> None:
             run = chosen[0] if len(chosen) == 1 else "all"
             subprocess.run([sys.executable, __file__, "--child", family, ":".join(first), str(official), "--run", run],
                            check=True)
+
 
 if __name__ == "__main__":
     main()
