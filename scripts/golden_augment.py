@@ -312,7 +312,8 @@ def main(argv=None) -> None:
     p.add_argument("--timm-054", type=Path, help="a pip --target folder holding timm 0.5.4 (with --gcab)")
     p.add_argument("--continuum", type=Path, help="a pip --target folder holding continuum 1.2.4 (with --gcab)")
     p.add_argument("--pillow", type=Path, help="a pip --target folder with another Pillow for the official code "
-                                                "(e.g. 9.5.0 of DeiT-LT's environment.yml); default: the installed one")
+                                                "(e.g. 9.5.0 of DeiT-LT's environment.yml, 9.1.0 of GCAB-CFDC's "
+                                                "requirements.txt); default: the installed one")
     p.add_argument("--run", default="all", choices=[*RUNS, "all"])
     a = p.parse_args(argv)
     if a.gcab and not (a.timm_054 and a.continuum):
