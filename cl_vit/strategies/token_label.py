@@ -8,8 +8,10 @@ target (repeated for each patch, L96-97). Without token-label files (``relabel_d
 batch's own Mixup / CutMix target (main.py L488-507 build the plain Mixup; L704-706 only smooth hard labels). The
 model's training outputs carry the dense logits (``dense_logits``: cl_vit.models.refiner ``forward_outputs`` with
 ``model.return_dense=true``); the class-token term is the module's classification loss, scaled by ``cls_weight``.
-Not implemented: ``mix_token`` (false in scripts/refiner_l.yaml L99; it would cut patch tokens between images) and
-main.py's ``--annealing-weight`` (off by default, L231; it scales dense_weight by lr / base lr, L618-621).
+Hard labels (without strategy=mixup) are not smoothed here, as the classification loss does not smooth them; main.py
+smooths them by ``smoothing`` (L704-706, data/mixup.py L94-111). Not implemented: ``mix_token`` (false in
+scripts/refiner_l.yaml L99; it would cut patch tokens between images) and main.py's ``--annealing-weight`` (off by
+default, L231; it scales dense_weight by lr / base lr, L618-621).
 """
 from __future__ import annotations
 
