@@ -279,6 +279,16 @@ class ContinualModule(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------------------------------
 
+    def loss_mask(self, y: torch.Tensor) -> torch.Tensor:
+        """The classes the classification loss of targets ``y`` covers: one row for all, or (FT++ with hard labels)
+        one row per sample."""
+        mask = self.current_mask if self.mask_old_logits else self.training_mask
+        if self.mask_old_logits and y.ndim == 1 and self.loss_name == "ce":
+            # FT++ masks the past classes for the current experience's samples; a replayed sample of a past class
+            # (strategy=[replay,...]) keeps every seen class, else its own label would be masked (an infinite loss)
+            mask = torch.where(self.current_mask[y][:, None], self.current_mask, self.seen_mask)
+        return mask
+
     def training_step(self, batch, batch_idx):
         batch = {"x": batch[0], "y": batch[1], **({"key": batch[3]} if len(batch) > 3 else {})}
         for s in self.strategies:
@@ -287,11 +297,7 @@ class ContinualModule(L.LightningModule):
             batch = {**batch, "x": self.batch_stage(batch["x"])}
         outputs = self.forward_outputs(batch["x"])
         y = batch["y"]
-        mask = self.current_mask if self.mask_old_logits else self.training_mask
-        if self.mask_old_logits and y.ndim == 1 and self.loss_name == "ce":
-            # FT++ masks the past classes for the current experience's samples; a replayed sample of a past class
-            # (strategy=[replay,...]) keeps every seen class, else its own label would be masked (an infinite loss)
-            mask = torch.where(self.current_mask[y][:, None], self.current_mask, self.seen_mask)
+        mask = self.loss_mask(y)
         weight = math.prod(s.cls_loss_weight for s in self.strategies)
         terms = {"cls": weight * classification_loss(outputs["logits"], y, mask, self.loss_name)}
         for s in self.strategies:

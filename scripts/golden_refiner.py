@@ -1,8 +1,9 @@
 """Golden trajectory from Refiner-ViT's own training loop (zhoudaquan/Refiner_ViT) on a tiny stream, on a CPU.
 
-    python scripts/golden_refiner.py /path/to/Refiner_ViT [--run no_prefetcher|prefetcher|all]
+    python scripts/golden_refiner.py /path/to/Refiner_ViT [--run no_prefetcher|prefetcher|dense|all]
 
-runs (twice, ``RUNS``: without and with main.py's default prefetcher loader) the official ``main.main`` of main.py (a
+runs (three times, ``RUNS``: without and with main.py's default prefetcher loader, and ``dense`` with that loader and
+scripts/refiner_l.yaml's loss settings) the official ``main.main`` of main.py (a
 timm 0.4.8 train.py, with the timm it bundles in its ``timm/`` folder) with the arguments of scripts/refiner_s.yaml
 (``-c``) and a few overrides that size the run down: its optimiser
 (bundled ``timm.optim.create_optimizer``: AdamW, no weight decay on biases, 1-D tensors and the model's
@@ -10,10 +11,13 @@ timm 0.4.8 train.py, with the timm it bundles in its ``timm/`` folder) with the 
 ``warmup_lr`` and ``cooldown_epochs`` at ``min_lr``, stepped ``step(epoch + 1)`` after each epoch, main.py L646), its
 ``ModelEmaV2`` (updated after every step, main.py L762, evaluated after every epoch beside the model, L635-642), its
 loss (``SoftTargetCrossEntropyCosReg``, which main.py L581-582 picks when ``cos_reg_component > 0``: soft-target CE
-plus the attention-map cosine term over its default ``n_comn=2`` pairs), Mixup with label smoothing (bundled timm,
-scripts/refiner_s.yaml's 0.8 / 0.1; ``no_prefetcher``: ``Mixup`` in ``train_one_epoch``, CutMix off; ``prefetcher``:
-``FastCollateMixup`` in the loader's collate with the yaml's CutMix 1.0, then data/loader.py's ``PrefetchLoader``
-normalising the mixed uint8 batch and erasing it with the yaml's reprob 0.25) and its ``train_one_epoch`` and
+plus the attention-map cosine term over its default ``n_comn=2`` pairs; ``dense``: ``RelabelCrossEntropy``, which
+main.py L570-580 picks with ``relabel`` and ``relabel_size`` 24: soft-target CE of the class token plus 0.5 x that of
+the dense head ``aux_head`` on every patch token against its image's target, no cosine term), Mixup with label
+smoothing (bundled timm, scripts/refiner_s.yaml's 0.8 / 0.1; ``no_prefetcher``: ``Mixup`` in ``train_one_epoch``,
+CutMix off; ``prefetcher`` and ``dense``: ``FastCollateMixup`` in the loader's collate with the yaml's CutMix 1.0,
+then data/loader.py's ``PrefetchLoader`` normalising the mixed uint8 batch and erasing it with the yaml's reprob
+0.25) and its ``train_one_epoch`` and
 ``validate``. It prints what tests/test_golden_refiner.py asserts the suite reproduces: per step the learning rate and
 the loss, after each epoch the correct test images and the mean test loss of the model and of its EMA, and the norm
 of the model's and the EMA's parameters.
@@ -29,7 +33,8 @@ Nothing of the official code is copied or changed on disk; at run time this scri
 * registers ``golden_tiny_Refiner`` with the bundled timm (timm/models/factory.py L52-60 passes ``return_dense`` and
   ``mix_token`` only to names containing "Refiner"): the official ``Refiner_ViT`` built as ``Refiner_ViT_S``
   (models/refined_transformer.py L480-487: attend / share block pairs, MLP ratio 3, qkv bias, LayerNorm eps 1e-6,
-  ``head_expand`` 6) with ``MODEL``'s depth, width, heads and patch size; ``--initial-checkpoint`` loads
+  ``head_expand`` 6, Refiner_ViT_L's 3: read only with ``apply_transform``, false in every block, L133-134) with
+  ``MODEL``'s depth, width, heads and patch size; ``--initial-checkpoint`` loads
   ``initial_official()`` into it (written to a temporary file by a child process, which builds it with the suite);
 * replaces main.py's data (``create_dataset``, ``create_relabel_loader``, ``create_loader``) by ``STREAM``'s images,
   without random per-image augmentation: test images (and ``no_prefetcher``'s training images) as tensors normalised
@@ -54,9 +59,12 @@ main.py takes most values only from its ``-c`` file, so the run reads a copy of 
 temporary folder) with these changed: the model (above), ``img_size`` 32, ``num_classes``, ``batch_size``,
 ``epochs``, ``warmup_epochs``, ``cooldown_epochs`` (``RUN``), ``model_ema_decay`` (an average that moves within 20
 steps), ``drop_path`` 0, ``workers`` 0, ``initial_checkpoint``, ``output`` (the temporary folder), ``seed``, and
-per run ``no_prefetcher`` and ``cutmix`` (``RUNS``). Everything else is the file's (AdamW at lr 5e-4, weight decay
-0.05, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, Mixup 0.8 / smoothing 0.1, CutMix 1.0, reprob 0.25 in pixel mode,
-``cos_reg_component`` 12, EMA on, ``amp``).
+per run ``no_prefetcher`` and ``cutmix`` (``RUNS``; ``dense`` reads scripts/refiner_l.yaml instead, ``CONFIG``,
+and also empties its ``resume`` and turns its ``eval_first`` off). Everything else is the file's (AdamW at lr 5e-4,
+weight decay 0.05, ``warmup_lr`` 1e-6, ``min_lr`` 1e-5, Mixup 0.8 / smoothing 0.1, CutMix 1.0, reprob 0.25 in pixel
+mode, ``cos_reg_component`` 12, EMA on, ``amp``; refiner_l.yaml differs in ``cos_reg_component`` 0, ``relabel`` /
+``return_dense`` true, ``relabel_size`` 24, the model, ``drop_path``, ``img_size``, ``batch_size``, all overridden
+or sized down but the first four).
 The official code needs nothing the suite does not install. Run it from a checkout outside this repository; it
 writes only to temporary folders.
 """
@@ -81,12 +89,18 @@ STREAM = dict(n_classes=6, n_train=7, n_test=4, size=32)
 #: the run: batch size, epochs of the cosine, warm-up epochs, cool-down epochs after the cosine (4 epochs in all),
 #: EMA decay
 RUN = dict(batch=8, epochs=3, warmup=1, cooldown=1, ema=0.9)
-#: the two runs and the values of scripts/refiner_s.yaml each changes besides ``RUN``'s. ``no_prefetcher``: the batch
+#: the runs and the values of scripts/refiner_s.yaml each changes besides ``RUN``'s. ``no_prefetcher``: the batch
 #: mixed in train_one_epoch (``mixup_fn``), CutMix off (the suite's normalised-batch path cuts timm 1.0's box, one
 #: pixel larger than the bundled timm 0.4.8's for odd sizes), random erasing off (it would be per image in the
 #: transform, which the script's tensors bypass). ``prefetcher``: main.py's default loader, the yaml's CutMix 1.0 and
-#: random erasing 0.25 (mixed in the collate, erased by the PrefetchLoader on the mixed batch)
-RUNS = {"no_prefetcher": dict(no_prefetcher=True, cutmix=0.0), "prefetcher": dict(no_prefetcher=False)}
+#: random erasing 0.25 (mixed in the collate, erased by the PrefetchLoader on the mixed batch). ``dense``: the same
+#: loader with scripts/refiner_l.yaml's values (``CONFIG``): cos_reg_component 0, relabel / return_dense true,
+#: relabel_size 24, dense_weight 0.5, mix_token false (L13, L97-101: RelabelCrossEntropy on the class token and the
+#: dense head); its ``resume`` (L73) emptied, and ``eval_first`` (L103) off: it only evaluates before each epoch too
+RUNS = {"no_prefetcher": dict(no_prefetcher=True, cutmix=0.0), "prefetcher": dict(no_prefetcher=False),
+        "dense": dict(no_prefetcher=False, resume="", eval_first=False)}
+#: the official file each run reads (``-c``), scripts/refiner_s.yaml unless named here
+CONFIG = {"dense": "scripts/refiner_l.yaml"}
 #: the model: Refiner_ViT_S's layout with 4 blocks (2 attend / share pairs), 48 wide, 4 heads, patch 8 at 32 px
 MODEL = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=4)
 SEED = 0
@@ -142,39 +156,42 @@ def trained_norm(params) -> float:
     return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params)))
 
 
-def initial_suite() -> dict:
+def initial_suite(dense: bool = False) -> dict:
     """The starting weights in the suite's names: cl_vit's ``refiner_vit_s`` of ``MODEL`` seeded 0 (the official
-    initialisation: truncated normal 0.02, LayerScale 1e-5 on the MLP)."""
+    initialisation: truncated normal 0.02, LayerScale 1e-5 on the MLP); ``dense``: with the dense head ``aux_head``
+    (``return_dense``)."""
     import timm
 
     import cl_vit  # noqa: F401  (registers the suite's models)
 
     torch.manual_seed(SEED)
-    net = timm.create_model("refiner_vit_s", **MODEL, num_classes=STREAM["n_classes"], drop_path_rate=0.0)
+    net = timm.create_model("refiner_vit_s", **MODEL, num_classes=STREAM["n_classes"], drop_path_rate=0.0,
+                            return_dense=dense)
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def initial_official() -> dict:
+def initial_official(dense: bool = False) -> dict:
     """``initial_suite()`` under the official module names (cl_vit.models.refiner's mapping read backwards; a share
     block's V projection is the official ``qkv`` of width dim), as ``--initial-checkpoint`` loads it."""
     from cl_vit.models.refiner import _OFFICIAL_RENAMES
 
     out = {}
-    for k, v in initial_suite().items():
+    for k, v in initial_suite(dense).items():
         for old, new in _OFFICIAL_RENAMES:
             k = k.replace(new, old)
         out[k.replace(".attn.v.", ".attn.qkv.")] = v
     return out
 
 
-def _write_initial(path: Path) -> None:
+def _write_initial(path: Path, dense: bool) -> None:
     """``initial_official()`` written by a child process: the suite needs the installed timm, the official code its
     own, and one process can import only one of them as ``timm``."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import golden_refiner as g; "
-            "torch.save(g.initial_official(), sys.argv[2])")
+            "torch.save(g.initial_official(sys.argv[3] == 'True'), sys.argv[2])")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(path)], check=True,
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(path), str(dense)],
+                   check=True,
                    cwd=tempfile.gettempdir(), env=env)
 
 
@@ -221,6 +238,7 @@ def _patch(official: Path):
     register_model(golden_tiny_Refiner)
     ORIGINAL.update(create_optimizer=official_main.create_optimizer, validate=official_main.validate,
                     train_one_epoch=official_main.train_one_epoch, loss=official_main.SoftTargetCrossEntropyCosReg,
+                    relabel_loss=official_main.RelabelCrossEntropy,
                     create_relabel_loader=official_main.create_relabel_loader)
     return official_main
 
@@ -282,7 +300,7 @@ def _data(main, name: str) -> None:
         return Float64()
 
     main.create_dataset, main.create_loader = create_dataset, create_loader
-    main.create_relabel_loader = create_prefetching_loader if name == "prefetcher" else create_loader
+    main.create_relabel_loader = create_loader if RUNS[name].get("no_prefetcher") else create_prefetching_loader
 
 
 def run(official: Path, work: Path, name: str) -> dict:
@@ -290,11 +308,11 @@ def run(official: Path, work: Path, name: str) -> dict:
     main = sys.modules["main"]
     _data(main, name)
     torch.set_default_dtype(torch.float64)  # the model, the soft targets, the loss (module docstring)
-    init = work / "init.pth"
-    _write_initial(init)
     import yaml
 
-    config = yaml.safe_load(Path("scripts/refiner_s.yaml").read_text())
+    config = yaml.safe_load(Path(CONFIG.get(name, "scripts/refiner_s.yaml")).read_text())
+    init = work / "init.pth"
+    _write_initial(init, dense=bool(config.get("return_dense")))
     r = RUN
     config.update(model="golden_tiny_Refiner", img_size=MODEL["img_size"], num_classes=STREAM["n_classes"],
                   batch_size=r["batch"], epochs=r["epochs"], warmup_epochs=r["warmup"], cooldown_epochs=r["cooldown"],
@@ -310,11 +328,13 @@ def run(official: Path, work: Path, name: str) -> dict:
         state["optimizer"] = create_optimizer(a, model)
         return state["optimizer"]
 
-    class Recorded(ORIGINAL["loss"]):
-        def forward(self, x, target, atten=None):
-            loss = super().forward(x, target, atten=atten)
-            steps.append((state["optimizer"].param_groups[0]["lr"], float(loss)))
-            return loss
+    def recorded(loss_class):  # main.py L570-582 picks the loss (RelabelCrossEntropy with relabel)
+        class Recorded(loss_class):
+            def forward(self, x, target, atten=None):
+                loss = super().forward(x, target, atten=atten)
+                steps.append((state["optimizer"].param_groups[0]["lr"], float(loss)))
+                return loss
+        return Recorded
 
     def recorded_validate(model, loader, loss_fn, args, amp_autocast=None, log_suffix=""):
         metrics = validate(model, loader, loss_fn, args, amp_autocast=amp_autocast, log_suffix=log_suffix)
@@ -324,11 +344,13 @@ def run(official: Path, work: Path, name: str) -> dict:
         return metrics
 
     def seeded_epoch(epoch, *a, **k):
-        if name == "no_prefetcher":  # the prefetcher run seeds at its collate
+        if RUNS[name].get("no_prefetcher"):  # the prefetcher runs seed at their collate
             np.random.seed(mixing_seed(epoch))
         return train_one_epoch(epoch, *a, **k)
 
-    main.create_optimizer, main.SoftTargetCrossEntropyCosReg = remember_optimizer, Recorded
+    main.create_optimizer = remember_optimizer
+    main.SoftTargetCrossEntropyCosReg = recorded(ORIGINAL["loss"])
+    main.RelabelCrossEntropy = recorded(ORIGINAL["relabel_loss"])
     main.validate, main.train_one_epoch = recorded_validate, seeded_epoch
     try:
         main.main()

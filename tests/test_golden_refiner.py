@@ -9,11 +9,15 @@ b3e8cb0c41524af6f501785f47eda691c85f25e4) with the timm 0.4.8 it bundles, on a t
 
 (the script says what it changes at run time: ``stty``, ``.cuda()`` and the prefetcher's CUDA stream, Mixup's target
 device, float64, the model's size, the data, the batch order, the seeds at each epoch, and which values of
-scripts/refiner_s.yaml it overrides). Two runs: ``no_prefetcher`` (main.py ``--no-prefetcher``: Mixup on the
+scripts/refiner_s.yaml it overrides). Three runs: ``no_prefetcher`` (main.py ``--no-prefetcher``: Mixup on the
 normalised batch in train_one_epoch, CutMix and random erasing off) and ``prefetcher`` (main.py's default loader:
 FastCollateMixup on the uint8 batch with CutMix 1.0, then the PrefetchLoader's normalisation and random erasing 0.25
-on the mixed batch; the suite's ``augment.prefetcher``, the recipe's default). The test runs
-experiment=refiner-vit-s-imagenet, sized down alike, in float64 (trainer.precision=64-true),
+on the mixed batch; the suite's ``augment.prefetcher``, the recipe's default) with scripts/refiner_s.yaml, and
+``dense``, the prefetcher run with scripts/refiner_l.yaml's loss: no cos_reg term, relabel / return_dense true,
+relabel_size 24, dense_weight 0.5, mix_token false (RelabelCrossEntropy: the class token's soft-target cross-entropy
+plus 0.5 x that of the dense head on each of the 16 patch tokens against its image's mixed target; evaluated as
+x_cls + 0.5 x max over patches). The test runs experiment=refiner-vit-s-imagenet (refiner-vit-l-imagenet for
+``dense``: strategy token_label, model.return_dense=true), sized down alike, in float64 (trainer.precision=64-true),
 on the same images, from the same weights and in the same batch order, and asserts per step the learning rate
 (exactly: timm's per-epoch cosine, one warm-up epoch at 1e-6, one cool-down epoch at min_lr after a 3-epoch cosine:
 scheduler.name=timm_cosine; 5 steps an epoch: the last incomplete batch dropped) and the loss (to 1e-10 relative:
@@ -33,7 +37,7 @@ from conftest import REPO_ROOT, compose, patch_loader_order
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
-from cl_vit.module import ContinualModule
+from cl_vit.module import ContinualModule, net_outputs
 from cl_vit.run import run
 
 _spec = importlib.util.spec_from_file_location("golden_refiner", REPO_ROOT / "scripts" / "golden_refiner.py")
@@ -72,6 +76,20 @@ OFFICIAL = {
      'ema_correct': [4, 4, 4, 4],
      'ema_eval_loss': [1.7876573677586063, 1.7610803193227202, 1.7494101618799698, 1.7296987636857561],
      'ema_norm': [29.37943747217776, 29.379775795716014, 29.38068897997512, 29.38170961679471]},
+    'dense':
+    {'lr': [1e-06, 1e-06, 1e-06, 1e-06, 1e-06, 0.0003775, 0.0003775, 0.0003775, 0.0003775, 0.0003775,
+            0.00013250000000000005, 0.00013250000000000005, 0.00013250000000000005, 0.00013250000000000005,
+            0.00013250000000000005, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05],
+     'loss': [2.6961932470012764, 2.6814279158445222, 2.7049311426286264, 2.687783365644152, 2.7176637675579984,
+              2.635262791853268, 2.6407914516945787, 2.6363202587068346, 2.5793726736058185, 2.4940528541118097,
+              2.444182852275916, 2.4228790677449683, 2.6272228659416217, 2.601359816935834, 2.406030656079647,
+              2.4517663046473253, 2.400689341899075, 2.5080333061987847, 2.4010480098898306, 2.376536559472504],
+     'correct': [4, 8, 11, 12],
+     'eval_loss': [1.7935284682759738, 1.7295685789782713, 1.6301505993138392, 1.5725770523199805],
+     'norm': [29.38153903426675, 29.384153463408328, 29.38591559234736, 29.386063654537164],
+     'ema_correct': [3, 4, 7, 4],
+     'ema_eval_loss': [1.7866631225032819, 1.7656351034778737, 1.7539959500684315, 1.7249297373553147],
+     'ema_norm': [29.381540297793343, 29.381851562637358, 29.382815907984014, 29.383917931379838]},
 }
 
 
@@ -89,16 +107,18 @@ def stream(name: str):
         return as_classification_dataset(TensorImageDataset(golden.to_uint8(x), y.tolist()))
 
     data = golden.images()
-    train = (uint8 if name == "prefetcher" else dataset)(*data["train"])
+    train = (dataset if name == "no_prefetcher" else uint8)(*data["train"])
     return with_classes_timeline(benchmark_from_datasets(train=[train], test=[dataset(*data["test"])]))
 
 
 def evaluate(net, x, y) -> tuple[int, float, float]:
-    """main.py ``validate``'s numbers for ``net``: correct test images, mean cross-entropy; and the parameter norm."""
+    """main.py ``validate``'s numbers for ``net``: correct test images, mean cross-entropy; and the parameter norm.
+    The logits as the suite's evaluation computes them (net_outputs: with the dense head, its eval form)."""
     was = net.training
     net.eval()
     with torch.no_grad():
-        logits = torch.cat([net(x[i:i + golden.RUN["batch"]]) for i in range(0, len(x), golden.RUN["batch"])])
+        logits = torch.cat([net_outputs(net, x[i:i + golden.RUN["batch"]])["logits"]
+                            for i in range(0, len(x), golden.RUN["batch"])])
     net.train(was)
     return (int((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y)),
             golden.trained_norm(net.parameters()))
@@ -108,9 +128,10 @@ def suite_run(tmp_path, monkeypatch, name):
     """The suite's recipe on the script's stream for the official run ``name``; returns the same numbers."""
     from cl_vit.ema import ModelEma
 
-    torch.save(golden.initial_official(), tmp_path / "init.pth")
+    dense = name == "dense"  # experiment=refiner-vit-l-imagenet: the dense head and its loss
+    torch.save(golden.initial_official(dense), tmp_path / "init.pth")
     m, r = golden.MODEL, golden.RUN
-    over = ["experiment=refiner-vit-s-imagenet", f"model.checkpoint={tmp_path / 'init.pth'}",
+    over = [f"experiment=refiner-vit-{'l' if dense else 's'}-imagenet", f"model.checkpoint={tmp_path / 'init.pth'}",
             f"model.img_size={m['img_size']}", f"model.patch_size={m['patch_size']}",
             f"+model.embed_dim={m['embed_dim']}", f"+model.depth={m['depth']}", f"+model.num_heads={m['num_heads']}",
             "model.drop_path_rate=0", f"trainer.max_epochs={r['epochs'] + r['cooldown']}",
@@ -129,7 +150,7 @@ def suite_run(tmp_path, monkeypatch, name):
                                     ContinualModule.on_train_epoch_end)
 
     def training_step(self, batch, batch_idx):
-        if name == "prefetcher" and batch_idx == 0:  # where the script seeds: the epoch's first batch, before mixing
+        if name != "no_prefetcher" and batch_idx == 0:  # where the script seeds: the epoch's first batch, before mixing
             golden.seed_all(golden.mixing_seed(self.current_epoch))
         loss = step(self, batch, batch_idx)
         steps.append((self.trainer.optimizers[0].param_groups[0]["lr"], float(loss.detach())))

@@ -1,4 +1,5 @@
-"""Refiner-ViT on ImageNet-1k: benchmark=imagenet, the refiner-vit-{s,m,l}-imagenet recipes, the cos_reg term."""
+"""Refiner-ViT on ImageNet-1k: benchmark=imagenet, the refiner-vit-{s,m,l}-imagenet recipes, the cos_reg term, the
+dense (token-label) loss."""
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ from data_gen import write_jpeg
 from cl_vit.errors import UserError
 from cl_vit.run import run
 from cl_vit.strategies.cos_reg import cos_reg_loss
+from cl_vit.strategies.token_label import dense_target_loss
 
 
 def make_imagenet(data_root, train_per_class=(3, 2, 2), val_per_class=1, size=(40, 32)):
@@ -40,13 +42,14 @@ def test_imagenet_source_reads_the_ilsvrc_folders(data_root):
 
 # scripts/refiner_{s,m,l}.yaml: (model, drop_path L24, batch L5, img_size L29, cos_reg pairs: 2 where
 # cos_reg_component L13 > 0, main.py L581-582 building SoftTargetCrossEntropyCosReg() with its default n_comn=2)
-# and the evaluation crop fraction: the model's default_cfg crop_pct (models/refined_transformer.py L37, L42, L47)
-OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 2, 0.9), ("m", "refiner_vit_m", 0.2, 32, 224, 2, 1.0),
-            ("l", "refiner_vit_l", 0.2, 12, 448, 0, 1.13)]
+# and the evaluation crop fraction: the model's default_cfg crop_pct (models/refined_transformer.py L37, L42, L47);
+# the dense loss's weight where relabel / return_dense are true (L97-98, dense_weight L101), else 0
+OFFICIAL = [("s", "refiner_vit_s", 0.1, 32, 224, 2, 0.9, 0), ("m", "refiner_vit_m", 0.2, 32, 224, 2, 1.0, 0),
+            ("l", "refiner_vit_l", 0.2, 12, 448, 0, 1.13, 0.5)]
 
 
-@pytest.mark.parametrize("size,model,drop_path,batch,img,n_cos,crop_pct", OFFICIAL)
-def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch, img, n_cos, crop_pct):
+@pytest.mark.parametrize("size,model,drop_path,batch,img,n_cos,crop_pct,dense", OFFICIAL)
+def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch, img, n_cos, crop_pct, dense):
     cfg = compose([f"experiment=refiner-vit-{size}-imagenet"])
     assert cfg.benchmark.source_args.test_crop_pct == crop_pct
     assert (cfg.model.name, cfg.model.drop_path_rate, cfg.data.batch_size) == (model, drop_path, batch)
@@ -62,6 +65,10 @@ def test_refiner_recipes_carry_the_official_values(size, model, drop_path, batch
     assert (aug.auto_augment, aug.re_prob) == ("rand-m9-mstd0.5-inc1", 0.25)
     assert cfg.ema.decay == 0.99996
     assert (cfg.strategy.cos_reg.n_components if "cos_reg" in cfg.strategy else 0) == n_cos
+    assert (cfg.strategy.token_label.dense_weight if "token_label" in cfg.strategy else 0) == dense
+    assert bool(cfg.model.return_dense) == bool(dense)
+    if dense:  # main.py L233: --cls-weight 1.0, which no yaml changes
+        assert cfg.strategy.token_label.cls_weight == 1.0
     # the model configs alone carry the official drop_path too
     assert compose([f"model={model}"]).model.drop_path_rate == drop_path
 
@@ -209,3 +216,58 @@ def test_crop_pct_needs_the_deit_evaluation():
     assert check_pipelines("deit", "deit", test_crop_pct=0.9)["test_crop_pct"] == 0.9
     with pytest.raises(UserError, match="test_crop_pct=0.9 sets the crop fraction of test_transform=deit"):
         check_pipelines("default", "default", test_crop_pct=0.9)
+
+
+def test_dense_target_loss_is_the_official_term():
+    """loss/cross_entropy.py RelabelCrossEntropy's dense term with a soft (mixed) target: every patch row of the dense
+    logits against its image's target, soft-target cross-entropy averaged over all B x N rows, transcribed."""
+    torch.manual_seed(0)
+    b, n, c = 3, 5, 4
+    dense, target = torch.randn(b, n, c), torch.rand(b, c).softmax(1)
+    rows = target[:, None].expand(b, n, c).reshape(b * n, c)
+    expected = (-rows * F.log_softmax(dense.reshape(b * n, c), -1)).sum(-1).mean()
+    everything = torch.ones(c, dtype=torch.bool)
+    torch.testing.assert_close(dense_target_loss(dense, target, everything, "ce"), expected, rtol=1e-6, atol=0)
+    # hard labels, with a per-sample mask (FT++): each image's rows keep its own classes
+    y = torch.tensor([0, 2, 3])
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    logits = dense.masked_fill(~mask[:, None], float("-inf")).reshape(b * n, c)
+    expected = F.cross_entropy(logits, y.repeat_interleave(n))
+    torch.testing.assert_close(dense_target_loss(dense, y, mask, "ce"), expected, rtol=1e-6, atol=0)
+
+
+def test_token_label_trains_the_dense_head_as_the_official_run(data_root):
+    """With model.return_dense the training outputs are the class token's logits and the dense ones apart (official
+    training forward), the evaluation's x_cls + 0.5 x max over patches; the strategy adds dense_weight x the dense
+    term, scales the class-token term by cls_weight, and refuses a model without the dense head in one line."""
+    from cl_vit.module import net_outputs
+    from cl_vit.run import build
+
+    cfg = compose(["model=refiner_vit_tiny", "+model.return_dense=true", "strategy=token_label",
+                   "strategy.token_label.dense_weight=0.25", "strategy.token_label.cls_weight=0.5", *TINY[1:]],
+                  data_root)
+    _, _, _, module, _ = build(cfg)
+    net, strategy = module.net, module.strategies[0]
+    assert strategy.cls_loss_weight == 0.5
+    x = torch.randn(4, 1, 8, 8)
+    net.train()
+    out = net_outputs(net, x)
+    tokens = net.forward_features(x)
+    n_patches = tokens.shape[1] - net.num_prefix_tokens
+    assert out["dense_logits"].shape == (4, n_patches, net.num_classes)
+    torch.testing.assert_close(out["logits"], net.head(tokens[:, 0]))
+    torch.testing.assert_close(out["dense_logits"], net.aux_head(tokens[:, 1:]))
+    y = torch.rand(4, net.num_classes).softmax(1)
+    module.seen_mask.fill_(True)
+    term = strategy.training_loss(module, {"x": x, "y": y}, out)["token_label"]
+    torch.testing.assert_close(term, 0.25 * dense_target_loss(out["dense_logits"], y, module.loss_mask(y), "ce"))
+    net.eval()
+    evaluated = net_outputs(net, x)
+    assert "dense_logits" not in evaluated
+    tokens = net.forward_features(x)
+    dense = net.aux_head(tokens[:, 1:])
+    torch.testing.assert_close(evaluated["logits"], net.head(tokens[:, 0]) + 0.5 * dense.max(1)[0])
+    torch.testing.assert_close(evaluated["logits"], net(x))
+    with pytest.raises(UserError, match="use model=refiner_vit_s/m/l with model.return_dense=true") as err:
+        build(compose(["model=refiner_vit_tiny", "strategy=token_label", *TINY[1:]], data_root))
+    assert "\n" not in str(err.value)

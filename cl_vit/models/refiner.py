@@ -607,7 +607,8 @@ class RefinerViT(vit.VisionTransformer):
             only (official 1e-5).
         return_dense: the official token-labelling head ``aux_head`` on the patch tokens (scripts/refiner_l.yaml
             L98); the logits are then ``head(cls) + 0.5 * max over patches of aux_head(patches)``, the official
-            evaluation (models/refined_transformer.py L466-468). Needed to evaluate checkpoints trained with it.
+            evaluation (models/refined_transformer.py L466-468). In training ``forward_outputs`` gives the class
+            token's logits and the dense ones apart (strategy=token_label adds their loss, as Refiner-ViT-L trains).
     """
 
     def __init__(self, *args, layout: str = "shared", stem: str = "conv", refiner_norm: str = "batch",
@@ -739,6 +740,23 @@ class RefinerViT(vit.VisionTransformer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The suite's outputs (cl_vit.module.net_outputs): ``logits`` and ``pre_logits``. With the dense head, as the
+        official forward (models/refined_transformer.py L461-476): in training ``logits`` is the class token's alone
+        and ``dense_logits`` (B x patches x classes) the head on every patch token, which strategy=token_label
+        trains; in evaluation ``logits`` is ``forward``'s, the class token's plus 0.5 x the max over patches."""
+        feats = self.forward_features(x)
+        pre = self.forward_head(feats, pre_logits=True)
+        out = {"logits": self.head(pre), "pre_logits": pre}
+        if self.aux_head is not None:
+            dense = self.aux_head(feats[:, self.num_prefix_tokens:])
+            if self.training:
+                out["dense_logits"] = dense
+            else:
+                out["logits"] = out["logits"] + 0.5 * dense.max(1)[0]
+        return out
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
