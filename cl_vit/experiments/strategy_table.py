@@ -26,7 +26,7 @@ from pathlib import Path
 from cl_vit.errors import UserError, report_error
 
 #: the strategies that apply to a class-incremental stream; deit_lt and ldam_drw are long-tailed recipes (a teacher,
-#: a DRW schedule), cos_reg and mixup are training aids that compose with a method
+#: a DRW schedule), cos_reg, mixup and token_label are training aids that compose with a method
 STRATEGIES = ("finetune", "ftpp", "l2", "ewc", "lwf", "featkd", "gcab", "simplecil", "ranpac", "slca", "l2p",
               "dualprompt", "coda_prompt", "aper", "ease", "inflora", "sdlora", "replay", "er", "derpp", "icarl",
               "dytox", "joint")
