@@ -311,3 +311,18 @@ def test_recipes_bring_their_official_crop_scale_interpolation_and_backend(exper
     args = compose([f"experiment={experiment}"]).benchmark.source_args
     keys = ("backend", "crop_scale", "train_interpolation", "test_interpolation", "test_resize")
     assert tuple(list(v) if k == "crop_scale" else v for k, v in ((k, args[k]) for k in keys)) == expected
+
+
+@pytest.mark.parametrize("experiment,expected", [
+    # official loaders open files with PIL without exif_transpose (the config comments cite each line)
+    ("benchmark=imagenet-r", "ignore"), ("experiment=ranpac-imagenet-r-coda", "ignore"),
+    ("experiment=refiner-vit-l-imagenet", "ignore"), ("experiment=deit-lt-inat2018", "ignore"),
+    ("experiment=teacher-inat2018", "ignore"), ("experiment=gcab-imagenet100", "ignore"),
+    # the suite's own benchmarks keep the default
+    ("benchmark=imagenet-lt", "apply"), ("benchmark=tiny-imagenet", "apply"),
+])
+def test_recipes_bring_their_official_exif_orientation(experiment, expected):
+    from conftest import compose
+
+    args = compose([experiment]).benchmark.source_args
+    assert args.get("exif_orientation", "apply") == expected
