@@ -72,6 +72,79 @@ def test_exif_orientation_gives_the_crops_of_the_pre_rotated_twin(tmp_path, orie
         assert abs((rows[-1] - rows[0]) - (cols[-1] - cols[0])) <= 4
 
 
+def _seeded_all(fn, seed=0):
+    np.random.seed(seed)  # timm's RandAugment draws its ops with numpy
+    return _seeded(fn, seed)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])  # 6: stored and displayed sizes differ (the crop geometry)
+def test_exif_orientation_ignore_gives_the_official_loaders_stored_pixels_on_every_decode_path(tmp_path, orientation):
+    """exif_orientation=ignore: every decode path sees what the official loaders' Image.open(p).convert("RGB")
+    gives (the stored pixels), with sizes and crops decided on the stored image; apply (the default) does not."""
+    from torchvision import transforms as T
+
+    from cl_vit.data.transforms import decode_options, imagenet_style_datasets
+
+    rot, _ = rotated_and_twin(tmp_path, orientation)
+    stored = str(tmp_path / "stored.jpg")  # the same scan data without the tag
+    Image.fromarray(disc()).save(stored, quality=95, subsampling=0)
+    with Image.open(rot) as im:
+        official = np.asarray(im.convert("RGB"))
+    assert official.shape == disc().shape
+    assert np.array_equal(read_image(rot, orientation=1), official)
+    assert np.array_equal(np.asarray(read_image_pil(rot, exif=False)), official)
+    assert np.array_equal(read_image(stored), official)  # so the opencv crops of ``stored`` are the references
+    opencv = {
+        "eval 224": lambda e: DecodeResizeCenterCrop(224, exif_orientation=e),
+        "eval 64 (reduced decode)": lambda e: DecodeResizeCenterCrop(64, exif_orientation=e),
+        "eval squash": lambda e: DecodeResizeCenterCrop(96, "squash", exif_orientation=e),
+        "train": lambda e: DecodeRandomResizedCrop(48, scale=(0.05, 1.0), exif_orientation=e),
+    }
+    for name, make in opencv.items():
+        for seed in range(3 if name == "train" else 1):
+            a = _seeded(lambda: make("ignore")(rot), seed)
+            assert np.array_equal(a, _seeded(lambda: make("apply")(stored), seed)), name
+            b = _seeded(lambda: make("apply")(rot), seed)
+            assert a.shape != b.shape or not np.array_equal(a, b), name
+    image = Image.fromarray(official)
+    pil = {  # backend=pil against torchvision's transforms on the official loader's image
+        "train pil": (DecodeRandomResizedCrop(224, backend="pil", exif_orientation="ignore"), T.RandomResizedCrop(224)),
+        "eval pil": (DecodeResizeCenterCrop(224, interpolation="bicubic", backend="pil", exif_orientation="ignore"),
+                     T.Compose([T.Resize(256, T.InterpolationMode.BICUBIC), T.CenterCrop(224)])),
+    }
+    for name, (ours, ref) in pil.items():
+        for seed in range(2):
+            a = _seeded(lambda: ours(rot), seed)
+            assert np.array_equal(a, _seeded(lambda: np.asarray(ref(image)), seed)), name
+    for pipeline in ("deit", "torchvision"):  # the full-decode pipelines
+        for exif in ("ignore", "apply"):
+            datasets = imagenet_style_datasets([(rot, 0)], [(rot, 0)], 96, (0.5,) * 3, (0.25,) * 3,
+                                               train_transform=pipeline, test_transform=pipeline,
+                                               decode=decode_options(exif_orientation=exif))
+            for ds in datasets:
+                a = _seeded_all(lambda: ds[0][0])
+                ref = _seeded_all(lambda: ds.transform(image=official)["image"])
+                assert torch.equal(a, ref) == (exif == "ignore"), (pipeline, exif)
+
+
+def test_exif_orientation_is_recorded_and_a_bad_value_is_one_line(tmp_path):
+    from data_gen import make_imagenet_lt
+
+    from cl_vit.data import build_source
+    from cl_vit.errors import ConfigError
+
+    make_imagenet_lt(tmp_path, [3, 2])
+    default = build_source("imagenet-lt", tmp_path, n_classes=2, img_size=16)
+    assert default.meta["transforms"]["decode"]["exif_orientation"] == "apply"
+    src = build_source("imagenet-lt", tmp_path, n_classes=2, img_size=16, exif_orientation="ignore")
+    assert src.meta["transforms"]["decode"]["exif_orientation"] == "ignore"
+    assert src.train.decode.exif_orientation == src.test.decode.exif_orientation == "ignore"
+    with pytest.raises(ConfigError) as e:
+        build_source("imagenet-lt", tmp_path, n_classes=2, img_size=16, exif_orientation="rotate")
+    assert str(e.value).count("\n") == 0 and "benchmark.source_args.exif_orientation='rotate'" in str(e.value)
+    assert "'apply', 'ignore'" in str(e.value)
+
+
 def _photo_jpeg(path, h: int, w: int, seed: int, quality: int = 90) -> None:
     """Real JPEG bytes (PIL's encoder, 4:2:0) of a smooth, photo-like image with edges."""
     rng = np.random.default_rng(seed)
@@ -238,3 +311,18 @@ def test_recipes_bring_their_official_crop_scale_interpolation_and_backend(exper
     args = compose([f"experiment={experiment}"]).benchmark.source_args
     keys = ("backend", "crop_scale", "train_interpolation", "test_interpolation", "test_resize")
     assert tuple(list(v) if k == "crop_scale" else v for k, v in ((k, args[k]) for k in keys)) == expected
+
+
+@pytest.mark.parametrize("experiment,expected", [
+    # official loaders open files with PIL without exif_transpose (the config comments cite each line)
+    ("benchmark=imagenet-r", "ignore"), ("experiment=ranpac-imagenet-r-coda", "ignore"),
+    ("experiment=refiner-vit-l-imagenet", "ignore"), ("experiment=deit-lt-inat2018", "ignore"),
+    ("experiment=teacher-inat2018", "ignore"), ("experiment=gcab-imagenet100", "ignore"),
+    # the suite's own benchmarks keep the default
+    ("benchmark=imagenet-lt", "apply"), ("benchmark=tiny-imagenet", "apply"),
+])
+def test_recipes_bring_their_official_exif_orientation(experiment, expected):
+    from conftest import compose
+
+    args = compose([experiment]).benchmark.source_args
+    assert args.get("exif_orientation", "apply") == expected

@@ -102,9 +102,17 @@ _PIL_ORIENT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5
                7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 
 
-def image_header(path: str | Path) -> tuple[int, int, str, int] | None:
+def _exif_orientation(im) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block is the same image, unrotated
+        return 1
+
+
+def image_header(path: str | Path, exif: bool = True) -> tuple[int, int, str, int] | None:
     """``(height, width, format, orientation)`` from the file header, the size *as displayed*: with the EXIF
-    orientation applied (5-8 swap height and width). ``None`` if PIL cannot parse the header.
+    orientation applied (5-8 swap height and width). ``None`` if PIL cannot parse the header. ``exif=False``
+    (``exif_orientation=ignore``): the stored size and orientation 1, as ``Image.open(path).convert("RGB")`` sees it.
 
     The one place orientation is read: the reduced decode sizes its crop with it, and :func:`read_image` rotates the
     pixels with it, so that size, crop and pixels agree (OpenCV's own orientation handling is switched off)."""
@@ -112,10 +120,7 @@ def image_header(path: str | Path) -> tuple[int, int, str, int] | None:
         with Image.open(path) as im:
             w, h = im.size
             fmt = im.format or ""
-            try:
-                orientation = int(im.getexif().get(0x0112, 1))
-            except Exception:  # a damaged EXIF block is the same image, unrotated
-                orientation = 1
+            orientation = _exif_orientation(im) if exif else 1
     except Exception:  # read_image reports the file with a proper message
         return None
     orientation = orientation if orientation in _ORIENT else 1
@@ -133,7 +138,8 @@ def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR, orientation: int
     error names a bad file (:class:`CorruptImage`).
 
     ``flags``: ``cv2.IMREAD_REDUCED_COLOR_{2,4,8}`` decode a JPEG at a reduced scale (cl_vit.data.transforms).
-    ``orientation``: from :func:`image_header` when the caller already read it."""
+    ``orientation``: from :func:`image_header` when the caller already read it; 1 gives the stored pixels
+    (``exif_orientation=ignore``)."""
     if orientation is None:
         header = image_header(path)
         orientation = header[3] if header else 1
@@ -145,17 +151,15 @@ def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR, orientation: int
     return orient(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation)
 
 
-def read_image_pil(path: str | Path):
+def read_image_pil(path: str | Path, exif: bool = True):
     """Decode fully with PIL, as torchvision's ImageFolder loader does (``convert("RGB")``), EXIF orientation
-    applied: the decode of the official pipelines that resize with PIL (cl_vit.data.transforms, ``backend=pil``)."""
+    applied unless ``exif=False`` (then exactly that loader's pixels): the decode of the official pipelines that
+    resize with PIL (cl_vit.data.transforms, ``backend=pil``)."""
     if not Path(path).exists():
         raise UserError(f"image file {path} does not exist: check data_root and the split file")
     try:
         with Image.open(path) as im:
-            try:
-                orientation = int(im.getexif().get(0x0112, 1))
-            except Exception:
-                orientation = 1
+            orientation = _exif_orientation(im) if exif else 1
             im = im.convert("RGB")  # loads the whole image: a truncated file raises here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for damaged files
         raise CorruptImage("", path=path, problem=f"PIL: {e}") from None

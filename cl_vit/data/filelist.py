@@ -83,7 +83,7 @@ def map_targets(train_labels: Sequence[int], n_classes: int) -> np.ndarray:
 def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img_size, normalize, mean, std,
                  test_resize, skip_corrupt, verify, meta, pipelines, decode=None) -> Source:
     meta["transforms"] = check_pipelines(**pipelines, test_resize=test_resize)
-    meta["transforms"]["decode"] = decode = decode_options(**(decode or {}))
+    meta["transforms"]["decode"] = decode = decode_options(**{"exif_orientation": "apply", **(decode or {})})
     n = len(classes)
     if map_targets_flag:
         class_map = map_targets([y for _, y in train], n)
@@ -140,6 +140,7 @@ def build_imagenet_lt(
     crop_scale: Sequence[float] = (0.08, 1.0),
     train_interpolation: str = "bilinear",
     test_interpolation: str = "bilinear",
+    exif_orientation: str = "apply",
     **_,
 ) -> Source:
     """Lists in ``root`` (default ``<data_root>/imagenet-lt``); images under ``image_root`` (default: ``root``,
@@ -171,7 +172,7 @@ def build_imagenet_lt(
                         skip_corrupt=skip_corrupt, verify=verify, meta=meta,
                         pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment),
                         decode=dict(backend=backend, crop_scale=crop_scale, train_interpolation=train_interpolation,
-                                    test_interpolation=test_interpolation))
+                                    test_interpolation=test_interpolation, exif_orientation=exif_orientation))
 
 
 def _imagenet_lt_list(root: Path, split: str) -> Path:
@@ -211,6 +212,7 @@ def build_inat2018(
     crop_scale: Sequence[float] = (0.08, 1.0),
     train_interpolation: str = "bilinear",
     test_interpolation: str = "bilinear",
+    exif_orientation: str = "apply",
     **_,
 ) -> Source:
     """``root`` (default ``<data_root>/inat2018``) holds ``train_val2018/`` and either DeiT-LT's
@@ -249,4 +251,4 @@ def build_inat2018(
                         skip_corrupt=skip_corrupt, verify=verify, meta=meta,
                         pipelines=dict(train_transform=train_transform, test_transform=test_transform, augment=augment),
                         decode=dict(backend=backend, crop_scale=crop_scale, train_interpolation=train_interpolation,
-                                    test_interpolation=test_interpolation))
+                                    test_interpolation=test_interpolation, exif_orientation=exif_orientation))

@@ -24,7 +24,7 @@ IMAGE_ARGS = dict(img_size=224, normalize="imagenet", mean=None, std=None, test_
                   verify="header")
 PIPELINE_ARGS = dict(train_transform="default", test_transform="default", augment=None, test_crop_pct=None)
 DECODE_ARGS = dict(backend="opencv", crop_scale=(0.08, 1.0), train_interpolation="bilinear",
-                   test_interpolation="bilinear")
+                   test_interpolation="bilinear", exif_orientation="apply")
 
 
 def image_source_args(args: dict) -> dict:

@@ -200,13 +200,15 @@ def build_imagenet_r(
     crop_scale: Sequence[float] = (0.08, 1.0),
     train_interpolation: str = "bilinear",
     test_interpolation: str = "bilinear",
+    exif_orientation: str = "apply",
     **_,
 ) -> Source:
     """``split``: ``coda`` | ``pilot`` | ``own`` | ``tfds`` | ``inflora`` (module docstring); ``split_dir``: where the ``coda`` files are.
     ``wnids``: a subset of the 200 classes (tests, quick runs); label ids follow its order (split files then hold
     labels below its length).
     ``train_transform``, ``test_transform``, ``augment``, and for the default pipelines ``backend``, ``crop_scale``,
-    ``train_interpolation``, ``test_interpolation``: see cl_vit.data.transforms.imagenet_style_datasets."""
+    ``train_interpolation``, ``test_interpolation``; ``exif_orientation`` (every pipeline): see
+    cl_vit.data.transforms.imagenet_style_datasets."""
     from cl_vit.data.download import missing_dataset_error
 
     data_root = Path(data_root).expanduser()
@@ -225,7 +227,7 @@ def build_imagenet_r(
     meta = {"root": str(root), "normalization": {"mean": list(mean), "std": list(std)}, "test_resize": test_resize,
             "transforms": check_pipelines(**pipelines, test_resize=test_resize)}
     meta["transforms"]["decode"] = decode = decode_options(backend, crop_scale, train_interpolation,
-                                                           test_interpolation)
+                                                           test_interpolation, exif_orientation)
     if split not in SPLITS:
         raise UserError(f"benchmark.source_args.split={split!r} is not an ImageNet-R split: choose from {list(SPLITS)}")
     if split == "coda":

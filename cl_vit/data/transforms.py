@@ -140,10 +140,19 @@ def cifar_eval_pipeline(img_size: int, mean, std) -> A.Compose:
 # antialiased resize of the whole image.
 # backend=pil (the official pipelines): the whole image decoded by PIL and torchvision's own RandomResizedCrop /
 # Resize + CenterCrop on the PIL image, as CODA-Prompt, RanPAC and RevisitingCIL build them; several times slower.
-# Both apply the EXIF orientation once (cl_vit.data.base.image_header), before any size or crop is computed.
+# Both apply the EXIF orientation once (cl_vit.data.base.image_header), before any size or crop is computed; with
+# exif_orientation=ignore neither does, and sizes, crops and pixels are those of the stored image, as the official
+# loaders' Image.open(path).convert("RGB") sees it.
 
 _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
 BACKENDS = ("opencv", "pil")
+EXIF_ORIENTATIONS = ("apply", "ignore")
+
+
+def check_exif_orientation(value: str) -> str:
+    if value not in EXIF_ORIENTATIONS:
+        raise ConfigError("benchmark.source_args.exif_orientation", value, f"one of {list(EXIF_ORIENTATIONS)}")
+    return value
 
 
 def check_interpolation(key: str, value: str) -> str:
@@ -200,13 +209,13 @@ def _crop_resize(img, box, full_hw, size: int, interpolation: str = "bilinear"):
     return cv2.resize(img, (size, size), interpolation=INTERPOLATIONS[interpolation][0])
 
 
-def decode_crop(path: str, box_of, size: int, interpolation: str = "bilinear"):
+def decode_crop(path: str, box_of, size: int, interpolation: str = "bilinear", exif: bool = True):
     """Decode ``path`` and return the crop ``box_of(height, width)`` resized to ``size`` squared (RGB uint8); a JPEG
     is decoded at the largest reduction keeping the crop's shorter side >= ``size``. Heights and widths are those of
-    the image as displayed (EXIF orientation applied)."""
+    the image as displayed (EXIF orientation applied), or as stored with ``exif=False``."""
     from cl_vit.data.base import CorruptImage, image_header, read_image
 
-    header = image_header(path)
+    header = image_header(path, exif)
     if header is None:  # not parsable by PIL: OpenCV decodes it, or read_image raises the line naming the file
         img = read_image(path, orientation=1)
         return _crop_resize(img, box_of(*img.shape[:2]), img.shape[:2], size, interpolation)
@@ -258,23 +267,25 @@ class DecodeRandomResizedCrop:
     the header, then a reduced decode; ``pil``: torchvision's own transform on the PIL image (torch's RNG)."""
 
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear",
-                 backend: str = "opencv"):
+                 backend: str = "opencv", exif_orientation: str = "apply"):
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.interpolation = check_interpolation("train_interpolation", interpolation)
         self.backend = check_backend(backend)
+        self.exif_orientation = check_exif_orientation(exif_orientation)
         self.pil = pil_geometry(self.size, True, self.scale, self.ratio, self.interpolation)
 
     def __call__(self, path: str):
         if self.backend == "pil":
             from cl_vit.data.base import read_image_pil
 
-            return np.asarray(self.pil(read_image_pil(path)))
+            return np.asarray(self.pil(read_image_pil(path, self.exif_orientation == "apply")))
         return decode_crop(path, lambda h, w: random_resized_crop_box(h, w, self.scale, self.ratio), self.size,
-                           self.interpolation)
+                           self.interpolation, self.exif_orientation == "apply")
 
     def __repr__(self):
         return (f"DecodeRandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"interpolation={self.interpolation}, backend={self.backend})")
+                f"interpolation={self.interpolation}, backend={self.backend}, "
+                f"exif_orientation={self.exif_orientation})")
 
 
 class DecodeResizeCenterCrop:
@@ -282,13 +293,15 @@ class DecodeResizeCenterCrop:
     whole image resized to ``size`` squared (``squash``). ``opencv``: the same reduced decode; ``pil``: torchvision's
     Resize + CenterCrop on the PIL image (antialiased)."""
 
-    def __init__(self, size: int, test_resize: str = "crop", interpolation: str = "bilinear", backend: str = "opencv"):
+    def __init__(self, size: int, test_resize: str = "crop", interpolation: str = "bilinear", backend: str = "opencv",
+                 exif_orientation: str = "apply"):
         if test_resize not in TEST_RESIZE:
             raise ConfigError("benchmark.source_args.test_resize", test_resize, f"one of {list(TEST_RESIZE)}")
         self.size, self.mode = int(size), test_resize
         self.resize = int(round(size * 256 / 224))
         self.interpolation = check_interpolation("test_interpolation", interpolation)
         self.backend = check_backend(backend)
+        self.exif_orientation = check_exif_orientation(exif_orientation)
         self.pil = pil_geometry(self.size, False, interpolation=self.interpolation, test_resize=test_resize)
 
     def box(self, h: int, w: int):
@@ -302,35 +315,43 @@ class DecodeResizeCenterCrop:
         if self.backend == "pil":
             from cl_vit.data.base import read_image_pil
 
-            return np.asarray(self.pil(read_image_pil(path)))
-        return decode_crop(path, self.box, self.size, self.interpolation)
+            return np.asarray(self.pil(read_image_pil(path, self.exif_orientation == "apply")))
+        return decode_crop(path, self.box, self.size, self.interpolation, self.exif_orientation == "apply")
 
     def __repr__(self):
         return (f"DecodeResizeCenterCrop(size={self.size}, resize={self.resize}, mode={self.mode}, "
-                f"interpolation={self.interpolation}, backend={self.backend})")
+                f"interpolation={self.interpolation}, backend={self.backend}, "
+                f"exif_orientation={self.exif_orientation})")
 
 
 def decode_options(backend: str = "opencv", crop_scale=(0.08, 1.0), train_interpolation: str = "bilinear",
-                   test_interpolation: str = "bilinear") -> dict:
+                   test_interpolation: str = "bilinear", exif_orientation: str | None = None) -> dict:
     """The default pipelines' options (``benchmark.source_args``; recipes set the official ones), validated, as
-    ``Source.meta["transforms"]["decode"]`` records them."""
+    ``Source.meta["transforms"]["decode"]`` records them. ``exif_orientation`` (file sources; arrays have no tags
+    and leave it out): ``apply`` rotates each tagged photo upright on every decode path, ``ignore`` keeps the
+    stored pixels, as the official loaders' ``Image.open(path).convert("RGB")`` does (the full-decode pipelines
+    ``deit`` / ``torchvision`` included)."""
     scale = tuple(float(v) for v in crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError("benchmark.source_args.crop_scale", list(crop_scale), "[min, max] with 0 < min <= max <= 1")
-    return {"backend": check_backend(backend), "crop_scale": list(scale),
-            "train_interpolation": check_interpolation("train_interpolation", train_interpolation),
-            "test_interpolation": check_interpolation("test_interpolation", test_interpolation)}
+    options = {"backend": check_backend(backend), "crop_scale": list(scale),
+               "train_interpolation": check_interpolation("train_interpolation", train_interpolation),
+               "test_interpolation": check_interpolation("test_interpolation", test_interpolation)}
+    if exif_orientation is not None:
+        options["exif_orientation"] = check_exif_orientation(exif_orientation)
+    return options
 
 
 def imagenet_transforms(img_size: int, mean, std, train: bool, test_resize: str = "crop", **options):
     """``(decode, transform)`` for ImageFileDataset: the crop at decode time, then albumentations on the uint8 crop
     (horizontal flip for training) and normalisation. ``options``: :func:`decode_options`."""
     o = decode_options(**options)
+    exif = o.get("exif_orientation", "apply")
     if train:
         decode = DecodeRandomResizedCrop(img_size, o["crop_scale"], interpolation=o["train_interpolation"],
-                                         backend=o["backend"])
+                                         backend=o["backend"], exif_orientation=exif)
         return decode, A.Compose([A.HorizontalFlip(p=0.5), *normalize_to_tensor(mean, std)])
-    decode = DecodeResizeCenterCrop(img_size, test_resize, o["test_interpolation"], o["backend"])
+    decode = DecodeResizeCenterCrop(img_size, test_resize, o["test_interpolation"], o["backend"], exif)
     return decode, A.Compose(normalize_to_tensor(mean, std))
 
 
@@ -355,25 +376,32 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
     """Training and test ImageFileDatasets of ImageNet-like photos (ImageNet-R, ImageNet-LT, iNaturalist).
 
     ``default``: the crops of :class:`DecodeRandomResizedCrop` / :class:`DecodeResizeCenterCrop` with the options
-    ``decode`` (:func:`decode_options`: backend, crop scale, interpolations). ``deit``: DeiT's pipelines on the fully
-    decoded image (:func:`deit_train_transform`, :func:`deit_eval_transform`)."""
-    from cl_vit.data.base import ImageFileDataset
+    ``decode`` (:func:`decode_options`: backend, crop scale, interpolations, EXIF orientation). ``deit``: DeiT's
+    pipelines on the fully decoded image (:func:`deit_train_transform`, :func:`deit_eval_transform`), which honour
+    ``decode["exif_orientation"]`` alone."""
+    import functools
+
+    from cl_vit.data.base import ImageFileDataset, read_image
 
     check_pipelines(train_transform, test_transform, augment, test_resize, test_crop_pct)
     decode = dict(decode or {})
+    # the full decode: read_image's default applies the orientation, orientation=1 keeps the stored pixels
+    exif = check_exif_orientation(decode.get("exif_orientation", "apply"))
+    full = None if exif == "apply" else functools.partial(read_image, orientation=1)
     if train_transform == "deit":
-        train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment))
+        train_ds = ImageFileDataset(train, deit_train_transform(img_size, mean, std, augment), decode=full)
     elif train_transform == "torchvision":
-        train_ds = ImageFileDataset(train, torchvision_train_transform(img_size, mean, std))
+        train_ds = ImageFileDataset(train, torchvision_train_transform(img_size, mean, std), decode=full)
     else:
         crop, transform = imagenet_transforms(img_size, mean, std, True, **decode)
         train_ds = ImageFileDataset(train, transform, decode=crop)
     if test_transform == "deit":
         return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std, crop_pct=test_crop_pct,
                                                                     prefetcher=eval_prefetcher(train_transform,
-                                                                                               augment)))
+                                                                                               augment)),
+                                          decode=full)
     if test_transform == "torchvision":
-        return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std))
+        return train_ds, ImageFileDataset(test, torchvision_eval_transform(img_size, mean, std), decode=full)
     crop, transform = imagenet_transforms(img_size, mean, std, False, test_resize, **decode)
     return train_ds, ImageFileDataset(test, transform, decode=crop)
 
