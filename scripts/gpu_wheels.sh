@@ -27,5 +27,5 @@ done
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$dir" "${binary[@]}"
 "$python" -m pip wheel -q --no-deps -w "$dir" "${source_only[@]}"
-n=$(find "$dir" -name '*.whl' | wc -l)
+n=$(find "$dir" -type f -name '*.whl' | wc -l)
 echo "$n wheels in $dir ($(du -sh "$dir" | cut -f1)); carry it with the device tool and run: bash scripts/gpu_check.sh \$OUT"
