@@ -4,10 +4,12 @@ Tests never download anything: data comes from scikit-learn's bundled digits or 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 # before torch loads (libgomp reads them once): one OpenMP thread per test process, sleeping when idle; the suite
 # honours OMP_NUM_THREADS (cl_vit.hardware.choose_threads), so in-process runs keep it too
@@ -20,6 +22,16 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+
+
+def script_module(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (the golden scripts are no package): their data generators, checksums and
+    settings, which the tests share instead of copying."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Small models on 2 cores: one intra-op thread per test process avoids oversubscription when several run at once.
 torch.set_num_threads(1)

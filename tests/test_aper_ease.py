@@ -1,11 +1,10 @@
 """APER and EASE (cl_vit/strategies/{aper,ease}.py): EASE's complement and ensemble against the official functions'
 numbers, the switchable adapters, two experiences through the runner, resume, and the published recipes."""
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY, assert_same_checkpoints, cached_runs, compose, cut_and_resume, record_steps
+from conftest import TINY, assert_same_checkpoints, cached_runs, compose, cut_and_resume, record_steps, script_module
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -14,9 +13,7 @@ from cl_vit.rundir import RunDirectory
 from cl_vit.run import build, run
 from cl_vit.strategies.ease import ensemble_logits, semantic_complement
 
-_spec = importlib.util.spec_from_file_location("golden_proto", REPO_ROOT / "scripts" / "golden_proto.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_proto")
 
 FAST = TINY + ["trainer.limit_train_batches=2", "benchmark.n_experiences=2"]
 

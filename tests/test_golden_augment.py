@@ -26,13 +26,12 @@ position-weighted sum in float64) of its output, from the same seeds; ``loader``
 the evaluation batch after the official PrefetchLoader's normalisation, which the recipe's evaluation transform gives
 per image.
 """
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, compose
+from conftest import REPO_ROOT, compose, script_module
 from data_gen import make_cifar, make_imagenet100, make_tiny_imagenet
 from PIL import Image
 from test_refiner_imagenet import make_imagenet
@@ -40,9 +39,7 @@ from test_refiner_imagenet import make_imagenet
 from cl_vit.builder import data_root, source_arguments
 from cl_vit.data import build_source
 
-_spec = importlib.util.spec_from_file_location("golden_augment", REPO_ROOT / "scripts" / "golden_augment.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_augment")
 DYTOX_WNIDS = yaml.safe_load((REPO_ROOT / "tasks" / "imagenet100-dytox.yaml").read_text())["wnids"]
 
 # -- the official numbers (python scripts/golden_augment.py ... as above, at the commits above) ------------------------

@@ -16,7 +16,6 @@ relative), and at each task's end the correct test images per task (exactly) and
 ImageNet-R setting), so every backbone weight trains here too. The L2 and EWC weights are raised above the recipes'
 (1e-3, 10) so that each term moves the loss by far more than the tolerance.
 """
-import importlib.util
 
 import copy
 
@@ -24,16 +23,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, TINY, compose
+from conftest import TINY, compose, script_module
 from test_golden_coda import golden, stream_run
 
 from cl_vit.module import net_outputs
 from cl_vit.run import build
 from cl_vit.strategies.base import ExperienceInfo
 
-_spec = importlib.util.spec_from_file_location("golden_closer", REPO_ROOT / "scripts" / "golden_closer.py")
-closer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(closer)
+closer = script_module("golden_closer")
 
 # -- the official numbers (python scripts/golden_closer.py OFFICIAL --method all, at the commit above) -----------------
 

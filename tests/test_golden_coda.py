@@ -15,21 +15,18 @@ relative), and at each task's end the correct test images per task (exactly), th
 closer-look L2 / EWC / LwF.MC learners are not in CODA-Prompt's repository (the authors' own repository holds them:
 docs/recipes.md).
 """
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose, patch_loader_order
+from conftest import compose, patch_loader_order, script_module
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
 from cl_vit.module import ContinualModule
 from cl_vit.run import run
 
-_spec = importlib.util.spec_from_file_location("golden_coda", REPO_ROOT / "scripts" / "golden_coda.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_coda")
 
 # -- the official numbers (python scripts/golden_coda.py CODA-Prompt --method all, at the commit above) ---------------
 

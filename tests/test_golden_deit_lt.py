@@ -17,21 +17,18 @@ batch, class-weighted from the DRW epoch on, or throughout without DRW), and aft
 of the averaged, CLS and DIST heads (exactly) and the norm of the trained parameters (to 1e-5 relative: AdamW with
 timm's weight-decay groups, the gradient accumulated over 4 batches with a shorter last window).
 """
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose, patch_loader_order
+from conftest import compose, patch_loader_order, script_module
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
 from cl_vit.module import ContinualModule
 from cl_vit.run import run
 
-_spec = importlib.util.spec_from_file_location("golden_deit_lt", REPO_ROOT / "scripts" / "golden_deit_lt.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_deit_lt")
 
 # -- the official numbers (python scripts/golden_deit_lt.py DeiT-LT, at the commit above) ------------------------------
 

@@ -16,12 +16,11 @@ step the loss (DER++: also its two replay terms), to 1e-5 relative; at each task
 memory slot and its label (exactly); the correct test images per task (exactly; iCaRL's nearest-mean classifier); for
 DER++ the norm of the stored logits after each task and, after the last, the stored logits (to 1e-5).
 """
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose, patch_loader_order
+from conftest import compose, patch_loader_order, script_module
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
@@ -30,9 +29,7 @@ from cl_vit.run import run
 from cl_vit.strategies.derpp import DERpp
 from cl_vit.strategies.replay import Replay
 
-_spec = importlib.util.spec_from_file_location("golden_derpp", REPO_ROOT / "scripts" / "golden_derpp.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_derpp")
 
 # -- the official numbers (PYTHONPATH=DIR python scripts/golden_derpp.py mammoth, at the commit above) ---------------
 OFFICIAL = {

@@ -9,11 +9,9 @@ with github.com/arthurdouillard/dytox at 4da25c13ef34e827e5361f78dcda08811a413c7
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import REPO_ROOT, compose, cut_and_resume, state_equal
+from conftest import compose, cut_and_resume, script_module, state_equal
 from omegaconf import OmegaConf
 
 from cl_vit.errors import ConfigError
@@ -21,9 +19,7 @@ from cl_vit.rundir import RunDirectory
 from cl_vit.run import run
 from cl_vit.strategies.dytox import DyTox, divergence_targets
 
-_spec = importlib.util.spec_from_file_location("golden_dytox", REPO_ROOT / "scripts" / "golden_dytox.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_dytox")
 
 # -- the official numbers (python scripts/golden_dytox.py dytox, at the commit above) ---------------------------------
 #: logits of the student, classes in the official (task) order [2, 0, 4, 1, 3]

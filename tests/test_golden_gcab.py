@@ -12,11 +12,10 @@ with the same run length and weight decay, and asserts per step the learning rat
 per-epoch schedule as main.py steps it, drop_last's batch count) and the loss (to 1e-5 relative), and at each task's
 end the correct test images per task (exactly) and the norm of the trained parameters (to 1e-5 relative).
 """
-import importlib.util
 
 import numpy as np
 import torch
-from conftest import REPO_ROOT, compose
+from conftest import compose, script_module
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
@@ -25,9 +24,7 @@ from cl_vit.module import ContinualModule
 from cl_vit.run import run
 from test_golden_coda import record_steps
 
-_spec = importlib.util.spec_from_file_location("golden_gcab", REPO_ROOT / "scripts" / "golden_gcab.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_gcab")
 coda = golden.sys.modules["golden_coda"]
 
 # -- the official numbers (python scripts/golden_gcab.py GCAB-CFDC, at the commit above) ------------------------------

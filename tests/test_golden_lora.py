@@ -10,17 +10,14 @@ time) from the official repositories at the commits named beside them:
 (DIR: ``pip install --target DIR --no-deps timm==0.6.13``.) Learning rates are equal to float64 rounding, losses
 and norms to 1e-5 relative, accuracy matrices and subspace sizes exactly.
 """
-import importlib.util
 
 import pytest
-from conftest import REPO_ROOT, compose, record_steps
+from conftest import compose, record_steps, script_module
 
 from cl_vit.rundir import RunDirectory
 from cl_vit.run import run
 
-_spec = importlib.util.spec_from_file_location("golden_lora_runs", REPO_ROOT / "scripts" / "golden_lora_runs.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_lora_runs")
 
 GOLDEN = {
     # liangyanshuo/InfLoRA e08b00e: methods/inflora.py with configs/mimg10_inflora.json (Adam 5e-4, CODA-Prompt's

@@ -12,20 +12,17 @@ the official repositories at the commits named beside them, with timm 0.6.13 on 
 Learning rates are equal to float64 rounding (the official CosineAnnealingLR is recursive), losses and norms to 1e-5
 relative (the two image pipelines differ by one float32 ulp in some pixels), accuracy matrices exactly.
 """
-import importlib.util
 import math
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose, record_steps
+from conftest import compose, record_steps, script_module
 
 from cl_vit.rundir import RunDirectory
 from cl_vit.run import run
 from cl_vit.strategies.ranpac import ridge_solution
 
-_spec = importlib.util.spec_from_file_location("golden_proto", REPO_ROOT / "scripts" / "golden_proto.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_proto")
 
 #: printed by scripts/golden_proto.py METHOD (module docstring), official commit beside each
 GOLDEN = {

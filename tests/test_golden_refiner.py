@@ -27,22 +27,19 @@ relative) of the model and of its EMA (updated after every step). In the ``prefe
 cut (4 with an odd box side, where timm 1.0's box would be a pixel larger: the losses then part by up to 0.9 %) and
 42 of the 160 images erased.
 """
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, compose, patch_loader_order
+from conftest import compose, patch_loader_order, script_module
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.data.base import TensorImageDataset
 from cl_vit.module import ContinualModule, net_outputs
 from cl_vit.run import run
 
-_spec = importlib.util.spec_from_file_location("golden_refiner", REPO_ROOT / "scripts" / "golden_refiner.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_refiner")
 
 
 # -- the official numbers (python scripts/golden_refiner.py Refiner_ViT, at the commit above) --------------------------

@@ -14,12 +14,11 @@ run (the mixing mode; ``minmax``: CutMix's min-max box) and batch of 4 odd-sized
 uint8 batch, of the soft targets and of the normalised, erased batch; the suite's ``strategy=mixup`` on the same uint8
 batches followed by :class:`PrefetchStage`, from the same seeds, gives them exactly.
 """
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY, compose
+from conftest import TINY, compose, script_module
 from timm.data import Mixup
 
 from cl_vit.data.transforms import PrefetchStage, deit_train_transform
@@ -27,9 +26,7 @@ from cl_vit.errors import UserError
 from cl_vit.strategies import mixup as mixing
 from cl_vit.strategies.mixup import MixupCutMix
 
-_spec = importlib.util.spec_from_file_location("golden_refiner_mix", REPO_ROOT / "scripts" / "golden_refiner_mix.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_refiner_mix")
 
 # -- the official numbers (python scripts/golden_refiner_mix.py Refiner_ViT, at the commit above) ----------------------
 

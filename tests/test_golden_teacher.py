@@ -19,19 +19,15 @@ agree to the last bit here). The suite's warm-up over several batches per epoch 
 The ImageNet-LT teacher (imnet_train_sam.py, at the same commit) has its own golden run below
 (scripts/golden_teacher_lt.py, ``experiment=teacher-imagenet-lt``); it holds inat_train_sam.py's loop too.
 """
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, compose, patch_loader_order
+from conftest import compose, patch_loader_order, script_module
 
 import cl_vit  # noqa: F401  (registers the suite's models)
 from cl_vit.run import run
 
-_spec = importlib.util.spec_from_file_location("golden_teacher", REPO_ROOT / "scripts" / "golden_teacher.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_teacher")
 
 # -- the official numbers (python scripts/golden_teacher.py Saddle-LongTail, at the commit above) ----------------------
 
@@ -234,9 +230,7 @@ def test_per_step_warm_up_is_the_other_option(tmp_path, monkeypatch):
 # the official epochs 0, 4, 5, 59, 60, 75 (--epochs 6) in batches of 8 (the last of 6); the script's docstring lists
 # what it changes at run time.
 
-_spec_lt = importlib.util.spec_from_file_location("golden_teacher_lt", REPO_ROOT / "scripts" / "golden_teacher_lt.py")
-golden_lt = importlib.util.module_from_spec(_spec_lt)
-_spec_lt.loader.exec_module(golden_lt)
+golden_lt = script_module("golden_teacher_lt")
 
 OFFICIAL_LT = {'imagenet_lt': {'bn_norm': [2360.2315701888574, 13461.41363498717, 34496.69322798934, 52688.76305067447,
                                            60657.98490456171, 70624.61914723911],

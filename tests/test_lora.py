@@ -11,13 +11,12 @@ with liangyanshuo/InfLoRA @ e08b00edd54f2f10cf2f9826eae7d44fdcb6354b and WuYiche
 ``InfLoRA.update_DualGPM`` and ``_LoRA_qkv_timm_train`` unchanged on the inputs its ``*_case`` functions build, which
 the tests below build the same way.
 """
-import importlib.util
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO_ROOT, TINY, assert_same_checkpoints, compose, cut_and_resume, run_ddp
+from conftest import TINY, assert_same_checkpoints, compose, cut_and_resume, run_ddp, script_module
 
 import cl_vit  # noqa: F401  (registers the micro ViT)
 from cl_vit.errors import UserError
@@ -27,9 +26,7 @@ from cl_vit.run import build, run
 from cl_vit.strategies import build_strategies
 from cl_vit.strategies.inflora import REMOVE, RETAIN, design_down_projection, dual_gpm_update
 
-_spec = importlib.util.spec_from_file_location("golden_lora", REPO_ROOT / "scripts" / "golden_lora.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = script_module("golden_lora")
 
 # -- the official numbers (python scripts/golden_lora.py InfLoRA SD-Lora-CL, at the commits above) -------------------
 

@@ -2,7 +2,7 @@
 and model.pretrained=true failing at once, in one line, when the weights cannot be had (no network in tests)."""
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, script_module
 from safetensors.torch import save_file
 
 import cl_vit  # noqa: F401
@@ -133,14 +133,9 @@ def test_methods_built_on_a_pretrained_backbone_start_from_the_shipped_one_on_th
 
 
 def test_export_backbone_keeps_the_network_but_its_classifier(tmp_path):
-    import importlib.util
-
-    from conftest import REPO_ROOT
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("export_backbone", REPO_ROOT / "scripts" / "export_backbone.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    export = script_module("export_backbone")
     net = reference()
     state = {f"net.{k}": v for k, v in net.state_dict().items()} | {"strategy_state": torch.zeros(1)}
     torch.save({"module": state}, tmp_path / "exp_000.pt")
