@@ -22,8 +22,8 @@ from cl_vit.data.transforms import (
     decode_options,
     deit_eval_transform,
     deit_train_transform,
-    eval_prefetcher,
     resolve_normalization,
+    uses_prefetcher,
 )
 from cl_vit import loading
 from cl_vit.errors import UserError
@@ -174,7 +174,7 @@ def build_cifar(
         train_tf = cifar_train_pipeline(img_size, mean, std)
     if test_transform == "deit":
         test_tf = deit_eval_transform(img_size, mean, std, resize_im=resize_im,
-                                      prefetcher=eval_prefetcher(train_transform, augment))
+                                      prefetcher=uses_prefetcher(train_transform, augment))
     elif coda["test"]:
         test_tf = array_pipeline(img_size, mean, std, False, test_resize, **transforms["decode"])
     else:

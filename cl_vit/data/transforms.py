@@ -397,7 +397,7 @@ def imagenet_style_datasets(train, test, img_size: int, mean, std, test_resize: 
         train_ds = ImageFileDataset(train, transform, decode=crop)
     if test_transform == "deit":
         return train_ds, ImageFileDataset(test, deit_eval_transform(img_size, mean, std, crop_pct=test_crop_pct,
-                                                                    prefetcher=eval_prefetcher(train_transform,
+                                                                    prefetcher=uses_prefetcher(train_transform,
                                                                                                augment)),
                                           decode=full)
     if test_transform == "torchvision":
@@ -449,9 +449,10 @@ def deit_augment(augment=None) -> dict:
     return {**DEIT_AUGMENT, **augment}
 
 
-def eval_prefetcher(train_transform: str, augment=None) -> bool:
-    """Whether the evaluation images are normalised as the prefetcher loader does: the DeiT training pipeline with
-    ``augment.prefetcher`` (timm train.py scripts build both loaders with the one ``args.prefetcher``)."""
+def uses_prefetcher(train_transform: str, augment=None) -> bool:
+    """Whether a source runs timm's prefetcher order: the DeiT training pipeline with ``augment.prefetcher``. Its
+    training batches then go through :class:`PrefetchStage` and its evaluation images are normalised as the
+    prefetcher loader does (timm train.py scripts build both loaders with the one ``args.prefetcher``)."""
     return train_transform == "deit" and bool(deit_augment(augment)["prefetcher"])
 
 
@@ -647,10 +648,9 @@ def prefetch_stage(meta: dict) -> PrefetchStage | None:
     """The batch stage a source's ``meta`` asks for (its ``transforms`` record and ``normalization``), or None when
     its DeiT pipeline's ``augment.prefetcher`` is off."""
     record = meta.get("transforms") or {}
-    augment = record.get("augment") or {}
-    if record.get("train") != "deit" or not augment.get("prefetcher"):
+    if not uses_prefetcher(record.get("train"), record.get("augment")):
         return None
-    n = meta["normalization"]
+    augment, n = record["augment"], meta["normalization"]
     return PrefetchStage(n["mean"], n["std"], augment["re_prob"], augment["re_mode"], augment["re_count"])
 
 

@@ -669,8 +669,13 @@ class RefinerViT(vit.VisionTransformer):
             return out
         out = self.head(out)
         if self.aux_head is not None:
-            out = out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).max(1)[0]
+            out = self._with_dense(out, self.aux_head(x[:, self.num_prefix_tokens:]))
         return out
+
+    def _with_dense(self, logits: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """The official evaluation's logits with the dense head: the class token's plus 0.5 x the dense head's max
+        over patches (models/refined_transformer.py L466-467)."""
+        return logits + 0.5 * dense.max(1)[0]
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         super().init_weights(mode=mode, needs_reset=needs_reset)
@@ -755,7 +760,7 @@ class RefinerViT(vit.VisionTransformer):
             if self.training:
                 out["dense_logits"] = dense
             else:
-                out["logits"] = out["logits"] + 0.5 * dense.max(1)[0]
+                out["logits"] = self._with_dense(out["logits"], dense)
         return out
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
