@@ -83,7 +83,7 @@ def map_targets(train_labels: Sequence[int], n_classes: int) -> np.ndarray:
 def _make_source(name, train, test, classes, *, data_root, map_targets_flag, img_size, normalize, mean, std,
                  test_resize, skip_corrupt, verify, meta, pipelines, decode=None) -> Source:
     meta["transforms"] = check_pipelines(**pipelines, test_resize=test_resize)
-    meta["transforms"]["decode"] = decode = decode_options(**{"exif_orientation": "apply", **(decode or {})})
+    meta["transforms"]["decode"] = decode = decode_options(**(decode or {}))
     n = len(classes)
     if map_targets_flag:
         class_map = map_targets([y for _, y in train], n)
