@@ -68,7 +68,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", allow: Sequence[
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would construct arbitrary objects
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))  # torch 2.5 / 2.6+ wording
         obj = f" ({found.group(1)})" if found else ""
         raise UnsafeCheckpoint(
             f"{what} {path} holds pickled objects other than tensors and plain values{obj}: loading it could run "

@@ -164,3 +164,34 @@ def test_imagenet_r_brings_codas_split_files_checked_by_sha256(tmp_path, monkeyp
     with Server(served) as srv, pytest.raises(UserError, match="imagenet-r_test.yaml .* has sha256"):
         D.download("imagenet-r", tmp_path, mirror=srv.url, progress=False)
     assert not (tmp_path / "imagenet-r-splits" / "coda" / "imagenet-r_test.yaml").exists()
+
+
+def _tar(path, members):
+    """A .tar.gz of ``members``: (name, bytes) for a file, (name, "->target") for a symbolic link."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, body in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(body, str):
+                info.type, info.linkname = tarfile.SYMTYPE, body[2:]
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return path
+
+
+@pytest.mark.parametrize("python", ["with data_filter", "without data_filter"])
+@pytest.mark.parametrize("bad", [("../escaped.txt", b"x"), ("ABS/escaped_abs.txt", b"x"), ("data/link", "->/etc/passwd")])
+def test_an_archive_member_that_leaves_its_folder_is_refused(tmp_path, monkeypatch, python, bad):
+    if python == "without data_filter":  # the Pythons before 3.10.12 / 3.11.4, which extracted it
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    bad = (bad[0].replace("ABS", str(tmp_path)), bad[1])
+    archive = _tar(tmp_path / "a.tar.gz", [("data/ok.txt", b"ok"), bad])
+    into = tmp_path / "out" / "root"
+    with pytest.raises(UserError) as e:
+        D.extract(archive, into)
+    assert "\n" not in str(e.value) and "delete it and download again" in str(e.value)
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(into.rglob("link"))
+    assert not list(tmp_path.rglob("escaped_abs.txt"))
+    D.extract(_tar(tmp_path / "b.tar.gz", [("data/ok.txt", b"ok")]), into)  # a plain archive still extracts
+    assert (into / "data" / "ok.txt").read_bytes() == b"ok"

@@ -252,3 +252,60 @@ def test_the_walk_finds_a_forbidden_call():
            "eval('1')\nhydra.utils.instantiate({})\ncopy.deepcopy(net).eval()\nnet.eval()\n")
     hits = sorted(f"{o}.{a}" for node, (o, a), _ in _calls(ast.parse(src)) if _forbidden(node, o, a))
     assert hits == ["<expr>.instantiate", "None.eval", "hydra.utils.get_object", "pickle.loads", "torch.load"]
+
+
+# -- 5: the weights file timm's own pretrained load would read -------------------------------------------------------
+
+
+def _micro(tmp_path: Path, file: Path | None = None, **extra) -> dict:
+    return {"name": "vit_micro_patch2_8", "pretrained": True, "pretrained_cfg_overlay": {"file": str(file)}, **extra}
+
+
+def test_a_pretrained_file_that_would_run_a_command_is_refused_before_timm_reads_it(tmp_path):
+    from cl_vit.loading import UnsafeCheckpoint
+    from cl_vit.models import build_model
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "weights.pth"
+    torch.save({"pos_embed": _System(f"touch {marker}")}, evil)
+    with pytest.raises(UnsafeCheckpoint) as e:
+        build_model(_micro(tmp_path, evil), num_classes=4, in_chans=1, img_size=8)
+    assert "posix.system" in _one_line(e) and "pretrained_cfg_overlay.file" in str(e.value)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_System(f"touch {marker}")))  # the same payload, unpickled without the check: it runs
+    assert marker.exists()
+
+
+def test_a_pretrained_file_loads_offline_as_its_weights(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from cl_vit.models import build_model, weights_origin
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = build_model({"name": "vit_micro_patch2_8"}, num_classes=4, in_chans=1, img_size=8)
+    for suffix in (".pth", ".safetensors"):
+        file = tmp_path / f"w{suffix}"
+        state = {k: v.contiguous() for k, v in src.state_dict().items()}
+        save_file(state, file) if suffix == ".safetensors" else torch.save(state, file)
+        net = build_model(_micro(tmp_path, file), num_classes=4, in_chans=1, img_size=8)
+        # timm resets a classifier whose size differs from its pretrained_cfg's (10 classes here), the rest is the file's
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items() if not k.startswith("head."))
+        assert weights_origin(net) == f"checkpoint:{file}"
+    with pytest.raises(Exception) as e:
+        build_model(_micro(tmp_path, tmp_path / "missing.pth"), num_classes=4, in_chans=1, img_size=8)
+    assert "does not exist" in _one_line(e)
+
+
+def test_resume_of_a_run_directory_whose_model_names_a_pickled_command_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    run_dir = _received_run(tmp_path)
+    evil = run_dir / "weights.pth"
+    torch.save({"pos_embed": _System(f"touch {marker}")}, evil)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["model"] = {**compose(TINY).model, "pretrained": True, "pretrained_cfg_overlay": {"file": str(evil)}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_cli(f"resume={run_dir}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "posix.system" in lines[0] and "loading it could run code" in lines[0], lines
+    assert not marker.exists()

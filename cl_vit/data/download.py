@@ -211,6 +211,18 @@ def fetch(url: str, dest: Path, md5: str, retries: int = 5, timeout: float = 60,
                         "corrupt or the server sent another file; it was deleted, run the command again")
 
 
+def _plain_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """Every member of ``tar`` when each is a file or folder that stays inside the destination; else a one-line
+    error naming the first that is not (an absolute path, a ``..`` step, a link or a device file could write or
+    point outside it, as ``tarfile.data_filter`` refuses on the Pythons that have it)."""
+    members = tar.getmembers()
+    for m in members:
+        if m.name.startswith(("/", "\\")) or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+            raise UserError(f"cannot extract {archive}: its member {m.name!r} is not a plain file or folder inside the "
+                            "archive's own folder; delete it and download again")
+    return members
+
+
 def extract(archive: Path, into: Path) -> None:
     """Extract into a temporary folder beside ``into``, then move each top-level entry into place."""
     into.mkdir(parents=True, exist_ok=True)
@@ -222,10 +234,11 @@ def extract(archive: Path, into: Path) -> None:
                     z.extractall(tmp)
             else:
                 with tarfile.open(archive) as tar:
-                    if hasattr(tarfile, "data_filter"):  # no absolute paths, links out of the folder or device files
-                        tar.extractall(tmp, filter="data")
+                    members = _plain_members(tar, archive)  # on every Python, with or without tarfile's filters
+                    if hasattr(tarfile, "data_filter"):  # and its own refusals where it has them
+                        tar.extractall(tmp, members=members, filter="data")
                     else:  # Python < 3.10.12 / 3.11.4
-                        tar.extractall(tmp)
+                        tar.extractall(tmp, members=members)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
             raise UserError(f"cannot extract {archive} ({type(e).__name__}: {e}): delete it and download again") from e
         for entry in tmp.iterdir():

@@ -5,6 +5,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -84,7 +85,11 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     if pretrained and cfg.get("pretrained_tag"):
         name = f"{name}.{cfg['pretrained_tag']}"
     if pretrained:
-        check_pretrained_available(name)
+        file = pretrained_file(kwargs)
+        if file is not None:
+            check_pretrained_file(file)
+        else:
+            check_pretrained_available(name)
     try:
         model = _create(name, pretrained, num_classes, kwargs, optional, factory)
     except UserError:
@@ -103,6 +108,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
         # pre-trained on other classes that happen to be as many)
         load_checkpoint(model, cfg["checkpoint"], head=cfg.get("checkpoint_head", True) is not False)
         setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(cfg['checkpoint']).expanduser()}")
+    elif pretrained and pretrained_file(kwargs) is not None:
+        setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(pretrained_file(kwargs)).expanduser()}")
     elif pretrained:
         pc = getattr(model, "pretrained_cfg", None) or {}
         arch, tag = pc.get("architecture", name.split(".")[0]), pc.get("tag")
@@ -196,6 +203,29 @@ def _reachable(url: str, timeout: float = 4.0) -> bool:
     t.start()
     t.join(timeout)
     return bool(ok)
+
+
+def pretrained_file(kwargs: dict) -> str | None:
+    """The local weights file that timm's pretrained load would read (``model.pretrained_cfg_overlay.file`` or
+    ``model.pretrained_cfg.file``), or None when it reads from its hub or URL."""
+    for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
+        cfg = kwargs.get(key)
+        if isinstance(cfg, Mapping) and cfg.get("file"):
+            return str(cfg["file"])
+    return None
+
+
+def check_pretrained_file(file: str) -> None:
+    """Raise a one-line error unless ``file`` exists and holds weights only: it is read here as every checkpoint is
+    (``loading.load_weights``: safetensors, or ``torch.load(weights_only=True)``) before timm reads it, so a file
+    that would construct other objects is refused whatever timm version is installed. ``.npz`` files (the original
+    ViT releases, which timm reads with ``numpy.load``, pickles refused) are left to timm."""
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.pretrained_cfg_overlay.file={file!r} does not exist: give the path of a "
+                        ".safetensors/.pth/.bin file (or use model.checkpoint=PATH)")
+    if path.suffix != ".npz":
+        loading.load_weights(path, "model.pretrained_cfg_overlay.file")
 
 
 def check_pretrained_available(name: str) -> None:
