@@ -7,7 +7,8 @@
 #
 # VENV_DIR is created if missing (about 5 GB: torch's registry build). uv's `--resolution lowest-direct` takes the
 # lowest version each of the package's own requirements allows (install_requires and the extras of .[test]);
-# what those require in turn is resolved as usual (--upgrade: an existing VENV_DIR is moved to them too). The versions installed are printed before the tests run.
+# what those require in turn is resolved as usual (--upgrade: an existing VENV_DIR is moved to them too). The
+# versions installed are printed before the tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:?usage: bash scripts/min_versions.sh VENV_DIR [pytest arguments]}

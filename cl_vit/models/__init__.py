@@ -84,12 +84,11 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint") and factory is None
     if pretrained and cfg.get("pretrained_tag"):
         name = f"{name}.{cfg['pretrained_tag']}"
-    if pretrained:
-        file = pretrained_file(kwargs)
-        if file is not None:
-            check_pretrained_file(file)
-        else:
-            check_pretrained_available(name)
+    file = pretrained_file(kwargs) if pretrained else None  # a local file timm's pretrained load would read
+    if file is not None:
+        check_pretrained_file(file)
+    elif pretrained:
+        check_pretrained_available(name)
     try:
         model = _create(name, pretrained, num_classes, kwargs, optional, factory)
     except UserError:
@@ -108,8 +107,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
         # pre-trained on other classes that happen to be as many)
         load_checkpoint(model, cfg["checkpoint"], head=cfg.get("checkpoint_head", True) is not False)
         setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(cfg['checkpoint']).expanduser()}")
-    elif pretrained and pretrained_file(kwargs) is not None:
-        setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(pretrained_file(kwargs)).expanduser()}")
+    elif file is not None:
+        setattr(model, WEIGHTS_ATTR, f"checkpoint:{Path(file).expanduser()}")
     elif pretrained:
         pc = getattr(model, "pretrained_cfg", None) or {}
         arch, tag = pc.get("architecture", name.split(".")[0]), pc.get("tag")
