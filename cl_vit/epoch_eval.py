@@ -53,9 +53,18 @@ class ShotGroupEpochEval(Callback):
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         ys, preds = [], {}
+        # as Lightning's own evaluation step: the trainer's precision plugin casts the batch (float64 under
+        # 64-true) and gives the step its context (the default dtype, or mixed precision's autocast)
+        trainer = getattr(pl_module, "_trainer", None)
+        plugin = trainer.precision_plugin if trainer is not None else None
         try:
             for i, (x, y, exp) in enumerate(self.loader):
-                out = pl_module.predict_step((x.to(pl_module.device), y, exp), i)
+                batch = (x.to(pl_module.device), y, exp)
+                if plugin is None:
+                    out = pl_module.predict_step(batch, i)
+                else:
+                    with plugin.predict_step_context():
+                        out = pl_module.predict_step(plugin.convert_input(batch), i)
                 ys.append(y.cpu())
                 for head, p in out["preds"].items():
                     preds.setdefault(head, []).append(p.cpu())

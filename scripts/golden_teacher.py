@@ -35,7 +35,14 @@ Nothing of the official code is copied or changed on disk; at run time this scri
   (cifar_train_sam.py L164-169) become identities, so both transforms are ``ToTensor`` + the CIFAR normalisation;
 * gives the training loader (``shuffle=True``) the fixed order of golden_coda.py's ``FixedOrder`` (epoch e:
   ``randperm(61)`` from a generator seeded e), the one tests/test_golden_teacher.py gives the suite's loader;
-* writes its logs and checkpoints (``--root_log``, ``--root_model``) to the temporary directory.
+* writes its logs and checkpoints (``--root_log``, ``--root_model``) to the temporary directory;
+* computes in float64 (``torch.set_default_dtype``: the network, SAM's state, the losses), as the test runs the suite
+  (``trainer.precision=64-true``): the images are made in float32 as the loaders make them (``ToTensor`` and
+  ``Normalize``) and cast to float64 at the network's input, as Lightning's double precision casts the batch; the
+  LDAM margins and the DRW class weights stay the float32 tensors the code builds (losses.py L49,
+  cifar_train_sam.py L235), the weights cast to the loss's dtype for ``F.cross_entropy``. In float32 these tiny
+  networks (BatchNorm over a few images, LDAM's scale 30) magnify rounding: the numbers held only on the kernels and
+  the thread count that made them (two threads instead of one: 32 of 40 losses off by up to 0.3 %).
 
 The numbers depend on nothing else; tests/test_golden_teacher.py builds the same images, weights and order.
 """
@@ -140,6 +147,49 @@ def patch_cuda() -> None:
         sys.modules["tensorboardX"] = types.SimpleNamespace(SummaryWriter=SummaryWriter)
 
 
+def float32_images() -> None:
+    """``transforms.ToTensor`` makes float32 images whatever the default dtype (torchvision's follows it), so that the
+    float64 runs read the images the suite's loader makes."""
+    import torchvision.transforms as transforms
+
+    if getattr(transforms.ToTensor, "float32", False):
+        return
+
+    class Float32ToTensor(transforms.ToTensor):
+        float32 = True
+
+        def __call__(self, pic):
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float32)
+            try:
+                return super().__call__(pic)
+            finally:
+                torch.set_default_dtype(default)
+
+    transforms.ToTensor = Float32ToTensor
+
+
+def float64_input(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` casting its input to the default dtype, as Lightning's double precision casts the batch."""
+    forward = net.forward
+    net.forward = lambda x: forward(x.to(torch.get_default_dtype()))
+    return net
+
+
+def float64_loss(script) -> None:
+    """``script.LDAMLoss`` casting its class weights (the code's float32 ``torch.FloatTensor``) to the logits' dtype,
+    which ``F.cross_entropy`` needs."""
+    base = script.LDAMLoss
+
+    class LDAMLoss(base):
+        def forward(self, x, target):
+            if self.weight is not None:
+                self.weight = self.weight.to(x.dtype)
+            return super().forward(x, target)
+
+    script.LDAMLoss = LDAMLoss
+
+
 def identity(*a, **k):
     """A random transform turned off: it returns the image it is given."""
     return lambda img: img
@@ -163,25 +213,29 @@ def _patch(official: Path):
     torchvision.datasets.CIFAR10._check_integrity = lambda self: True
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
     transforms.RandomCrop = transforms.RandomHorizontalFlip = identity
+    float32_images()
     fixed_shuffle()
     sys.path.insert(0, str(official))
     import models
     import models.resnet_cifar as rc
 
+    weights = initial_weights()  # made here, in float32: the float64 default of trace would draw other numbers
+
     def resnet32(num_classes=10, use_norm=False):
         net = rc.ResNet_s(rc.BasicBlock, list(DEPTHS), num_classes=num_classes, use_norm=use_norm)
-        net.load_state_dict(initial_weights())
-        return net
+        net.load_state_dict(weights)
+        return float64_input(net)
 
     models.resnet32 = resnet32
     import cifar_train_sam
 
+    float64_loss(cifar_train_sam)
     return cifar_train_sam
 
 
 def trace(script, argv: list[str], visited, loop: tuple[int, int]) -> dict:
-    """``script.main()`` with the command line ``argv``, its epoch loop (``range(*loop)``) visiting the official
-    epochs ``visited`` instead; returns per step the rate, SAM's radius and the LDAM loss of both passes, after each
+    """``script.main()`` in float64 with the command line ``argv``, its epoch loop (``range(*loop)``) visiting the
+    official epochs ``visited`` instead; returns per step the rate, SAM's radius and the LDAM loss of both passes, after each
     epoch the correct test images and the norms (:func:`norms`)."""
     steps, epochs, state = [], [], {}
 
@@ -213,9 +267,11 @@ def trace(script, argv: list[str], visited, loop: tuple[int, int]) -> dict:
     script.SAM, script.validate = remembered_sam, recorded_validate
     sys.argv = argv
     script.best_acc1 = 0
+    torch.set_default_dtype(torch.float64)  # the network, SAM's state, the losses (module docstring)
     try:
         script.main()
     finally:
+        torch.set_default_dtype(torch.float32)
         script.range, script.LDAMLoss, script.SAM, script.validate = builtins.range, Recorded.__base__, sam, validate
     first, second = steps[0::2], steps[1::2]
     assert [s[:2] for s in first] == [s[:2] for s in second]

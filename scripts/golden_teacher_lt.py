@@ -38,7 +38,16 @@ At run time this script also
   transform_train (datasets/imagenet.py L93-98) become identities (the training images are written at ``SIZE``), and
   scales the test transform to ``SIZE``: ``Resize(256)`` + ``CenterCrop(224)`` (L102-106) become
   ``Resize(int(256 / 224 * SIZE))`` + ``CenterCrop(SIZE)``;
-* writes its logs and checkpoints (``--root_log``, ``--root_model``) to the temporary directory.
+* writes its logs and checkpoints (``--root_log``, ``--root_model``) to the temporary directory;
+* computes in float64 (``torch.set_default_dtype``: the network, SAM's state, the losses), as the test runs the suite
+  (``trainer.precision=64-true``): the images are made in float32 as the loaders make them (``ToTensor`` and
+  ``Normalize``) and cast to float64 at the network's input, as Lightning's double precision casts the batch; the
+  LDAM margins and the DRW class weights stay the float32 tensors the code builds (losses.py L49, imnet_train_sam.py
+  L241), the weights cast to the loss's dtype for ``F.cross_entropy``. In float32 this tiny ResNet-50 (BatchNorm over
+  8 images, LDAM's scale 30) magnifies rounding about 10^4-fold within a few steps, so float32 numbers hold only on
+  the CPU kernels that made them (another torch release or oneDNN off: 22-23 of 24 losses off by up to 128 %); in
+  float64 the same magnification stays below the test's tolerance (golden_teacher.py's ``float32_images``,
+  ``float64_input``, ``float64_loss`` and ``trace``).
 """
 from __future__ import annotations
 
@@ -149,12 +158,13 @@ def _patch(official: Path):
     resize, crop = transforms.Resize, transforms.CenterCrop
     transforms.Resize = lambda size, *a, **k: resize(int(256 / 224 * SIZE) if size == 256 else size, *a, **k)
     transforms.CenterCrop = lambda size: crop(SIZE if size == 224 else size)
+    teacher.float32_images()
     weights = initial_weights()
 
     def resnet50(**kwargs):
         net = ResNet(Bottleneck, list(DEPTHS), width_per_group=WIDTH)
         net.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")}, strict=False)
-        return net
+        return teacher.float64_input(net)
 
     torchvision.models.resnet50 = resnet50
     sys.path.insert(0, str(official))
@@ -170,6 +180,7 @@ def _patch(official: Path):
         return fc
 
     imnet_train_sam.NormedLinear = normed_linear
+    teacher.float64_loss(imnet_train_sam)
     return imnet_train_sam
 
 
@@ -189,7 +200,7 @@ def run(official: Path, work: Path, name: str) -> dict:
             "--epochs", str(len(visited)), "--arch", "resnet50", "--cos_lr", "--rho_schedule", "step", "--lr", "0.2",
             "--seed", str(SEED), "--rho_steps", "0.05", "0.1", "0.5", "0.5", "--wd", "2e-4", "--margin", "0.3",
             "-j", "0", "--root_log", str(work / "log"), "--root_model", str(work / "checkpoint")]
-    # the epoch loop, imnet_train_sam.py L213: range(start_epoch, epochs)
+    # the epoch loop, imnet_train_sam.py L213: range(start_epoch, epochs); trace runs it in float64
     return teacher.trace(script, argv, visited, (0, len(visited)))
 
 

@@ -12,9 +12,12 @@ suite's ``experiment=teacher-cifar10-lt`` (LDAM with the cosine classifier, DRW,
 momentum 0.9 and weight decay 2e-4, the warm-up and step schedule) on the same data read from the same CIFAR files,
 from the same weights and in the same batch order, with its epoch settings moved so that its epoch i is the script's
 i-th visited official epoch (``golden.suite_schedule``), and asserts per step the learning rate and SAM's radius
-(exactly) and the LDAM loss at ``w`` and at ``w + e(w)`` (to 1e-5 relative), after each epoch the correct test images
-(exactly) and the norms of the trained parameters and of the BatchNorm running statistics (to 1e-5 relative; they
-agree to the last bit here). The suite's warm-up over several batches per epoch differs (the last test).
+(exactly) and the LDAM loss at ``w`` and at ``w + e(w)``, after each epoch the correct test images (exactly) and the
+norms of the trained parameters and of the BatchNorm running statistics, the losses and norms to 1e-8 relative. Both
+sides compute in float64 (``trainer.precision=64-true`` here; golden_teacher.py's docstring says how and why): they
+agree to 3e-15 here, on one thread or two, with oneDNN on or off. In float32 these tiny networks magnify rounding,
+so that the float32 numbers held only on the kernels and the thread count that made them. The suite's warm-up over
+several batches per epoch differs (the last test).
 
 The ImageNet-LT teacher (imnet_train_sam.py, at the same commit) has its own golden run below
 (scripts/golden_teacher_lt.py, ``experiment=teacher-imagenet-lt``); it holds inat_train_sam.py's loop too.
@@ -31,66 +34,64 @@ golden = script_module("golden_teacher")
 
 # -- the official numbers (python scripts/golden_teacher.py Saddle-LongTail, at the commit above) ----------------------
 
-OFFICIAL = {'drw': {'bn_norm': [74.77406790779531, 366.35630940472265, 660.0244607213855, 718.7403629190585,
-                                770.6824455121523],
-                    'correct': [5, 10, 20, 20, 19],
-                    'loss': [17.83205223083496, 24.610950469970703, 21.594457626342773, 29.82794952392578,
-                             26.157861709594727, 13.636537551879883, 9.24416732788086, 23.99527931213379,
-                             22.850902557373047, 14.503131866455078, 11.356657028198242, 12.523246765136719,
-                             9.481569290161133, 14.544665336608887, 10.558013916015625, 6.736194610595703,
-                             11.085958480834961, 12.668182373046875, 18.78175926208496, 12.144546508789062,
-                             18.706876754760742, 9.569353103637695, 9.951309204101562, 10.849230766296387,
-                             11.717523574829102, 15.079322814941406, 9.849960327148438, 15.859151840209961,
-                             16.455625534057617, 14.288203239440918, 13.712424278259277, 9.67944049835205,
-                             12.305484771728516, 15.632962226867676, 15.691822052001953, 9.74417781829834,
-                             14.481977462768555, 12.786934852600098, 10.501834869384766, 15.01840591430664],
-                    'loss_perturbed': [33.72880172729492, 39.06278610229492, 32.08234405517578, 37.28741455078125,
-                                       32.93636703491211, 18.417335510253906, 13.216157913208008, 27.865087509155273,
-                                       26.541675567626953, 18.2493896484375, 13.81979751586914, 16.490890502929688,
-                                       12.56281566619873, 16.919776916503906, 12.472393989562988, 10.071229934692383,
-                                       13.324307441711426, 15.247612953186035, 23.370534896850586, 14.707088470458984,
-                                       23.401626586914062, 12.277132034301758, 11.78355598449707, 14.187609672546387,
-                                       13.946817398071289, 20.35093116760254, 11.832759857177734, 18.46464729309082,
-                                       21.425922393798828, 18.238204956054688, 16.74667739868164, 11.787324905395508,
-                                       14.407812118530273, 18.291133880615234, 18.0519962310791, 11.883047103881836,
-                                       22.928916931152344, 15.42020034790039, 12.975075721740723, 19.774873733520508],
-                    'lr': [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.001,
+OFFICIAL = {'drw': {'bn_norm': [74.7047664551879, 365.1992330599324, 659.4132350071153, 719.5194428846565,
+                                770.9491277277541],
+                    'correct': [5, 10, 20, 20, 18],
+                    'loss': [17.83205287035078, 24.610950442566423, 21.594458373288944, 29.827968728395753,
+                             26.15770221828816, 13.63127703370409, 9.24199822119897, 23.980165903918106,
+                             22.837216393913042, 14.49188109010051, 11.345774175130174, 12.497266359644126,
+                             9.45248528999615, 14.53716895921692, 10.532031229595177, 6.78731244003058,
+                             11.072486927924409, 12.664517835765997, 18.84623077962682, 12.15273644119387,
+                             18.826270838249783, 9.571521677102403, 9.939995691396128, 10.865484005126929,
+                             11.697396566143377, 15.092213418890386, 9.858410577957898, 15.874237802458802,
+                             16.54960960933723, 14.30211531545015, 13.741673723944357, 9.672025580813028,
+                             12.308513738134737, 15.649962735553581, 15.666122968656058, 9.720968844714658,
+                             14.535295387420886, 12.809399551250369, 10.48483609868333, 15.0434301082845],
+                    'loss_perturbed': [33.728801772758715, 39.06279325746628, 32.08235300253398, 37.28742872505547,
+                                       32.935873278742264, 18.410912243272023, 13.218210072418959, 27.852284028538566,
+                                       26.519334813685287, 18.245851141830624, 13.814424306977127, 16.46524123733092,
+                                       12.51803252046982, 16.898360504738896, 12.454187858733759, 10.096078299233426,
+                                       13.312399236970535, 15.24865101232304, 23.421906353315432, 14.73337522011537,
+                                       23.459112579172526, 12.14907185367096, 11.730331968756472, 14.212221677755478,
+                                       13.921702867102452, 20.411003676836696, 11.853586447045094, 18.792630942585113,
+                                       21.554956449033096, 18.262696961914173, 16.7926970929635, 11.77107759406005,
+                                       14.405039689717922, 18.422585244626312, 18.008342300019383, 11.850580715608952,
+                                       23.043927242229458, 15.50585945734206, 12.949345354730625, 19.797246586311847],
+                    'lr': [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.001, 0.001,
                            0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001,
-                           0.001, 0.001, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05],
-                    'norm': [32.993138877247105, 40.9145324214026, 40.95973105874986, 40.982169314024546,
-                             40.982296831485364],
+                           0.001, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05, 1e-05],
+                    'norm': [32.99280189726611, 40.91008367845815, 40.95520985915254, 40.97762132040919,
+                             40.977748908761505],
                     'rho': [0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8,
                             0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8,
                             0.8, 0.8, 0.8, 0.8]},
-            'warmup': {'bn_norm': [15.54316702414159, 15.774478162395503, 16.10552082111086, 16.67251377753618,
-                                   18.74625449053914, 24.425743098212703, 33.8816825767587],
+            'warmup': {'bn_norm': [15.543167513660714, 15.774479061990608, 16.10548220888566, 16.67253027504015,
+                                   18.748878105660264, 24.427331428644408, 33.88776212595426],
                        'correct': [5, 5, 5, 15, 10, 15, 20],
-                       'loss': [12.92171859741211, 12.922489166259766, 11.992140769958496, 12.035874366760254,
-                                8.952116012573242, 7.841532230377197, 11.570198059082031],
-                       'loss_perturbed': [29.680511474609375, 23.484350204467773, 23.208595275878906,
-                                          22.308637619018555, 14.5514497756958, 11.853167533874512,
-                                          15.91372013092041],
+                       'loss': [12.921720008199665, 12.922490384058099, 11.99216098603873, 12.035596428584924,
+                                8.953678485625135, 7.836376163354101, 11.55000817101737],
+                       'loss_perturbed': [29.680512162108844, 23.48435117787336, 23.208510486775047, 22.306348271753784,
+                                          14.558107264799679, 11.84503838021832, 15.875700222867572],
                        'lr': [0.02, 0.04, 0.06000000000000001, 0.08, 0.1, 0.1, 0.001],
-                       'norm': [27.045163707071847, 27.10132877452235, 27.256292847782667, 27.590164869808973,
-                                28.17222248606954, 28.88774559863033, 28.89506827307715],
+                       'norm': [27.04516370264711, 27.101328726878595, 27.256291613799682, 27.590184612482552,
+                                28.172319018206608, 28.887847069174992, 28.895169563278333],
                        'rho': [0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]},
-            'warmup_batches': {'bn_norm': [19.584818526199886, 65.2039684863787],
+            'warmup_batches': {'bn_norm': [19.584824158078234, 65.20492285939834],
                                'correct': [15, 17],
-                               'loss': [17.83205223083496, 14.988266944885254, 11.993537902832031, 20.57817840576172,
-                                        15.348284721374512, 10.60493278503418, 7.712502479553223, 12.221183776855469,
-                                        19.2139949798584, 12.078914642333984, 7.828670978546143, 7.715694904327393,
-                                        9.976563453674316, 14.769092559814453, 12.800537109375, 8.547800064086914],
-                               'loss_perturbed': [33.72880172729492, 35.138328552246094, 31.622234344482422,
-                                                  38.09749221801758, 25.65833282470703, 20.485069274902344,
-                                                  17.25933265686035, 23.02126693725586, 28.30719757080078,
-                                                  20.80377960205078, 14.82658576965332, 15.17512035369873,
-                                                  16.790441513061523, 19.552371978759766, 16.578706741333008,
-                                                  14.388195991516113],
+                               'loss': [17.83205287035078, 14.988266463368635, 11.993540362105618, 20.578177350688364,
+                                        15.348284154623025, 10.604929665063864, 7.712502759077455, 12.22118493204897,
+                                        19.213994610240114, 12.078906347937071, 7.828674705704924, 7.7157197762649155,
+                                        9.976550610907651, 14.769091458340817, 12.800422675664032, 8.547562166663232],
+                               'loss_perturbed': [33.728801772758715, 35.13832705686836, 31.6222361037361,
+                                                  38.09749534844892, 25.65833072576386, 20.485064267586598,
+                                                  17.259325878624654, 23.021266353595898, 28.307196471215846,
+                                                  20.803777415178917, 14.826588226793955, 15.175130368867464,
+                                                  16.79044058137535, 19.5512363540307, 16.578320715831882,
+                                                  14.387874039947695],
                                'lr': [0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.04, 0.04, 0.04, 0.04, 0.04,
                                       0.04, 0.04, 0.04],
-                               'norm': [27.636960293823698, 30.57759235828888],
-                               'rho': [0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8,
-                                       0.8]}}
+                               'norm': [27.636960352550823, 30.577602690802998],
+                               'rho': [0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]}}
 
 
 class _Mapped(torch.utils.data.Sampler):
@@ -182,7 +183,8 @@ def suite_run(tmp_path, monkeypatch, name, extra=()):
             f"trainer.max_epochs={s['max_epochs']}", f"scheduler.warmup_epochs={s['warmup_epochs']}",
             f"scheduler.milestones={s['milestones']}", f"strategy.ldam_drw.drw_start_epoch={s['drw_start_epoch']}",
             f"data.batch_size={golden.RUNS[name]['batch']}", "trainer.devices=1", "trainer.accelerator=cpu",
-            "data.num_workers=0", "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}", *extra]
+            "data.num_workers=0", "data.persistent_workers=false", "logger=none", f"seed={golden.SEED}",
+            "trainer.precision=64-true", *extra]
     cfg = compose(over, tmp_path / "data")
     # the official run's random crop and flip are off; both pipelines normalise with the suite's mean and std in
     # torchvision's order of operations (albumentations' differs by rounding, which this recipe amplifies)
@@ -191,16 +193,16 @@ def suite_run(tmp_path, monkeypatch, name, extra=()):
     return traced_run(cfg, tmp_path / "run", monkeypatch, golden.training_images()[0])
 
 
-def assert_follows(ours: dict, theirs: dict) -> None:
-    """The rate and SAM's radius exactly (the rate to 1e-12 relative), the LDAM losses and the norms to 1e-5
-    relative, the correct test images exactly."""
+def assert_follows(ours: dict, theirs: dict, rtol: float = 1e-8) -> None:
+    """The rate and SAM's radius exactly (the rate to 1e-12 relative), the LDAM losses and the norms to ``rtol``
+    relative (float64 runs that agree to 3e-15), the correct test images exactly."""
     assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-12, abs=0)
     assert ours["rho"] == theirs["rho"]
     for key in ("loss", "loss_perturbed"):
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=0, err_msg=key)
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=rtol, atol=0, err_msg=key)
     assert ours["correct"] == theirs["correct"]
     for key in ("norm", "bn_norm"):
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=0, err_msg=key)
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=rtol, atol=0, err_msg=key)
 
 
 @pytest.mark.parametrize("name", ["drw", "warmup", "warmup_batches"])
@@ -227,36 +229,37 @@ def test_per_step_warm_up_is_the_other_option(tmp_path, monkeypatch):
 # python scripts/golden_teacher_lt.py /path/to/Saddle-LongTail, at the commit above (val-iisc/Saddle-LongTail @
 # 48328fbd46be040f3ab4ac912126c15cec111360): imnet_train_sam.py with run.sh L35's LDAM arguments on the tiny ImageNet-LT
 # of golden_teacher_lt.write_imagenet_lt (30 training images of 6 classes as PNG files with OLTR's list files), visiting
-# the official epochs 0, 4, 5, 59, 60, 75 (--epochs 6) in batches of 8 (the last of 6); the script's docstring lists
-# what it changes at run time.
+# the official epochs 0, 4, 5, 59, 60, 75 (--epochs 6) in batches of 8 (the last of 6), in float64 (the suite:
+# trainer.precision=64-true); the script's docstring lists what it changes at run time.
 
 golden_lt = script_module("golden_teacher_lt")
 
-OFFICIAL_LT = {'imagenet_lt': {'bn_norm': [2360.2315701888574, 13461.41363498717, 34496.69322798934, 52688.76305067447,
-                                           60657.98490456171, 70624.61914723911],
-                               'correct': [2, 6, 4, 8, 8, 8],
-                               'loss': [7.601438045501709, 11.102202415466309, 12.873464584350586, 19.674386978149414,
-                                        9.725975036621094, 5.805595397949219, 1.5329406261444092, 17.348915100097656,
-                                        10.04454517364502, 6.230137825012207, 13.694283485412598, 3.48806095123291,
-                                        3.8770058155059814, 5.4164018630981445, 7.165116786956787, 1.398354172706604,
-                                        1.0938605070114136, 8.03891658782959, 2.1184051036834717, 25.298320770263672,
-                                        0.4721606373786926, 4.42119836807251, 19.980566024780273, 0.5564815998077393],
-                               'loss_perturbed': [8.245100975036621, 12.691702842712402, 14.74384880065918,
-                                                  20.048303604125977, 11.085336685180664, 6.134500503540039,
-                                                  1.764072060585022, 17.985239028930664, 10.355573654174805,
-                                                  6.560925006866455, 14.691645622253418, 3.801882028579712,
-                                                  4.08860969543457, 5.953077793121338, 7.41295051574707,
-                                                  1.6333012580871582, 2.0607306957244873, 11.346227645874023,
-                                                  3.243656873703003, 26.93264389038086, 1.0664006471633911,
-                                                  5.4790496826171875, 21.27378273010254, 1.3146620988845825],
+OFFICIAL_LT = {'imagenet_lt': {'bn_norm': [2430.0905032385226, 14387.783691796278, 37992.34013474339,
+                                           56626.008851692066, 66802.91237618541, 77069.53678032164],
+                               'correct': [2, 4, 2, 6, 8, 8],
+                               'loss': [7.6014378755047876, 11.121436217651555, 12.809807231893814, 19.920619991487985,
+                                        8.811128569918452, 6.551482616460649, 1.5496835502422717, 23.874319007841624,
+                                        6.524282578051129, 4.96518612076001, 7.1482297940447035, 0.900298824943798,
+                                        4.0250279489712035, 7.824827844322955, 6.876465745163085, 0.8452829561956355,
+                                        0.028202557903699074, 10.79582985757562, 4.855710839509474, 22.53100800061134,
+                                        0.028681597678484713, 5.004052700259355, 19.808017157280588,
+                                        0.16646138902844498],
+                               'loss_perturbed': [8.245100057451161, 12.602723622358512, 14.663912523068642,
+                                                  20.291633391206283, 9.382983217304744, 6.94967113813838,
+                                                  1.605456641975443, 24.467440324060746, 6.668742431437542,
+                                                  5.19685631558868, 7.464049003422256, 1.1598073283646995,
+                                                  4.151245147077763, 8.432527608347804, 7.250324029432523,
+                                                  1.5200844468882693, 0.40658342599360847, 13.33976349295899,
+                                                  8.704977626257259, 24.54763978358083, 0.5314412471447696,
+                                                  6.568557954661309, 21.20344253172795, 1.2150508099456252],
                                'lr': [0.2, 0.2, 0.2, 0.2, 0.1866025403784439, 0.1866025403784439, 0.1866025403784439,
                                       0.1866025403784439, 0.15000000000000002, 0.15000000000000002, 0.15000000000000002,
                                       0.15000000000000002, 0.1, 0.1, 0.1, 0.1, 0.050000000000000024,
                                       0.050000000000000024, 0.050000000000000024, 0.050000000000000024,
                                       0.01339745962155613, 0.01339745962155613, 0.01339745962155613,
                                       0.01339745962155613],
-                               'norm': [137.32631088636776, 154.26670287990174, 166.69915341147657, 172.78358659660975,
-                                        174.8547879866425, 175.21986081149143],
+                               'norm': [137.84465767884748, 155.04621927474403, 167.15114537117014, 172.97301718950982,
+                                        174.9489939781414, 175.29805218711996],
                                'rho': [0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
                                        0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]}}
 
@@ -278,7 +281,8 @@ def imagenet_lt_suite_run(tmp_path, monkeypatch, name, extra=()):
             f"trainer.max_epochs={s['max_epochs']}", f"optimizer.sam_rho_milestones={s['sam_rho_milestones']}",
             f"strategy.ldam_drw.drw_start_epoch={s['drw_start_epoch']}",
             f"data.batch_size={golden_lt.RUNS[name]['batch']}", "trainer.accelerator=cpu", "data.num_workers=0",
-            "data.persistent_workers=false", "logger=none", f"seed={golden_lt.SEED}", *extra]
+            "data.persistent_workers=false", "logger=none", f"seed={golden_lt.SEED}", "trainer.precision=64-true",
+            *extra]
     cfg = compose(over, tmp_path / "data")
 
     def no_augmentation(img_size, mean, std):
@@ -290,8 +294,9 @@ def imagenet_lt_suite_run(tmp_path, monkeypatch, name, extra=()):
 
 def test_suite_imagenet_lt_teacher_follows_the_official_run(tmp_path, monkeypatch):
     """6 epochs x 4 batches (30 images, the last batch of 6 kept): rho 0.05, 0.05, 0.1, 0.1, 0.5 + DRW, 0.5 + DRW
-    (the visited official epochs 0, 4, 5, 59, 60, 75), the rate set once per epoch on the cosine over the run. Equal to
-    the last bit here; the tolerances are those of the CIFAR runs above."""
+    (the visited official epochs 0, 4, 5, 59, 60, 75), the rate set once per epoch on the cosine over the run. Both
+    sides in float64, as the CIFAR runs (golden_teacher_lt.py's docstring): equal to the last bit here, asserted to
+    1e-8; in float32 this run magnified kernel rounding past 100 %."""
     ours, theirs = imagenet_lt_suite_run(tmp_path, monkeypatch, "imagenet_lt"), OFFICIAL_LT["imagenet_lt"]
     assert_follows(ours, theirs)
 
