@@ -5,8 +5,9 @@ state through their hooks (cl_vit.strategies.base).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
@@ -62,6 +63,38 @@ def net_outputs(net: nn.Module, x: torch.Tensor) -> dict:
     feats = net.forward_features(x)
     pre = net.forward_head(feats, pre_logits=True)
     return {"logits": net.get_classifier()(pre), "pre_logits": pre}
+
+
+def _casting_plugin(module):
+    """The trainer's precision plugin where it holds the whole network in one dtype and casts each step's batch to it
+    (``64-true``, ``16-true``, ``bf16-true``); None otherwise (32-bit, mixed precision, no trainer)."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    trainer = getattr(module, "_trainer", None)
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    if plugin is None or type(plugin).convert_input is Precision.convert_input:
+        return None
+    return plugin
+
+
+def as_step_input(module, data):
+    """``data`` (a tensor or a collection of them) cast as the trainer's precision plugin casts a training step's
+    batch: floating tensors to float64 under ``64-true``, to half under ``16-true`` / ``bf16-true``, unchanged
+    otherwise. For batches the suite reads itself (a replay memory's samples, the statistics passes)."""
+    plugin = _casting_plugin(module)
+    return data if plugin is None else plugin.convert_input(data)
+
+
+@contextlib.contextmanager
+def outside_step(module) -> Iterator[None]:
+    """The context of a forward pass the suite runs outside Lightning's steps (class statistics, Fisher information,
+    coresets, fine-tuning on a memory): the precision plugin's forward context where the network is held in one dtype
+    (the default dtype set as in a step); nothing otherwise, so that under mixed precision these passes stay in
+    float32 without autocast, as the official codes compute their statistics. Cast the batches with
+    :func:`as_step_input`."""
+    plugin = _casting_plugin(module)
+    with plugin.forward_context() if plugin is not None else contextlib.nullcontext():
+        yield
 
 
 def coda_cosine(epoch: int, epochs: int) -> float:

@@ -703,6 +703,10 @@ class ContinualRunner:
             # every hook sees the module on the training device (Lightning moves it back to the CPU after fit)
             device = trainer.strategy.root_device
             self.module.to(device)
+            # the hooks before fit (and SimpleCIL's, which has none) see this trainer and the network in the dtype
+            # of trainer.precision (64-true: float64), as fit will leave it (module.as_step_input / outside_step)
+            self.module.trainer = trainer
+            trainer.precision_plugin.convert_module(self.module)
             cost = ExperienceCost(device)
             self.module.start_experience(info)
             if self.train:

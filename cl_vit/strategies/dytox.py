@@ -170,7 +170,7 @@ class DyTox(TaskGrowingStrategy):
             self.balanced_finetuning(module, experience)
 
     def balanced_finetuning(self, module, experience: ExperienceInfo) -> None:
-        from cl_vit.module import classification_loss
+        from cl_vit.module import as_step_input, classification_loss, outside_step
 
         memory = next((s for s in module.strategies if isinstance(s, Replay)), None)
         if memory is None or not len(memory):
@@ -190,10 +190,10 @@ class DyTox(TaskGrowingStrategy):
         loader = experience.train_loader(MemoryDataset(experience.dataset, memory.exp, memory.idx),
                                          seed=draw_seed(experience.seed, FINETUNE, experience.index),
                                          shuffle=self.finetuning_shuffle)
-        with torch.enable_grad():
+        with torch.enable_grad(), outside_step(module):
             for _ in range(self.finetuning_epochs):
                 for x, y, *_ in loader:
-                    x, y = x.to(module.device), torch.as_tensor(y).to(module.device)
+                    x, y = as_step_input(module, x.to(module.device)), torch.as_tensor(y).to(module.device)
                     logits = net.forward_outputs(x)["logits"]
                     loss = classification_loss(logits, y, module.seen_mask, module.loss_name)
                     opt.zero_grad(set_to_none=True)

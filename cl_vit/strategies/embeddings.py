@@ -53,7 +53,7 @@ def experience_embeddings(module, experience: ExperienceInfo, transform: str = "
     transform, in dataset order, on the CPU.
 
     The network runs in eval mode on its current device; every process returns the same tensors."""
-    from cl_vit.module import net_outputs
+    from cl_vit.module import as_step_input, net_outputs, outside_step
 
     net = module.net
     device = next(net.parameters()).device
@@ -61,10 +61,12 @@ def experience_embeddings(module, experience: ExperienceInfo, transform: str = "
     net.eval()
     feats, labels = [], []
     try:
-        for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
-                                             transform=transform):
-            feats.append(net_outputs(net, batch[0].to(device))["pre_logits"].float().cpu())
-            labels.append(batch[1].cpu())
+        with outside_step(module):
+            for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
+                                                 transform=transform):
+                x = as_step_input(module, batch[0].to(device))
+                feats.append(net_outputs(net, x)["pre_logits"].float().cpu())
+                labels.append(batch[1].cpu())
     finally:
         net.train(was_training)
     f = torch.cat(feats).numpy() if feats else np.zeros((0, 0), dtype=np.float32)

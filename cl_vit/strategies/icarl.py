@@ -92,7 +92,7 @@ class ICaRL(Replay):
     @torch.no_grad()
     def exemplar_means(self, module, experience: ExperienceInfo, batch_size: int = 256) -> torch.Tensor:
         """One row per class (zeros for classes without exemplars), from the memory under the test transform."""
-        from cl_vit.module import net_outputs
+        from cl_vit.module import as_step_input, net_outputs, outside_step
 
         net, device = module.net, module.device
         was_training = net.training
@@ -100,11 +100,13 @@ class ICaRL(Replay):
         data = MemoryDataset(experience.dataset, self.exp, self.idx, transform="test")
         feats, flipped = [], []
         try:
-            for start in range(0, len(data), batch_size):
-                x = torch.stack([data[k][0] for k in range(start, min(start + batch_size, len(data)))]).to(device)
-                feats.append(net_outputs(net, x)["pre_logits"].float().cpu())
-                if self.flip:
-                    flipped.append(net_outputs(net, x.flip(-1))["pre_logits"].float().cpu())
+            with outside_step(module):
+                for start in range(0, len(data), batch_size):
+                    x = torch.stack([data[k][0] for k in range(start, min(start + batch_size, len(data)))])
+                    x = as_step_input(module, x.to(device))
+                    feats.append(net_outputs(net, x)["pre_logits"].float().cpu())
+                    if self.flip:
+                        flipped.append(net_outputs(net, x.flip(-1))["pre_logits"].float().cpu())
         finally:
             net.train(was_training)
         feats = torch.cat(feats)

@@ -39,6 +39,8 @@ REMOVE, RETAIN = "remove", "retain"
 def input_covariances(module, experience: ExperienceInfo, transform: str) -> list[torch.Tensor]:
     """Per adapted projection, the mean over all tokens of the training images of x x^T at its input (d x d, float32,
     CPU); under DDP the sums and counts of every process's share are added."""
+    from cl_vit.module import as_step_input, outside_step
+
     net, lora = module.net, module.net.lora
     projections = [net.get_submodule(n) for n in lora.names]
     sums = [None] * len(projections)
@@ -57,8 +59,10 @@ def input_covariances(module, experience: ExperienceInfo, transform: str) -> lis
     was_training = net.training
     net.eval()  # methods/inflora.py L116-119: the statistics pass of an eval-mode network (as all its training)
     try:
-        for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1, transform=transform):
-            net.forward_features(batch[0].to(device))
+        with outside_step(module):
+            for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
+                                                 transform=transform):
+                net.forward_features(as_step_input(module, batch[0].to(device)))
     finally:
         for h in hooks:
             h.remove()

@@ -79,12 +79,13 @@ class RandomProjectionHead(nn.Module):
         self.register_buffer("use_rp", torch.zeros((), dtype=torch.bool))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x @ self.W_rand) if self.M > 0 else x
+        return F.relu(x @ self.W_rand.to(x.dtype)) if self.M > 0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool(self.use_rp):  # float32 as the official code: a 10000-wide product in bf16 loses the ridge solution
+            dtype = torch.promote_types(self.rp_weight.dtype, torch.float32)  # float64 under trainer.precision=64-true
             with torch.autocast(x.device.type, enabled=False):
-                return self.features(x.float()) @ self.rp_weight.T
+                return self.features(x.to(dtype)) @ self.rp_weight.to(dtype).T
         return self.sigma * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 

@@ -217,8 +217,10 @@ class Replay(Strategy):
         gen = generator(self.seed, BATCH, self._experience.index, self.draws, distributed.rank())
         self.draws += 1
         pos = torch.randperm(len(self), generator=gen)[: min(n, len(self))]
+        from cl_vit.module import as_step_input
+
         x, y, *_ = default_collate([self._item(int(k)) for k in pos])
-        return pos, {"x": x.to(module.device), "y": torch.as_tensor(y).to(module.device)}
+        return pos, {"x": as_step_input(module, x.to(module.device)), "y": torch.as_tensor(y).to(module.device)}
 
     def _item(self, k: int):
         """Memory sample ``k`` read from the stream under the training transform (reservoir: the memory changes during

@@ -173,7 +173,7 @@ class SLCA(Strategy):
                 xs.append((self.means[c] * scale + z @ chol[c].T).float())
                 ys.append(torch.full((n,), pos[c], dtype=torch.long))
             order = torch.randperm(n * len(seen), generator=gen)
-            x, y = torch.cat(xs)[order].to(device), torch.cat(ys)[order].to(device)
+            x, y = torch.cat(xs)[order].to(device, params[0].dtype), torch.cat(ys)[order].to(device)
             losses = []
             for i in range(len(seen)):
                 logits = self.head(x[i * n:(i + 1) * n])[:, cols]
