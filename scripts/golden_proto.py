@@ -26,7 +26,10 @@ weights, and the classifier the official code draws at random is set to the suit
 adapters' dropout is off on both sides, the official adapter ViTs get the suite's weights with q/k/v split, EASE's
 adapter set and proxy classifier of each task start from the suite's draws (recorded from the suite's run of the
 stream), and ``EaseCosineLinear.forward_reweight`` is given the small ViT's width (768 is its default, which
-inc_net.py L1035 never overrides).
+inc_net.py L1035 never overrides). RanPAC runs in float64 (the suite with ``trainer.precision=64-true``): the default
+dtype is float64 on the official side, the images are made in float32 as its loader makes them and cast at the
+network's input, the suite's W_rand is cast up; in float32 the ridge search on this tiny stream followed rounding
+(docs/recipes.md).
 
 ``ease-functions`` runs no stream: it prints what LAMDA-PILOT's EASE functions (models/ease.py ``solve_sim_reset``,
 backbone/linears.py ``EaseCosineLinear.forward_reweight``) make of the small prototypes and features of
@@ -63,7 +66,8 @@ EPOCHS = {"simplecil": 1, "ranpac": 3, "slca": 2, "aper": 3, "ease": 2}
 #: the suite's run: the method's ImageNet-R recipe, the small ViT, this stream's size
 SUITE = {
     "simplecil": ["experiment=simplecil-imagenet-r"],
-    "ranpac": ["experiment=ranpac-imagenet-r", f"strategy.ranpac.M={M}", f"trainer.max_epochs={EPOCHS['ranpac']}"],
+    "ranpac": ["experiment=ranpac-imagenet-r", f"strategy.ranpac.M={M}", f"trainer.max_epochs={EPOCHS['ranpac']}",
+               "trainer.precision=64-true"],
     "slca": ["experiment=slca-imagenet-r", "strategy.slca.ca_epochs=0", f"trainer.max_epochs={EPOCHS['slca']}",
              "scheduler.milestones=[1]"],
     "aper": ["experiment=aper-imagenet-r", f"trainer.max_epochs={EPOCHS['aper']}"],
@@ -364,6 +368,22 @@ def _ssf_name(suite_name: str) -> str:
     return f"{owner}ssf_{kind}_{k}"
 
 
+class _Float32ToTensor:
+    """torchvision's ``ToTensor`` in float32 whatever the default dtype (torchvision's follows it): the float64 runs
+    read the images the suite's loader makes, cast to float64 at the network's input as Lightning's double precision
+    casts the batch."""
+
+    def __call__(self, pic):
+        from torchvision.transforms import functional
+
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return functional.to_tensor(pic)
+        finally:
+            torch.set_default_dtype(default)
+
+
 def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
     import RanPAC as learner_module
     import inc_net
@@ -374,7 +394,11 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
 
     recorder = Recorder()
     learner_module.F = recorder.functional(learner_module.F)
-    data.iImageNetR.train_trsf = data.iImageNetR.test_trsf
+    # float64 (the suite: trainer.precision=64-true): the images made in float32 as the loader makes them, cast at
+    # the network's input (module docstring)
+    data.iImageNetR.train_trsf = data.iImageNetR.test_trsf = [
+        _Float32ToTensor() if type(t).__name__ == "ToTensor" else t for t in data.iImageNetR.test_trsf]
+    torch.set_default_dtype(torch.float64)
 
     def small_ssf_vit(args, pretrained=False):  # get_convnet's pretrained_vit_b16_224_ssf, small
         model = ssf.VisionTransformer(patch_size=16, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0,
@@ -382,6 +406,8 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
         state = {(_ssf_name(k) if ".ssf." in k else k): v for k, v in _vit_state(init).items()}
         model.load_state_dict(state)
         model.out_dim = EMBED
+        forward = model.forward
+        model.forward = lambda x: forward(x.to(torch.get_default_dtype()))
         return model.eval()
 
     inc_net.get_convnet = small_ssf_vit
@@ -411,8 +437,8 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
 
     def setup_rp(self):
         original_setup(self)
-        self._network.fc.W_rand = meta["w_rand"].clone()  # the suite's random projection
-        self.W_rand = meta["w_rand"].clone()
+        self._network.fc.W_rand = meta["w_rand"].to(torch.get_default_dtype())  # the suite's random projection
+        self.W_rand = meta["w_rand"].to(torch.get_default_dtype())
 
     learner_module.Learner.setup_RP = setup_rp
     original_ridge = learner_module.Learner.optimise_ridge_parameter

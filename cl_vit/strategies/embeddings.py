@@ -49,8 +49,8 @@ def interleave(shares: Sequence[np.ndarray]) -> np.ndarray:
 @torch.no_grad()
 def experience_embeddings(module, experience: ExperienceInfo, transform: str = "test"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings N x D float32, labels N) of the experience's training data under the ``test`` or ``train``
-    transform, in dataset order, on the CPU.
+    """(embeddings N x D float32, float64 under ``trainer.precision=64-true``, labels N) of the experience's
+    training data under the ``test`` or ``train`` transform, in dataset order, on the CPU.
 
     The network runs in eval mode on its current device; every process returns the same tensors."""
     from cl_vit.module import as_step_input, net_outputs, outside_step
@@ -65,7 +65,8 @@ def experience_embeddings(module, experience: ExperienceInfo, transform: str = "
             for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
                                                  transform=transform):
                 x = as_step_input(module, batch[0].to(device))
-                feats.append(net_outputs(net, x)["pre_logits"].float().cpu())
+                pre = net_outputs(net, x)["pre_logits"]  # float32, or float64 under trainer.precision=64-true
+                feats.append(pre.to(torch.promote_types(pre.dtype, torch.float32)).cpu())
                 labels.append(batch[1].cpu())
     finally:
         net.train(was_training)

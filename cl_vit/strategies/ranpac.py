@@ -145,11 +145,12 @@ class RanPAC(Strategy):
                 if self.M > 0:
                     self.head.W_rand.copy_(torch.randn(self.head.in_features, self.M, generator=gen))
                 self.head.use_rp.fill_(True)
-            self.G, self.Q = torch.zeros(dim, dim), torch.zeros(dim, module.n_classes)
+            wide = torch.promote_types(self.head.W_rand.dtype, torch.float32)  # float64 under 64-true
+            self.G, self.Q = torch.zeros(dim, dim, dtype=wide), torch.zeros(dim, module.n_classes, dtype=wide)
         feats, labels = experience_embeddings(module, experience, self.statistics_transform)
         with torch.no_grad():
-            H = self.head.features(feats.to(self.head.W_rand.device)).float().cpu()
-            Y = F.one_hot(labels, module.n_classes).float()
+            H = self.head.features(feats.to(self.head.W_rand.device, self.G.dtype)).cpu()
+            Y = F.one_hot(labels, module.n_classes).to(H.dtype)
             self.Q += H.T @ Y
             self.G += H.T @ H
             order = torch.randperm(len(H), generator=gen)  # the official loader shuffles before the 80/20 split
