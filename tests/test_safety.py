@@ -257,11 +257,12 @@ def test_the_walk_finds_a_forbidden_call():
 # -- 5: the weights file timm's own pretrained load would read -------------------------------------------------------
 
 
-def _micro(tmp_path: Path, file: Path | None = None, **extra) -> dict:
-    return {"name": "vit_micro_patch2_8", "pretrained": True, "pretrained_cfg_overlay": {"file": str(file)}, **extra}
+def _micro(tmp_path: Path, file: Path | None = None, key: str = "pretrained_cfg_overlay", **extra) -> dict:
+    return {"name": "vit_micro_patch2_8", "pretrained": True, key: {"file": str(file)}, **extra}
 
 
-def test_a_pretrained_file_that_would_run_a_command_is_refused_before_timm_reads_it(tmp_path):
+@pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained_cfg"])
+def test_a_pretrained_file_that_would_run_a_command_is_refused_before_timm_reads_it(tmp_path, key):
     from cl_vit.loading import UnsafeCheckpoint
     from cl_vit.models import build_model
 
@@ -269,8 +270,8 @@ def test_a_pretrained_file_that_would_run_a_command_is_refused_before_timm_reads
     evil = tmp_path / "weights.pth"
     torch.save({"pos_embed": _System(f"touch {marker}")}, evil)
     with pytest.raises(UnsafeCheckpoint) as e:
-        build_model(_micro(tmp_path, evil), num_classes=4, in_chans=1, img_size=8)
-    assert "posix.system" in _one_line(e) and "pretrained_cfg_overlay.file" in str(e.value)
+        build_model(_micro(tmp_path, evil, key), num_classes=4, in_chans=1, img_size=8)
+    assert "posix.system" in _one_line(e) and f"model.{key}.file" in str(e.value)  # the key the file came from
     assert not marker.exists()
     pickle.loads(pickle.dumps(_System(f"touch {marker}")))  # the same payload, unpickled without the check: it runs
     assert marker.exists()

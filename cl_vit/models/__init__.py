@@ -86,7 +86,7 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
         name = f"{name}.{cfg['pretrained_tag']}"
     file = pretrained_file(kwargs) if pretrained else None  # a local file timm's pretrained load would read
     if file is not None:
-        check_pretrained_file(file)
+        check_pretrained_file(file, pretrained_file_key(kwargs))
     elif pretrained:
         check_pretrained_available(name)
     try:
@@ -204,27 +204,34 @@ def _reachable(url: str, timeout: float = 4.0) -> bool:
     return bool(ok)
 
 
-def pretrained_file(kwargs: dict) -> str | None:
-    """The local weights file that timm's pretrained load would read (``model.pretrained_cfg_overlay.file`` or
-    ``model.pretrained_cfg.file``), or None when it reads from its hub or URL."""
+def pretrained_file_key(kwargs: dict) -> str | None:
+    """The config key naming the local weights file that timm's pretrained load would read
+    (``model.pretrained_cfg_overlay.file`` before ``model.pretrained_cfg.file``), or None when it reads from its hub
+    or URL."""
     for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
         cfg = kwargs.get(key)
         if isinstance(cfg, Mapping) and cfg.get("file"):
-            return str(cfg["file"])
+            return f"model.{key}.file"
     return None
 
 
-def check_pretrained_file(file: str) -> None:
+def pretrained_file(kwargs: dict) -> str | None:
+    """The file :func:`pretrained_file_key` names, or None."""
+    key = pretrained_file_key(kwargs)
+    return None if key is None else str(kwargs[key.split(".")[1]]["file"])
+
+
+def check_pretrained_file(file: str, key: str = "model.pretrained_cfg_overlay.file") -> None:
     """Raise a one-line error unless ``file`` exists and holds weights only: it is read here as every checkpoint is
     (``loading.load_weights``: safetensors, or ``torch.load(weights_only=True)``) before timm reads it, so a file
     that would construct other objects is refused whatever timm version is installed. ``.npz`` files (the original
     ViT releases, which timm reads with ``numpy.load``, pickles refused) are left to timm."""
     path = Path(file).expanduser()
     if not path.is_file():
-        raise UserError(f"model.pretrained_cfg_overlay.file={file!r} does not exist: give the path of a "
-                        ".safetensors/.pth/.bin file (or use model.checkpoint=PATH)")
+        raise UserError(f"{key}={file!r} does not exist: give the path of a .safetensors/.pth/.bin file (or use "
+                        "model.checkpoint=PATH)")
     if path.suffix != ".npz":
-        loading.load_weights(path, "model.pretrained_cfg_overlay.file")
+        loading.load_weights(path, key)
 
 
 def check_pretrained_available(name: str) -> None:
