@@ -65,11 +65,18 @@ def seed_all() -> None:
 def checksums(x: torch.Tensor) -> list:
     """The sum and a position-weighted sum of ``x`` in float64 (exact for the uint8 batches; equal tensors give equal
     sums); the weights, ``k * k % 251 + 1`` for flat index k, are not affine in the row, so that a target and its
-    flipped rows weigh differently."""
+    flipped rows weigh differently. Summed on one thread: a float32 tensor's sums round, and torch's reduction order
+    follows the thread count (an in-process run with OMP_NUM_THREADS=2 left the tests' process at two threads, and
+    equal images then gave sums one bit apart)."""
     k = torch.arange(x.numel(), dtype=torch.float64)
     w = (k * k % 251 + 1).view(x.shape)
     x = x.detach().cpu().double()
-    return [float(x.sum()), float((x * w).sum())]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [float(x.sum()), float((x * w).sum())]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _patch(official: Path) -> None:
