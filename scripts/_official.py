@@ -68,3 +68,37 @@ def sibling(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_FLOAT32_TO_TENSOR: list = []
+
+
+def float32_to_tensor() -> type:
+    """torchvision's ``ToTensor`` as a subclass that makes float32 images whatever the default dtype (torchvision's
+    follows it), so that a golden run in float64 reads the images the suite's loader makes; :func:`float64_input`
+    casts them at the network's input, as Lightning's double precision casts the batch. One class per process."""
+    if not _FLOAT32_TO_TENSOR:
+        import torch
+        import torchvision.transforms as transforms
+
+        class Float32ToTensor(transforms.ToTensor):
+            def __call__(self, pic):
+                default = torch.get_default_dtype()
+                torch.set_default_dtype(torch.float32)
+                try:
+                    return super().__call__(pic)
+                finally:
+                    torch.set_default_dtype(default)
+
+        _FLOAT32_TO_TENSOR.append(Float32ToTensor)
+    return _FLOAT32_TO_TENSOR[0]
+
+
+def float64_input(net):
+    """``net`` casting its input to the default dtype (float64 in the golden runs that set it), as Lightning's double
+    precision casts the batch."""
+    import torch
+
+    forward = net.forward
+    net.forward = lambda x: forward(x.to(torch.get_default_dtype()))
+    return net

@@ -56,6 +56,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's cl_vit, whatever the environment installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _official import float32_to_tensor, float64_input  # noqa: E402  (the scripts' shared helpers)
 #: the official repositories and the commits the numbers in tests/test_golden_proto.py come from
 OFFICIAL = {"simplecil": ("zhoudw-zdw/RevisitingCIL", "a2e6b71"), "ranpac": ("RanPAC/RanPAC", "012927f"),
             "slca": ("GengDavid/SLCA", "169d4e6"), "aper": ("sun-hailong/LAMDA-PILOT", "2647455"),
@@ -368,22 +370,6 @@ def _ssf_name(suite_name: str) -> str:
     return f"{owner}ssf_{kind}_{k}"
 
 
-class _Float32ToTensor:
-    """torchvision's ``ToTensor`` in float32 whatever the default dtype (torchvision's follows it): the float64 runs
-    read the images the suite's loader makes, cast to float64 at the network's input as Lightning's double precision
-    casts the batch."""
-
-    def __call__(self, pic):
-        from torchvision.transforms import functional
-
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            return functional.to_tensor(pic)
-        finally:
-            torch.set_default_dtype(default)
-
-
 def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
     import RanPAC as learner_module
     import inc_net
@@ -396,8 +382,9 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
     learner_module.F = recorder.functional(learner_module.F)
     # float64 (the suite: trainer.precision=64-true): the images made in float32 as the loader makes them, cast at
     # the network's input (module docstring)
+    to_tensor = float32_to_tensor()
     data.iImageNetR.train_trsf = data.iImageNetR.test_trsf = [
-        _Float32ToTensor() if type(t).__name__ == "ToTensor" else t for t in data.iImageNetR.test_trsf]
+        to_tensor() if type(t).__name__ == "ToTensor" else t for t in data.iImageNetR.test_trsf]
     torch.set_default_dtype(torch.float64)
 
     def small_ssf_vit(args, pretrained=False):  # get_convnet's pretrained_vit_b16_224_ssf, small
@@ -406,9 +393,7 @@ def official_ranpac(official: Path, init: dict, meta: dict) -> dict:
         state = {(_ssf_name(k) if ".ssf." in k else k): v for k, v in _vit_state(init).items()}
         model.load_state_dict(state)
         model.out_dim = EMBED
-        forward = model.forward
-        model.forward = lambda x: forward(x.to(torch.get_default_dtype()))
-        return model.eval()
+        return float64_input(model).eval()
 
     inc_net.get_convnet = small_ssf_vit
     orders: dict = {}

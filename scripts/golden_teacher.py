@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
+from _official import float32_to_tensor, float64_input, print_runs, sibling  # noqa: E402  (shared helpers)
 
 #: blocks per stage of the official ResNet_s (resnet32 has 5, 5, 5; one each keeps the test at seconds)
 DEPTHS = (1, 1, 1)
@@ -148,32 +148,11 @@ def patch_cuda() -> None:
 
 
 def float32_images() -> None:
-    """``transforms.ToTensor`` makes float32 images whatever the default dtype (torchvision's follows it), so that the
-    float64 runs read the images the suite's loader makes."""
+    """``transforms.ToTensor`` makes float32 images whatever the default dtype (_official.float32_to_tensor), so that
+    the float64 runs read the images the suite's loader makes."""
     import torchvision.transforms as transforms
 
-    if getattr(transforms.ToTensor, "float32", False):
-        return
-
-    class Float32ToTensor(transforms.ToTensor):
-        float32 = True
-
-        def __call__(self, pic):
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(torch.float32)
-            try:
-                return super().__call__(pic)
-            finally:
-                torch.set_default_dtype(default)
-
-    transforms.ToTensor = Float32ToTensor
-
-
-def float64_input(net: torch.nn.Module) -> torch.nn.Module:
-    """``net`` casting its input to the default dtype, as Lightning's double precision casts the batch."""
-    forward = net.forward
-    net.forward = lambda x: forward(x.to(torch.get_default_dtype()))
-    return net
+    transforms.ToTensor = float32_to_tensor()
 
 
 def float64_loss(script) -> None:
@@ -235,8 +214,8 @@ def _patch(official: Path):
 
 def trace(script, argv: list[str], visited, loop: tuple[int, int]) -> dict:
     """``script.main()`` in float64 with the command line ``argv``, its epoch loop (``range(*loop)``) visiting the
-    official epochs ``visited`` instead; returns per step the rate, SAM's radius and the LDAM loss of both passes, after each
-    epoch the correct test images and the norms (:func:`norms`)."""
+    official epochs ``visited`` instead; returns per step the rate, SAM's radius and the LDAM loss of both passes,
+    after each epoch the correct test images and the norms (:func:`norms`)."""
     steps, epochs, state = [], [], {}
 
     def epoch_range(*a):

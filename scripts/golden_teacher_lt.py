@@ -47,7 +47,7 @@ At run time this script also
   8 images, LDAM's scale 30) magnifies rounding about 10^4-fold within a few steps, so float32 numbers hold only on
   the CPU kernels that made them (another torch release or oneDNN off: 22-23 of 24 losses off by up to 128 %); in
   float64 the same magnification stays below the test's tolerance (golden_teacher.py's ``float32_images``,
-  ``float64_input``, ``float64_loss`` and ``trace``).
+  ``float64_loss`` and ``trace``, _official.py's ``float64_input``).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
+from _official import float64_input, print_runs, sibling  # noqa: E402  (the scripts' shared helpers)
 
 teacher = sibling("golden_teacher")
 
@@ -164,7 +164,7 @@ def _patch(official: Path):
     def resnet50(**kwargs):
         net = ResNet(Bottleneck, list(DEPTHS), width_per_group=WIDTH)
         net.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")}, strict=False)
-        return teacher.float64_input(net)
+        return float64_input(net)
 
     torchvision.models.resnet50 = resnet50
     sys.path.insert(0, str(official))

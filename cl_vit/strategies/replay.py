@@ -214,11 +214,11 @@ class Replay(Strategy):
     def sample(self, module, n: int) -> tuple[torch.Tensor, dict]:
         """``n`` memory samples drawn without replacement (fewer when it holds fewer, Mammoth buffer.py L523-529),
         collated and on the module's device: (their memory positions, {"x", "y"})."""
+        from cl_vit.module import as_step_input
+
         gen = generator(self.seed, BATCH, self._experience.index, self.draws, distributed.rank())
         self.draws += 1
         pos = torch.randperm(len(self), generator=gen)[: min(n, len(self))]
-        from cl_vit.module import as_step_input
-
         x, y, *_ = default_collate([self._item(int(k)) for k in pos])
         return pos, {"x": as_step_input(module, x.to(module.device)), "y": torch.as_tensor(y).to(module.device)}
 
