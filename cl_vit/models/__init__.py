@@ -84,9 +84,9 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
     pretrained = bool(cfg.get("pretrained")) and not cfg.get("checkpoint") and factory is None
     if pretrained and cfg.get("pretrained_tag"):
         name = f"{name}.{cfg['pretrained_tag']}"
-    file = pretrained_file(kwargs) if pretrained else None  # a local file timm's pretrained load would read
+    key, file = pretrained_file(kwargs) if pretrained else (None, None)  # a local file timm's pretrained load reads
     if file is not None:
-        check_pretrained_file(file, pretrained_file_key(kwargs))
+        check_pretrained_file(file, key)
     elif pretrained:
         check_pretrained_available(name)
     try:
@@ -204,21 +204,15 @@ def _reachable(url: str, timeout: float = 4.0) -> bool:
     return bool(ok)
 
 
-def pretrained_file_key(kwargs: dict) -> str | None:
-    """The config key naming the local weights file that timm's pretrained load would read
-    (``model.pretrained_cfg_overlay.file`` before ``model.pretrained_cfg.file``), or None when it reads from its hub
-    or URL."""
+def pretrained_file(kwargs: dict) -> tuple[str | None, str | None]:
+    """(config key, path) of the local weights file that timm's pretrained load would read
+    (``model.pretrained_cfg_overlay.file`` before ``model.pretrained_cfg.file``), or (None, None) when it reads from
+    its hub or URL."""
     for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
         cfg = kwargs.get(key)
         if isinstance(cfg, Mapping) and cfg.get("file"):
-            return f"model.{key}.file"
-    return None
-
-
-def pretrained_file(kwargs: dict) -> str | None:
-    """The file :func:`pretrained_file_key` names, or None."""
-    key = pretrained_file_key(kwargs)
-    return None if key is None else str(kwargs[key.split(".")[1]]["file"])
+            return f"model.{key}.file", str(cfg["file"])
+    return None, None
 
 
 def check_pretrained_file(file: str, key: str = "model.pretrained_cfg_overlay.file") -> None:
