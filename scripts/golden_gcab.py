@@ -144,10 +144,11 @@ class _Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__path__ = []
 
 
-def _patch(official: Path) -> None:
-    """The run-time changes listed in the module docstring."""
+def cpu_run() -> None:
+    """What a DyTox-based official loop needs to run on a CPU from generated CIFAR files: continuum's optional imports
+    stubbed (``OPTIONAL``), ``.cuda()`` and ``.to('cuda')`` identities, ``torch.cuda.synchronize`` a no-op and
+    torchvision's md5 check of the CIFAR-100 files skipped (golden_dytox_runs.py shares it)."""
     import torchvision
-    import torchvision.transforms as T
 
     missing = []
     for m in OPTIONAL:
@@ -168,6 +169,13 @@ def _patch(official: Path) -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     torchvision.datasets.CIFAR100._check_integrity = lambda self: True
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
+
+
+def _patch(official: Path) -> None:
+    """The run-time changes listed in the module docstring."""
+    import torchvision.transforms as T
+
+    cpu_run()
     sys.path.insert(0, str(official))
     import continual.datasets as ds
     import continual.samplers as samplers
