@@ -181,16 +181,40 @@ def _targets(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return []
 
 
+def _interpolations(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _interpolations(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _interpolations(v, f"{prefix}[{i}]")]
+    return [(prefix, obj)] if isinstance(obj, str) and "${" in obj else []
+
+
 def check_file_config(cfg: Any, where: str, trusted: bool | None = None, prefix: str = "") -> None:
     """Refuse, in one line, a config read from ``where`` (a file) that names code to import (``_target_`` at any
     depth; ``prefix``: where ``cfg`` sits in the config, for the message), unless ``trusted`` (default:
-    ``trust_code`` of this run)."""
-    found = _targets(cfg, prefix)
-    if not found or (code_trusted() if trusted is None else trusted):
+    ``trust_code`` of this run).
+
+    An interpolation (``${...}`` in a value, escaped or not) is refused as well: OmegaConf resolves it when the
+    config is used, after this check, and it can then name code (``${oc.create:'{_target_: ...}'}`` makes one of a
+    string; ``${oc.env:PL_GLOBAL_SEED}`` reads otherwise once the run has seeded). A config the suite writes is
+    resolved (config.yaml, a checkpoint's model config), so it holds none."""
+    if (code_trusted() if trusted is None else trusted):
         return
-    key, value = found[0]
-    raise CodeFromFile(f"{where} names code to import ({key}={value!r}): a file the suite reads may not choose code "
-                       "to run, so it is refused; if you trust whoever wrote it, pass trust_code=true")
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):  # its values as written, interpolations unresolved
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    found = _targets(cfg, prefix)
+    if found:
+        key, value = found[0]
+        raise CodeFromFile(f"{where} names code to import ({key}={value!r}): a file the suite reads may not choose "
+                           "code to run, so it is refused; if you trust whoever wrote it, pass trust_code=true")
+    found = _interpolations(cfg, prefix)
+    if found:
+        key, value = found[0]
+        raise CodeFromFile(f"{where} holds an interpolation ({key}={value!r}), resolved only when the config is used, "
+                           "where it could name code to import: a config the suite writes holds resolved values, so "
+                           "it is refused; if you trust whoever wrote it, pass trust_code=true")
 
 
 def resolve_target(key: str, target: str, base: type | None = None):

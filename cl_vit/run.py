@@ -386,8 +386,25 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+#: Hydra's flag that unpickles a file (``.hydra/config.pickle``) with the full unpickler; argparse also takes any
+#: unambiguous prefix of it (``--exp``)
+RERUN_FLAG = "--experimental-rerun"
+
+
+def refuse_rerun(argv: list[str]) -> None:
+    """Hydra's ``--experimental-rerun FILE`` rebuilds the config by unpickling FILE, which can run any code: refused
+    in one line before Hydra reads it."""
+    for a in argv:
+        flag = a.partition("=")[0]
+        if len(flag) > 2 and RERUN_FLAG.startswith(flag):
+            raise UserError(f"{flag} (Hydra's) unpickles the file it is given, and unpickling a file can run any code, "
+                            "so it is refused: continue a run with resume=RUN_DIR, or repeat it with the overrides of "
+                            "RUN_DIR/.hydra/overrides.yaml")
+
+
 def main() -> None:
     try:
+        refuse_rerun(sys.argv[1:])
         check_group_choices(sys.argv[1:])
         check_override_keys(sys.argv[1:])
     except UserError as e:

@@ -310,3 +310,112 @@ def test_resume_of_a_run_directory_whose_model_names_a_pickled_command_runs_noth
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "posix.system" in lines[0] and "loading it could run code" in lines[0], lines
     assert not marker.exists()
+
+
+# -- 6: an interpolation in a file's config that makes a _target_ only when the config is used ---------------------
+
+#: a value that is a string when a file is read and a ``_target_`` once OmegaConf resolves it
+_MADE_TARGET = "${oc.create:'{_target_: payload_mod.boom, name: custom}'}"
+
+
+def test_restore_of_a_run_whose_config_makes_a_target_by_interpolation_runs_nothing(tmp_path, payload):
+    from cl_vit.runs import load_run
+
+    _, marker = payload
+    run_dir = _received_run(tmp_path)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["model"] = _MADE_TARGET
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CodeFromFile) as e:
+        load_run(run_dir).restore(0)
+    assert "interpolation" in _one_line(e) and "model=" in str(e.value) and "trust_code=true" in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(Exception):  # trusted, the interpolation is resolved and names the payload
+        load_run(run_dir).restore(0, trust_code=True)
+    assert marker.exists()
+
+
+def test_resume_of_a_run_whose_config_makes_a_target_once_the_run_has_seeded_runs_nothing(tmp_path, payload):
+    """The interpolation reads as no code when config.yaml is checked and as the payload once ``seed_everything`` has
+    set PL_GLOBAL_SEED, just before the model is built: a check of the resolved values alone let it through."""
+    folder, marker = payload
+    run_dir = _received_run(tmp_path)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["pick"] = {"unset": "{}", str(cfg["seed"]): "{_target_: payload_mod.boom, name: custom}"}
+    cfg["model"] = "${oc.create:${pick.${oc.env:PL_GLOBAL_SEED,unset}}}"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_cli(f"resume={run_dir}", env={"PYTHONPATH": f"{REPO_ROOT}:{folder}"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "interpolation" in lines[0] and "trust_code=true" in lines[0], lines
+    assert not marker.exists()
+
+
+def test_an_escaped_interpolation_in_a_file_config_is_refused(tmp_path):
+    # resolved once it is the interpolation itself: OmegaConf would resolve that when the config is used
+    for value in (_MADE_TARGET, "\\" + _MADE_TARGET, ["a", {"b": "x${oc.env:HOME}"}]):
+        with pytest.raises(CodeFromFile) as e:
+            loading.check_file_config({"model": {"name": "vit", "k": value}}, "config.yaml")
+        assert "interpolation" in _one_line(e)
+    loading.check_file_config({"model": {"name": "vit", "k": "$x {y}"}}, "config.yaml")  # no interpolation
+    loading.check_file_config({"model": {"k": _MADE_TARGET}}, "config.yaml", trusted=True)
+
+
+# -- 7: the GCAB probe reads a run directory ------------------------------------------------------------------------
+
+
+def test_the_gcab_probe_of_a_received_run_directory_runs_nothing(tmp_path, payload):
+    from cl_vit.experiments import gcab_probe
+
+    _, marker = payload
+    run_dir = _received_run(tmp_path)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["strategy"] = {"gcab": {}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CodeFromFile) as e:
+        gcab_probe.probe(run_dir)
+    assert "model._target_='payload_mod.boom'" in _one_line(e) and "config.yaml" in str(e.value)
+    assert not marker.exists()
+
+
+# -- 8: Hydra's --experimental-rerun, which unpickles the file it is given -----------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--experimental-rerun", "--exp"])  # argparse takes a prefix too
+def test_hydras_rerun_of_a_pickled_config_is_refused_before_it_is_read(tmp_path, flag):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "config.pickle"
+    evil.write_bytes(pickle.dumps(_System(f"touch {marker}")))
+    proc = run_cli(flag, str(evil))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "resume=RUN_DIR" in lines[0], lines
+    assert not marker.exists()
+
+
+# -- 9: an image file that PIL would hand to Ghostscript -----------------------------------------------------------
+
+
+def test_a_postscript_file_among_the_images_is_not_run(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    from cl_vit.data.base import CorruptImage, image_header, read_image_pil
+    from cl_vit.data.decode_check import check
+
+    marker = tmp_path / "ran"
+
+    def ghostscript(*args, **kwargs):  # stands in for PIL's call of the gs program (absent on most test machines)
+        marker.write_text("ran")
+        raise OSError("ghostscript ran")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")
+    image = tmp_path / "n01440764_1.JPEG"  # PIL goes by the content: PostScript, which gs would run
+    image.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n/Helvetica findfont 4 scalefont setfont\n"
+                     "0 0 moveto (x) show showpage\n%%EOF\n")
+    assert image_header(image) is None
+    with pytest.raises(CorruptImage):
+        read_image_pil(image)
+    with open(tmp_path / "stderr", "w+b") as f:
+        assert "cannot be decoded by PIL" in check(str(image), f.fileno())
+    assert not marker.exists()

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cl_vit.data.decode_check import pil_formats  # never EPS: PIL would run the file in Ghostscript
 from cl_vit.errors import UserError
 
 
@@ -117,7 +118,7 @@ def image_header(path: str | Path, exif: bool = True) -> tuple[int, int, str, in
     The one place orientation is read: the reduced decode sizes its crop with it, and :func:`read_image` rotates the
     pixels with it, so that size, crop and pixels agree (OpenCV's own orientation handling is switched off)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=pil_formats()) as im:
             w, h = im.size
             fmt = im.format or ""
             orientation = _exif_orientation(im) if exif else 1
@@ -158,7 +159,7 @@ def read_image_pil(path: str | Path, exif: bool = True):
     if not Path(path).exists():
         raise UserError(f"image file {path} does not exist: check data_root and the split file")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=pil_formats()) as im:
             orientation = _exif_orientation(im) if exif else 1
             im = im.convert("RGB")  # loads the whole image: a truncated file raises here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for damaged files

@@ -17,6 +17,21 @@ JPEG_DAMAGE = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS p
                "Inconsistent progression sequence")
 
 
+#: PIL formats whose decoding hands the file to another program: EPS is PostScript, a program that PIL runs in
+#: Ghostscript. PIL identifies a file by its content, not its name, so a dataset's "x.jpg" holding PostScript would
+#: run it: never opened as such.
+NOT_OPENED = ("EPS",)
+
+
+def pil_formats() -> list[str]:
+    """The formats PIL may open an image file as (``Image.open(path, formats=pil_formats())``): every one it knows
+    but ``NOT_OPENED``."""
+    from PIL import Image
+
+    Image.init()
+    return [f for f in Image.ID if f not in NOT_OPENED]
+
+
 def _jpeg_damage(messages: str) -> str | None:
     for line in messages.splitlines():
         if any(key in line for key in JPEG_DAMAGE) and not line.rstrip().endswith("before marker 0xd9"):
@@ -30,7 +45,7 @@ def check(path: str, fd: int) -> str | None:
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # PIL's default; a truncated file must raise
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=pil_formats()) as im:
             size = im.size
             im.load()
     except Exception as e:  # noqa: BLE001 - any PIL failure means the file cannot be used

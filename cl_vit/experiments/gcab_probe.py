@@ -41,10 +41,12 @@ def probe(run_dir: Path) -> list[dict]:
     from omegaconf import OmegaConf
 
     import cl_vit.run  # noqa: F401  (registers the config resolvers)
-    from cl_vit.loading import read_yaml
+    from cl_vit.loading import check_file_config, read_yaml
     from cl_vit.models.gated import sab_features
 
-    cfg = OmegaConf.create(read_yaml(run_dir / "config.yaml"))
+    raw = read_yaml(run_dir / "config.yaml") or {}
+    check_file_config(raw, str(run_dir / "config.yaml"), trusted=False)  # a received run may not choose code to run
+    cfg = OmegaConf.create(raw)
     if "gcab" not in (cfg.get("strategy") or {}):
         raise SystemExit(f"{run_dir}: not a gcab run (strategy {list(cfg.get('strategy') or {})})")
     n = len(sorted((run_dir / "checkpoints").glob("exp_*.pt")))
@@ -78,10 +80,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print("| run | experience t | drift | P_t error | mean's error | P_t spread | task t-1 on P_t(F_t) (%) | "
           "task t-1 on F_{t-1} (%) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for run in args.runs:
-        for r in probe(run):
-            print(f"| {r['run']} | {r['t']} | {r['drift']:.2f} | {r['projector']:.2f} | {r['mean']:.2f} | "
-                  f"{r['spread']:.2f} | {100 * r['acc_projected']:.1f} | {100 * r['acc_exact']:.1f} |")
+    from cl_vit.errors import UserError, report_error
+
+    try:
+        for run in args.runs:
+            for r in probe(run):
+                print(f"| {r['run']} | {r['t']} | {r['drift']:.2f} | {r['projector']:.2f} | {r['mean']:.2f} | "
+                      f"{r['spread']:.2f} | {100 * r['acc_projected']:.1f} | {100 * r['acc_exact']:.1f} |")
+    except UserError as e:
+        return report_error(e)
     return 0
 
 
