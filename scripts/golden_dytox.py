@@ -8,7 +8,8 @@ then moved so that student and teacher differ), copies its weights into the offi
 (teacher and student) and runs the official ``continual.engine.forward`` with the official criterion
 (``continual.losses.bce_with_logits``) and the CIFAR options (``auto_kd``, ``distillation_tau`` 1, ``head_div`` 0.1,
 ``head_div_mode tr``, ``ind_clf 1-1``). It prints what tests/test_golden_dytox.py asserts the suite reproduces: the
-logits, the divergence head's logits and the three loss terms. Nothing of the official code is copied or changed on
+logits, the divergence head's logits and the three loss terms, and the exemplars the official ``icarl_selection``
+(continual/rehearsal.py, the ``icarl_all`` rehearsal) picks from the embeddings of :func:`herding_case`. Nothing of the official code is copied or changed on
 disk; at run time this script only
 
 * makes ``.cuda()`` an identity (the official classifiers are moved to the GPU when built), and imports the modules
@@ -67,6 +68,16 @@ def tiny_case():
     module.net.train()
     x = torch.randn(len(Y), 1, 8, 8)
     return module, strategy, x, torch.tensor(Y)
+
+
+def herding_case() -> tuple[torch.Tensor, int]:
+    """(features, k): 30 embeddings of 16 dimensions, a shared direction plus a rank-3 part plus noise (as a class's
+    embeddings are: iCaRL's herding iteration then picks a sample again, where greedy herding without repeats
+    departs from it), and 20 to pick."""
+    gen = torch.Generator().manual_seed(3)
+    common = 6 * torch.randn(1, 16, generator=gen)
+    low = torch.randn(30, 3, generator=gen) @ torch.randn(3, 16, generator=gen)
+    return common + low + 0.1 * torch.randn(30, 16, generator=gen), 20
 
 
 def suite_terms(module, strategy, x, y) -> tuple[dict, dict]:
@@ -129,6 +140,7 @@ def main() -> None:
     sys.modules["continual"] = package
     from continual import dytox, engine
     from continual.losses import bce_with_logits
+    from continual.rehearsal import icarl_selection
 
     module, strategy, x, y = tiny_case()
     net, teacher = module.net, strategy.teacher
@@ -146,6 +158,8 @@ def main() -> None:
     print("LOGITS =", [[round(v, 8) for v in row] for row in out["logits"].tolist()])
     print("DIV =", [[round(v, 8) for v in row] for row in out["div"].tolist()])
     print("TERMS =", {"cls": float(loss), "kd": float(kd), "div": float(div)})
+    feats, k = herding_case()
+    print("ICARL =", [int(i) for i in icarl_selection(feats.numpy(), k)])
     _, terms = suite_terms(module, strategy, x, y)
     print("suite:", {k: float(v) for k, v in terms.items()})
 

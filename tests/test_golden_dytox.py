@@ -1,7 +1,7 @@
 """DyTox (cl_vit/strategies/dytox.py, cl_vit/models/dytox.py) against the official code: one step's forward and loss,
 and a whole run (``OFFICIAL_RUN``, below).
 
-The official numbers of the step were printed by
+The official numbers of the step (and of the exemplars iCaRL's herding picks) were printed by
 
     python scripts/golden_dytox.py /path/to/dytox
 
@@ -36,6 +36,9 @@ DIV = [[0.00687699, 0.37160224, 0.45588601], [0.11378734, 0.05377042, 0.94123125
 #: engine.forward's (loss, kd_loss, div_loss): (1 - 3/5) * BCE, 3/5 * KL, 0.1 * BCE of the divergence head
 TERMS = {"cls": 0.3449471592903137, "kd": 0.12155027687549591, "div": 0.07333844155073166}
 
+#: continual/rehearsal.py icarl_selection on golden.herding_case()'s embeddings: the exemplars in the order picked
+ICARL = [8, 24, 5, 27, 2, 21, 11, 1, 16, 29, 6, 20, 15, 25, 17, 13, 28, 10, 12, 19]
+
 
 def test_forward_and_loss_equal_the_official_code():
     module, strategy, x, y = golden.tiny_case()
@@ -54,6 +57,17 @@ def test_forward_and_loss_equal_the_official_code():
     assert strategy.cls_loss_weight == pytest.approx(1 - 3 / 5)
     assert not net.tokens[0].requires_grad and not any(p.requires_grad for p in net.heads[0].parameters())
     assert net.tokens[1].requires_grad and net.head_div.fc.weight.requires_grad and net.tab.attn.q.weight.requires_grad
+
+
+def test_icarl_selection_picks_the_official_exemplars_where_greedy_herding_does_not():
+    from cl_vit.strategies.replay import herding_order, icarl_order
+
+    feats, k = golden.herding_case()
+    assert icarl_order(feats, k).tolist() == ICARL
+    # greedy herding without repeats (Mammoth's, selection=herding) agrees on the first two picks only
+    greedy = herding_order(feats / feats.norm(dim=1, keepdim=True), k).tolist()
+    assert greedy[:2] == ICARL[:2] and greedy[2] != ICARL[2]
+    assert compose(["strategy=dytox"]).strategy.replay.selection == "icarl"
 
 
 def test_divergence_targets_and_bad_values():
@@ -148,7 +162,7 @@ def test_cifar100_recipe_is_the_official_setting_and_builds_the_papers_network(d
     cfg = compose(["experiment=dytox-cifar100"], data_root)
     assert list(cfg.strategy) == ["replay", "dytox"] and cfg.loss.name == "bce"
     r, d = cfg.strategy.replay, cfg.strategy.dytox
-    assert (r.memory_size, r.selection, r.mix, r.remainder) == (2000, "herding", "append", "none")
+    assert (r.memory_size, r.selection, r.mix, r.remainder) == (2000, "icarl", "append", "none")
     assert (d.head_div, d.distillation_tau, d.auto_kd, d.finetuning_epochs) == (0.1, 1.0, True, 20)
     assert d.finetuning_lr == pytest.approx(5e-5 * cfg.data.batch_size * cfg.trainer.devices / 512)
     assert cfg.benchmark.class_order == "file:cifar100-dytox.yaml" and cfg.benchmark.n_experiences == 10

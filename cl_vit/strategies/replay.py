@@ -18,7 +18,8 @@ What fills it (``policy``):
   among its draws that joined the experience's training (``mix=resample``; a sample drawn twice can be kept twice,
   and a class drawn fewer times than its share keeps fewer); a new class's samples are chosen at random or by herding
   (``selection``, Mammoth fill_buffer L818-840: greedily the sample that brings the mean of the chosen L2-normalised
-  embeddings closest to the class mean, embeddings of the images under the test transform).
+  embeddings closest to the class mean, embeddings of the images under the test transform; or ``icarl``, the herding
+  iteration of iCaRL's and DyTox's code, which may pick a sample again: :func:`icarl_order`).
 - ``reservoir``: reservoir sampling over the stream of training samples, updated at every step (Vitter; Mammoth
   utils/buffer.py ``ReservoirSampling`` L114-133, ``add_data`` L466-485).
 
@@ -45,7 +46,7 @@ from cl_vit.errors import ConfigError, UserError
 from cl_vit.strategies.base import ExperienceInfo, Strategy, register_strategy
 
 POLICIES = ("coreset", "reservoir")
-SELECTIONS = ("random", "herding")
+SELECTIONS = ("random", "herding", "icarl")
 MIXES = ("resample", "append", "batch")
 REMAINDERS = ("latest", "none")
 REBUILDS = ("memory", "draws")
@@ -78,6 +79,30 @@ def herding_order(feats: torch.Tensor, k: int) -> torch.Tensor:
         total += feats[j]
         free[j] = False
     return torch.tensor(chosen, dtype=torch.long)
+
+
+def icarl_order(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` samples iCaRL's herding iteration ranks in ``feats`` (N x D, the embeddings as computed), as
+    DyTox's code runs it (arthurdouillard/dytox continual/rehearsal.py ``icarl_selection`` L230-252, after iCaRL's
+    own): each embedding L2-normalised (norm + 1e-8), ``mu`` their mean; the running target starts at ``mu``, each
+    iteration takes the sample of largest dot product with it and moves it by ``mu - f``. A sample taken again is not
+    counted again but still moves the target, which is where it departs from :func:`herding_order` (which never
+    takes a sample twice); after 1000 iterations without ``k`` distinct samples the rest rank last. Computed in numpy
+    in the embeddings' own dtype, as the official code (float32 there), so that near ties break alike."""
+    d = feats.detach().cpu().numpy().T
+    d = d / (np.linalg.norm(d, axis=0) + 1e-8)
+    mu = np.mean(d, axis=1)
+    rank = np.zeros(d.shape[1])
+    target, picked, tries = mu, 0, 0
+    while picked < min(k, d.shape[1]) and tries < 1000:
+        j = int(np.argmax(np.dot(target, d)))
+        tries += 1
+        if rank[j] == 0:
+            picked += 1
+            rank[j] = picked
+        target = target + mu - d[:, j]
+    rank[rank == 0] = 10000
+    return torch.from_numpy(rank.argsort()[:k].copy()).long()
 
 
 def class_quota(available: dict[int, int], memory_size: int, remainder: str = "latest") -> dict[int, int]:
@@ -287,17 +312,19 @@ class Replay(Strategy):
         available.update({c: int((targets == c).sum()) for c in experience.classes})
         quota = class_quota(available, self.memory_size, self.remainder)
         feats = None
-        if self.selection == "herding":
+        if self.selection != "random":
             from cl_vit.strategies.embeddings import experience_embeddings
 
             feats, _ = experience_embeddings(module, experience, "test")
+        if self.selection == "herding":
             feats = feats / feats.norm(dim=1, keepdim=True)  # Mammoth fill_buffer L804-805 (normalize_features)
+        order = icarl_order if self.selection == "icarl" else herding_order
         gen = generator(experience.seed, CORESET, experience.index)
         exp, idx, labels = [], [], []
         for c, k in quota.items():
             if c in experience.classes:
                 where = (targets == c).nonzero().flatten()
-                pick = (herding_order(feats[where], k) if feats is not None
+                pick = (order(feats[where], k) if feats is not None
                         else torch.randperm(len(where), generator=gen)[:k])
                 exp.append(torch.full((len(pick),), experience.index, dtype=torch.long))
                 idx.append(where[pick])
