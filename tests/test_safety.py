@@ -254,6 +254,25 @@ def test_the_walk_finds_a_forbidden_call():
     assert hits == ["<expr>.instantiate", "None.eval", "hydra.utils.get_object", "pickle.loads", "torch.load"]
 
 
+def _unlimited_image_opens(src: str) -> list[int]:
+    """Lines of ``Image.open(...)`` calls without ``formats=`` and of ``ImageFolder(...)`` without ``loader=`` (whose
+    default PIL loader opens any format, EPS included)."""
+    lines = []
+    for node, (owner, attr), _ in _calls(ast.parse(src)):
+        kw = {k.arg for k in getattr(node, "keywords", [])}
+        if ((owner, attr) == ("Image", "open") and "formats" not in kw) or (attr == "ImageFolder" and "loader" not in kw):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_pil_open_of_the_suite_leaves_out_eps():
+    found = [f"{p.relative_to(REPO_ROOT)}:{n}" for p in sorted((REPO_ROOT / "cl_vit").rglob("*.py"))
+             for n in _unlimited_image_opens(p.read_text())]
+    assert not found, "open images with Image.open(path, formats=pil_formats()):\n" + "\n".join(found)
+    src = "from PIL import Image\nImage.open(p)\nImage.open(p, formats=f)\nImageFolder(r)\nImageFolder(r, loader=l)\n"
+    assert _unlimited_image_opens(src) == [2, 4]
+
+
 # -- 5: the weights file timm's own pretrained load would read -------------------------------------------------------
 
 
@@ -261,7 +280,7 @@ def _micro(tmp_path: Path, file: Path | None = None, key: str = "pretrained_cfg_
     return {"name": "vit_micro_patch2_8", "pretrained": True, key: {"file": str(file)}, **extra}
 
 
-@pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained_cfg"])
+@pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained_cfg", "checkpoint_path"])
 def test_a_pretrained_file_that_would_run_a_command_is_refused_before_timm_reads_it(tmp_path, key):
     from cl_vit.loading import UnsafeCheckpoint
     from cl_vit.models import build_model
@@ -269,9 +288,13 @@ def test_a_pretrained_file_that_would_run_a_command_is_refused_before_timm_reads
     marker = tmp_path / "ran"
     evil = tmp_path / "weights.pth"
     torch.save({"pos_embed": _System(f"touch {marker}")}, evil)
+    # timm.create_model's own checkpoint_path (loaded after building, pretrained or not) is checked as well
+    cfg = ({"name": "vit_micro_patch2_8", "checkpoint_path": str(evil)} if key == "checkpoint_path"
+           else _micro(tmp_path, evil, key))
     with pytest.raises(UnsafeCheckpoint) as e:
-        build_model(_micro(tmp_path, evil, key), num_classes=4, in_chans=1, img_size=8)
-    assert "posix.system" in _one_line(e) and f"model.{key}.file" in str(e.value)  # the key the file came from
+        build_model(cfg, num_classes=4, in_chans=1, img_size=8)
+    named = "model.checkpoint_path" if key == "checkpoint_path" else f"model.{key}.file"
+    assert "posix.system" in _one_line(e) and named in str(e.value)  # the key the file came from
     assert not marker.exists()
     pickle.loads(pickle.dumps(_System(f"touch {marker}")))  # the same payload, unpickled without the check: it runs
     assert marker.exists()

@@ -52,6 +52,17 @@ def make_class_jpegs(folder: Path, per_class: int, rng: np.random.Generator, sho
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
+def _pil_rgb(path: str):
+    """torchvision's ``pil_loader`` (``Image.open(...).convert("RGB")``) without the formats no file may be opened as
+    (``decode_check.pil_formats``)."""
+    from PIL import Image
+
+    from cl_vit.data.decode_check import pil_formats
+
+    with open(path, "rb") as f:
+        return Image.open(f, formats=pil_formats()).convert("RGB")
+
+
 def _loaders(root: Path, batch_size: int, workers: int):
     import albumentations as A
     import torchvision.transforms as T
@@ -65,8 +76,9 @@ def _loaders(root: Path, batch_size: int, workers: int):
     ours = ImageFileDataset(samples, transform, decode=decode)
     full = ImageFileDataset(samples, imagenet_train_pipeline(224, MEAN, STD))
     assert isinstance(full.transform, A.Compose)
+    # torchvision's pil_loader, with PIL's formats limited as every decode of the suite (never EPS: Ghostscript)
     tv = ImageFolder(str(root), transform=T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
-                                                      T.ToTensor(), T.Normalize(MEAN, STD)]))
+                                                      T.ToTensor(), T.Normalize(MEAN, STD)]), loader=_pil_rgb)
     kw = dict(batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
               generator=torch.Generator().manual_seed(0))
     return {name: DataLoader(ds, **kw) for name, ds in (("cl_vit", ours), ("albumentations_full_decode", full),

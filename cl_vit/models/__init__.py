@@ -89,6 +89,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int, img_size: int) -> nn
         check_pretrained_file(file, key)
     elif pretrained:
         check_pretrained_available(name)
+    if kwargs.get("checkpoint_path"):  # timm.create_model loads it after building, pretrained or not
+        check_pretrained_file(str(kwargs["checkpoint_path"]), "model.checkpoint_path")
     try:
         model = _create(name, pretrained, num_classes, kwargs, optional, factory)
     except UserError:
