@@ -290,3 +290,32 @@ def test_under_ddp_every_process_draws_its_own_seeded_samples_from_the_same_memo
                 gen = generator(seed, BATCH, exp, counter, rank)
                 assert pos == torch.randperm(size, generator=gen)[: min(n, size)].tolist(), (i, rank, counter)
         assert all(a[4] != b[4] for a, b in zip(*ranks))  # each process its own draws
+
+
+def test_herding_embeds_the_view_it_is_told_and_gives_every_module_its_mode_back(tmp_path, data_root, monkeypatch):
+    """herding_view=test (Mammoth) embeds under the test transform, train (DyTox's main.py L625-627, the dytox
+    strategy's default) under the training augmentation; the network in eval mode either way, each module's own
+    mode restored after (a part kept in eval mode stays so)."""
+    import cl_vit.strategies.embeddings as embeddings
+
+    seen = []
+    embed = embeddings.experience_embeddings
+
+    def spy(module, experience, transform="test"):
+        module.net.train()
+        part = next(m for m in module.net.modules() if isinstance(m, torch.nn.LayerNorm))
+        part.eval()
+        out = embed(module, experience, transform)
+        assert not part.training and all(m.training for m in module.net.modules() if m is not part)
+        seen.append(transform)
+        return out
+
+    monkeypatch.setattr(embeddings, "experience_embeddings", spy)
+    fast = [*FAST, "benchmark.n_experiences=2", "strategy.replay.memory_size=20"]
+    run(compose([*fast, "strategy=replay", "strategy.replay.selection=herding"], data_root), tmp_path / "test")
+    assert seen == ["test", "test"]
+    seen.clear()
+    run(compose([*fast, "strategy=dytox", "strategy.dytox.finetuning_epochs=0"], data_root), tmp_path / "train")
+    assert seen == ["train", "train"]
+    with pytest.raises(ConfigError, match="strategy.replay.herding_view"):
+        Replay(herding_view="augmented")

@@ -52,12 +52,13 @@ def experience_embeddings(module, experience: ExperienceInfo, transform: str = "
     """(embeddings N x D float32, float64 under ``trainer.precision=64-true``, labels N) of the experience's
     training data under the ``test`` or ``train`` transform, in dataset order, on the CPU.
 
-    The network runs in eval mode on its current device; every process returns the same tensors."""
+    The network runs in eval mode on its current device, and every module gets its own mode back after (a frozen
+    part kept in eval mode stays so); every process returns the same tensors."""
     from cl_vit.module import as_step_input, net_outputs, outside_step
 
     net = module.net
     device = next(net.parameters()).device
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}
     net.eval()
     feats, labels = [], []
     try:
@@ -69,7 +70,8 @@ def experience_embeddings(module, experience: ExperienceInfo, transform: str = "
                 feats.append(pre.to(torch.promote_types(pre.dtype, torch.float32)).cpu())
                 labels.append(batch[1].cpu())
     finally:
-        net.train(was_training)
+        for m, training in modes.items():
+            m.train(training)
     f = torch.cat(feats).numpy() if feats else np.zeros((0, 0), dtype=np.float32)
     y = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
     if distributed.world_size() > 1:

@@ -50,6 +50,7 @@ SELECTIONS = ("random", "herding", "icarl")
 MIXES = ("resample", "append", "batch")
 REMAINDERS = ("latest", "none")
 REBUILDS = ("memory", "draws")
+HERDING_VIEWS = ("test", "train")
 #: what a draw is for: each its own random numbers
 RESAMPLE, BATCH, RESERVOIR, CORESET = range(4)
 
@@ -178,13 +179,14 @@ class Replay(Strategy):
     keeps_logits = False
 
     def __init__(self, memory_size: int = 2000, policy: str = "coreset", selection: str = "random",
-                 mix: str = "resample", batch_size: int = 32, remainder: str = "latest", rebuild: str = "memory"):
+                 mix: str = "resample", batch_size: int = 32, remainder: str = "latest", rebuild: str = "memory",
+                 herding_view: str = "test"):
         key = f"strategy.{self.name}"
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
             raise ConfigError(f"{key}.memory_size", memory_size, "a whole number >= 1 (samples kept)")
         for k, v, allowed in (("policy", policy, POLICIES), ("selection", selection, SELECTIONS),
                               ("mix", mix, MIXES), ("remainder", remainder, REMAINDERS),
-                              ("rebuild", rebuild, REBUILDS)):
+                              ("rebuild", rebuild, REBUILDS), ("herding_view", herding_view, HERDING_VIEWS)):
             if v not in allowed:
                 raise ConfigError(f"{key}.{k}", v, f"one of {list(allowed)}")
         if policy == "reservoir" and mix != "batch":
@@ -198,6 +200,9 @@ class Replay(Strategy):
             raise ConfigError(f"{key}.batch_size", batch_size, "a whole number >= 1")
         self.memory_size, self.policy, self.selection = memory_size, policy, selection
         self.mix, self.batch_size, self.remainder, self.rebuild = mix, batch_size, remainder, rebuild
+        #: the images herding embeds (the network in eval mode): under the ``test`` transform (Mammoth) or the
+        #: ``train`` augmentation (DyTox's main.py L625-627)
+        self.herding_view = herding_view
         self.exp = torch.zeros(0, dtype=torch.long)
         self.idx = torch.zeros(0, dtype=torch.long)
         self.labels = torch.zeros(0, dtype=torch.long)
@@ -315,7 +320,7 @@ class Replay(Strategy):
         if self.selection != "random":
             from cl_vit.strategies.embeddings import experience_embeddings
 
-            feats, _ = experience_embeddings(module, experience, "test")
+            feats, _ = experience_embeddings(module, experience, self.herding_view)
         if self.selection == "herding":
             feats = feats / feats.norm(dim=1, keepdim=True)  # Mammoth fill_buffer L804-805 (normalize_features)
         order = icarl_order if self.selection == "icarl" else herding_order
@@ -358,4 +363,4 @@ class Replay(Strategy):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(memory_size={self.memory_size}, policy={self.policy!r}, "
                 f"selection={self.selection!r}, mix={self.mix!r}, batch_size={self.batch_size}, "
-                f"rebuild={self.rebuild!r})")
+                f"rebuild={self.rebuild!r}, herding_view={self.herding_view!r})")
