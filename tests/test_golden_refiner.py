@@ -179,6 +179,8 @@ def test_suite_recipe_follows_the_official_run(tmp_path, data_root, monkeypatch,
     ours, theirs = suite_run(tmp_path, monkeypatch, name), OFFICIAL[name]
     # 4 epochs x 5 batches of 8 (42 images, the last 2 dropped): warm-up epoch at 1e-6, cosine, cool-down at 1e-5
     assert ours["lr"] == theirs["lr"]
-    for key in ("loss", "eval_loss", "norm", "ema_eval_loss", "ema_norm"):  # float64 on both sides
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-10, atol=0, err_msg=key)
+    # float64 on both sides: equal to the last bits on one machine; across CPUs the kernels' rounding moves both by up
+    # to 8e-10 (regenerated on an AMD EPYC, the official run gives the suite's digits there, not the stored ones)
+    for key in ("loss", "eval_loss", "norm", "ema_eval_loss", "ema_norm"):
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-8, atol=0, err_msg=key)
     assert (ours["correct"], ours["ema_correct"]) == (theirs["correct"], theirs["ema_correct"])

@@ -286,7 +286,7 @@ def test_er_recipes_are_normalnn_with_coda_prompts_coreset(benchmark, epochs):
     # the paper's 5,000-image coreset, as CODA-Prompt's dataloader.py builds and replays it
     assert cfg["strategy"] == {"replay": {"memory_size": 5000, "policy": "coreset", "selection": "random",
                                           "mix": "resample", "batch_size": 128, "remainder": "latest",
-                                          "rebuild": "draws"}}
+                                          "rebuild": "draws", "herding_view": "test"}}
     # NormalNN: CE over every seen class, the whole network trained (no strategy restricts it), cifar-100_ft.yaml
     assert cfg["loss"] == {"name": "ce", "mask_old_logits": False, "mask_unseen": True}
     assert (cfg["optimizer"]["name"], cfg["optimizer"]["lr"], cfg["optimizer"]["weight_decay"]) == ("adam", 5e-5, 0.0)
