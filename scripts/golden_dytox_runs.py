@@ -19,12 +19,12 @@ only
 * writes the stream of scripts/golden_coda.py (6 generated 32 x 32 classes, 3 tasks of 2) as CIFAR-100's python
   pickles, which continuum reads through torchvision, and skips torchvision's md5 check;
 * replaces the transforms (datasets.py ``build_transform``) by ``ToTensor`` + the official CIFAR-100 ``Normalize``
-  (augmentation off) for training and test, so the herding's features (drawn under the training transform, main.py
-  L625) and the suite's (under the test transform) see the same images;
-* shrinks the model to ``MODEL`` (golden_gcab.py's: the official ConViT layout, 2 GPSA blocks and the task-attention
-  block instead of 5 + 1; drop path 0) and the run to ``RUN`` (batch 8, 4 epochs, 2 warm-up epochs, the base rate
-  scaled so that main.py L503-508 gives 1.25e-4 at batch 8, weight decay 2 so that what it reaches shows, a memory of
-  14 images, 2 finetuning epochs at the same rate);
+  (augmentation off) for training and test, so the herding's view (the training transform, main.py L625; the suite's
+  recipe too, ``strategy.replay.herding_view=train``) holds the same images as the test transform;
+* shrinks the model to ``MODEL`` (the official ConViT layout, 2 GPSA blocks and the task-attention block instead of
+  5 + 1, 12 heads 8 wide instead of 32; drop path 0) and the run to ``RUN`` (batch 8, 4 epochs, 2 warm-up epochs,
+  the base rate scaled so that main.py L503-508 gives 1.25e-4 at batch 8, weight decay 2 so that what it reaches
+  shows, a memory of 14 images, 2 finetuning epochs at the same rate);
 * gives the training loaders (factory.py L55-67) the fixed order of scripts/golden_coda.py (``FixedOrder``) through
   samplers.get_sampler; the finetuning loader has no sampler (``ft_no_sampling``) and only reads the sampler's length
   (its ``drop_last``, factory.py L61);
@@ -49,7 +49,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _official import in_checkout  # noqa: E402
 from golden_coda import STREAM, FixedOrder, images, write_cifar  # noqa: E402  (the same stream and batch order)
-from golden_gcab import CIFAR_MEAN, CIFAR_STD, MODEL, cpu_run, initial  # noqa: E402
+from golden_gcab import CIFAR_MEAN, CIFAR_STD, cpu_run, initial  # noqa: E402
+from golden_gcab import MODEL as GCAB_MODEL  # noqa: E402
+
+#: golden_gcab's ConViT (2 GPSA blocks + the task-attention block, patch 4 at 32 px, drop path 0), 96 wide: DyTox's
+#: code takes any width (GCAB's hard-codes 384), and the narrower network runs the whole test in a third of the time
+MODEL = {**GCAB_MODEL, "embed_dim": 96}
 
 #: golden_gcab's run, with the memory and the finetuning: 14 images (7 per class after the first task, herding 7 of a
 #: class's 10; 3 after the second and 2 after the third, 2 images unused: main.py's memory_per_class keeps no
