@@ -387,7 +387,7 @@ def test_an_escaped_interpolation_in_a_file_config_is_refused(tmp_path):
 # -- 7: the GCAB probe reads a run directory ------------------------------------------------------------------------
 
 
-def test_the_gcab_probe_of_a_received_run_directory_runs_nothing(tmp_path, payload):
+def test_the_gcab_probe_of_a_received_run_directory_runs_nothing(tmp_path, payload, capsys):
     from cl_vit.experiments import gcab_probe
 
     _, marker = payload
@@ -399,6 +399,11 @@ def test_the_gcab_probe_of_a_received_run_directory_runs_nothing(tmp_path, paylo
         gcab_probe.probe(run_dir)
     assert "model._target_='payload_mod.boom'" in _one_line(e) and "config.yaml" in str(e.value)
     assert not marker.exists()
+    assert gcab_probe.main([str(run_dir)]) == 2 and not marker.exists()
+    assert "pass --trust-code" in capsys.readouterr().err
+    with pytest.raises(Exception):  # --trust-code: the user's own choice, the target is built
+        gcab_probe.probe(run_dir, trust_code=True)
+    assert marker.exists()
 
 
 # -- 8: Hydra's --experimental-rerun, which unpickles the file it is given -----------------------------------------

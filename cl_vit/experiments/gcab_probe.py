@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 
-def _load(run_dir: Path, cfg, index: int):
+def _load(run_dir: Path, cfg, index: int, trust_code: bool = False):
     """The run's network after experience ``index`` (0-based), in eval mode."""
+    from cl_vit import loading
     from cl_vit.builder import build
     from cl_vit.rundir import RunDirectory
 
-    _, scenario, _, module, _ = build(cfg)
+    with loading.trust_code(trust_code):
+        _, scenario, _, module, _ = build(cfg)
     state = RunDirectory(run_dir).load_checkpoint(index)
     for s in module.strategies:
         s.load_state_dict(state["strategies"].get(s.name, {}))
@@ -37,7 +39,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def probe(run_dir: Path) -> list[dict]:
+def probe(run_dir: Path, trust_code: bool = False) -> list[dict]:
+    """The drift rows of a gcab run directory; ``trust_code``: build a config.yaml that names code (``_target_``,
+    interpolations), refused otherwise as every file the suite reads (cl_vit/loading.py ``check_file_config``)."""
     from omegaconf import OmegaConf
 
     import cl_vit.run  # noqa: F401  (registers the config resolvers)
@@ -45,14 +49,14 @@ def probe(run_dir: Path) -> list[dict]:
     from cl_vit.models.gated import sab_features
 
     raw = read_yaml(run_dir / "config.yaml") or {}
-    check_file_config(raw, str(run_dir / "config.yaml"), trusted=False)  # a received run may not choose code to run
+    check_file_config(raw, str(run_dir / "config.yaml"), trusted=trust_code)  # a received run may not choose code
     cfg = OmegaConf.create(raw)
     if "gcab" not in (cfg.get("strategy") or {}):
         raise SystemExit(f"{run_dir}: not a gcab run (strategy {list(cfg.get('strategy') or {})})")
     n = len(sorted((run_dir / "checkpoints").glob("exp_*.pt")))
-    rows, (scenario, prev) = [], _load(run_dir, cfg, 0)
+    rows, (scenario, prev) = [], _load(run_dir, cfg, 0, trust_code)
     for t in range(1, n):
-        _, net = _load(run_dir, cfg, t)
+        _, net = _load(run_dir, cfg, t, trust_code)
         data = [scenario.test_stream[j].dataset for j in range(t + 1)]
         x = torch.stack([d[i][0] for d in data for i in range(len(d))])
         y = torch.tensor([int(d[i][1]) for d in data for i in range(len(d))])
@@ -77,17 +81,23 @@ def probe(run_dir: Path) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cl_vit.experiments.gcab_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--trust-code", action="store_true",
+                   help="build run directories whose config.yaml names code (_target_, interpolations): only for runs "
+                        "whose author you trust (the suite's trust_code=true)")
     args = p.parse_args(argv)
     print("| run | experience t | drift | P_t error | mean's error | P_t spread | task t-1 on P_t(F_t) (%) | "
           "task t-1 on F_{t-1} (%) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     from cl_vit.errors import UserError, report_error
+    from cl_vit.loading import CodeFromFile
 
     try:
         for run in args.runs:
-            for r in probe(run):
+            for r in probe(run, args.trust_code):
                 print(f"| {r['run']} | {r['t']} | {r['drift']:.2f} | {r['projector']:.2f} | {r['mean']:.2f} | "
                       f"{r['spread']:.2f} | {100 * r['acc_projected']:.1f} | {100 * r['acc_exact']:.1f} |")
     except UserError as e:
+        if isinstance(e, CodeFromFile):  # this command's spelling of trust_code=true
+            e = CodeFromFile(str(e).replace("trust_code=true", "--trust-code"))
         return report_error(e)
     return 0
 
