@@ -189,6 +189,13 @@ def _interpolations(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, obj)] if isinstance(obj, str) and "${" in obj else []
 
 
+def as_command_flag(error: Exception, flag: str = "--trust-code") -> Exception:
+    """``error`` as a command with its own ``flag`` for ``trust_code=true`` reports it (the probes' command lines)."""
+    if isinstance(error, CodeFromFile):
+        return CodeFromFile(str(error).replace("trust_code=true", flag))
+    return error
+
+
 def check_file_config(cfg: Any, where: str, trusted: bool | None = None, prefix: str = "") -> None:
     """Refuse, in one line, a config read from ``where`` (a file) that names code to import (``_target_`` at any
     depth; ``prefix``: where ``cfg`` sits in the config, for the message), unless ``trusted`` (default:

@@ -406,6 +406,19 @@ def test_the_gcab_probe_of_a_received_run_directory_runs_nothing(tmp_path, paylo
     assert marker.exists()
 
 
+def test_the_deit_lt_probe_of_a_received_run_directory_runs_nothing(tmp_path, payload, capsys):
+    from cl_vit.experiments import deit_lt_probe
+
+    _, marker = payload
+    run_dir = _received_run(tmp_path)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["strategy"] = {"deit_lt": {"teacher": str(tmp_path / "teacher")}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert deit_lt_probe.main([str(run_dir)]) == 2 and not marker.exists()
+    err = capsys.readouterr().err
+    assert "model._target_='payload_mod.boom'" in err and "pass --trust-code" in err and len(err.splitlines()) == 1
+
+
 # -- 8: Hydra's --experimental-rerun, which unpickles the file it is given -----------------------------------------
 
 

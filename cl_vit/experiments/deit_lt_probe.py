@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cl_vit import loading
 from cl_vit.errors import UserError, report_error
 
 GROUPS = ("all", "many", "medium", "few")
 
 
-def predictions(run_dir: Path, batch_size: int = 500) -> dict[str, np.ndarray]:
-    """Labels and the predicted stream labels of the teacher and the student's heads on the test set."""
+def predictions(run_dir: Path, batch_size: int = 500, trust_code: bool = False) -> dict[str, np.ndarray]:
+    """Labels and the predicted stream labels of the teacher and the student's heads on the test set;
+    ``trust_code``: build a run (and teacher) whose config names code, refused otherwise (cl_vit/loading.py)."""
     from cl_vit.models.teachers import load_teacher
     from cl_vit.runs import load_run
     from cl_vit.strategies.deit_lt import resize_for_teacher, teacher_permutation
@@ -39,9 +41,10 @@ def predictions(run_dir: Path, batch_size: int = 500) -> dict[str, np.ndarray]:
     teacher_path = run.config_value("strategy.deit_lt.teacher")
     if not teacher_path:
         raise UserError(f"{run_dir} names no strategy.deit_lt.teacher: give DeiT-LT student runs")
-    restored = run.restore()
+    restored = run.restore(trust_code=trust_code)
     module, scenario = restored.module, restored.scenario
-    teacher = load_teacher(teacher_path)
+    with loading.trust_code(trust_code):
+        teacher = load_teacher(teacher_path)
     exp = scenario.train_stream[0]
     index = teacher_permutation(teacher.class_names, list(getattr(exp, "class_names", [])) or teacher.class_names)
     test = scenario.test_stream[0].dataset
@@ -84,20 +87,22 @@ def summary(p: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cl_vit.experiments.deit_lt_probe", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="finished DeiT-LT student runs")
+    ap.add_argument("--trust-code", action="store_true",
+                    help="build runs whose config.yaml (or teacher) names code: only runs whose author you trust")
     args = ap.parse_args(argv)
     print("| run | head | acc all / many / medium / few | agree with teacher all / many / medium / few "
           "| copies the teacher's mistakes |")
     print("| --- | --- | --- | --- | ---: |")
     try:
         for run_dir in args.runs:
-            s = summary(predictions(run_dir))
+            s = summary(predictions(run_dir, trust_code=args.trust_code))
             for head in ("teacher", "cls", "dist"):
                 acc = " / ".join(f"{s[f'{head}/{g}']['acc']:.2f}" for g in GROUPS)
                 agree = " / ".join(f"{s[f'{head}/{g}']['agree']:.2f}" for g in GROUPS)
                 copies = "—" if head == "teacher" else f"{s[f'{head}/all']['copies']:.2f}"
                 print(f"| {run_dir} | {head} | {acc} | {agree} | {copies} |", flush=True)
     except UserError as e:
-        return report_error(e)
+        return report_error(loading.as_command_flag(e))
     return 0
 
 

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     print("| run | experience t | drift | P_t error | mean's error | P_t spread | task t-1 on P_t(F_t) (%) | "
           "task t-1 on F_{t-1} (%) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     from cl_vit.errors import UserError, report_error
-    from cl_vit.loading import CodeFromFile
+    from cl_vit.loading import as_command_flag
 
     try:
         for run in args.runs:
@@ -96,9 +96,7 @@ def main(argv=None) -> int:
                 print(f"| {r['run']} | {r['t']} | {r['drift']:.2f} | {r['projector']:.2f} | {r['mean']:.2f} | "
                       f"{r['spread']:.2f} | {100 * r['acc_projected']:.1f} | {100 * r['acc_exact']:.1f} |")
     except UserError as e:
-        if isinstance(e, CodeFromFile):  # this command's spelling of trust_code=true
-            e = CodeFromFile(str(e).replace("trust_code=true", "--trust-code"))
-        return report_error(e)
+        return report_error(as_command_flag(e))
     return 0
 
 
