@@ -18,9 +18,10 @@ only
   default) is then the one global memory;
 * writes the stream of scripts/golden_coda.py (6 generated 32 x 32 classes, 3 tasks of 2) as CIFAR-100's python
   pickles, which continuum reads through torchvision, and skips torchvision's md5 check;
-* replaces the transforms (datasets.py ``build_transform``) by ``ToTensor`` + the official CIFAR-100 ``Normalize``
-  (augmentation off) for training and test, so the herding's view (the training transform, main.py L625; the suite's
-  recipe too, ``strategy.replay.herding_view=train``) holds the same images as the test transform;
+* replaces the transforms (datasets.py ``build_transform``) by ``ToTensor`` + the official CIFAR-100 ``Normalize``,
+  with one deterministic augmentation in training: every training image mirrored (``RandomHorizontalFlip(p=1)``), so
+  that the herding's view shows (the training transform, main.py L625: mirrored images; the test transform's would
+  be the stored ones);
 * shrinks the model to ``MODEL`` (the official ConViT layout, 2 GPSA blocks and the task-attention block instead of
   5 + 1, 12 heads 8 wide instead of 32; drop path 0) and the run to ``RUN`` (batch 8, 4 epochs, 2 warm-up epochs,
   the base rate scaled so that main.py L503-508 gives 1.25e-4 at batch 8, weight decay 2 so that what it reaches
@@ -105,7 +106,8 @@ def _patch(official: Path) -> None:
         raise SystemExit(f"the DyTox code needs timm < 1 (timm 0.5.4: see the docstring); found {timm.__version__}")
     import continual.datasets as ds
 
-    ds.build_transform = lambda is_train, args: T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    ds.build_transform = lambda is_train, args: T.Compose(
+        [T.ToTensor(), *([T.RandomHorizontalFlip(p=1.0)] if is_train else []), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
 
 def arguments(official: Path, work: Path) -> argparse.Namespace:

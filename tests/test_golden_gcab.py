@@ -42,27 +42,31 @@ OFFICIAL = {
 }
 
 
-def stream():
+def stream(train_transform=None):
     """The official run's images as a scenario: per task its classes' images in the stored order (continuum keeps
-    it), ``ToTensor`` + the CIFAR-100 ``Normalize`` values (the script's transform)."""
+    it), ``ToTensor`` + the CIFAR-100 ``Normalize`` values (the script's transform); ``train_transform``: applied to
+    the training images after (Avalanche's train transform group; its eval group, the test view, leaves them)."""
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.utils import as_classification_dataset
+    from avalanche.benchmarks.utils.transform_groups import TransformGroups
     from torchvision.transforms.functional import normalize
 
     per = golden.STREAM["n_classes"] // golden.STREAM["tasks"]
 
-    def tasks(x, y):
+    def tasks(x, y, transform=None):
         out = []
         for t in range(golden.STREAM["tasks"]):
             idx = np.isin(y, range(per * t, per * (t + 1))).nonzero()[0]
             images = torch.from_numpy(x[idx]).permute(0, 3, 1, 2).float().div(255)
             images = torch.stack([normalize(im, golden.CIFAR_MEAN, golden.CIFAR_STD) for im in images])
-            out.append(as_classification_dataset(TensorImageDataset(images, y[idx].tolist())))
+            groups = None if transform is None else TransformGroups({"train": transform, "eval": None})
+            out.append(as_classification_dataset(TensorImageDataset(images, y[idx].tolist()), transform_groups=groups))
         return out
 
     data = coda.images()
-    return with_classes_timeline(benchmark_from_datasets(train=tasks(*data["train"]), test=tasks(*data["test"])))
+    return with_classes_timeline(benchmark_from_datasets(train=tasks(*data["train"], train_transform),
+                                                         test=tasks(*data["test"])))
 
 
 @torch.no_grad()
