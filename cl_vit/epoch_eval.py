@@ -50,14 +50,15 @@ class ShotGroupEpochEval(Callback):
     @torch.no_grad()
     def evaluate(self, pl_module) -> dict[str, float]:
         """``{"<head>/overall": acc, "<head>/<group>": acc}`` on the loader's data, without touching training state."""
-        modes = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
+        from cl_vit.module import modes_kept
+
         ys, preds = [], {}
         # as Lightning's own evaluation step: the trainer's precision plugin casts the batch (float64 under
         # 64-true) and gives the step its context (the default dtype, or mixed precision's autocast)
         trainer = getattr(pl_module, "_trainer", None)
         plugin = trainer.precision_plugin if trainer is not None else None
-        try:
+        with modes_kept(pl_module):
+            pl_module.eval()
             for i, (x, y, exp) in enumerate(self.loader):
                 batch = (x.to(pl_module.device), y, exp)
                 if plugin is None:
@@ -68,9 +69,6 @@ class ShotGroupEpochEval(Callback):
                 ys.append(y.cpu())
                 for head, p in out["preds"].items():
                     preds.setdefault(head, []).append(p.cpu())
-        finally:
-            for m, training in modes.items():
-                m.train(training)
         y = torch.cat(ys).numpy()
         metrics = {}
         for head, p in preds.items():

@@ -97,6 +97,19 @@ def outside_step(module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def modes_kept(net: nn.Module) -> Iterator[None]:
+    """Every module of ``net`` gets back the training mode it had before the block, whatever the block sets (a frozen
+    part kept in eval mode stays so). The passes the suite runs between two fits need it: Lightning's next fit keeps
+    the modes it finds, it does not call ``train()``."""
+    modes = {m: m.training for m in net.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
 def coda_cosine(epoch: int, epochs: int) -> float:
     """CODA-Prompt's per-epoch learning-rate formula (GT-RIPL/CODA-Prompt utils/schedulers.py CosineSchedule L53-54):
     cos(99 pi e / (200 (K - 1))), a quarter period that ends at 1.6% of the base rate after K epochs

@@ -170,6 +170,8 @@ class DyTox(TaskGrowingStrategy):
             self.balanced_finetuning(module, experience)
 
     def balanced_finetuning(self, module, experience: ExperienceInfo) -> None:
+        from cl_vit.module import modes_kept
+
         memory = next((s for s in module.strategies if isinstance(s, Replay)), None)
         if memory is None or not len(memory):
             log.warning("dytox: no replay memory to finetune on (compose strategy=[replay,dytox]); finetuning skipped")
@@ -179,11 +181,6 @@ class DyTox(TaskGrowingStrategy):
         net.backbone.requires_grad_(False)
         if net.head_div is not None:  # not in the loss ('tr' only): the official AdamW skips it (no gradient)
             net.head_div.requires_grad_(False)
-        # each module's mode as the finetuning found it, given back after: the next experience's fit keeps the modes
-        # it finds (Lightning does not call train()), so an eval-mode network would train without its divergence
-        # head and drop path
-        modes = {m: m.training for m in net.modules()}
-        net.train()  # freeze(['sab']) sets the SABs to eval; train_one_epoch's model.train() undoes it (engine.py L36)
         params = [p for p in net.parameters() if p.requires_grad]
         # timm create_optimizer: no weight decay on 1-D parameters and biases
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": self.finetuning_weight_decay},
@@ -192,11 +189,11 @@ class DyTox(TaskGrowingStrategy):
         loader = experience.train_loader(MemoryDataset(experience.dataset, memory.exp, memory.idx),
                                          seed=draw_seed(experience.seed, FINETUNE, experience.index),
                                          shuffle=self.finetuning_shuffle)
-        try:
+        # each module's mode given back after (modes_kept): an eval-mode network would train the next experience
+        # without its divergence head and drop path
+        with modes_kept(net):
+            net.train()  # freeze(['sab']) sets the SABs to eval; train_one_epoch's model.train() undoes it (L36)
             last = self._finetune(module, net, params, opt, loader)
-        finally:
-            for m, training in modes.items():
-                m.train(training)
         log.info("  dytox: balanced finetuning, %d epochs on %d memory samples, last loss %.4f",
                  self.finetuning_epochs, len(memory), last)
 

@@ -54,24 +54,18 @@ def experience_embeddings(module, experience: ExperienceInfo, transform: str = "
 
     The network runs in eval mode on its current device, and every module gets its own mode back after (a frozen
     part kept in eval mode stays so); every process returns the same tensors."""
-    from cl_vit.module import as_step_input, net_outputs, outside_step
+    from cl_vit.module import as_step_input, modes_kept, net_outputs, outside_step
 
     net = module.net
     device = next(net.parameters()).device
-    modes = {m: m.training for m in net.modules()}
-    net.eval()
     feats, labels = [], []
-    try:
-        with outside_step(module):
-            for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
-                                                 transform=transform):
-                x = as_step_input(module, batch[0].to(device))
-                pre = net_outputs(net, x)["pre_logits"]  # float32, or float64 under trainer.precision=64-true
-                feats.append(pre.to(torch.promote_types(pre.dtype, torch.float32)).cpu())
-                labels.append(batch[1].cpu())
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    with modes_kept(net), outside_step(module):
+        net.eval()
+        for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1, transform=transform):
+            x = as_step_input(module, batch[0].to(device))
+            pre = net_outputs(net, x)["pre_logits"]  # float32, or float64 under trainer.precision=64-true
+            feats.append(pre.to(torch.promote_types(pre.dtype, torch.float32)).cpu())
+            labels.append(batch[1].cpu())
     f = torch.cat(feats).numpy() if feats else np.zeros((0, 0), dtype=np.float32)
     y = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
     if distributed.world_size() > 1:

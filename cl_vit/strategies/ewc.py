@@ -71,27 +71,27 @@ class EWC(L2):
         The authors use sigmoid BCE over the current task's classes; here the loss follows ``loss.name`` (bce gives
         theirs). Under DDP each process takes every world_size-th batch and the results are averaged across
         processes, so every process holds the same Fisher."""
-        from cl_vit.module import as_step_input, classification_loss, net_outputs, outside_step
+        from cl_vit.module import as_step_input, classification_loss, modes_kept, net_outputs, outside_step
 
         trainer = getattr(module, "_trainer", None)
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         home = next(module.parameters()).device
         device = trainer.strategy.root_device if trainer is not None else home
-        was_training = module.training
-        module.to(device).eval()  # Lightning's teardown left the module on the CPU
         try:
-            mask = module.current_mask
-            loader = experience.train_loader(train=True, seed=torch.initial_seed() % (2**31 - 1))
-            batches = ((as_step_input(module, b[0].to(device)), b[1].to(device)) for i, b in enumerate(loader)
-                       if i % world == rank)
-            with outside_step(module):
-                fisher = diagonal_fisher(lambda x: net_outputs(module.net, x)["logits"], batches, self._params,
-                                         lambda z, y: classification_loss(z, y, mask, module.loss_name))
-            if world > 1:
-                fisher = {n: trainer.strategy.reduce(f, reduce_op="mean") for n, f in fisher.items()}
+            with modes_kept(module):
+                module.to(device).eval()  # Lightning's teardown left the module on the CPU
+                mask = module.current_mask
+                loader = experience.train_loader(train=True, seed=torch.initial_seed() % (2**31 - 1))
+                batches = ((as_step_input(module, b[0].to(device)), b[1].to(device)) for i, b in enumerate(loader)
+                           if i % world == rank)
+                with outside_step(module):
+                    fisher = diagonal_fisher(lambda x: net_outputs(module.net, x)["logits"], batches, self._params,
+                                             lambda z, y: classification_loss(z, y, mask, module.loss_name))
+                if world > 1:
+                    fisher = {n: trainer.strategy.reduce(f, reduce_op="mean") for n, f in fisher.items()}
         finally:
-            module.to(home).train(was_training)
+            module.to(home)
         return to_cpu(fisher)
 
     def state_dict(self) -> dict:

@@ -92,23 +92,19 @@ class ICaRL(Replay):
     @torch.no_grad()
     def exemplar_means(self, module, experience: ExperienceInfo, batch_size: int = 256) -> torch.Tensor:
         """One row per class (zeros for classes without exemplars), from the memory under the test transform."""
-        from cl_vit.module import as_step_input, net_outputs, outside_step
+        from cl_vit.module import as_step_input, modes_kept, net_outputs, outside_step
 
         net, device = module.net, module.device
-        was_training = net.training
-        net.eval()
         data = MemoryDataset(experience.dataset, self.exp, self.idx, transform="test")
         feats, flipped = [], []
-        try:
-            with outside_step(module):
-                for start in range(0, len(data), batch_size):
-                    x = torch.stack([data[k][0] for k in range(start, min(start + batch_size, len(data)))])
-                    x = as_step_input(module, x.to(device))
-                    feats.append(net_outputs(net, x)["pre_logits"].float().cpu())
-                    if self.flip:
-                        flipped.append(net_outputs(net, x.flip(-1))["pre_logits"].float().cpu())
-        finally:
-            net.train(was_training)
+        with modes_kept(net), outside_step(module):
+            net.eval()
+            for start in range(0, len(data), batch_size):
+                x = torch.stack([data[k][0] for k in range(start, min(start + batch_size, len(data)))])
+                x = as_step_input(module, x.to(device))
+                feats.append(net_outputs(net, x)["pre_logits"].float().cpu())
+                if self.flip:
+                    flipped.append(net_outputs(net, x.flip(-1))["pre_logits"].float().cpu())
         feats = torch.cat(feats)
         flipped = torch.cat(flipped) if self.flip else None
         means = torch.zeros(module.n_classes, feats.shape[1])

@@ -39,7 +39,7 @@ REMOVE, RETAIN = "remove", "retain"
 def input_covariances(module, experience: ExperienceInfo, transform: str) -> list[torch.Tensor]:
     """Per adapted projection, the mean over all tokens of the training images of x x^T at its input (d x d, float32,
     CPU); under DDP the sums and counts of every process's share are added."""
-    from cl_vit.module import as_step_input, outside_step
+    from cl_vit.module import as_step_input, modes_kept, outside_step
 
     net, lora = module.net, module.net.lora
     projections = [net.get_submodule(n) for n in lora.names]
@@ -56,17 +56,15 @@ def input_covariances(module, experience: ExperienceInfo, transform: str) -> lis
 
     hooks = [p.register_forward_pre_hook(lambda m, a, i=i: keep(i, m, a)) for i, p in enumerate(projections)]
     device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()  # methods/inflora.py L116-119: the statistics pass of an eval-mode network (as all its training)
     try:
-        with outside_step(module):
+        with modes_kept(net), outside_step(module):
+            net.eval()  # methods/inflora.py L116-119: the statistics pass of an eval-mode network (as all its training)
             for batch in experience.train_loader(train=False, shard=distributed.world_size() > 1,
                                                  transform=transform):
                 net.forward_features(as_step_input(module, batch[0].to(device)))
     finally:
         for h in hooks:
             h.remove()
-        net.train(was_training)
     dims = [p.in_features for p in projections]
     mats = {str(i): s if s is not None else torch.zeros(d, d, device=device)
             for i, (s, d) in enumerate(zip(sums, dims))}
