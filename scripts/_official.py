@@ -24,6 +24,26 @@ def in_checkout(official: Path, prefix: str) -> Iterator[Path]:
             os.chdir(cwd)
 
 
+def print_run(argv, doc: str, repo: str, prefix: str, run: Callable[[Path, Path], object],
+              before: Callable[[Path], object] | None = None) -> None:
+    """A one-run golden script's command line: ``OFFICIAL_CHECKOUT``; ``before(checkout)`` (the run-time patches),
+    then ``run(checkout, folder)`` in a fresh :func:`in_checkout` folder on one torch thread, its numbers printed as
+    ``OFFICIAL = {...}`` to paste into the test."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("official", type=Path, help=f"a checkout of {repo}")
+    official = p.parse_args(argv).official.resolve()
+    torch.set_num_threads(1)
+    if before is not None:
+        before(official)
+    with in_checkout(official, prefix) as tmp:
+        numbers = run(official, tmp)
+    print(f"OFFICIAL = {numbers!r}")
+
+
 def print_runs(argv, doc: str, repo: str, prefix: str, runs, run: Callable[[Path, Path, str], object],
                flag: str = "--run", before: Callable[[Path], object] | None = None) -> None:
     """A golden script's command line: ``OFFICIAL_CHECKOUT [flag NAME|all]``; ``before(checkout)`` once (the run-time

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import in_checkout  # noqa: E402
+from _official import print_run  # noqa: E402
 from golden_coda import STREAM, FixedOrder, images, write_cifar  # noqa: E402  (the same stream and batch order)
 from golden_gcab import CIFAR_MEAN, CIFAR_STD, cpu_run, initial  # noqa: E402
 from golden_gcab import MODEL as GCAB_MODEL  # noqa: E402
@@ -218,16 +218,7 @@ def run(official: Path, work: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("official", type=Path, help="a checkout of arthurdouillard/dytox")
-    a = p.parse_args(argv)
-    official = a.official.resolve()
-    torch.set_num_threads(1)
-    _patch(official)
-    with in_checkout(official, "golden_dytox_") as tmp:
-        numbers = run(official, tmp)
-    print(f"OFFICIAL = {numbers!r}")
-
+    print_run(argv, __doc__, "arthurdouillard/dytox", "golden_dytox_", run, before=_patch)
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _official import in_checkout  # noqa: E402
+from _official import print_run  # noqa: E402
 from golden_coda import STREAM, FixedOrder, write_cifar  # noqa: E402  (the same stream and batch order)
 
 #: the official ConViT + GCAB layout, small (options/model/cifar_GCAB_FDC.yaml: depth 6, local_up_to_layer 5)
@@ -269,16 +269,7 @@ def run(official: Path, work: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("official", type=Path, help="a checkout of OcraM17/GCAB-CFDC")
-    a = p.parse_args(argv)
-    official = a.official.resolve()
-    torch.set_num_threads(1)
-    _patch(official)
-    with in_checkout(official, "golden_gcab_") as tmp:
-        numbers = run(official, tmp)
-    print(f"OFFICIAL = {numbers!r}")
-
+    print_run(argv, __doc__, "OcraM17/GCAB-CFDC", "golden_gcab_", run, before=_patch)
 
 if __name__ == "__main__":
     main()
