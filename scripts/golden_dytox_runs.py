@@ -203,7 +203,7 @@ def run(official: Path, work: Path) -> dict:
             pred = model(x)["logits"].argmax(1)
             for t in range(task + 1):
                 hits[t] += int(((pred == y) & (y // args.increment == t)).sum())
-        named = [(suite_name(n), p) for n, p in model_without_ddp.named_parameters() if suite_name(n)]
+        named = [(ours, p) for n, p in model_without_ddp.named_parameters() if (ours := suite_name(n))]
         # the last call of a task is its end (after the finetuning, main.py L737-742)
         ends[task] = {"correct": hits, "norm": network_norm(named),
                       "memory": memory_images(state["memory"], train_x) if len(state["memory"]) else []}
